@@ -124,8 +124,8 @@ inline constexpr int kPartialRows = kProjectionRows<kHead> + 1;  // row 0: Σx²
 // collapses its vector from its token's four pre words, between its projection and the projection's barrier (no
 // barrier of its own), and the collapsed stage is refilled past that barrier; warp_sums is released by an mbarrier
 // the next projection's stores wait for. kPipelinedLate: the same with the collapse one iteration later (tile j + 1
-// asked for past iteration j's barrier, each cross-CTA hop half an iteration more). kRolesPreWords: kRoles with
-// kPipelined's pre words (the finisher's collapse without the pre barrier).
+// asked for past iteration j's barrier, the hop from the sums to the collapse one iteration more). kRolesPreWords:
+// kRoles with kPipelined's pre words (the finisher's collapse without the pre barrier).
 enum class ProjectionVariant { kShared, kRoles, kPipelined, kPipelinedLate, kRolesPreWords };
 __host__ __device__ constexpr bool is_roles(ProjectionVariant variant) {
   return variant == ProjectionVariant::kRoles || variant == ProjectionVariant::kRolesPreWords;
@@ -439,6 +439,17 @@ __device__ __forceinline__ float butterfly_sum(float v, int lanes) {
   return v;
 }
 
+// butterfly_sum's value, bit for bit, with every level's shuffle issued and its add selected: no branch, so no
+// divergence check per level (the pre-word variants' slice sums).
+__device__ __forceinline__ float butterfly_sum_unbranched(float v, int lanes) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float other = __shfl_xor_sync(kFullMask, v, offset);
+    v = offset < lanes ? v + other : v;
+  }
+  return v;
+}
+
 // (v₀ + v₁) + (v₂ + v₃) over the 4 lanes first + m·stride (m < 4) of the half-warp: the xor butterfly's sum,
 // bit for bit, with the three fetches independent (one shuffle latency per sum instead of two in a chain).
 __device__ inline float sum_of_four_lanes(float v, int first, int stride) {
@@ -694,7 +705,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // against 150.6 / 163.9, 1000 tokens 49.2 vs 47.1, 256 16.7 vs 15.6; hc_pre 4096 221.1 / 227.8 vs 218.6 / 225.7.)
   constexpr int kCollapseLag =
       kVariant == ProjectionVariant::kPipelinedLate ? kStages - 1 : kStages - (kPost ? 3 : 2);
-  constexpr int kSumLag = (kCollapseLag + 1) / 2;  // the slack split between the two hops
+  // The slack split between the two hops (kPipelinedLate: the hop to the collapse gets the extra iteration).
+  constexpr int kSumLag = kVariant == ProjectionVariant::kPipelinedLate ? kCollapseLag / 2 : (kCollapseLag + 1) / 2;
   // kRoles: the finisher sums tile i and collapses tile i − kFinisherLag in its iteration i; the projection group runs
   // ahead as far as the loaded stages allow. At a lag of 2 the finishers waited for each other's sums (ncu, H200,
   // Flash 4096: 27 % of the stall samples in the projection group waiting for stages, the finisher at 2.7 µs a tile).
@@ -841,23 +853,33 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   struct ItemWords {
     unsigned long long slices[kMaxSliceWords], token_squares[kMaxSliceWords];  // the latter: kPipelined pre items
   };
+  // kPreWords hc_head: nobody reads the Σx² sums (each pre item sums its token's Σx² itself), so they are skipped.
+  const auto skipped_item = [&](int item) { return kHead && kPreWords && item < kTileTokens; };
   const auto load_slice_words = [&](int j, int pass, ItemWords& words) {
     const int m = sum_item_of(pass), item = slice + m * slices;
-    if (m >= my_items || (item & (kTileTokens - 1)) >= valid_of(j)) return;
+    if (m >= my_items || (item & (kTileTokens - 1)) >= valid_of(j) || skipped_item(item)) return;
     const unsigned long long* source = partials_of(j) + item;
-    const bool pre_item = is_pre_item(item);
+    if constexpr (kPreWords) {
+      // Lane `part`'s first word and the stride to its next: one pointer per word set, no index arithmetic per word.
+      const unsigned long long* const first = source + part * kPartialFloats;
+      const unsigned long long* const first_squares = first - (item & ~(kTileTokens - 1));
+      const int stride = lanes * kPartialFloats;
+      const bool pre_item = is_pre_item(item);
 #pragma unroll
-    for (int w = 0; w < kMaxSliceWords; ++w)
-      if (part + w * lanes < slices) {
-        words.slices[w] = load_relaxed_u64(source + (part + w * lanes) * kPartialFloats);
-        if (pre_item)
-          words.token_squares[w] = load_relaxed_u64(partials_of(j) + (item & (kTileTokens - 1)) +
-                                                    (part + w * lanes) * kPartialFloats);
-      }
+      for (int w = 0; w < kMaxSliceWords; ++w)
+        if (part + w * lanes < slices) {
+          words.slices[w] = load_relaxed_u64(first + w * stride);
+          if (pre_item) words.token_squares[w] = load_relaxed_u64(first_squares + w * stride);
+        }
+    } else {
+#pragma unroll
+      for (int w = 0; w < kMaxSliceWords; ++w)
+        if (part + w * lanes < slices) words.slices[w] = load_relaxed_u64(source + (part + w * lanes) * kPartialFloats);
+    }
   };
   const auto sum_slices = [&](int j, int pass, const ItemWords& words, bool early) {
     const int m = sum_item_of(pass), item = slice + m * slices;
-    const bool active = m < my_items && (item & (kTileTokens - 1)) < valid_of(j);
+    const bool active = m < my_items && (item & (kTileTokens - 1)) < valid_of(j) && !skipped_item(item);
     const bool pre_item = active && is_pre_item(item);
     const unsigned long long* source = partials_of(j) + item;
     // Every tag checked at once, summed in slice order; a stale word (more slices than were read early, or none read:
@@ -885,9 +907,12 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                                  kPartialFloats, tag);
       }
     }
-    sum = butterfly_sum(sum, lanes);
-    if constexpr (kPreWords)
-      if (__any_sync(kFullMask, pre_item)) token_squares = butterfly_sum(token_squares, lanes);
+    if constexpr (kPreWords) {
+      sum = butterfly_sum_unbranched(sum, lanes);
+      if (__any_sync(kFullMask, pre_item)) token_squares = butterfly_sum_unbranched(token_squares, lanes);
+    } else {
+      sum = butterfly_sum(sum, lanes);
+    }
     if (active && part == 0) {
       // The collapse's pre as the other variants form it from the Σx² and mix words.
       if (pre_item) {
@@ -979,9 +1004,10 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // kPipelined: thread (vt, vi)'s words of its token's pre in tile jc (the sums' rows 1..kStreams), read early, and
   // the collapse from them.
   const auto load_pre_words = [&](int jc, unsigned long long (&words)[kStreams]) {
-    if (jc >= 0 && vt < valid_of(jc))
+    if (jc < 0 || vt >= valid_of(jc)) return;
+    const unsigned long long* const first = sums_of(jc) + kTileTokens + vt;
 #pragma unroll
-      for (int k = 0; k < kStreams; ++k) words[k] = load_relaxed_u64(sums_of(jc) + (1 + k) * kTileTokens + vt);
+    for (int k = 0; k < kStreams; ++k) words[k] = load_relaxed_u64(first + k * kTileTokens);
   };
   const auto collapse_with_pre_words = [&](int jc, const unsigned long long (&words)[kStreams]) {
     if (vt >= valid_of(jc) || vi >= width) return;
@@ -1082,8 +1108,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     for (int j = 0; j < count + kCollapseLag; ++j) {
       const int jr = j - kSumLag, jc = j - kCollapseLag;
       const int passes = jr >= 0 && jr < count ? my_passes : 0;
-      ItemWords words = {};
-      unsigned long long pre_words[kStreams] = {};
+      ItemWords words;                      // read only where loaded
+      unsigned long long pre_words[kStreams];  // the same
       if (passes > 0) load_slice_words(jr, 0, words);
       load_pre_words(jc, pre_words);
       if (j < count) {
