@@ -517,42 +517,6 @@ int main(int argc, char** argv) {
         };
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
-        // The persistent kernel's variants at its sizes (above the decode kernels'), outputs byte-compared on set 0.
-        const auto output_bytes = [&](const auto& launch, std::initializer_list<const DeviceBuffer*> buffers) {
-          launch(0);
-          DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-          std::vector<unsigned char> bytes;
-          for (const DeviceBuffer* buffer : buffers) {
-            const size_t at = bytes.size();
-            bytes.resize(at + buffer->bytes());
-            buffer->download(bytes.data() + at, buffer->bytes());
-          }
-          return bytes;
-        };
-        const auto report_bits = [&](const char* what, const auto& old_launch, const auto& new_launch,
-                                     std::initializer_list<const DeviceBuffer*> buffers) {
-          const bool same = output_bytes(old_launch, buffers) == output_bytes(new_launch, buffers);
-          std::printf("%s T=%lld: %s: %s\n", model, (long long)T, what, same ? "byte-identical" : "DIFFERENT BYTES");
-        };
-        const auto hc_pre_pipelined = [&](int i) {
-          Set& s = set(i);
-          run_pre(s, s.post, s.comb, HcKernelChoice::PERSISTENT_PIPELINED);
-        };
-        if (!decode_sized) {
-          record("hc_pre (pipelined persistent kernel)", hc_pre_pipelined, pre_bytes, 0.0);
-          const auto hc_pre_plain = [&](int i) {
-            Set& s = set(i);
-            run_pre(s, s.post, s.comb, HcKernelChoice::PERSISTENT);
-          };
-          report_bits("pipelined hc_pre y/post/comb against the persistent kernel's", hc_pre_plain, hc_pre_pipelined,
-                      {&set(0).y, &set(0).post, &set(0).comb});
-          setenv("DSV4_MHC_PIPELINE_LATE", "1", 1);  // round s22-1 A/B: the collapse one iteration later
-          record("hc_pre (pipelined persistent kernel, late collapse)", hc_pre_pipelined, pre_bytes, 0.0);
-          report_bits("pipelined hc_pre (late collapse) y/post/comb against the persistent kernel's", hc_pre_plain,
-                      hc_pre_pipelined,
-                      {&set(0).y, &set(0).post, &set(0).comb});
-          unsetenv("DSV4_MHC_PIPELINE_LATE");
-        }
         const bool tile_clusters_sized = !decode_sized && T <= 1024;
         if (tile_clusters_sized) {
           record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
@@ -616,12 +580,9 @@ int main(int argc, char** argv) {
                        .stream = stream});
           run_pre(s, s.next_post, s.next_comb, HcKernelChoice::PERSISTENT);
         };
-        // In place unless X_out is given.
-        const auto run_post_pre = [&](Set& s, HcKernelChoice kernel, bool norm, int sinkhorn_iters = kSinkhornIters,
-                                      float* X_out = nullptr) {
+        const auto run_post_pre = [&](Set& s, HcKernelChoice kernel, bool norm, int sinkhorn_iters = kSinkhornIters) {
           run_hc_post_pre({.out = s.out.as<float>(), .X = s.X.as<float>(), .post = s.post.as<float>(),
-                           .comb = s.comb.as<float>(), .X_out = X_out != nullptr ? X_out : s.X.as<float>(),
-                           .next_fn = s.fn.as<float>(),
+                           .comb = s.comb.as<float>(), .X_out = s.X.as<float>(), .next_fn = s.fn.as<float>(),
                            .next_base = base.as<float>(), .next_scale = scale.as<float>(), .tokens = T,
                            .hidden = d, .sinkhorn_iters = sinkhorn_iters, .y = s.y.as<float>(),
                            .y_bf16 = norm ? s.y_bf16.as<__nv_bfloat16>() : nullptr,
@@ -638,25 +599,6 @@ int main(int argc, char** argv) {
           run_post_pre(set(i), HcKernelChoice::PERSISTENT_WARP_SPECIALIZED, false);
         };
         record("hc_post_pre (warp-specialized persistent kernel, one launch)", roles_post_pre, post_pre_bytes, 0.0);
-        if (!decode_sized) {
-          // Round s22-1 A/B: the finisher collapsing from pre words; bits against the plain one, out of place.
-          setenv("DSV4_MHC_ROLES_PRE_WORDS", "1", 1);
-          record("hc_post_pre (warp-specialized persistent kernel, pre words)", roles_post_pre, post_pre_bytes, 0.0);
-          unsetenv("DSV4_MHC_ROLES_PRE_WORDS");
-          DeviceBuffer X_out(size_t(T * flat) * sizeof(float), "X_out");
-          const auto roles_out_of_place = [&](int i) {
-            run_post_pre(set(i), HcKernelChoice::PERSISTENT_WARP_SPECIALIZED, false, kSinkhornIters, X_out.as<float>());
-          };
-          const auto pre_words_out_of_place = [&](int i) {
-            setenv("DSV4_MHC_ROLES_PRE_WORDS", "1", 1);
-            roles_out_of_place(i);
-            unsetenv("DSV4_MHC_ROLES_PRE_WORDS");
-          };
-          Set& s0 = set(0);
-          report_bits("hc_post_pre X_out/y/post/comb, warp-specialized with pre words against without",
-                      roles_out_of_place,
-                      pre_words_out_of_place, {&X_out, &s0.y, &s0.next_post, &s0.next_comb});
-        }
         if (tile_clusters_sized) {
           const auto persistent = [&](int i) { run_post_pre(set(i), HcKernelChoice::PERSISTENT, false); };
           record("hc_post_pre (persistent kernel)", persistent, post_pre_bytes, 0.0);
@@ -711,19 +653,6 @@ int main(int argc, char** argv) {
         };
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
                time_ms(stream, iterations, head_baseline));
-        if (!decode_sized) {
-          const auto head_pipelined = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT_PIPELINED); };
-          record("hc_head (pipelined persistent kernel)", head_pipelined, x_bytes + double(kN * flat) * 4 + td_bytes,
-                 0.0);
-          const auto head_plain = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT); };
-          report_bits("pipelined hc_head h against the persistent kernel's", head_plain, head_pipelined, {&set(0).y});
-          setenv("DSV4_MHC_PIPELINE_LATE", "1", 1);
-          record("hc_head (pipelined persistent kernel, late collapse)", head_pipelined,
-                 x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
-          report_bits("pipelined hc_head (late collapse) h against the persistent kernel's", head_plain, head_pipelined,
-                      {&set(0).y});
-          unsetenv("DSV4_MHC_PIPELINE_LATE");
-        }
         if (tile_clusters_sized) {
           const auto persistent_norm = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT, true); };
           const auto default_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };

@@ -14,9 +14,7 @@
 // checked at 4608 (9 warps); the cluster kernel at the others); every hc_post_pre case also runs the warp-specialised
 // persistent kernel (PERSISTENT_WARP_SPECIALIZED), which must give the persistent kernel's bits where that one takes
 // 64-dim slices too. Above 16 tokens every case also runs AUTO (up to kAutoClusterPerTileMaxTokens the single-cluster
-// kernel at its widths, a cluster per 16-token tile; the persistent kernel beyond). Every case also runs the pipelined
-// persistent kernel (PERSISTENT_PIPELINED; hc_post_pre through its hc_pre above 128 tokens), which must give the
-// persistent kernel's bits for hc_pre and hc_head.
+// kernel at its widths, a cluster per 16-token tile; the persistent kernel beyond).
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -28,7 +26,6 @@
 #include <functional>
 #include <random>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "backends/cpu/bf16_rounding.hpp"
@@ -196,7 +193,6 @@ std::string case_name(const char* op, int64_t T, int64_t d, bool round,
          (kernel == HcKernelChoice::AUTO ? " default kernel (single-cluster where it applies)"
           : kernel == HcKernelChoice::PERSISTENT_WARP_SPECIALIZED ? " warp-specialised persistent kernel"
           : kernel == HcKernelChoice::CLUSTER_ASYNC               ? " cluster decode kernel"
-          : kernel == HcKernelChoice::PERSISTENT_PIPELINED        ? " pipelined persistent kernel"
                                                                   : " persistent kernel");
 }
 
@@ -468,7 +464,7 @@ const int64_t kHiddenSizes[] = {4096, 7168, 96, 260};
 // the cluster decode kernel, its asynchronous variant (CLUSTER_ASYNC) and the default (AUTO: the single-cluster kernel
 // within its hidden-size limits) up to their token limit.
 std::vector<HcKernelChoice> kernels_for(int64_t T, bool post_pre = false) {
-  std::vector<HcKernelChoice> kernels = {HcKernelChoice::PERSISTENT, HcKernelChoice::PERSISTENT_PIPELINED};
+  std::vector<HcKernelChoice> kernels = {HcKernelChoice::PERSISTENT};
   if (post_pre) kernels.push_back(HcKernelChoice::PERSISTENT_WARP_SPECIALIZED);
   if (T <= kHcDecodeMaxTokens)
     kernels.push_back(HcKernelChoice::CLUSTER_ASYNC);
@@ -626,44 +622,6 @@ TEST(MhcGpu, WarpSpecializedKernelRepeatsThePersistentKernelsBits) {
       same(post_pre[0].y, post_pre[1].y, size_t(T * d), "hc_post_pre y");
       same(post_pre[0].post, post_pre[1].post, size_t(T * kN), "hc_post_pre post");
       same(post_pre[0].comb, post_pre[1].comb, size_t(T * kN * kN), "hc_post_pre comb");
-    }
-}
-
-// The pipelined variant forms pre in the CTA that sums it instead of in every collapsing CTA, in the same operations
-// and order: hc_pre's and hc_head's outputs must be the persistent kernel's bits (32- and 64-dim slices, a partial
-// slice, several items per warp and passes at hidden 260, several tiles per CTA).
-TEST(MhcGpu, PipelinedKernelRepeatsThePersistentKernelsBits) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 1300;
-  const std::pair<int64_t, int64_t> cases[] = {{300, 4096}, {4096, 4096}, {1000, 7168}, {300, 260}};  // (T, d)
-  for (const auto& [T, d] : cases)
-    for (const bool round : {false, true}) {
-      SCOPED_TRACE(case_name("hc_pre and hc_head", T, d, round, HcKernelChoice::PERSISTENT_PIPELINED));
-      const Inputs in = random_inputs(T, d, kSiteRows, 3, seed++);
-      const DeviceSite site(in);
-      const DeviceBuffer X = to_device(in.X, "X");
-      Workspace workspace = zeroed_workspace(T, d, "workspace");
-      std::vector<PreOutputBuffers> pre, head;
-      for (const HcKernelChoice kernel : {HcKernelChoice::PERSISTENT, HcKernelChoice::PERSISTENT_PIPELINED}) {
-        run_hc_pre(pre_params(X.as<float>(), site, T, d, round, pre.emplace_back(T, d), kernel, workspace));
-        PreOutputBuffers& h = head.emplace_back(T, d);
-        run_hc_head({.X = X.as<float>(), .fn = site.fn.as<float>(), .base = site.base.as<float>(),
-                     .scale = site.scale.as<float>(), .tokens = T, .hidden = d, .hc_eps = kHcEps,
-                     .norm_eps = kNormEps, .round_to_bf16 = round, .h = h.y.as<float>(), .kernel = kernel,
-                     .workspace = workspace.buffer.data(), .workspace_bytes = workspace.bytes});
-      }
-      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      const auto same = [](const DeviceBuffer& persistent, const DeviceBuffer& pipelined, size_t floats,
-                           const char* what) {
-        const std::vector<float> expected = download(persistent, floats), actual = download(pipelined, floats);
-        for (const float v : expected) ASSERT_FALSE(std::isnan(v)) << "the persistent kernel left " << what << " unset";
-        EXPECT_EQ(std::memcmp(expected.data(), actual.data(), floats * sizeof(float)), 0)
-            << "the pipelined kernel's " << what << " differs from the persistent kernel's";
-      };
-      same(pre[0].y, pre[1].y, size_t(T * d), "hc_pre y");
-      same(pre[0].post, pre[1].post, size_t(T * kN), "hc_pre post");
-      same(pre[0].comb, pre[1].comb, size_t(T * kN * kN), "hc_pre comb");
-      same(head[0].y, head[1].y, size_t(T * d), "hc_head h");
     }
 }
 

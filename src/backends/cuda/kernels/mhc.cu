@@ -1,7 +1,6 @@
 #include "backends/cuda/kernels/mhc.hpp"
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -163,29 +162,7 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   if constexpr (kPost) {
     if (warp_specialized_serves(choice, args.hidden, multiprocessors)) {
       args.slices = int(ceil_div(args.hidden, 64));
-      // A/B switch for GPU round s22-1 (read per launch): the finisher collapsing from pre words.
-      if (std::getenv("DSV4_MHC_ROLES_PRE_WORDS") != nullptr)
-        return launch_projection<false, true, 64, mhc::ProjectionVariant::kRolesPreWords>(args, multiprocessors,
-                                                                                          stream, op);
       return launch_projection<false, true, 64, mhc::ProjectionVariant::kRoles>(args, multiprocessors, stream, op);
-    }
-  }
-  if constexpr (!kPost) {
-    // A/B switch for GPU round s22-1's end-to-end lines (read per launch): AUTO's persistent launches pipelined.
-    if (choice == HcKernelChoice::AUTO && std::getenv("DSV4_MHC_AUTO_PIPELINED") != nullptr)
-      choice = HcKernelChoice::PERSISTENT_PIPELINED;
-    if (choice == HcKernelChoice::PERSISTENT_PIPELINED) {
-      // A/B switch for GPU round s22-1 (read per launch): the collapse one iteration later.
-      if (std::getenv("DSV4_MHC_PIPELINE_LATE") != nullptr) {
-        constexpr auto kLate = mhc::ProjectionVariant::kPipelinedLate;
-        if (config.slice_dims == 64)
-          return launch_projection<kHead, false, 64, kLate>(args, multiprocessors, stream, op);
-        return launch_projection<kHead, false, 32, kLate>(args, multiprocessors, stream, op);
-      }
-      constexpr auto kPipelined = mhc::ProjectionVariant::kPipelined;
-      if (config.slice_dims == 64)
-        return launch_projection<kHead, false, 64, kPipelined>(args, multiprocessors, stream, op);
-      return launch_projection<kHead, false, 32, kPipelined>(args, multiprocessors, stream, op);
     }
   }
   if (config.slice_dims == 64) return launch_projection<kHead, kPost, 64>(args, multiprocessors, stream, op);

@@ -118,26 +118,16 @@ inline constexpr int kPartialRows = kProjectionRows<kHead> + 1;  // row 0: Σx²
 // publication, as kShared's warps) and the finisher group (X loads, sums over the slices, collapse), each on its own
 // barrier, so neither waits for the other's phase of a tile: the 12-deep ring is the only coupling. (A one-CTA-per-SM
 // variant of the plain loop, fn's tf32 pairs in registers and half its 12 stages loading, was slower at every size:
-// H200, Flash hc_pre T = 64 / 4096 13.5 / 377 µs against 13.1 / 298, session 15; removed.) kPipelined
-// (HcKernelChoice::PERSISTENT_PIPELINED, hc_pre and hc_head): kShared's CTAs, one barrier a tile: the warp summing a
-// pre row's item also sums its token's Σx² item and publishes pre itself (no CTA forms it again), so each thread
-// collapses its vector from its token's four pre words, between its projection and the projection's barrier (no
-// barrier of its own), and the collapsed stage is refilled past that barrier; warp_sums is released by an mbarrier
-// the next projection's stores wait for. kPipelinedLate: the same with the collapse one iteration later (tile j + 1
-// asked for past iteration j's barrier, the hop from the sums to the collapse one iteration more). kRolesPreWords:
-// kRoles with kPipelined's pre words (the finisher's collapse without the pre barrier).
-enum class ProjectionVariant { kShared, kRoles, kPipelined, kPipelinedLate, kRolesPreWords };
-__host__ __device__ constexpr bool is_roles(ProjectionVariant variant) {
-  return variant == ProjectionVariant::kRoles || variant == ProjectionVariant::kRolesPreWords;
-}
+// H200, Flash hc_pre T = 64 / 4096 13.5 / 377 µs against 13.1 / 298, session 15; removed.)
+enum class ProjectionVariant { kShared, kRoles };
 
 __host__ __device__ constexpr int projection_threads(int slice_dims) { return kStreams * slice_dims; }
 __host__ __device__ constexpr int projection_cta_threads(int slice_dims, ProjectionVariant variant) {
-  return projection_threads(slice_dims) * (is_roles(variant) ? 2 : 1);
+  return projection_threads(slice_dims) * (variant == ProjectionVariant::kRoles ? 2 : 1);
 }
 __host__ __device__ constexpr int projection_ctas_per_sm(int slice_dims, bool post,
                                                         ProjectionVariant variant = ProjectionVariant::kShared) {
-  return is_roles(variant) ? 1 : post ? (slice_dims >= 64 ? 1 : 2) : 128 / slice_dims;
+  return variant != ProjectionVariant::kShared ? 1 : post ? (slice_dims >= 64 ? 1 : 2) : 128 / slice_dims;
 }
 // The persistent kernel's staged tile: [slice_dims / 32 column blocks][64 rows][32 floats], row = 4·token + stream (the
 // TMA's boxes, 128-byte swizzled: see the notes), and where (token, stream, column) sits in it.
@@ -439,17 +429,6 @@ __device__ __forceinline__ float butterfly_sum(float v, int lanes) {
   return v;
 }
 
-// butterfly_sum's value, bit for bit, with every level's shuffle issued and its add selected: no branch, so no
-// divergence check per level (the pre-word variants' slice sums).
-__device__ __forceinline__ float butterfly_sum_unbranched(float v, int lanes) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float other = __shfl_xor_sync(kFullMask, v, offset);
-    v = offset < lanes ? v + other : v;
-  }
-  return v;
-}
-
 // (v₀ + v₁) + (v₂ + v₃) over the 4 lanes first + m·stride (m < 4) of the half-warp: the xor butterfly's sum,
 // bit for bit, with the three fetches independent (one shuffle latency per sum instead of two in a chain).
 __device__ inline float sum_of_four_lanes(float v, int first, int stride) {
@@ -582,14 +561,10 @@ __device__ __forceinline__ void load_fn_fragments(float (&fn_frag)[2][kNTiles][4
 // fragments fn_pair(p, nt, e, big, small) gives as tf32 pairs (entry e of fn_frag[p][nt] in load_fn_fragments'
 // layout). Writes, into the warp's partial block `mine`, Σx² of each token over those columns (entries 0-15) and each
 // row's dot product (row r, token t at (1 + r) · kTileTokens + t). kChains accumulators per column tile (the
-// 16-column halves p round-robin, summed at the end): 2 halves the dependent MMA chain. `before_stores()` runs
-// between the MMAs and the first store into `mine` (kPipelined: the wait for warp_sums to be free).
-struct NoHook {
-  __device__ __forceinline__ void operator()() const {}
-};
-template <int kRows, int kChains, class FnPair, class BeforeStores = NoHook, int kNTiles = (kRows + 7) / 8>
+// 16-column halves p round-robin, summed at the end): 2 halves the dependent MMA chain.
+template <int kRows, int kChains, class FnPair, int kNTiles = (kRows + 7) / 8>
 __device__ __forceinline__ void project_tile_3xtf32(const float* const (&x_lo)[2], int hi_offset, FnPair fn_pair,
-                                                    int g, int t4, float* mine, BeforeStores before_stores = {}) {
+                                                    int g, int t4, float* mine) {
   static_assert(kChains == 1 || kChains == 2, "one accumulator per column tile, or one per 16-column half");
   float acc[kChains][kNTiles][4] = {};
   float squares_lo = 0.f, squares_hi = 0.f;  // Σx² of tokens g and g + 8 over this thread's columns
@@ -627,7 +602,6 @@ __device__ __forceinline__ void project_tile_3xtf32(const float* const (&x_lo)[2
   squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 2);
   squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 1);
   squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 2);
-  before_stores();
   if (t4 == 0) {
     mine[g] = squares_lo;
     mine[g + 8] = squares_hi;
@@ -665,27 +639,11 @@ static __device__ __noinline__ float sum_slice_words_slowly(const unsigned long 
   return sum;
 }
 
-// A token's four pre words (kTileTokens apart from `first`) once each carries `tag`: the kPipelined collapse's path
-// when a word it read early was stale (out of line, so the per-tile loop stays short).
-static __device__ __noinline__ float4 wait_for_pre_words(const unsigned long long* first, unsigned tag) {
-  float pre[kStreams];
-#pragma unroll
-  for (int k = 0; k < kStreams; ++k) {
-    const unsigned long long* const address = first + k * kTileTokens;
-    pre[k] = tagged_value(load_relaxed_u64(address), address, tag);
-  }
-  return make_float4(pre[0], pre[1], pre[2], pre[3]);
-}
-
 template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared>
 __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const __grid_constant__ ProjectionArgs args) {
-  constexpr bool kRoles = is_roles(kVariant);
-  constexpr bool kPipelined =
-      kVariant == ProjectionVariant::kPipelined || kVariant == ProjectionVariant::kPipelinedLate;
-  // The sums' pre rows carry pre itself, and the collapse reads its token's pre words.
-  constexpr bool kPreWords = kPipelined || kVariant == ProjectionVariant::kRolesPreWords;
+  constexpr bool kRoles = kVariant == ProjectionVariant::kRoles;
   constexpr int kThreads = projection_threads(kSliceDims);  // kRoles: per warp group
   constexpr int kWarps = kThreads / 32;
   constexpr int kCtaThreads = projection_cta_threads(kSliceDims, kVariant);
@@ -703,18 +661,15 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // projection barrier) or two (the fused variant). More stages, more slack for each cross-CTA hop. (hc_pre / hc_head
   // with two loading, lags 2 and 3: H200, V4-Flash, session 19, same runs: hc_head 4096 tokens 161.6 / 171.2 µs
   // against 150.6 / 163.9, 1000 tokens 49.2 vs 47.1, 256 16.7 vs 15.6; hc_pre 4096 221.1 / 227.8 vs 218.6 / 225.7.)
-  constexpr int kCollapseLag =
-      kVariant == ProjectionVariant::kPipelinedLate ? kStages - 1 : kStages - (kPost ? 3 : 2);
-  // The slack split between the two hops (kPipelinedLate: the hop to the collapse gets the extra iteration).
-  constexpr int kSumLag = kVariant == ProjectionVariant::kPipelinedLate ? kCollapseLag / 2 : (kCollapseLag + 1) / 2;
+  constexpr int kCollapseLag = kStages - (kPost ? 3 : 2);
+  constexpr int kSumLag = (kCollapseLag + 1) / 2;  // the slack split between the two hops
   // kRoles: the finisher sums tile i and collapses tile i − kFinisherLag in its iteration i; the projection group runs
   // ahead as far as the loaded stages allow. At a lag of 2 the finishers waited for each other's sums (ncu, H200,
   // Flash 4096: 27 % of the stall samples in the projection group waiting for stages, the finisher at 2.7 µs a tile).
   constexpr int kFinisherLag = 5;
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
-  static_assert(!kRoles || kSliceDims == 64, "one CTA per SM runs 64-dim slices");
-  static_assert(!kRoles || kPost, "the warp-specialised variant runs hc_post_pre");
-  static_assert(!(kPipelined && kPost), "the pipelined variant runs hc_pre and hc_head");
+  static_assert(kVariant == ProjectionVariant::kShared || kSliceDims == 64, "one CTA per SM runs 64-dim slices");
+  static_assert(kVariant == ProjectionVariant::kShared || kPost, "the warp-specialised variant runs hc_post_pre");
   static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
   static_assert(kSliceDims == 32 || kSliceDims == 64, "a warp covers 32 columns of one stream");
   static_assert(kThreads == kTileTokens * kVectorsPerRow, "the update and the collapse give each thread one vector");
@@ -732,8 +687,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   float* const post_ring = warp_sums + kWarps * kPartialFloats;  // kPost: [kPostSlots][post_slot_floats]
   __shared__ uint64_t full[kStages];
   __shared__ uint64_t post_full[kPost ? kPostSlots : 1];
-  // kRoles: the projection group has updated stage b's tile (the finisher collapses the updated values). kPipelined:
-  // [0] completes a phase once every thread has published its items of a tile (warp_sums free for the next stores).
+  // kRoles: the projection group has updated stage b's tile (the finisher collapses the updated values).
   __shared__ uint64_t updated_stage[kRoles ? kStages : 1];
   __shared__ float pre_s[kTileTokens][kStreams];
 
@@ -769,7 +723,6 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       for (int b = 0; b < kPostSlots; ++b) sm90::mbarrier_init(&post_full[b], kThreads);
     if constexpr (kRoles)
       for (int b = 0; b < kStages; ++b) sm90::mbarrier_init(&updated_stage[b], kThreads);
-    if constexpr (kPipelined) sm90::mbarrier_init(&updated_stage[0], kThreads);
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
@@ -845,82 +798,36 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   const int my_items = slice < kPartialFloats ? (kPartialFloats - slice + slices - 1) / slices : 0;
   const int my_passes = (my_items + items_per_pass - 1) / items_per_pass;
   const auto sum_item_of = [&](int pass) { return pass * items_per_pass + (ltid >> lane_shift); };  // this CTA's m-th
-  // kPipelined: an item of the pre rows 1..kStreams is summed together with its token's Σx² item (item t: the same
-  // lanes and order, so the same bits as that item's own word), and its word carries pre itself.
-  const auto is_pre_item = [&](int item) {
-    return kPreWords && item >= kTileTokens && item < (1 + kStreams) * kTileTokens;
-  };
-  struct ItemWords {
-    unsigned long long slices[kMaxSliceWords], token_squares[kMaxSliceWords];  // the latter: kPipelined pre items
-  };
-  // kPreWords hc_head: nobody reads the Σx² sums (each pre item sums its token's Σx² itself), so they are skipped.
-  const auto skipped_item = [&](int item) { return kHead && kPreWords && item < kTileTokens; };
-  const auto load_slice_words = [&](int j, int pass, ItemWords& words) {
+  const auto load_slice_words = [&](int j, int pass, unsigned long long (&words)[kMaxSliceWords]) {
     const int m = sum_item_of(pass), item = slice + m * slices;
-    if (m >= my_items || (item & (kTileTokens - 1)) >= valid_of(j) || skipped_item(item)) return;
+    if (m >= my_items || (item & (kTileTokens - 1)) >= valid_of(j)) return;
     const unsigned long long* source = partials_of(j) + item;
-    if constexpr (kPreWords) {
-      // Lane `part`'s first word and the stride to its next: one pointer per word set, no index arithmetic per word.
-      const unsigned long long* const first = source + part * kPartialFloats;
-      const unsigned long long* const first_squares = first - (item & ~(kTileTokens - 1));
-      const int stride = lanes * kPartialFloats;
-      const bool pre_item = is_pre_item(item);
 #pragma unroll
-      for (int w = 0; w < kMaxSliceWords; ++w)
-        if (part + w * lanes < slices) {
-          words.slices[w] = load_relaxed_u64(first + w * stride);
-          if (pre_item) words.token_squares[w] = load_relaxed_u64(first_squares + w * stride);
-        }
-    } else {
-#pragma unroll
-      for (int w = 0; w < kMaxSliceWords; ++w)
-        if (part + w * lanes < slices) words.slices[w] = load_relaxed_u64(source + (part + w * lanes) * kPartialFloats);
-    }
+    for (int w = 0; w < kMaxSliceWords; ++w)
+      if (part + w * lanes < slices) words[w] = load_relaxed_u64(source + (part + w * lanes) * kPartialFloats);
   };
-  const auto sum_slices = [&](int j, int pass, const ItemWords& words, bool early) {
+  const auto sum_slices = [&](int j, int pass, const unsigned long long (&words)[kMaxSliceWords], bool early) {
     const int m = sum_item_of(pass), item = slice + m * slices;
-    const bool active = m < my_items && (item & (kTileTokens - 1)) < valid_of(j) && !skipped_item(item);
-    const bool pre_item = active && is_pre_item(item);
+    const bool active = m < my_items && (item & (kTileTokens - 1)) < valid_of(j);
     const unsigned long long* source = partials_of(j) + item;
     // Every tag checked at once, summed in slice order; a stale word (more slices than were read early, or none read:
     // `early` false) takes the whole sum out of line. (A branch and a call site per word until session 21.)
-    float sum = 0.f, token_squares = 0.f;
+    float sum = 0.f;
     if (active) {
       bool fresh = early && slices <= kMaxSliceWords * lanes;
 #pragma unroll
       for (int w = 0; w < kMaxSliceWords; ++w)
-        if (part + w * lanes < slices) {
-          fresh &= unsigned(words.slices[w] >> 32) == tag;
-          if (pre_item) fresh &= unsigned(words.token_squares[w] >> 32) == tag;
-        }
+        if (part + w * lanes < slices) fresh &= unsigned(words[w] >> 32) == tag;
       if (fresh) {
 #pragma unroll
         for (int w = 0; w < kMaxSliceWords; ++w)
-          if (part + w * lanes < slices) {
-            sum += __uint_as_float(unsigned(words.slices[w]));
-            if (pre_item) token_squares += __uint_as_float(unsigned(words.token_squares[w]));
-          }
+          if (part + w * lanes < slices) sum += __uint_as_float(unsigned(words[w]));
       } else {
         sum = sum_slice_words_slowly(source, part, lanes, slices, kPartialFloats, tag);
-        if (pre_item)
-          token_squares = sum_slice_words_slowly(partials_of(j) + (item & (kTileTokens - 1)), part, lanes, slices,
-                                                 kPartialFloats, tag);
       }
     }
-    if constexpr (kPreWords) {
-      sum = butterfly_sum_unbranched(sum, lanes);
-      if (__any_sync(kFullMask, pre_item)) token_squares = butterfly_sum_unbranched(token_squares, lanes);
-    } else {
-      sum = butterfly_sum(sum, lanes);
-    }
-    if (active && part == 0) {
-      // The collapse's pre as the other variants form it from the Σx² and mix words.
-      if (pre_item) {
-        const float inv_rms = inverse_rms(token_squares, float(flat), args.norm_eps);
-        sum = sigmoid(sum * inv_rms * args.scale[0] + args.base[(item >> 4) - 1]) + args.hc_eps;
-      }
-      store_relaxed_u64(sums_of(j) + item, tagged(sum, tag));
-    }
+    sum = butterfly_sum(sum, lanes);
+    if (active && part == 0) store_relaxed_u64(sums_of(j) + item, tagged(sum, tag));
   };
 
   // The collapse's Σx² and pre sums: thread 4·t + k of the collapsing threads reads token t's Σx² and row 1 + k.
@@ -961,15 +868,14 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // the projecting threads; past it the loader refills the stage of tile `refill` - kStages (≥ 0: its collapse, by
   // these threads, is done). `publication_sync`: a barrier after the publication, where no other barrier of these
   // threads comes before the next projection overwrites warp_sums (a collapse's, or the fused update's).
-  // The projection alone (kPipelined: `before_stores` waits for warp_sums to be free) and the publication alone.
-  const auto project = [&](int b, auto before_stores) {
+  const auto project_and_publish = [&](int j, int b, auto sync, int refill, bool publication_sync) {
     const float* const stage = stages + b * kStageFloats;
     const float* const x_lo[2] = {stage + projected[0], stage + projected[1]};
     float* const mine = warp_sums + warp * kPartialFloats;
     project_tile_3xtf32<kRows, 1>(x_lo, kTileTokens / 2 * kStreams * kStagedBoxFloats, SplitOnUse<kNTiles>{fn_frag},
-                                  g, t4, mine, before_stores);
-  };
-  const auto publish = [&](int j) {
+                                  g, t4, mine);
+    sync();
+    if (refill >= 0) load_tile(refill);
     unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
     // Every item's loads before the first sum's adds (a loop over the items waited for each item's loads).
     constexpr int kItemsPerThread = (kPartialFloats + kThreads - 1) / kThreads;
@@ -982,50 +888,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
 #pragma unroll
     for (int p = 0; p < kItemsPerThread; ++p)
       if (ltid + p * kThreads < kPartialFloats) store_relaxed_u64(out + ltid + p * kThreads, tagged(sums[p], tag));
-  };
-  const auto project_and_publish = [&](int j, int b, auto sync, int refill, bool publication_sync) {
-    project(b, NoHook{});
-    sync();
-    if (refill >= 0) load_tile(refill);
-    publish(j);
     if (publication_sync) sync();  // warp_sums is free for the next projection
-  };
-  // Thread (vt, vi)'s output vector of tile jc (its stage still staged) from its token's pre.
-  const auto collapse_vector_of = [&](int jc, const float* pre) {
-    const float* const x = stages + (jc % kStages) * kStageFloats;
-    float4 streams[kStreams];
-#pragma unroll
-    for (int k = 0; k < kStreams; ++k) streams[k] = *reinterpret_cast<const float4*>(x + staged[k]);
-    float4 value = collapse_streams(streams, pre, !kRoles && args.round_to_bf16);
-    if constexpr (kRoles)
-      if (args.round_to_bf16) value = round4_to_bf16_call(value);
-    store_output(args.y, args.y_bf16, (first_token_of(jc) + vt) * d + i0 + vi, value);
-  };
-  // kPipelined: thread (vt, vi)'s words of its token's pre in tile jc (the sums' rows 1..kStreams), read early, and
-  // the collapse from them.
-  const auto load_pre_words = [&](int jc, unsigned long long (&words)[kStreams]) {
-    if (jc < 0 || vt >= valid_of(jc)) return;
-    const unsigned long long* const first = sums_of(jc) + kTileTokens + vt;
-#pragma unroll
-    for (int k = 0; k < kStreams; ++k) words[k] = load_relaxed_u64(first + k * kTileTokens);
-  };
-  const auto collapse_with_pre_words = [&](int jc, const unsigned long long (&words)[kStreams]) {
-    if (vt >= valid_of(jc) || vi >= width) return;
-    bool fresh = true;
-#pragma unroll
-    for (int k = 0; k < kStreams; ++k) fresh &= unsigned(words[k] >> 32) == tag;
-    float pre[kStreams];
-    if (fresh) {
-#pragma unroll
-      for (int k = 0; k < kStreams; ++k) pre[k] = __uint_as_float(unsigned(words[k]));
-    } else {
-      const float4 waited = wait_for_pre_words(sums_of(jc) + kTileTokens + vt, tag);
-      pre[0] = waited.x;
-      pre[1] = waited.y;
-      pre[2] = waited.z;
-      pre[3] = waited.w;
-    }
-    collapse_vector_of(jc, pre);
   };
   // Collapse the staged slice of tile jc, y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i], from the sums' words read earlier.
   // `sync` is the barrier of the collapsing threads. `release`: then a barrier and the stage's refill (else the
@@ -1040,7 +903,16 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       pre_s[pre_t][pre_k] = sigmoid(mix * inv_rms * pre_scale + pre_base) + args.hc_eps;
     }
     sync();
-    if (vt < valid && vi < width) collapse_vector_of(jc, pre_s[vt]);
+    if (vt < valid && vi < width) {
+      const float* const x = stages + (jc % kStages) * kStageFloats;
+      float4 streams[kStreams];
+#pragma unroll
+      for (int k = 0; k < kStreams; ++k) streams[k] = *reinterpret_cast<const float4*>(x + staged[k]);
+      float4 value = collapse_streams(streams, pre_s[vt], !kRoles && args.round_to_bf16);
+      if constexpr (kRoles)
+        if (args.round_to_bf16) value = round4_to_bf16_call(value);
+      store_output(args.y, args.y_bf16, (first_token_of(jc) + vt) * d + i0 + vi, value);
+    }
     if (!release) return;
     sync();  // the stage and pre_s are free: refill the stage
     if (jc + kStages < count) load_tile(jc + kStages);
@@ -1065,16 +937,13 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       // Iteration i: sum this CTA's items of tile i, collapse tile i − kFinisherLag. The words both read are loaded
       // an iteration ahead (the projection group runs ahead, so they are normally there; a stale one is re-read).
       struct Words {
-        ItemWords items;
-        unsigned long long squares, mix, pre[kStreams];  // pre: kRolesPreWords
+        unsigned long long slices[kMaxSliceWords], squares, mix;
       };
       const auto read_words = [&](int i, Words& w) {
         const int jc = i - kFinisherLag;
         w = Words{};
-        if (i < count && my_passes > 0) load_slice_words(i, 0, w.items);
-        if constexpr (kPreWords) {
-          load_pre_words(jc, w.pre);
-        } else if (is_pre_reader(jc)) {
+        if (i < count && my_passes > 0) load_slice_words(i, 0, w.slices);
+        if (is_pre_reader(jc)) {
           w.squares = load_relaxed_u64(sums_of(jc) + pre_squares_word);
           w.mix = load_relaxed_u64(sums_of(jc) + pre_mix_word);
         }
@@ -1086,50 +955,12 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         read_words(i + 1, next);
         const int jc = i - kFinisherLag;
         const int passes = i < count ? my_passes : 0;
-        for (int pass = 0; pass < passes; ++pass) sum_slices(i, pass, now.items, pass == 0);
+        for (int pass = 0; pass < passes; ++pass) sum_slices(i, pass, now.slices, pass == 0);
         if (jc >= 0) {
           sm90::mbarrier_wait(&updated_stage[jc % kStages], uint32_t(jc / kStages) & 1u);
-          if constexpr (kPreWords) {
-            collapse_with_pre_words(jc, now.pre);
-            sm90::named_barrier_sync<kThreads>(2);  // the stage is free: refill it
-            if (jc + kStages < count) load_tile(jc + kStages);
-          } else {
-            collapse_and_refill(jc, is_pre_reader(jc), now.squares, now.mix,
-                                [] { sm90::named_barrier_sync<kThreads>(2); }, true);
-          }
+          collapse_and_refill(jc, is_pre_reader(jc), now.squares, now.mix,
+                              [] { sm90::named_barrier_sync<kThreads>(2); }, true);
         }
-      }
-    }
-  } else if constexpr (kPipelined) {
-    // Iteration j: project tile j and collapse tile j − kCollapseLag (no barrier between them: the compiler may
-    // interleave the two), one barrier, the collapsed stage refilled with tile j + kStages − kCollapseLag (asked 1.5
-    // iterations ahead; kPipelinedLate: 0.5), tile j published, this CTA's items of tile j − kSumLag summed (pre
-    // formed for its pre rows).
-    for (int j = 0; j < count + kCollapseLag; ++j) {
-      const int jr = j - kSumLag, jc = j - kCollapseLag;
-      const int passes = jr >= 0 && jr < count ? my_passes : 0;
-      ItemWords words;                      // read only where loaded
-      unsigned long long pre_words[kStreams];  // the same
-      if (passes > 0) load_slice_words(jr, 0, words);
-      load_pre_words(jc, pre_words);
-      if (j < count) {
-        const int b = j % kStages;
-        wait_for_tile(&full[b], uint32_t(j / kStages) & 1u);
-        // The warp partials' stores wait until every thread has published tile j − 1's.
-        project(b, [&] {
-          if (j > 0) sm90::mbarrier_wait(&updated_stage[0], uint32_t(j - 1) & 1u);
-        });
-      }
-      if (jc >= 0) collapse_with_pre_words(jc, pre_words);
-      if (j < count) {
-        __syncthreads();
-        if (jc >= 0 && jc + kStages < count) load_tile(jc + kStages);
-        publish(j);
-        sm90::mbarrier_arrive(&updated_stage[0]);
-      }
-      for (int pass = 0; pass < passes; ++pass) {
-        if (pass > 0) load_slice_words(jr, pass, words);
-        sum_slices(jr, pass, words, true);
       }
     }
   } else {
@@ -1138,7 +969,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       const int jr = j - kSumLag, jc = j - kCollapseLag;
       const int passes = jr >= 0 && jr < count ? my_passes : 0;
       const bool pre_reader = is_pre_reader(jc);
-      ItemWords words = {};
+      unsigned long long words[kMaxSliceWords] = {};
       unsigned long long squares_word = 0, mix_word = 0;
       const auto read_early = [&] {
         if (passes > 0) load_slice_words(jr, 0, words);

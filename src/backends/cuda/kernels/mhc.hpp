@@ -68,16 +68,8 @@ inline constexpr int64_t kHcDecodeMaxHidden = 8192;
 // the update and projecting and publishing the tiles, the other loading, summing over the slices and collapsing, each
 // at its own pace along a 12-deep X ring (same sums, same order: the same bits as the persistent kernel at 64-dim
 // slices), fused at every token count (X read once), where the card holds a CTA per 64-dim slice; wider launches,
-// hc_pre and hc_head take the persistent kernel. PERSISTENT_PIPELINED: hc_pre and hc_head on the persistent kernel's
-// CTAs with one barrier a tile (pre formed once per token by the CTA summing it, the collapse between the projection
-// and its barrier; the same bits as PERSISTENT); hc_post_pre takes PERSISTENT's path.
-enum class HcKernelChoice : uint8_t {
-  AUTO,
-  PERSISTENT,
-  CLUSTER_ASYNC,
-  PERSISTENT_WARP_SPECIALIZED,
-  PERSISTENT_PIPELINED
-};
+// hc_pre and hc_head take the persistent kernel.
+enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER_ASYNC, PERSISTENT_WARP_SPECIALIZED };
 
 // AUTO runs hc_pre and hc_post_pre of up to this many tokens (hc_head: kAutoClusterPerTileMaxHeadTokens) at the
 // single-cluster kernel's one-vector hidden sizes on that kernel, one independent cluster per 16-token tile (each reads
