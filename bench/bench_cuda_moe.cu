@@ -15,9 +15,9 @@
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
 // (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
 // default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), and the down
-// CTAs' work item read with the count before the wait (MoeRunParams::down_item_early other than the default):
-// "down-item-early" (or "down-item-after-wait"), and the acq_rel counter adds (MoeRunParams::acq_rel_tickets other
-// than the default): "acq-rel-tickets" (or "sc-fence-tickets").
+// CTAs' work item read with the count before the wait other than the default (MoeRunParams::down_item_early):
+// "down-item-after-wait" (or "down-item-early"), and the counter adds other than the default
+// (MoeRunParams::acq_rel_tickets): "sc-fence-tickets" (or "acq-rel-tickets").
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -639,8 +639,8 @@ int main(int argc, char** argv) {
                            "[--format mxfp4|nvfp4] [--trace] "
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
-                           "down-waits-grid|down-waits-item,down-item-early|down-item-after-wait,"
-                           "acq-rel-tickets|sc-fence-tickets,"
+                           "down-waits-grid|down-waits-item,down-item-after-wait|down-item-early,"
+                           "sc-fence-tickets|acq-rel-tickets,"
                            "register]\n");
       return 2;
     }

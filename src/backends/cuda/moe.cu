@@ -102,11 +102,13 @@ MoeRoutingBuffers routing_buffers(const WorkspaceLayout& l, void* ws) {
   };
 }
 
-// Round s22 A/B switches (removed after the rounds): DSV4_MOE_DOWN_ITEM_EARLY=on / DSV4_MOE_ACQ_REL_TICKETS=on turn
-// MoeRunParams::down_item_early / acq_rel_tickets on in every call, the model's included.
-bool ab_forced(const char* name) {
+// Round s22 A/B switches (removed after the rounds): DSV4_MOE_DOWN_ITEM_EARLY / DSV4_MOE_ACQ_REL_TICKETS = on | off
+// set MoeRunParams::down_item_early / acq_rel_tickets in every call, the model's included.
+bool ab_switch(const char* name, bool value) {
   const char* v = std::getenv(name);
-  return v != nullptr && std::string_view(v) == "on";
+  if (v == nullptr) return value;
+  check(std::string_view(v) == "on" || std::string_view(v) == "off", name, "=", v, ": on or off expected");
+  return std::string_view(v) == "on";
 }
 
 // The expert GEMMs' parameters of a call (workspace buffers at layout l, the routing's outputs in `routing`).
@@ -139,8 +141,8 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .tokens = p.tokens,
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
       .down_waits_per_item = p.down_waits_per_item,
-      .down_item_early = (p.down_item_early || ab_forced("DSV4_MOE_DOWN_ITEM_EARLY")) && streamed,
-      .acq_rel_tickets = (p.acq_rel_tickets || ab_forced("DSV4_MOE_ACQ_REL_TICKETS")) && streamed,
+      .down_item_early = ab_switch("DSV4_MOE_DOWN_ITEM_EARLY", p.down_item_early) && streamed,
+      .acq_rel_tickets = ab_switch("DSV4_MOE_ACQ_REL_TICKETS", p.acq_rel_tickets) && streamed,
       .stream = p.stream,
   };
   if (fuses_combine(p)) {

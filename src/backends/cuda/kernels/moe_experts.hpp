@@ -114,13 +114,12 @@ struct MoeExpertGemmParams {
   // run_moe_down where moe_down_waits_per_item_apply: each CTA reads the item count and its whole work item in one
   // round trip before the wait (the slot exists; past the count it is dropped) and keeps the item past the wait,
   // and checks its seen ticket (wait_for_item_rows) at its end: two dependent round trips fewer between a down CTA's
-  // start and its first copies and one between its wait and x. The same bits. Round s22-1 A/B
-  // (MoeRunParams::down_item_early).
+  // start and its first copies and one between its wait and x. The same bits (MoeRunParams::down_item_early).
   bool down_item_early = false;
   // Streamed kernels: the gate/up CTAs publish their item's rows (down_waits_per_item) by one release reduction
   // instead of a sequentially consistent fence and an add, and the fused combine's ticket is thread 0's acq_rel add
   // after the CTA barrier instead of every thread's sequentially consistent fences, with the slots' rows and weights
-  // read before the ticket. The same bits. Round s22-2 A/B (MoeRunParams::acq_rel_tickets).
+  // read before the ticket. The same bits (MoeRunParams::acq_rel_tickets).
   bool acq_rel_tickets = false;
   // Traced launch (benchmarks; the one-tile streamed kernels with the lean decode, T <= 8): lane 0 of every warp stores
   // %globaltimer (ns) at the MoeTraceSlot points into trace[warp · kMoeTraceSlots + slot], warp = (blockIdx.y ·
