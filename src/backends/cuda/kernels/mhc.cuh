@@ -204,6 +204,7 @@ struct ProjectionArgs : SiteArgs {
   unsigned* header;                // [0] launch epoch, [1] finished CTAs
   unsigned long long* sums;        // [tiles][partial rows][16] tagged: Σ over the slices
   unsigned long long* partials;    // [tiles][S][partial rows][16] tagged
+  int l2_prefetch_tiles;           // round s22-2 A/B: X tiles asked of L2 this many tiles before their load (0: none)
 };
 
 __device__ inline float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
@@ -289,6 +290,16 @@ __device__ __noinline__ void load_x_tile(float* stage, uint64_t* barrier, const 
   for (int box = 0; box < kBoxes; ++box)
     sm90::tma_load_2d(stage + box * kStagedBoxRows * kStagedBoxFloats, map, barrier, column + box * kStagedBoxFloats,
                       row);
+}
+
+// Asks L2 for one X tile's boxes (as load_x_tile's) without loading them: no shared memory, no completion.
+template <int kBoxes>
+__device__ __noinline__ void prefetch_x_tile(const CUtensorMap* map, int column, int row) {
+#pragma unroll
+  for (int box = 0; box < kBoxes; ++box)
+    asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"(map),
+                 "r"(column + box * kStagedBoxFloats), "r"(row)
+                 : "memory");
 }
 
 // 16 bytes global → shared by cp.async (L2 only: X is streamed once).
@@ -426,6 +437,17 @@ __device__ __forceinline__ float butterfly_sum(float v, int lanes) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1)
     if (offset < lanes) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+// butterfly_sum's value, bit for bit, with every level's shuffle issued and its add selected: no branch, so no
+// divergence check per level (round s22-2 A/B: the lean persistent kernel's slice sums).
+__device__ __forceinline__ float butterfly_sum_unbranched(float v, int lanes) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float other = __shfl_xor_sync(kFullMask, v, offset);
+    v = offset < lanes ? v + other : v;
+  }
   return v;
 }
 
@@ -639,7 +661,10 @@ static __device__ __noinline__ float sum_slice_words_slowly(const unsigned long 
   return sum;
 }
 
-template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared>
+// kLean (round s22-2 A/B): the slice sums' words read through one pointer and stride per lane, and their butterfly
+// without a branch per level (same bits).
+template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared,
+          bool kLean = false>
 __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const __grid_constant__ ProjectionArgs args) {
@@ -802,9 +827,17 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     const int m = sum_item_of(pass), item = slice + m * slices;
     if (m >= my_items || (item & (kTileTokens - 1)) >= valid_of(j)) return;
     const unsigned long long* source = partials_of(j) + item;
+    if constexpr (kLean) {
+      const unsigned long long* const first = source + part * kPartialFloats;
+      const int stride = lanes * kPartialFloats;
 #pragma unroll
-    for (int w = 0; w < kMaxSliceWords; ++w)
-      if (part + w * lanes < slices) words[w] = load_relaxed_u64(source + (part + w * lanes) * kPartialFloats);
+      for (int w = 0; w < kMaxSliceWords; ++w)
+        if (part + w * lanes < slices) words[w] = load_relaxed_u64(first + w * stride);
+    } else {
+#pragma unroll
+      for (int w = 0; w < kMaxSliceWords; ++w)
+        if (part + w * lanes < slices) words[w] = load_relaxed_u64(source + (part + w * lanes) * kPartialFloats);
+    }
   };
   const auto sum_slices = [&](int j, int pass, const unsigned long long (&words)[kMaxSliceWords], bool early) {
     const int m = sum_item_of(pass), item = slice + m * slices;
@@ -826,7 +859,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         sum = sum_slice_words_slowly(source, part, lanes, slices, kPartialFloats, tag);
       }
     }
-    sum = butterfly_sum(sum, lanes);
+    sum = kLean ? butterfly_sum_unbranched(sum, lanes) : butterfly_sum(sum, lanes);
     if (active && part == 0) store_relaxed_u64(sums_of(j) + item, tagged(sum, tag));
   };
 
@@ -876,6 +909,12 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   g, t4, mine);
     sync();
     if (refill >= 0) load_tile(refill);
+    if constexpr (!kRoles) {
+      // Round s22-2 A/B: the tile the refill takes l2_prefetch_tiles iterations later, asked of L2 now.
+      const int ahead = j + kStages - kCollapseLag - 1 + args.l2_prefetch_tiles;
+      if (tile_loader && args.l2_prefetch_tiles > 0 && ahead >= kStages && ahead < count)
+        prefetch_x_tile<kBoxes>(&args.x_map, i0, tile_of(ahead) * kStagedBoxRows);
+    }
     unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
     // Every item's loads before the first sum's adds (a loop over the items waited for each item's loads).
     constexpr int kItemsPerThread = (kPartialFloats + kThreads - 1) / kThreads;
