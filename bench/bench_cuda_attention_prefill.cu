@@ -8,10 +8,9 @@
 // per clock), the speed-up over today's path, and the largest difference between the two outputs over the largest
 // |output| (FAIL above 2^-6: both round q and P to bf16, in other orders); and the prefill kernel once more with q in
 // bf16 (bf16q: the same MMA input, half the q bytes), also with SparseAttentionPrefillOptions::prefetch_resolved
-// (+pf). Round s22-1's A/B columns on the bf16-q call: cs and bulk (SparseAttentionPrefillOptions::output_stores
-// Streaming and Bulk), cf (copies_first) and eor (early_own_release), bits checked against the plain call; sym
-// (symmetric_max, its difference from the plain call); noKV (every slot unused: the producer zero-fills its buffers
-// without reading an entry, the kernel's time without KV traffic); decode rows add +pf sym and +pf cf.
+// (+pf). Round s22-2's A/B on the bf16-q call: tiles (SparseAttentionPrefillOptions::tile_arrival, bits checked against
+// the plain call); noKV: the same call with every slot unused (the producer zero-fills its buffers without reading an
+// entry: the kernel's time without KV traffic).
 // Decode: batch 64 and 256 (one query per sequence, each sequence its own pages) in the SWA (128 window slots, 4K
 // context), CSA (128 + 512 random compressed rows of 64K / 4) and HCA (128 + all 512 compressed rows of 64K / 128)
 // layouts, both models, both entry formats, q in bf16 and fp32 out (the engine's decode call): the kernel without and
@@ -22,10 +21,10 @@
 // Entries are fill_random_entries' (finite, no NaN codes); prefill q is a hash of its positions.
 // --quick: the prefill cases without today's path and the comparison with it (the kernel's variants only).
 // --trace: each prefill case's bf16-q call once more as a traced launch (SparseAttentionPrefillOptions::trace, after an
-// L2 flush), plain, with symmetric_max and with bulk output stores: medians over the CTAs of each phase of a CTA's
-// timeline (start to Q staged, entries resolved, first data, first scores, each pair, the epilogue's staging and
-// stores), of the gap between consecutive CTAs on one SM, and per pair of the late half's release and arrival and
-// consumer 1's wait for the max.
+// L2 flush), plain and with tile arrival: medians over the CTAs of each phase of a CTA's timeline (start to Q staged,
+// entries resolved, first data, first scores, each pair, the epilogue's staging and stores), of the gap between
+// consecutive CTAs on one SM, and per pair of the late half's release and arrival and consumer 1's wait for the max
+// (%globaltimer ticks 0.256 µs on the H200).
 // Usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE] [--trace] [--quick]. --part
 // runs one part; --only runs the one case named (prefill MODEL:FORMAT:CONTEXT, e.g. flash:bf16:8192,
 // pro:fp8-reference:65536; decode MODEL:LAYOUT:BATCH:FORMAT, e.g. flash:csa:256:bf16; for a profiler). Exit status 1
@@ -167,8 +166,7 @@ void print_trace(const SparseAttentionParams& call, SparseAttentionPrefillOption
   }
   std::printf("  trace%s (median µs from the CTA's start): Q staged %.2f, resolved %.2f, first copies issued %.2f, "
               "first data %.2f, first scores %.2f\n  pairs:",
-              label, median(q), median(resolved), median(issued), median(first_data),
-              median(first_scores));
+              label, median(q), median(resolved), median(issued), median(first_data), median(first_scores));
   for (const auto& p : pair) std::printf(" %.2f", median(p));
   std::printf("; last pair to epilogue %.2f, epilogue %.2f; CTA %.2f, gap to the SM's next CTA %.2f; span %.1f us\n",
               median(epilogue), median(tail), median(total), median(gap), us(first, last));
@@ -186,14 +184,13 @@ void print_trace(const SparseAttentionParams& call, SparseAttentionPrefillOption
     }
     std::printf(" %d: %.2f / %.2f / %.2f", i, median(released), median(arrived), median(max_received));
   }
-  std::printf("\n");
   std::vector<double> staging, stores;
   for (int64_t c = 0; c < ctas; ++c) {
     const uint64_t* c0 = record(c, 0);
     staging.push_back(us(c0[prefill_trace::kEpilogue], c0[prefill_trace::kStaged]));
     stores.push_back(us(c0[prefill_trace::kStaged], c0[prefill_trace::kEnd]));
   }
-  std::printf("  epilogue: normalise and stage %.2f, stores issued %.2f\n", median(staging), median(stores));
+  std::printf("\n  epilogue: normalise and stage %.2f, stores issued %.2f\n", median(staging), median(stores));
 }
 
 struct Case {
@@ -204,16 +201,9 @@ struct Case {
   double old_us, new_us, old_tflops, new_tflops, percent_of_cublas, percent_of_peak, relative_difference;
   double bf16_q_us, bf16_q_tflops;  // the prefill kernel with q in bf16 (its MMA input: same result, half the bytes)
   double bf16_q_prefetch_us;        // the same with SparseAttentionPrefillOptions::prefetch_resolved
-  double bf16_q_streaming_us;       // the same with PrefillOutputStores::Streaming
-  double bf16_q_bulk_us;            // the same with PrefillOutputStores::Bulk
-  bool stores_same;                 // both outputs bit for bit the plain one's
+  double bf16_q_tiles_us;           // the same with SparseAttentionPrefillOptions::tile_arrival
+  bool tiles_same;                  // its output bit for bit the plain one's
   double bf16_q_no_entries_us;      // the same call with every slot unused: no entry reads (the kernel's own floor)
-  double bf16_q_symmetric_us;       // the same with SparseAttentionPrefillOptions::symmetric_max
-  double symmetric_difference;      // its output against the plain one's (relative_difference)
-  double bf16_q_copies_first_us;    // the same with SparseAttentionPrefillOptions::copies_first
-  bool copies_first_same;           // its output bit for bit the plain one's
-  double bf16_q_early_release_us;   // the same with SparseAttentionPrefillOptions::early_own_release
-  bool early_release_same;          // its output bit for bit the plain one's
 };
 
 Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
@@ -274,22 +264,13 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   prefill_bf16_q.out = bf16_q_out.data();
   const double bf16_q_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, plain); });
-  bool stores_same = false, copies_first_same = false, early_release_same = false;
   const double bf16_q_prefetch_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, prefetch); });
-  DeviceBuffer streaming_out(outputs * 2, "prefill kernel out, streaming stores");
-  SparseAttentionParams streaming_call = prefill_bf16_q;
-  streaming_call.out = streaming_out.data();
-  const SparseAttentionPrefillOptions streaming{.prefetch_resolved = PrefetchResolved::Off,
-                                                .output_stores = PrefillOutputStores::Streaming};
-  const double streaming_ms =
-      median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(streaming_call, streaming); });
-  DeviceBuffer bulk_out(outputs * 2, "prefill kernel out, bulk stores");
-  SparseAttentionParams bulk_call = prefill_bf16_q;
-  bulk_call.out = bulk_out.data();
-  const SparseAttentionPrefillOptions bulk{.prefetch_resolved = PrefetchResolved::Off,
-                                           .output_stores = PrefillOutputStores::Bulk};
-  const double bulk_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(bulk_call, bulk); });
+  DeviceBuffer tiles_out(outputs * 2, "prefill kernel out, tile arrival");
+  SparseAttentionParams tiles_call = prefill_bf16_q;
+  tiles_call.out = tiles_out.data();
+  const SparseAttentionPrefillOptions tiles{.prefetch_resolved = PrefetchResolved::Off, .tile_arrival = true};
+  const double tiles_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(tiles_call, tiles); });
   // Every slot −1: the producer zero-fills its buffers without reading an entry (the diagnostic's floor).
   DeviceBuffer no_window(chunk.window_index.size() * 4, "no window index"),
       no_compressed(chunk.compressed_index.size() * 4, "no compressed index"),
@@ -300,57 +281,23 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   no_entries.window_index = no_window.as<int32_t>();
   no_entries.compressed_index = no_compressed.as<int32_t>();
   no_entries.out = no_entries_out.data();
-  DeviceBuffer symmetric_out(outputs * 2, "prefill kernel out, symmetric max");
-  SparseAttentionParams symmetric_call = prefill_bf16_q;
-  symmetric_call.out = symmetric_out.data();
-  const SparseAttentionPrefillOptions symmetric{.prefetch_resolved = PrefetchResolved::Off, .symmetric_max = true};
-  const double symmetric_ms =
-      median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(symmetric_call, symmetric); });
-  DeviceBuffer copies_first_out(outputs * 2, "prefill kernel out, copies first");
-  SparseAttentionParams copies_first_call = prefill_bf16_q;
-  copies_first_call.out = copies_first_out.data();
-  const SparseAttentionPrefillOptions copies_first{.prefetch_resolved = PrefetchResolved::Off, .copies_first = true};
-  const double copies_first_ms =
-      median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(copies_first_call, copies_first); });
-  DeviceBuffer early_release_out(outputs * 2, "prefill kernel out, early own release");
-  SparseAttentionParams early_release_call = prefill_bf16_q;
-  early_release_call.out = early_release_out.data();
-  const SparseAttentionPrefillOptions early_release{.prefetch_resolved = PrefetchResolved::Off,
-                                                    .early_own_release = true};
-  const double early_release_ms =
-      median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(early_release_call, early_release); });
   const double no_entries_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(no_entries, plain); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  bool tiles_same = false;
   {
-    std::vector<uint16_t> a(outputs), b(outputs), c(outputs);
+    std::vector<uint16_t> a(outputs), b(outputs);
     bf16_q_out.download(a.data(), outputs * 2);
-    streaming_out.download(b.data(), outputs * 2);
-    bulk_out.download(c.data(), outputs * 2);
-    stores_same = a == b && a == c;
-    copies_first_out.download(b.data(), outputs * 2);
-    copies_first_same = a == b;
-    early_release_out.download(b.data(), outputs * 2);
-    early_release_same = a == b;
+    tiles_out.download(b.data(), outputs * 2);
+    tiles_same = a == b;
   }
   if (trace)
-    for (const auto& [options, label] : {std::pair{plain, ""}, {symmetric, " sym"}, {bulk, " bulk"}})
+    for (const auto& [options, label] : {std::pair{plain, ""}, {tiles, " tiles"}})
       print_trace(prefill_bf16_q, options, label, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush,
                   flush_bytes);
 
 
   Case r;
-  r.bf16_q_streaming_us = streaming_ms * 1e3;
-  r.bf16_q_bulk_us = bulk_ms * 1e3;
-  r.stores_same = stores_same;
-  r.bf16_q_copies_first_us = copies_first_ms * 1e3;
-  r.copies_first_same = copies_first_same;
-  r.bf16_q_early_release_us = early_release_ms * 1e3;
-  r.early_release_same = early_release_same;
-  r.bf16_q_no_entries_us = no_entries_ms * 1e3;
-  r.bf16_q_symmetric_us = symmetric_ms * 1e3;
-  r.symmetric_difference = relative_difference(bf16_output(bf16_q_out, outputs), bf16_output(symmetric_out, outputs),
-                                               heads, std::string(model) + " symmetric max");
   r.model = model;
   r.format = to_string(format);
   r.heads = heads;
@@ -364,6 +311,9 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   r.bf16_q_us = bf16_q_ms * 1e3;
   r.bf16_q_tflops = flops / (bf16_q_ms * 1e9);
   r.bf16_q_prefetch_us = bf16_q_prefetch_ms * 1e3;
+  r.bf16_q_tiles_us = tiles_ms * 1e3;
+  r.tiles_same = tiles_same;
+  r.bf16_q_no_entries_us = no_entries_ms * 1e3;
   r.percent_of_cublas = 100.0 * r.new_tflops / cublas_tflops;
   r.percent_of_peak = 100.0 * r.new_tflops / peak_tflops;
   r.relative_difference =
@@ -375,10 +325,9 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
 
 // The prefill kernel's variants timed on decode cases: without and with
 // SparseAttentionPrefillOptions::prefetch_resolved.
-constexpr int kDecodeVariants = 4;
+constexpr int kDecodeVariants = 3;
 constexpr bool decode_variant_prefetch(int variant) { return variant >= 1; }
-constexpr bool decode_variant_symmetric(int variant) { return variant == 2; }     // round s22-1's A/B
-constexpr bool decode_variant_copies_first(int variant) { return variant == 3; }  // round s22-1's A/B
+constexpr bool decode_variant_tiles(int variant) { return variant == 2; }  // round s22-2's A/B
 
 struct DecodeCase {
   std::string model, layout, format;
@@ -423,15 +372,13 @@ DecodeCase run_decode_case(const char* model, int heads, DecodeLayout kind, KvEn
     prefill.workspace_bytes = 0;
     const SparseAttentionPrefillOptions options{
         .prefetch_resolved = decode_variant_prefetch(v) ? PrefetchResolved::On : PrefetchResolved::Off,
-        .symmetric_max = decode_variant_symmetric(v),
-        .copies_first = decode_variant_copies_first(v)};
+        .tile_arrival = decode_variant_tiles(v)};
     new_out.fill_bytes(0xFF);
     run_sparse_attention_prefill(prefill, options);
     synchronize_or_exit("sparse_attention_prefill (decode)");
     new_out.download(got.data(), outputs * 4);
     const std::string name = std::string(model) + " " + to_string(kind) + (decode_variant_prefetch(v) ? " +pf" : "") +
-                             (decode_variant_symmetric(v) ? " sym" : "") +
-                             (decode_variant_copies_first(v) ? " cf" : "");
+                             (decode_variant_tiles(v) ? " tiles" : "");
     r.relative_difference = std::max(r.relative_difference, relative_difference(expected, got, heads, name));
     r.us[v] = 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill, options); });
     if (r.us[v] < r.us[r.best]) r.best = v;
@@ -494,11 +441,10 @@ int run(int argc, char** argv) {
     std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = "
                 "run_sparse_attention\n",
                 static_cast<long long>(kTokens), kWindow, kTopK);
-    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s | %8s %8s %5s "
-                "%8s | %8s %9s | %8s %5s | %8s %5s\n",
+    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s | %8s %5s %8s\n",
                 "model", "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas",
-                "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "cs us", "bulk us",
-                "bits", "noKV us", "sym us", "sym diff", "cf us", "bits", "eor us", "bits");
+                "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "tiles us", "bits",
+                "noKV us");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -508,28 +454,24 @@ int run(int argc, char** argv) {
           continue;
         const Case r = run_case(model, heads, format, context, cublas_tflops, peak_tflops, device.multiprocessors,
                                 flush.data(), flush_bytes, trace, quick, rng);
-        const bool agrees = r.relative_difference <= std::ldexp(1.0, -6) && r.stores_same && r.copies_first_same &&
-                            r.early_release_same &&
-                            r.symmetric_difference <= std::ldexp(1.0, -6);
+        const bool agrees = r.relative_difference <= std::ldexp(1.0, -6) && r.tiles_same;
         ok = ok && agrees;
         std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f "
-                    "%7.1f%% %8.1f | %8.1f %8.1f %5s %8.1f | %8.1f %9.2e | %8.1f %5s | %8.1f %5s%s\n",
+                    "%7.1f%% %8.1f | %8.1f %5s %8.1f%s\n",
                     r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
                     r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
                     r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
-                    100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, r.bf16_q_streaming_us,
-                    r.bf16_q_bulk_us, r.stores_same ? "same" : "DIFF", r.bf16_q_no_entries_us, r.bf16_q_symmetric_us,
-                    r.symmetric_difference, r.bf16_q_copies_first_us, r.copies_first_same ? "same" : "DIFF",
-                    r.bf16_q_early_release_us, r.early_release_same ? "same" : "DIFF", agrees ? "" : " FAIL");
+                    100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, r.bf16_q_tiles_us,
+                    r.tiles_same ? "same" : "DIFF", r.bf16_q_no_entries_us, agrees ? "" : " FAIL");
         std::fflush(stdout);
         cases.push_back(r);
       }
   std::vector<DecodeCase> decode_cases;
   if (decode_part) {
     std::printf("decode: one query per sequence, bf16 q, fp32 out; today = run_sparse_attention (decode kernels)\n");
-    std::printf("%-6s %-4s %5s %-13s %5s | %6s %9s %7s | %8s %8s %8s %8s | %4s %7s %8s | %9s\n", "model",
-                "kind", "batch", "format", "slots", "splits", "today us", "%floor", "new us", "+pf us", "+pf sym",
-                "+pf cf", "best", "%floor", "speedup", "rel diff");
+    std::printf("%-6s %-4s %5s %-13s %5s | %6s %9s %7s | %8s %8s %9s | %5s %7s %8s | %9s\n", "model", "kind",
+                "batch", "format", "slots", "splits", "today us", "%floor", "new us", "+pf us", "+pf tiles", "best",
+                "%floor", "speedup", "rel diff");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const DecodeLayout kind : {DecodeLayout::Swa, DecodeLayout::Csa, DecodeLayout::Hca})
@@ -544,14 +486,10 @@ int run(int argc, char** argv) {
           const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
           ok = ok && agrees;
           const double best_us = r.us[r.best];
-          std::printf("%-6s %-4s %5d %-13s %5d | %6d %9.1f %7.1f | %8.1f %8.1f %8.1f %8.1f | %4s %7.1f %8.2f | "
-                      "%9.2e%s\n",
+          std::printf("%-6s %-4s %5d %-13s %5d | %6d %9.1f %7.1f | %8.1f %8.1f %9.1f | %5s %7.1f %8.2f | %9.2e%s\n",
                       r.model.c_str(), r.layout.c_str(), r.batch, r.format.c_str(), r.slots, r.today_splits,
-                      r.today_us, r.today_percent_of_floor, r.us[0], r.us[1], r.us[2], r.us[3],
-                      decode_variant_symmetric(r.best)      ? "sym"
-                      : decode_variant_copies_first(r.best) ? "cf"
-                      : decode_variant_prefetch(r.best)     ? "+pf"
-                                                            : "-",
+                      r.today_us, r.today_percent_of_floor, r.us[0], r.us[1], r.us[2],
+                      decode_variant_tiles(r.best) ? "tiles" : decode_variant_prefetch(r.best) ? "+pf" : "-",
                       100.0 * r.floor_us / best_us,
                       r.today_us / best_us, r.relative_difference, agrees ? "" : " FAIL");
           decode_cases.push_back(r);

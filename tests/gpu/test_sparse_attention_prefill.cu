@@ -88,14 +88,10 @@ void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const 
   EXPECT_EQ(checked.failures, 0) << checked.failures << " mismatches of " << out_elements;
   for (size_t b = out_elements * element_bytes; b < raw.size(); ++b)
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
-  std::printf("  %-28s %-13s T=%lld H=%d D=%d out+%zu%s%s%s%s%s: worst error/tolerance %.3f\n", c.name,
+  std::printf("  %-28s %-13s T=%lld H=%d D=%d out+%zu%s%s: worst error/tolerance %.3f\n", c.name,
               to_string(c.format), static_cast<long long>(T), H, D, offset_bytes,
-              options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "",
-              options.output_stores == PrefillOutputStores::Streaming ? " cs"
-              : options.output_stores == PrefillOutputStores::Bulk    ? " bulk"
-                                                                      : "",
-              options.symmetric_max ? " sym" : "", options.copies_first ? " cf" : "",
-              options.early_own_release ? " eor" : "", checked.worst);
+              options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "", options.tile_arrival ? " tiles" : "",
+              checked.worst);
 }
 
 constexpr KvEntryFormat kFormats[] = {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16};
@@ -197,47 +193,27 @@ TEST(SparseAttentionPrefill, TracedLaunchMatchesCpu) {
   }
 }
 
-// Round s22-1's A/B variants: bf16 rows stored with the streaming policy or by bulk copies (out on a 16-byte boundary;
-// 8 bytes past one: the threads' stores); the symmetric max exchange, the first copies before the look-ahead and
-// consumer 1's early release (chunks, per-query counts, padded heads with a query without entries, decode with the L2
-// prefetch).
-TEST(SparseAttentionPrefill, RoundVariantsMatchCpu) {
+// Round s22-2's A/B: each 64-dim tile on its own mbarrier (chunks with odd block counts, per-query counts, padded heads
+// with a query without entries, 1-entry pages, decode with the L2 prefetch; fp8 and bf16 entries).
+TEST(SparseAttentionPrefill, TileArrivalMatchesCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 600;
-  const SparseAttentionPrefillOptions streaming{.prefetch_resolved = PrefetchResolved::Off,
-                                                .output_stores = PrefillOutputStores::Streaming};
-  const SparseAttentionPrefillOptions bulk{.prefetch_resolved = PrefetchResolved::Off,
-                                           .output_stores = PrefillOutputStores::Bulk};
-  const SparseAttentionPrefillOptions symmetric{.prefetch_resolved = PrefetchResolved::Off, .symmetric_max = true};
+  const SparseAttentionPrefillOptions tiles{.prefetch_resolved = PrefetchResolved::Off, .tile_arrival = true};
   for (const KvEntryFormat format : kFormats) {
-    const AttentionCase chunk{"flash csa chunk bf16 io", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12,
-                              AttentionDtype::Bf16, AttentionDtype::Bf16};
-    const AttentionCase padded{"h48 padded", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, AttentionDtype::Bf16,
-                               AttentionDtype::Bf16, true};
-    check_attention(chunk, seed++, streaming);
-    check_attention(padded, seed++, streaming);
-    check_attention(chunk, seed++, bulk);
-    check_attention(padded, seed++, bulk);
-    check_attention(chunk, seed++, symmetric);
-    check_attention(padded, seed++, symmetric);
+    check_attention({"flash csa chunk bf16 io", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12,
+                     AttentionDtype::Bf16, AttentionDtype::Bf16},
+                    seed++, tiles);
     AttentionCase hca{"flash hca chunk counts", format, 512, 64, 64, 128, 128, 100, {3000, 700}, 8};
     hca.counts = true;
-    check_attention(hca, seed++, symmetric);
-    check_attention({"pro csa decode", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 1, AttentionDtype::Bf16},
-                    seed++, {.prefetch_resolved = PrefetchResolved::On, .symmetric_max = true});
-    const SparseAttentionPrefillOptions copies_first{.prefetch_resolved = PrefetchResolved::Off, .copies_first = true};
-    check_attention(chunk, seed++, copies_first);
-    check_attention(padded, seed++, copies_first);
-    check_attention(hca, seed++, copies_first);
-    check_attention({"flash swa decode", format, 512, 64, 64, 128, 128, 0, {40, 150, 1000}, 1, AttentionDtype::Bf16,
+    check_attention(hca, seed++, tiles);
+    check_attention({"h48 padded", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, AttentionDtype::Bf16,
                      AttentionDtype::Bf16, true},
-                    seed++, {.prefetch_resolved = PrefetchResolved::On, .copies_first = true});
-    const SparseAttentionPrefillOptions early_release{.prefetch_resolved = PrefetchResolved::Off,
-                                                      .early_own_release = true};
-    check_attention(chunk, seed++, early_release);
-    check_attention(padded, seed++, early_release);
-    check_attention(hca, seed++, {.prefetch_resolved = PrefetchResolved::Off, .symmetric_max = true,
-                                  .early_own_release = true});
+                    seed++, tiles);
+    check_attention({"1-entry pages", format, 512, 64, 64, 16, 16, 150, {200, 50}, 2, AttentionDtype::F32,
+                     AttentionDtype::F32, false, 1},
+                    seed++, tiles);
+    check_attention({"pro csa decode", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 1, AttentionDtype::Bf16},
+                    seed++, {.prefetch_resolved = PrefetchResolved::On, .tile_arrival = true});
   }
 }
 

@@ -1,7 +1,5 @@
 #include "backends/cuda/kernels/sparse_attention_prefill.cuh"
 
-#include <utility>
-
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/sparse_attention_input_checks.hpp"
 #include "backends/cuda/per_device_cache.hpp"
@@ -14,10 +12,9 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
-template <int kFp8, int kTrace, int kStores, int kSymmetricMax>
+template <bool kFp8, bool kTrace, bool kTileArrival>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const auto kernel =
-      sparse_attention_prefill_kernel<kFp8 != 0, kTrace != 0, PrefillOutputStores(kStores), kSymmetricMax != 0>;
+  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace, kTileArrival>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
@@ -26,25 +23,7 @@ void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttenti
                         (options.prefetch_resolved == PrefetchResolved::Auto &&
                          ctas <= int64_t(kSparseAttentionPrefillPrefetchWaves) * sms);
   launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(kThreads)), kAllocationBytes, p.stream, dim3(1, 1, 1),
-                 "sparse_attention_prefill", p, head_blocks, int(sms), prefetch, options.copies_first,
-                 options.early_own_release, options.trace);
-}
-
-// The kernel of the call's entry format and the options: choice i of {fp8 entries, traced, output stores, symmetric
-// max} made after the i before it.
-template <int... kChosen>
-void dispatch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  constexpr size_t kCount = sizeof...(kChosen);
-  if constexpr (kCount == 4) {
-    launch<kChosen...>(p, head_blocks, options);
-  } else {
-    const int choice[4] = {p.cache.layout.format == KvEntryFormat::Fp8Reference, options.trace != nullptr,
-                           int(options.output_stores), options.symmetric_max};
-    constexpr int kChoices[4] = {2, 2, 3, 2};
-    [&]<int... kValues>(std::integer_sequence<int, kValues...>) {
-      ((choice[kCount] == kValues ? dispatch<kChosen..., kValues>(p, head_blocks, options) : void()), ...);
-    }(std::make_integer_sequence<int, kChoices[kCount]>{});
-  }
+                 "sparse_attention_prefill", p, head_blocks, int(sms), prefetch, options.trace);
 }
 
 }  // namespace
@@ -82,7 +61,19 @@ void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAt
   check_sparse_attention_prefill_params(p);
   if (p.tokens == 0) return;
   const int head_blocks = (p.heads + kHeads - 1) / kHeads;
-  dispatch<>(p, head_blocks, options);
+  const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
+  const auto launch_tiles = [&]<bool kTileArrival>() {
+    if (options.trace != nullptr)
+      fp8 ? launch<true, true, kTileArrival>(p, head_blocks, options)
+          : launch<false, true, kTileArrival>(p, head_blocks, options);
+    else
+      fp8 ? launch<true, false, kTileArrival>(p, head_blocks, options)
+          : launch<false, false, kTileArrival>(p, head_blocks, options);
+  };
+  if (options.tile_arrival)
+    launch_tiles.template operator()<true>();
+  else
+    launch_tiles.template operator()<false>();
 }
 
 }  // namespace dsv4::cuda

@@ -99,12 +99,15 @@ inline constexpr int kQ = 0;                                 // Q: 8 tiles of [6
 inline constexpr int kKv = kQ + kBufferBytes;                // 2 KV buffers of 8 tiles of [64 entries][64 dims]
 inline constexpr int kP = kKv + 2 * kBufferBytes;            // P of consumer w: [64 heads][64 entries]
 inline constexpr int kValid = kP + 2 * kTileBytes;           // int32 [2][kBlock]: the buffers' used slots
-inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [2][32]: the row maxima handed round
-inline constexpr int kSum = kMax + 2 * 32 * 8;               // float2 [64]: the consumers' row sums
+inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [32]: the row maxima handed round
+inline constexpr int kSum = kMax + 32 * 8;                   // float2 [64]: the consumers' row sums
 inline constexpr int kRope = kSum + 64 * 8;                  // RopeFactors [kMaxRopePairs]
 inline constexpr int kPhysical = kRope + kMaxRopePairs * 8;  // int32 [2 × 4][producer thread]: its slots' entries
-inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;  // full[2][2], empty[2][2], valid[2], rope
-inline constexpr int kBytes = kBarriers + 11 * 8;
+// full[2][2], empty[2][2], valid[2], rope; with tile arrival (SparseAttentionPrefillOptions::tile_arrival) also
+// tile_full[2][2][3]
+inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;
+inline constexpr int kBarrierCount = 11, kTileBarrierCount = 12;
+inline constexpr int kBytes = kBarriers + (kBarrierCount + kTileBarrierCount) * 8;
 inline constexpr int kAllocationBytes = kBytes + 1024;       // room to align the base to 1024
 static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
 
@@ -119,6 +122,11 @@ struct Barriers {
   __device__ __forceinline__ uint64_t* valid(int buffer) const { return base + 8 + buffer; }
   // The producer's inverse RoPE factors are in place.
   __device__ __forceinline__ uint64_t* rope_ready() const { return base + 10; }
+  // Tile arrival: the half's 64-dim tiles 0..tile landed (tile < 3; tile 3 is full()).
+  __device__ __forceinline__ uint64_t* tile_full(int buffer, int half, int tile) const {
+    return tile < kHalfTiles - 1 ? base + kBarrierCount + (buffer * 2 + half) * (kHalfTiles - 1) + tile
+                                 : full(buffer, half);
+  }
 };
 
 // Traced launches (SparseAttentionPrefillOptions::trace): lane 0 of warp 0 of each warpgroup (consumer 0, consumer 1,
@@ -152,10 +160,10 @@ __device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
 
 // Thread (row0, chunk) of the producer warpgroup moves the 16-byte chunk `chunk` (8 dims) of every 64-dim tile of
 // entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row.
-template <bool kFp8, bool kTrace>
+template <bool kFp8, bool kTrace, bool kTileArrival>
 __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int pairs,
-                                        bool prefetch_resolved, bool copies_first, const Barriers& barriers,
-                                        int64_t ahead_t, int ahead_head_base, uint64_t* trace) {
+                                        bool prefetch_resolved, const Barriers& barriers, int64_t ahead_t,
+                                        int ahead_head_base, uint64_t* trace) {
   const int thread = int(threadIdx.x) - 2 * kWarpgroup;
   const int chunk = thread % 8, row0 = thread / 8;
   const int64_t slots = query_slot_count(p, t);
@@ -197,7 +205,28 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   };
   const auto load_half = [&](int buffer, int half) {
     uint8_t* tiles = smem + kKv + buffer * kBufferBytes;
-    if constexpr (!kFp8) {
+    if constexpr (!kFp8 && kTileArrival) {
+      // Tile by tile over the four entries, each tile's barrier arriving once this thread's copies up to it landed.
+      const uint8_t* sources[4];
+      uint32_t destinations[4];
+      bool used[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int32_t entry_index = physical(buffer, k);
+        used[k] = entry_index >= 0;
+        sources[k] = used[k] ? p.cache.entry_address(entry_index) + chunk * 16 : p.cache.pool;
+        destinations[k] = shared_address(tiles + swizzled(row0 + 16 * k, chunk));
+      }
+#pragma unroll
+      for (int i = 0; i < kHalfTiles; ++i) {
+        const int tile = half * kHalfTiles + i;
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+          ptx::cp_async_or_zero<16>(destinations[k] + uint32_t(tile * kTileBytes), sources[k] + tile * 128, used[k]);
+        if (i < kHalfTiles - 1)
+          ptx::cp_async_mbarrier_arrive_noinc(shared_address(barriers.tile_full(buffer, half, i)));
+      }
+    } else if constexpr (!kFp8) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int32_t entry_index = physical(buffer, k);
@@ -262,6 +291,10 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   const auto publish_half = [&](int buffer, int half) {
     if constexpr (kFp8) {
       sm90::fence_proxy_async_shared();  // the consumers' wgmma reads these generic stores
+      // Tile arrival: fp8 entries land through registers all at once; every tile barrier arrives with the half.
+      if constexpr (kTileArrival)
+#pragma unroll
+        for (int i = 0; i < kHalfTiles - 1; ++i) sm90::mbarrier_arrive(barriers.tile_full(buffer, half, i));
       sm90::mbarrier_arrive(barriers.full(buffer, half));
     } else {
       ptx::cp_async_mbarrier_arrive_noinc(shared_address(barriers.full(buffer, half)));
@@ -281,13 +314,12 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   if (pairs > 0) {
     load_rows(0);
     resolve_pages(0);
-    if (pairs > 1 && !copies_first) load_rows(1);
+    if (pairs > 1) load_rows(1);
     trace_point<kTrace>(trace, prefill_trace::kResolved);
   }
   // The item about one wave later (ahead_t ≥ 0): its q rows and index lines into L2 while this CTA runs, so that its
   // start waits for L2 instead of DRAM (64 heads of fp32 q are 128 KB, loaded before its first scores).
-  const auto prefetch_ahead = [&] {
-    if (ahead_t < 0) return;
+  if (ahead_t >= 0) {
     const int64_t element_bytes = p.q_dtype == AttentionDtype::F32 ? 4 : 2;
     const int64_t bytes = int64_t(min(kHeads, p.heads - ahead_head_base)) * kHeadDim * element_bytes;
     const uint8_t* q =
@@ -297,28 +329,16 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     const int64_t ahead_slots = query_slot_count(p, ahead_t);
     for (int64_t s = int64_t(thread) * 32; s < ahead_slots; s += int64_t(kWarpgroup) * 32)
       ptx::prefetch_l2(&slot_row_ref(p, ahead_t, s));
-  };
-  // copies_first: the first half's copies before the next pair's index loads and the look-ahead.
-  const bool first_half_early = copies_first && pairs > 0;
-  if (first_half_early) {
-    publish_valid(0);
-    load_half(0, 0);
-    publish_half(0, 0);
-    trace_point<kTrace>(trace, prefill_trace::kFirstIssued);
-    if (pairs > 1) load_rows(1);
   }
-  prefetch_ahead();
   for (int i = 0; i < pairs; ++i) {
     // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
     // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that).
     const uint32_t parity = (i & 1) ^ 1;
-    if (i > 0 || !first_half_early) {
-      sm90::mbarrier_wait(barriers.empty(0, 0), parity);
-      publish_valid(0);
-      load_half(0, 0);
-      publish_half(0, 0);
-      if (i == 0) trace_point<kTrace>(trace, prefill_trace::kFirstIssued);
-    }
+    sm90::mbarrier_wait(barriers.empty(0, 0), parity);
+    publish_valid(0);
+    load_half(0, 0);
+    publish_half(0, 0);
+    if (i == 0) trace_point<kTrace>(trace, prefill_trace::kFirstIssued);
     sm90::mbarrier_wait(barriers.empty(1, 1), parity);
     publish_valid(1);
     load_half(1, 1);
@@ -363,18 +383,23 @@ __device__ __forceinline__ void wait_full(uint64_t* barrier, uint32_t parity) {
   if constexpr (!kFp8) sm90::fence_proxy_async_shared();
 }
 
-// s (+)= Q K_bufferᵀ over the four 64-dim tiles of `half`.
-__device__ __forceinline__ void qk_half(float (&s)[32], const uint8_t* smem, int buffer, int half, bool first) {
+// s (+)= Q K_bufferᵀ over the four 64-dim tiles of `half`; with tile arrival each tile once it landed (its barrier's
+// phase `parity`), else the caller waited for the whole half.
+template <bool kFp8, bool kTileArrival>
+__device__ __forceinline__ void qk_half(float (&s)[32], const uint8_t* smem, int buffer, int half, bool first,
+                                        const Barriers& barriers, uint32_t parity) {
   const uint64_t q = sm90::make_sw128_k_major_descriptor(smem + kQ);
   const uint64_t k = sm90::make_sw128_k_major_descriptor(smem + kKv + buffer * kBufferBytes);
 #pragma unroll
-  for (int i = 0; i < kHalfTiles; ++i)
+  for (int i = 0; i < kHalfTiles; ++i) {
+    if constexpr (kTileArrival) wait_full<kFp8>(barriers.tile_full(buffer, half, i), parity);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       const uint32_t offset = uint32_t((half * kHalfTiles + i) * kTileBytes + kk * 32);
       sm90::wgmma_m64n64k16_bf16_ss(s, sm90::advance_descriptor(q, offset), sm90::advance_descriptor(k, offset),
                                     first && i == 0 && kk == 0 ? 0 : 1);
     }
+  }
 }
 
 // V of `buffer`, dims [256·half, +256), k16 step ks: rows are entries (K), each a 128-byte row of 64 dims (N) per tile.
@@ -416,11 +441,14 @@ __device__ __forceinline__ void scale_rows(float (&o)[128], const float (&factor
   for (int i = 0; i < 128; ++i) o[i] *= factor[(i % 4) / 2];
 }
 
-// A block's scores for a thread's fragment (s[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2) in log2 units, unused
-// entries −inf, and the block's maxima of the thread's two rows.
-__device__ __forceinline__ void block_scores_max(float (&s)[32], const int32_t* valid, int c, float scale_log2,
-                                                 float (&block_max)[2]) {
-  block_max[0] = block_max[1] = -INFINITY;
+// One block's online softmax for a thread's fragment (s[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2): unused
+// entries score −inf; the rows' reference becomes max(base_max, the block's maxima) (log2 units), o and row_sum are
+// rescaled from row_max to it; s becomes the fp32 weights and pf their bf16 A fragments (PV's k16 steps); row_sum adds
+// the rounded weights.
+__device__ __forceinline__ void block_softmax(float (&s)[32], const int32_t* valid, int c, float scale_log2,
+                                              const float (&base_max)[2], float (&row_max)[2], float (&row_sum)[2],
+                                              float (&o)[128], uint32_t (&pf)[4][4]) {
+  float block_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int n = 0; n < 8; ++n)
 #pragma unroll
@@ -428,25 +456,17 @@ __device__ __forceinline__ void block_scores_max(float (&s)[32], const int32_t* 
       s[4 * n + e] = valid[8 * n + 2 * c + (e % 2)] != 0 ? s[4 * n + e] * scale_log2 : -INFINITY;
       block_max[e / 2] = fmaxf(block_max[e / 2], s[4 * n + e]);
     }
+  float alpha[2], reference[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     block_max[r] = fmaxf(block_max[r], __shfl_xor_sync(0xFFFFFFFFu, block_max[r], 1));
     block_max[r] = fmaxf(block_max[r], __shfl_xor_sync(0xFFFFFFFFu, block_max[r], 2));
-  }
-}
-
-// The rows' reference moves from row_max to new_max (≥ row_max): o and row_sum are rescaled; the scores s become the
-// fp32 weights and pf their bf16 A fragments (PV's k16 steps); row_sum adds the rounded weights.
-__device__ __forceinline__ void block_weights(float (&s)[32], const float (&new_max)[2], float (&row_max)[2],
-                                              float (&row_sum)[2], float (&o)[128], uint32_t (&pf)[4][4]) {
-  float alpha[2], reference[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    alpha[r] = rescale_factor(row_max[r], new_max[r]);
-    row_max[r] = new_max[r];
+    const float new_max = fmaxf(base_max[r], block_max[r]);
+    alpha[r] = rescale_factor(row_max[r], new_max);
+    row_max[r] = new_max;
     row_sum[r] *= alpha[r];
     // A row without a used entry yet keeps −inf; subtracting 0 keeps exp2(−inf) = 0 instead of NaN.
-    reference[r] = new_max[r] == -INFINITY ? 0.0f : new_max[r];
+    reference[r] = new_max == -INFINITY ? 0.0f : new_max;
   }
   if (__any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) scale_rows(o, alpha);
 #pragma unroll
@@ -460,30 +480,6 @@ __device__ __forceinline__ void block_weights(float (&s)[32], const float (&new_
       row_sum[r] += __uint_as_float(packed << 16) + __uint_as_float(packed & 0xFFFF0000u);
       pf[n / 2][(n % 2) * 2 + r] = packed;
     }
-}
-
-// One block's online softmax: the rows' reference becomes max(base_max, the block's maxima) (block_scores_max,
-// block_weights).
-__device__ __forceinline__ void block_softmax(float (&s)[32], const int32_t* valid, int c, float scale_log2,
-                                              const float (&base_max)[2], float (&row_max)[2], float (&row_sum)[2],
-                                              float (&o)[128], uint32_t (&pf)[4][4]) {
-  float new_max[2];
-  block_scores_max(s, valid, c, scale_log2, new_max);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) new_max[r] = fmaxf(base_max[r], new_max[r]);
-  block_weights(s, new_max, row_max, row_sum, o, pf);
-}
-
-// Symmetric exchange (SparseAttentionPrefillOptions::symmetric_max): this consumer's block maxima to the other and the
-// other's back, both at once; the pair's reference max(row_max, both blocks' maxima) is then the same in both.
-__device__ __forceinline__ void exchange_block_max(const float (&block_max)[2], float2* own_slot,
-                                                   const float2* other_slot, int c, const float (&row_max)[2],
-                                                   float (&pair_max)[2]) {
-  if (c == 0) *own_slot = make_float2(block_max[0], block_max[1]);
-  sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax0);
-  const float2 other = *other_slot;
-  pair_max[0] = fmaxf(row_max[0], fmaxf(block_max[0], other.x));
-  pair_max[1] = fmaxf(row_max[1], fmaxf(block_max[1], other.y));
 }
 
 // Consumer 0's weights, computed against its own running max, rescaled to the pair's max: rounded to bf16 again.
@@ -513,9 +509,9 @@ __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
   return row * row_bytes + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
-template <bool kFp8, bool kTrace, PrefillOutputStores kStores, bool kSymmetricMax>
+template <bool kFp8, bool kTrace, bool kTileArrival>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
-                                        bool early_own_release, const Barriers& barriers, uint64_t* trace) {
+                                        const Barriers& barriers, uint64_t* trace) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
   const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroup, 0);
   const int thread256 = int(threadIdx.x);
@@ -568,21 +564,18 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
   const float scale_log2 = p.softmax_scale * kLog2e;
   float2* shared_max = reinterpret_cast<float2*>(smem + kMax) + warp * 8 + g;
-  // Symmetric exchange: consumer w's block maxima at shared_max[32 w].
-  float2* own_max = shared_max + 32 * consumer;
-  const float2* other_max = shared_max + 32 * (consumer ^ 1);
   const int32_t* valid = reinterpret_cast<const int32_t*>(smem + kValid) + consumer * kBlock;
   uint8_t* own_p = smem + kP + consumer * kTileBytes;
   const uint8_t* other_p = smem + kP + (consumer ^ 1) * kTileBytes;
 
   if (consumer == 0) {
     if (pairs > 0) {
-      wait_full<kFp8>(barriers.full(0, 0), 0);
+      if constexpr (!kTileArrival) wait_full<kFp8>(barriers.full(0, 0), 0);
       trace_point<kTrace>(trace, prefill_trace::kFirstData);
       sm90::wgmma_fence();
-      qk_half(s, smem, 0, 0, true);
-      wait_full<kFp8>(barriers.full(0, 1), 0);
-      qk_half(s, smem, 0, 1, false);
+      qk_half<kFp8, kTileArrival>(s, smem, 0, 0, true, barriers, 0);
+      if constexpr (!kTileArrival) wait_full<kFp8>(barriers.full(0, 1), 0);
+      qk_half<kFp8, kTileArrival>(s, smem, 0, 1, false, barriers, 0);
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(s);
@@ -591,59 +584,43 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     for (int i = 0; i < pairs; ++i) {
       const uint32_t parity = i & 1;
       sm90::mbarrier_wait(barriers.valid(0), parity);
-      if constexpr (kSymmetricMax) {
-        float block_max[2], pair_max[2];
-        block_scores_max(s, valid, c, scale_log2, block_max);
-        exchange_block_max(block_max, own_max, other_max, c, row_max, pair_max);
-        block_weights(s, pair_max, row_max, row_sum, o, pf);
-        pv_registers(o, pf, smem, 0, 0);
-        store_weights(own_p, pf, warp, g, c);
-        sm90::fence_proxy_async_shared();
-        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP0);
-        sm90::wgmma_wait_group<0>();
-        sm90::fence_operand(o);
-        fence_fragments(pf);
-        sm90::mbarrier_arrive(barriers.empty(0, 0));
-        sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
-      } else {
-        block_softmax(s, valid, c, scale_log2, row_max, row_max, row_sum, o, pf);
-        if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
-        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax0);
-        pv_registers(o, pf, smem, 0, 0);
-        sm90::wgmma_wait_group<0>();
-        sm90::fence_operand(o);
-        fence_fragments(pf);
-        sm90::mbarrier_arrive(barriers.empty(0, 0));
-        // The pair's max from consumer 1; this block's weights and everything accumulated so far move to it.
-        sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax1);
-        const float2 pair_max = *shared_max;
-        const float factor[2] = {rescale_factor(row_max[0], pair_max.x), rescale_factor(row_max[1], pair_max.y)};
-        row_max[0] = pair_max.x;
-        row_max[1] = pair_max.y;
-        row_sum[0] *= factor[0];
-        row_sum[1] *= factor[1];
-        const bool rescale = __any_sync(0xFFFFFFFFu, factor[0] != 1.0f || factor[1] != 1.0f);
-        if (rescale) rescale_weights(s, factor, pf);
-        store_weights(own_p, pf, warp, g, c);
-        sm90::fence_proxy_async_shared();
-        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP0);
-        sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
-        if (rescale) scale_rows(o, factor);
-      }
+      block_softmax(s, valid, c, scale_log2, row_max, row_max, row_sum, o, pf);
+      if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
+      sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax0);
+      pv_registers(o, pf, smem, 0, 0);
+      sm90::wgmma_wait_group<0>();
+      sm90::fence_operand(o);
+      fence_fragments(pf);
+      sm90::mbarrier_arrive(barriers.empty(0, 0));
+      // The pair's max from consumer 1; this block's weights and everything accumulated so far move to it.
+      sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax1);
+      const float2 pair_max = *shared_max;
+      const float factor[2] = {rescale_factor(row_max[0], pair_max.x), rescale_factor(row_max[1], pair_max.y)};
+      row_max[0] = pair_max.x;
+      row_max[1] = pair_max.y;
+      row_sum[0] *= factor[0];
+      row_sum[1] *= factor[1];
+      const bool rescale = __any_sync(0xFFFFFFFFu, factor[0] != 1.0f || factor[1] != 1.0f);
+      if (rescale) rescale_weights(s, factor, pf);
+      store_weights(own_p, pf, warp, g, c);
+      sm90::fence_proxy_async_shared();
+      sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP0);
+      sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
+      if (rescale) scale_rows(o, factor);
       wait_full<kFp8>(barriers.full(1, 0), parity);  // consumer 1 waited for it too; this orders the data for our reads
       pv_shared(o, other_p, smem, 1, 0);
       if (i + 1 < pairs) {
         // The next pair's scores run on the tensor cores behind this PV.
-        wait_full<kFp8>(barriers.full(0, 0), parity ^ 1);
+        if constexpr (!kTileArrival) wait_full<kFp8>(barriers.full(0, 0), parity ^ 1);
         sm90::wgmma_fence();
-        qk_half(s, smem, 0, 0, true);
+        qk_half<kFp8, kTileArrival>(s, smem, 0, 0, true, barriers, parity ^ 1);
         sm90::wgmma_commit_group();
         sm90::wgmma_wait_group<1>();
         sm90::fence_operand(o);
         sm90::mbarrier_arrive(barriers.empty(1, 0));
-        wait_full<kFp8>(barriers.full(0, 1), parity ^ 1);
+        if constexpr (!kTileArrival) wait_full<kFp8>(barriers.full(0, 1), parity ^ 1);
         sm90::wgmma_fence();
-        qk_half(s, smem, 0, 1, false);
+        qk_half<kFp8, kTileArrival>(s, smem, 0, 1, false, barriers, parity ^ 1);
         sm90::wgmma_commit_group();
         sm90::wgmma_wait_group<0>();
         sm90::fence_operand(s);
@@ -658,52 +635,36 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   } else {
     for (int i = 0; i < pairs; ++i) {
       const uint32_t parity = i & 1;
-      wait_full<kFp8>(barriers.full(1, 1), parity);
+      if constexpr (!kTileArrival) wait_full<kFp8>(barriers.full(1, 1), parity);
       sm90::wgmma_fence();
-      qk_half(s, smem, 1, 1, true);
-      wait_full<kFp8>(barriers.full(1, 0), parity);
+      qk_half<kFp8, kTileArrival>(s, smem, 1, 1, true, barriers, parity);
+      if constexpr (!kTileArrival) wait_full<kFp8>(barriers.full(1, 0), parity);
       if (i < prefill_trace::kConsumer1Pairs) trace_point<kTrace>(trace, prefill_trace::kLastHalfArrived + i);
-      qk_half(s, smem, 1, 0, false);
+      qk_half<kFp8, kTileArrival>(s, smem, 1, 0, false, barriers, parity);
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(s);
       sm90::mbarrier_wait(barriers.valid(1), parity);
-      if constexpr (kSymmetricMax) {
-        float block_max[2], pair_max[2];
-        block_scores_max(s, valid, c, scale_log2, block_max);
-        exchange_block_max(block_max, own_max, other_max, c, row_max, pair_max);
-        if (i < prefill_trace::kConsumer1Pairs) trace_point<kTrace>(trace, prefill_trace::kMaxReceived + i);
-        block_weights(s, pair_max, row_max, row_sum, o, pf);
-      } else {
-        // Consumer 0's running max, folded with this block's: the pair's max, handed back.
-        sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax0);
-        if (i < prefill_trace::kConsumer1Pairs) trace_point<kTrace>(trace, prefill_trace::kMaxReceived + i);
-        const float2 base = *shared_max;
-        const float base_max[2] = {base.x, base.y};
-        __syncwarp();  // every lane of the row's quad has read it before lane c = 0 overwrites it
-        block_softmax(s, valid, c, scale_log2, base_max, row_max, row_sum, o, pf);
-        if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
-        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax1);
-      }
+      // Consumer 0's running max, folded with this block's: the pair's max, handed back.
+      sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax0);
+      if (i < prefill_trace::kConsumer1Pairs) trace_point<kTrace>(trace, prefill_trace::kMaxReceived + i);
+      const float2 base = *shared_max;
+      const float base_max[2] = {base.x, base.y};
+      __syncwarp();  // every lane of the row's quad has read it before lane c = 0 overwrites it
+      block_softmax(s, valid, c, scale_log2, base_max, row_max, row_sum, o, pf);
+      if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
+      sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax1);
       pv_registers(o, pf, smem, 1, 1);
       store_weights(own_p, pf, warp, g, c);
       sm90::fence_proxy_async_shared();
-      if (early_own_release) {
-        sm90::wgmma_wait_group<0>();
-        sm90::fence_operand(o);
-        fence_fragments(pf);
-        sm90::mbarrier_arrive(barriers.empty(1, 1));
-      }
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP0);
       wait_full<kFp8>(barriers.full(0, 1), parity);
       pv_shared(o, other_p, smem, 0, 1);
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
-      if (!early_own_release) {
-        sm90::wgmma_wait_group<1>();
-        sm90::fence_operand(o);
-        fence_fragments(pf);
-        sm90::mbarrier_arrive(barriers.empty(1, 1));
-      }
+      sm90::wgmma_wait_group<1>();
+      sm90::fence_operand(o);
+      fence_fragments(pf);
+      sm90::mbarrier_arrive(barriers.empty(1, 1));
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(o);
       sm90::mbarrier_arrive(barriers.empty(0, 1));
@@ -744,18 +705,14 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   }
   // bf16 rows staged (a quad's 4-byte fragment stores would fill half a sector): 64 heads × 512 dims into the KV
   // buffers, which no wgmma reads any more (both consumers passed the barrier above after their last wait), then
-  // copied out in 16-byte chunks, consecutive threads on consecutive chunks of a row (H200, 4096 × 640 Flash prefill,
-  // bf16 q and out: 976 → 935 µs; staging fp32 rows was slower on decode batches, 84.0 → 86.1 µs).
-  // Bulk stores (PrefillOutputStores::Bulk) read linear rows, kBulkRowBytes apart (the 16 extra bytes put the eight
-  // rows of a fragment store in different banks).
+  // copied out in 16-byte chunks, consecutive threads on consecutive chunks of a row (H200, 4096 × 640 Flash
+  // prefill, bf16 q and out: 976 → 935 µs; staging fp32 rows was slower on decode batches, 84.0 → 86.1 µs), with
+  // the streaming (evict-first) policy: the 64 KB a CTA writes then leaves the entries and q rows that later CTAs
+  // read in L2 (round s22-1, same runs: Flash 8K 915.2 → 895.5 µs, Pro 8K 1796.3 → 1757.6, Flash 64K 939.7 →
+  // 917.8; one TMA bulk copy per row instead: 905.0 / 1772.5 / 925.4).
   uint8_t* staging = smem + kKv;
-  constexpr int row_bytes = kHeadDim * 2, row_chunks = row_bytes / 16, kBulkRowBytes = row_bytes + 16;
-  static_assert(kHeads * kBulkRowBytes <= 2 * kBufferBytes, "bf16 output rows fit the two KV buffers");
-  const bool aligned16 = (reinterpret_cast<uintptr_t>(p.out) & 15) == 0;
-  const bool bulk = kStores == PrefillOutputStores::Bulk && aligned16;
-  const auto staged_at = [&](int row, int byte) {
-    return kStores == PrefillOutputStores::Bulk ? row * kBulkRowBytes + byte : staged_offset(row, row_bytes, byte);
-  };
+  static_assert(kHeads * kHeadDim * 2 <= 2 * kBufferBytes, "bf16 output rows fit the two KV buffers");
+  constexpr int row_bytes = kHeadDim * 2, row_chunks = row_bytes / 16;
 #pragma unroll
   for (int n = 0; n < 32; ++n) {
     const int dim = dim_base + 8 * n + 2 * c;
@@ -771,52 +728,32 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     for (int r = 0; r < 2; ++r) {
       const int row = 16 * warp + g + 8 * r;
       const uint32_t packed = pack_bf16x2(v[2 * r], v[2 * r + 1]);
-      *reinterpret_cast<uint32_t*>(staging + staged_at(row, dim * 2)) = packed;
+      *reinterpret_cast<uint32_t*>(staging + staged_offset(row, row_bytes, dim * 2)) = packed;
     }
   }
-  if constexpr (kStores == PrefillOutputStores::Bulk) sm90::fence_proxy_async_shared();  // for the bulk copies' reads
   sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
   trace_point<kTrace>(trace, prefill_trace::kStaged);
   uint8_t* out = static_cast<uint8_t*>(p.out) + (t * p.heads + head_base) * int64_t(row_bytes);
+  const bool aligned16 = (reinterpret_cast<uintptr_t>(p.out) & 15) == 0;
   const int rows = min(kHeads, p.heads - head_base);
-  if (bulk) {
-    // One row per thread; the shared memory stays until the copies have read it.
-    if (thread256 < rows) {
-      asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(
-                       out + int64_t(thread256) * row_bytes),
-                   "r"(shared_address(staging + thread256 * kBulkRowBytes)), "r"(row_bytes)
-                   : "memory");
-      asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-      asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-    }
-    trace_point<kTrace>(trace, prefill_trace::kEnd);
-    return;
-  }
   for (int i = thread256; i < rows * row_chunks; i += 2 * kWarpgroup) {
     const int row = i / row_chunks, byte = (i % row_chunks) * 16;
-    const uint4 value = *reinterpret_cast<const uint4*>(staging + staged_at(row, byte));
+    const uint4 value = *reinterpret_cast<const uint4*>(staging + staged_offset(row, row_bytes, byte));
     uint8_t* destination = out + int64_t(row) * row_bytes + byte;
     if (aligned16) {
-      if constexpr (kStores == PrefillOutputStores::Streaming)
-        __stcs(reinterpret_cast<uint4*>(destination), value);
-      else
-        *reinterpret_cast<uint4*>(destination) = value;
-    } else if constexpr (kStores == PrefillOutputStores::Streaming) {  // out is at least 8-byte aligned (the contract)
+      __stcs(reinterpret_cast<uint4*>(destination), value);
+    } else {  // out is at least 8-byte aligned (the call's contract)
       __stcs(reinterpret_cast<uint2*>(destination), make_uint2(value.x, value.y));
       __stcs(reinterpret_cast<uint2*>(destination) + 1, make_uint2(value.z, value.w));
-    } else {
-      reinterpret_cast<uint2*>(destination)[0] = make_uint2(value.x, value.y);
-      reinterpret_cast<uint2*>(destination)[1] = make_uint2(value.z, value.w);
     }
   }
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
 
-template <bool kFp8, bool kTrace, PrefillOutputStores kStores, bool kSymmetricMax>
+template <bool kFp8, bool kTrace, bool kTileArrival>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
-                                    const int resident_ctas, const bool prefetch_resolved, const bool copies_first,
-                                    const bool early_own_release, uint64_t* trace) {
+                                    const int resident_ctas, const bool prefetch_resolved, uint64_t* trace) {
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
   // The swizzled tiles and the descriptors' zero base offset need a 1024-byte aligned base.
@@ -827,7 +764,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     // full: every producer thread (its cp.async arrival or its stores); empty: the releasing consumer's threads;
     // valid, rope_ready: every producer thread.
-    for (int i = 0; i < 11; ++i) sm90::mbarrier_init(barriers.base + i, kWarpgroup);
+    for (int i = 0; i < kBarrierCount + (kTileArrival ? kTileBarrierCount : 0); ++i)
+      sm90::mbarrier_init(barriers.base + i, kWarpgroup);
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
@@ -838,12 +776,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The CTA that starts about when this one ends: one per SM is resident (resident_ctas), launched in order.
     const int64_t ahead = int64_t(blockIdx.x) + resident_ctas;
     const bool ahead_exists = ahead < p.tokens * head_blocks;
-    produce<kFp8, kTrace>(p, smem, t, query_pairs(p, t), prefetch_resolved, copies_first, barriers,
+    produce<kFp8, kTrace, kTileArrival>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers,
                           ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8, kTrace, kStores, kSymmetricMax>(p, smem, t, head_block * kHeads, early_own_release, barriers,
-                                                  trace);
+    consume<kFp8, kTrace, kTileArrival>(p, smem, t, head_block * kHeads, barriers, trace);
   }
 }
 

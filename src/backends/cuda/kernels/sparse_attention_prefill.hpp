@@ -55,27 +55,13 @@ inline constexpr int kEpilogue = 12, kEnd = 13, kSm = 15;
 inline constexpr int kStaged = 14;  // consumers, bf16 output: the rows staged in shared memory (before their stores)
 }  // namespace prefill_trace
 
-// How the bf16 output rows, staged in shared memory, leave (A/B, round s22-1): 16-byte stores by the consumer threads;
-// the same with the streaming (evict-first) policy, so that the 64 KB a CTA writes does not push the entries and q
-// rows that later CTAs read out of L2; one bulk copy (TMA) per row, the threads free once it has read the row (out
-// 16-byte aligned; else the threads' stores).
-enum class PrefillOutputStores : uint8_t { Threads, Streaming, Bulk };
-
 // Variants of the kernel that a benchmark compares on the same call.
 struct SparseAttentionPrefillOptions {
   PrefetchResolved prefetch_resolved = PrefetchResolved::Auto;
-  PrefillOutputStores output_stores = PrefillOutputStores::Threads;
-  // A/B (round s22-1): the consumers hand each other their block's row maxima at once and both weight their block
-  // against the pair's max, instead of consumer 1 waiting for consumer 0's softmax and consumer 0 re-weighting its
-  // block where consumer 1's raised the max (its weights then rounded to bf16 once, not twice).
-  bool symmetric_max = false;
-  // A/B (round s22-1): the producer issues the first half's copies right after resolving the first pair, before the
-  // second pair's index loads and the look-ahead L2 prefetches for the CTA one wave later (trace: 1.0 µs from the
-  // first pair resolved to its first copies issued).
-  bool copies_first = false;
-  // A/B (round s22-1): consumer 1 releases its own block's half (buffer 1, dims 256-511) once its PV of it is done,
-  // before the P exchange (as consumer 0 does), instead of after issuing its second PV.
-  bool early_own_release = false;
+  // A/B (round s22-2): each 64-dim tile of a half lands on its own mbarrier (bf16 entries: the producer copies tile by
+  // tile), so that QKᵀ starts on a half's first tile while the rest is in flight (round s22-1's trace: a pair's late
+  // half reaches consumer 1 0.77 µs after its release; with no entry reads the kernel is 9 % faster).
+  bool tile_arrival = false;
   // Traced launch: tokens × head blocks × kPrefillTraceWarps × kPrefillTraceSlots words (nullptr: untraced kernel).
   uint64_t* trace = nullptr;
 };
