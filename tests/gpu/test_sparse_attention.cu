@@ -317,56 +317,9 @@ TEST(SparseAttention, D512TwoWavesSplitsAndEpilogues) {
                   seed++);
 }
 
-// The head_dim 512 kernel with its consumers scoring a tile ahead (SparseAttentionParams::d512_scores_ahead) gives the
-// same bytes as without, over both merges: bf16 entries, the chosen splits and one, per-query counts (splits past a
-// query's count: no tiles), single-tile lists, a query with no entries, Pro's two head blocks with bf16 q and output.
-TEST(SparseAttention, D512ScoresAheadSameBits) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 140;
-  AttentionCase counts{"flash csa 3 splits counts", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100, 129},
-                       1, 3, AttentionDtype::F32, AttentionDtype::Bf16, true};
-  counts.counts = true;
-  AttentionCase empty{"flash empty query", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 64, {20, 900}, 1, 0};
-  empty.empty_query = true;
-  const std::vector<AttentionCase> cases = {
-      {"flash csa decode", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 0},
-      {"flash csa decode 1 split", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 1},
-      counts,
-      {"flash one tile", KvEntryFormat::Bf16, 512, 64, 64, 32, 40, 0, {500, 77}, 2, 1},
-      {"flash two tiles", KvEntryFormat::Bf16, 512, 64, 64, 64, 64, 0, {500, 77}, 2, 1},
-      empty,
-      {"pro csa bf16 io", KvEntryFormat::Bf16, 512, 64, 128, 128, 128, 512, {5000}, 2, 0, AttentionDtype::Bf16,
-       AttentionDtype::Bf16}};
-  for (const AttentionCase& c : cases) {
-    SCOPED_TRACE(c.name);
-    SparseAttentionCaseData data;
-    ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed++, data));
-    SparseAttentionParams call = data.call;
-    call.head_split = false;
-    call.prefill_kernel = false;
-    for (const bool cluster_merge : {false, true}) {
-      call.cluster_merge = cluster_merge;
-      int splits = 0;
-      call.d512_scores_ahead = false;
-      const std::vector<uint8_t> plain = run_call(c, cluster_merge, call, splits);
-      call.d512_scores_ahead = true;
-      compare_with_cpu(c, cluster_merge, call, data.expected, data.magnitude);
-      const std::vector<uint8_t> ahead = run_call(c, cluster_merge, call, splits);
-      ASSERT_EQ(plain.size(), ahead.size());
-      size_t differing = 0;
-      for (size_t b = 0; b < plain.size(); ++b) differing += plain[b] != ahead[b];
-      EXPECT_EQ(differing, 0u) << "bytes differ (" << (cluster_merge ? "cluster merge" : "combine kernel")
-                               << ", splits " << splits << ")";
-      std::printf("  %-28s splits=%d %s: %zu of %zu bytes differ\n", c.name, splits,
-                  cluster_merge ? "cluster" : "combine", differing, plain.size());
-    }
-  }
-}
-
 // Two cluster-merged splits handing their partials over through L2 (SparseAttentionParams::d512_pair_merge_l2) give
 // the same bytes as the distributed shared-memory merge: per-query counts (a split past a query's count: no tiles),
-// a query with no entries, a padded head block (48 heads), Pro's two head blocks with bf16 q and output, with and
-// without d512_scores_ahead.
+// a query with no entries, a padded head block (48 heads), Pro's two head blocks with bf16 q and output.
 TEST(SparseAttention, D512PairMergeL2SameBits) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 170;
@@ -391,26 +344,28 @@ TEST(SparseAttention, D512PairMergeL2SameBits) {
     call.prefill_kernel = false;
     call.cluster_merge = true;
     int splits = 0;
+    compare_with_cpu(c, true, call, data.expected, data.magnitude);
     const std::vector<uint8_t> shared = run_call(c, true, call, splits);
-    for (const bool ahead : {false, true}) {
-      SparseAttentionParams pair = call;
-      pair.d512_pair_merge_l2 = true;
-      pair.d512_scores_ahead = ahead;
-      compare_with_cpu(c, true, pair, data.expected, data.magnitude);
-      const std::vector<uint8_t> through_l2 = run_call(c, true, pair, splits);
-      ASSERT_EQ(shared.size(), through_l2.size());
-      size_t differing = 0;
-      for (size_t b = 0; b < shared.size(); ++b) differing += shared[b] != through_l2[b];
-      EXPECT_EQ(differing, 0u) << "bytes differ (splits " << splits << (ahead ? ", scores ahead)" : ")");
-      std::printf("  %-28s splits=%d pair through L2%s: %zu of %zu bytes differ\n", c.name, splits,
-                  ahead ? " + scores ahead" : "", differing, shared.size());
-    }
+    SparseAttentionParams pair = call;
+    pair.d512_pair_merge_l2 = true;
+    compare_with_cpu(c, true, pair, data.expected, data.magnitude);
+    const std::vector<uint8_t> through_l2 = run_call(c, true, pair, splits);
+    ASSERT_EQ(shared.size(), through_l2.size());
+    size_t differing = 0, first = shared.size();
+    for (size_t b = 0; b < shared.size(); ++b)
+      if (shared[b] != through_l2[b]) {
+        ++differing;
+        first = std::min(first, b);
+      }
+    EXPECT_EQ(differing, 0u) << "bytes differ (splits " << splits << "), the first at byte " << first;
+    std::printf("  %-28s splits=%d pair through L2: %zu of %zu bytes differ\n", c.name, splits, differing,
+                shared.size());
   }
 }
 
 // A traced head_dim 512 launch (SparseAttentionParams::d512_trace, bench_cuda_attention --trace) matches the CPU and
 // leaves each CTA's marks in order: one split and a 3-split cluster merge with per-query counts (a split past a
-// query's count has no tiles), Pro's two head blocks; with and without d512_scores_ahead.
+// query's count has no tiles), Pro's two head blocks.
 TEST(SparseAttention, D512TracedLaunchMatchesCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 150;
@@ -422,52 +377,50 @@ TEST(SparseAttention, D512TracedLaunchMatchesCpu) {
       counts,
       {"pro csa 1 split bf16 io", KvEntryFormat::Bf16, 512, 64, 128, 128, 128, 512, {5000}, 2, 1,
        AttentionDtype::Bf16, AttentionDtype::Bf16}};
-  for (const AttentionCase& c : cases)
-    for (const bool ahead : {false, true}) {
-      SCOPED_TRACE(std::string(c.name) + (ahead ? " scores ahead" : ""));
-      SparseAttentionCaseData data;
-      ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed++, data));
-      SparseAttentionParams call = data.call;
-      call.head_split = false;
-      call.prefill_kernel = false;
-      call.d512_scores_ahead = ahead;
-      const bool cluster_merge = c.splits > 1;
-      call.cluster_merge = cluster_merge;
-      const int64_t ctas = call.tokens * ((c.heads + 63) / 64) * c.splits;
-      DeviceBuffer d_trace(size_t(ctas) * kSparseAttentionTraceSlots * 8, "trace");
-      d_trace.fill_bytes(0);
-      call.d512_trace = d_trace.as<uint64_t>();
-      compare_with_cpu(c, cluster_merge, call, data.expected, data.magnitude);
-      std::vector<uint64_t> trace(size_t(ctas) * kSparseAttentionTraceSlots);
-      d_trace.download(trace.data(), trace.size() * 8);
-      for (int64_t cta = 0; cta < ctas; ++cta) {
-        const uint64_t* m = &trace[size_t(cta) * kSparseAttentionTraceSlots];
-        SCOPED_TRACE("CTA " + std::to_string(cta));
-        for (const int mark : {kD512TraceStart, kD512TraceProducerWaited, kD512TraceConsumerWaited, kD512TraceQReady,
-                               kD512TraceLoopEnd, kD512TraceEnd})
-          ASSERT_NE(m[mark], 0u) << "mark " << mark << " missing";
-        EXPECT_LE(m[kD512TraceStart], m[kD512TraceProducerWaited]);
-        EXPECT_LE(m[kD512TraceStart], m[kD512TraceConsumerWaited]);
-        EXPECT_LE(m[kD512TraceConsumerWaited], m[kD512TraceQReady]);
-        EXPECT_LE(m[kD512TraceQReady], m[kD512TraceLoopEnd]);
-        EXPECT_LE(m[kD512TraceLoopEnd], m[kD512TraceEnd]);
-        if (m[kD512TraceFirstIssued] != 0) EXPECT_LE(m[kD512TraceFirstIssued], m[kD512TraceLastIssued]);
-        if (m[kD512TraceLastTile] != 0) EXPECT_LE(m[kD512TraceLastTile], m[kD512TraceLoopEnd]);
-        if (m[kD512TraceMidTile] != 0) {
-          EXPECT_LE(m[kD512TraceMidTile], m[kD512TraceMidScored]);
-          EXPECT_LE(m[kD512TraceMidScored], m[kD512TraceMidExchanged]);
-          EXPECT_LE(m[kD512TraceMidExchanged], m[kD512TraceMidWeighted]);
-          EXPECT_LE(m[kD512TraceMidWeighted], m[kD512TraceMidMultiplied]);
-        }
-        if (cluster_merge) {
-          EXPECT_LE(m[kD512TraceLoopEnd], m[kD512TraceMergeWritten]);
-          EXPECT_LE(m[kD512TraceMergeWritten], m[kD512TraceMergeSynced]);
-          EXPECT_LE(m[kD512TraceMergeSynced], m[kD512TraceMergeFactors]);
-          EXPECT_LE(m[kD512TraceMergeFactors], m[kD512TraceMergeStored]);
-          EXPECT_LE(m[kD512TraceMergeStored], m[kD512TraceEnd]);
-        }
+  for (const AttentionCase& c : cases) {
+    SCOPED_TRACE(c.name);
+    SparseAttentionCaseData data;
+    ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed++, data));
+    SparseAttentionParams call = data.call;
+    call.head_split = false;
+    call.prefill_kernel = false;
+    const bool cluster_merge = c.splits > 1;
+    call.cluster_merge = cluster_merge;
+    const int64_t ctas = call.tokens * ((c.heads + 63) / 64) * c.splits;
+    DeviceBuffer d_trace(size_t(ctas) * kSparseAttentionTraceSlots * 8, "trace");
+    d_trace.fill_bytes(0);
+    call.d512_trace = d_trace.as<uint64_t>();
+    compare_with_cpu(c, cluster_merge, call, data.expected, data.magnitude);
+    std::vector<uint64_t> trace(size_t(ctas) * kSparseAttentionTraceSlots);
+    d_trace.download(trace.data(), trace.size() * 8);
+    for (int64_t cta = 0; cta < ctas; ++cta) {
+      const uint64_t* m = &trace[size_t(cta) * kSparseAttentionTraceSlots];
+      SCOPED_TRACE("CTA " + std::to_string(cta));
+      for (const int mark : {kD512TraceStart, kD512TraceProducerWaited, kD512TraceConsumerWaited, kD512TraceQReady,
+                             kD512TraceLoopEnd, kD512TraceEnd})
+        ASSERT_NE(m[mark], 0u) << "mark " << mark << " missing";
+      EXPECT_LE(m[kD512TraceStart], m[kD512TraceProducerWaited]);
+      EXPECT_LE(m[kD512TraceStart], m[kD512TraceConsumerWaited]);
+      EXPECT_LE(m[kD512TraceConsumerWaited], m[kD512TraceQReady]);
+      EXPECT_LE(m[kD512TraceQReady], m[kD512TraceLoopEnd]);
+      EXPECT_LE(m[kD512TraceLoopEnd], m[kD512TraceEnd]);
+      if (m[kD512TraceFirstIssued] != 0) EXPECT_LE(m[kD512TraceFirstIssued], m[kD512TraceLastIssued]);
+      if (m[kD512TraceLastTile] != 0) EXPECT_LE(m[kD512TraceLastTile], m[kD512TraceLoopEnd]);
+      if (m[kD512TraceMidTile] != 0) {
+        EXPECT_LE(m[kD512TraceMidTile], m[kD512TraceMidScored]);
+        EXPECT_LE(m[kD512TraceMidScored], m[kD512TraceMidExchanged]);
+        EXPECT_LE(m[kD512TraceMidExchanged], m[kD512TraceMidWeighted]);
+        EXPECT_LE(m[kD512TraceMidWeighted], m[kD512TraceMidMultiplied]);
+      }
+      if (cluster_merge) {
+        EXPECT_LE(m[kD512TraceLoopEnd], m[kD512TraceMergeWritten]);
+        EXPECT_LE(m[kD512TraceMergeWritten], m[kD512TraceMergeSynced]);
+        EXPECT_LE(m[kD512TraceMergeSynced], m[kD512TraceMergeFactors]);
+        EXPECT_LE(m[kD512TraceMergeFactors], m[kD512TraceMergeStored]);
+        EXPECT_LE(m[kD512TraceMergeStored], m[kD512TraceEnd]);
       }
     }
+  }
 }
 
 // Prefill-sized calls (≥ two waves of CTAs, bf16 entries) routed to run_sparse_attention_prefill: a window-only chunk

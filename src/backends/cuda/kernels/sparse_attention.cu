@@ -92,9 +92,9 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
 
 // Lets a head_dim 512 kernel take its shared memory and launch clusters above the portable 8 CTAs (sizes the device
 // cannot hold still get 0 from the occupancy query).
-template <bool kFp8, bool kTrace, bool kScoresAhead = false, bool kPairMergeL2 = false>
+template <bool kFp8, bool kTrace, bool kPairMergeL2 = false>
 void set_d512_attributes() {
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace, kScoresAhead, kPairMergeL2>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace, kPairMergeL2>;
   DSV4_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D512Layout<kFp8>::kAllocationBytes));
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
@@ -146,10 +146,6 @@ ClusterLimits d512_device_limits() {
     set_d512_attributes<false, true>();
     set_d512_attributes<false, false, true>();
     set_d512_attributes<false, true, true>();
-    set_d512_attributes<false, false, false, true>();
-    set_d512_attributes<false, true, false, true>();
-    set_d512_attributes<false, false, true, true>();
-    set_d512_attributes<false, true, true, true>();
     set_d512_attributes<true, false>();
     constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the larger of the two entry formats'
     static_assert(kBytes >= D512Layout<true>::kAllocationBytes, "the bf16 layout is the larger");
@@ -162,16 +158,6 @@ int largest_d512_cluster() { return d512_device_limits().largest; }
 // The splits merge inside the attention launch, one cluster per (query, head block).
 bool merges_in_cluster(const SparseAttentionParams& p) {
   return p.cluster_merge && p.splits > 1 && p.splits <= largest_d512_cluster() && use_d512_kernel(p);
-}
-
-// Whether the head_dim 512 kernel's consumers score a tile ahead (SparseAttentionParams::d512_scores_ahead, or
-// DSV4_ATTENTION_SCORES_AHEAD=1 in the environment for every call on bf16 entries).
-bool d512_scores_ahead(const SparseAttentionParams& p) {
-  static const bool by_environment = [] {
-    const char* value = std::getenv("DSV4_ATTENTION_SCORES_AHEAD");
-    return value != nullptr && value[0] == '1';
-  }();
-  return p.d512_scores_ahead || (by_environment && p.cache.layout.format == KvEntryFormat::Bf16);
 }
 
 // Whether a call's two cluster-merged splits hand their partials over through L2 (SparseAttentionParams::
@@ -190,11 +176,11 @@ size_t pair_merge_workspace_bytes(const SparseAttentionParams& p) {
   return size_t(p.tokens) * size_t((p.heads + kD512Heads - 1) / kD512Heads) * 2 * kPairRegionVectors * 16;
 }
 
-template <bool kFp8, bool kTrace = false, bool kScoresAhead = false, bool kPairMergeL2 = false>
+template <bool kFp8, bool kTrace = false, bool kPairMergeL2 = false>
 void launch_d512(const SparseAttentionParams& p) {
   constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace, kScoresAhead, kPairMergeL2>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace, kPairMergeL2>;
   d512_device_limits();  // the kernel's attributes on this device
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const bool cluster = merges_in_cluster(p);
@@ -351,8 +337,6 @@ void check_sparse_attention_params(const SparseAttentionParams& p) {
                                     head_split_splits(p) == 0 && !uses_prefill_kernel(p)),
         "sparse_attention: a traced launch (d512_trace) needs a call that the head_dim 512 kernel serves on bf16 "
         "entries");
-  check(!p.d512_scores_ahead || p.cache.layout.format == KvEntryFormat::Bf16,
-        "sparse_attention: d512_scores_ahead needs bf16 entries (fp8 entries' two KV stages cannot hold a tile ahead)");
   check(!p.d512_pair_merge_l2 || p.cache.layout.format == KvEntryFormat::Bf16,
         "sparse_attention: d512_pair_merge_l2 needs bf16 entries");
   check(!d512_pair_merge_l2(p) || head_split_splits(p) > 0 || uses_prefill_kernel(p) ||
@@ -382,15 +366,13 @@ void run_sparse_attention(const SparseAttentionParams& p) {
     return run_sparse_attention_prefill(call);
   }
   if (use_d512_kernel(p)) {
-    const bool ahead = d512_scores_ahead(p), pair = d512_pair_merge_l2(p);
+    const bool pair = d512_pair_merge_l2(p);
     if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
       launch_d512<true>(p);
     else if (p.d512_trace != nullptr)
-      ahead ? (pair ? launch_d512<false, true, true, true>(p) : launch_d512<false, true, true>(p))
-            : (pair ? launch_d512<false, true, false, true>(p) : launch_d512<false, true>(p));
+      pair ? launch_d512<false, true, true>(p) : launch_d512<false, true>(p);
     else
-      ahead ? (pair ? launch_d512<false, false, true, true>(p) : launch_d512<false, false, true>(p))
-            : (pair ? launch_d512<false, false, false, true>(p) : launch_d512<false>(p));
+      pair ? launch_d512<false, false, true>(p) : launch_d512<false>(p);
     if (!merges_in_cluster(p)) launch_combine(p);
     return;
   }

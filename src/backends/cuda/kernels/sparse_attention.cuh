@@ -126,10 +126,9 @@ __device__ __forceinline__ void inverse_softmax_denominators(const float (&sink_
 // score −inf. Updates the row's reference max (kRescaleLog2) and sum, gives the factor that rescales the old
 // accumulators of each row (exactly 1 while the reference stays), and P as the bf16 A fragments of the PV product. P is
 // rounded to bf16 once and the row sums add the rounded weights, so PV applies exactly the weights that are normalised.
-// In two parts (online_softmax_tile runs both): the references, factors and rescaled sums, then the weights.
-__device__ __forceinline__ void online_softmax_reference(float (&s)[kTile / 2], const int32_t* valid, int c,
-                                                         float scale_log2, float (&row_max)[2], float (&row_sum)[2],
-                                                         float (&alpha)[2]) {
+__device__ __forceinline__ void online_softmax_tile(float (&s)[kTile / 2], const int32_t* valid, int c,
+                                                    float scale_log2, float (&row_max)[2], float (&row_sum)[2],
+                                                    float (&alpha)[2], uint32_t (&p_frag)[kTile / 16][4]) {
   float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int n = 0; n < kTile / 8; ++n)
@@ -150,10 +149,6 @@ __device__ __forceinline__ void online_softmax_reference(float (&s)[kTile / 2], 
     row_max[r] = new_max;
     row_sum[r] *= alpha[r];
   }
-}
-
-__device__ __forceinline__ void online_softmax_weights(const float (&s)[kTile / 2], const float (&row_max)[2],
-                                                       float (&row_sum)[2], uint32_t (&p_frag)[kTile / 16][4]) {
   const float reference[2] = {row_max[0] == -INFINITY ? 0.0f : row_max[0],
                                row_max[1] == -INFINITY ? 0.0f : row_max[1]};
 #pragma unroll
@@ -169,13 +164,6 @@ __device__ __forceinline__ void online_softmax_weights(const float (&s)[kTile / 
       p_frag[n / 2][(n % 2) * 2 + r] = w;
     }
   }
-}
-
-__device__ __forceinline__ void online_softmax_tile(float (&s)[kTile / 2], const int32_t* valid, int c,
-                                                    float scale_log2, float (&row_max)[2], float (&row_sum)[2],
-                                                    float (&alpha)[2], uint32_t (&p_frag)[kTile / 16][4]) {
-  online_softmax_reference(s, valid, c, scale_log2, row_max, row_sum, alpha);
-  online_softmax_weights(s, row_max, row_sum, p_frag);
 }
 
 // Slots of query t: its window slots, then its first compressed_counts[t] compressed slots (all of them without
@@ -1098,9 +1086,9 @@ __device__ __forceinline__ void d512_store_output(const SparseAttentionParams& p
 }
 
 // L: the CTA's D512Layout (its entry format); kTrace: consumer 0's thread 0 marks its phases
-// (SparseAttentionTraceMark); kScoresAhead: SparseAttentionParams::d512_scores_ahead (bf16 entries); kPairMergeL2: two
-// splits in a cluster merged through L2 (SparseAttentionParams::d512_pair_merge_l2; cluster_merge is then set).
-template <class L, bool kTrace, bool kScoresAhead, bool kPairMergeL2>
+// (SparseAttentionTraceMark); kPairMergeL2: two splits in a cluster merged through L2
+// (SparseAttentionParams::d512_pair_merge_l2; cluster_merge is then set).
+template <class L, bool kTrace, bool kPairMergeL2>
 __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, const CtaWork& work,
                                              bool cluster_merge) {
   // Read through a shuffle so the compiler knows it is warp-uniform: the wgmma descriptors derived from it then stay
@@ -1194,58 +1182,70 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   const float scale_log2 = p.softmax_scale * kLog2e;
   uint32_t p_frag[kTile / 16][4];             // PV's A operand: read by the tensor cores until the next tile's wait
   constexpr int S = L::kKvStages;
-  // This consumer's 256 dims of tile j's KV stage.
-  const auto stage_dims = [&](int j) {
-    return smem + L::kKv + (j % S) * kKvStageBytes + (dim_base / 64) * kKvBlockBytes;
-  };
-  // Waits for tile j's entries.
-  const auto wait_tile = [&](int j) {
-    sm90::mbarrier_wait(&kv_full[j % S], (j / S) & 1);
+
+  for (int j = 0; j < range.tiles; ++j) {
+    const int stage = j % S;
+    sm90::mbarrier_wait(&kv_full[stage], (j / S) & 1);
     if (tracer && (j <= 1 || j + 1 == range.tiles))
       d512_trace_mark(p, j + 1 == range.tiles ? kD512TraceLastTile : j == 0 ? kD512TraceTile0 : kD512TraceTile1);
+    const bool mid = tracer && j == range.tiles / 2;
+    if (mid) d512_trace_mark(p, kD512TraceMidTile);
     if constexpr (!L::kFp8Entries) sm90::fence_proxy_async_shared();  // cp.async data, then wgmma reads it
-  };
-  // S_c = Q_c K_cᵀ of tile j over this consumer's 256 dims into `acc`: 4 blocks × 4 k16 steps (not committed).
-  const auto issue_scores = [&](float (&acc)[16], int j) {
-    const uint64_t k_descriptor = sm90::make_sw128_k_major_descriptor(stage_dims(j));
+    uint8_t* kv = smem + L::kKv + stage * kKvStageBytes + (dim_base / 64) * kKvBlockBytes;
+
+    // S_c = Q_c K_cᵀ over this consumer's 256 dims: 4 blocks × 4 k16 steps.
+    float s_acc[16];
+    const uint64_t k_descriptor = sm90::make_sw128_k_major_descriptor(kv);
     sm90::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 16; ++kk)
-      sm90::wgmma_m64n32k16_bf16_ss(acc,
+      sm90::wgmma_m64n32k16_bf16_ss(s_acc,
                                     sm90::advance_descriptor(q_descriptor, (kk / 4) * kQBlockBytes + (kk % 4) * 32),
                                     sm90::advance_descriptor(k_descriptor, (kk / 4) * kKvBlockBytes + (kk % 4) * 32),
                                     kk > 0);
-  };
-  // Sum the two consumers' partial scores of tile j: each adds the other's to its own `own` into `sum` (one fp32
-  // addition, commutative, so both warpgroups hold identical S; `sum` may be `own`).
-  const auto exchange_scores = [&](const float (&own)[16], float (&sum)[16], int j) {
+    sm90::wgmma_commit_group();
+    // The previous tile's PV ran on the tensor cores behind this QKᵀ; its stage goes back to the producer now.
+    if (j > 0) {
+      sm90::wgmma_wait_group<1>();
+      sm90::fence_operand(o_acc);
+      if (thread == 0) sm90::mbarrier_arrive(&kv_empty[(j - 1) % S]);
+    }
+    sm90::wgmma_wait_group<0>();
+    sm90::fence_operand(s_acc);
+    if (mid) d512_trace_mark(p, kD512TraceMidScored);
+
+    // Sum the two consumers' partial scores: each adds the other's to its own (one fp32 addition, commutative, so
+    // both warpgroups hold identical S).
     float* exchange = reinterpret_cast<float*>(smem + L::kExchange) + (j % 2) * L::kExchangeFloats;
     float4* mine = reinterpret_cast<float4*>(exchange + consumer * (L::kExchangeFloats / 2));
     const float4* other = reinterpret_cast<const float4*>(exchange + (1 - consumer) * (L::kExchangeFloats / 2));
 #pragma unroll
     for (int e = 0; e < 4; ++e)
-      mine[e * kWarpgroupThreads + thread] = make_float4(own[4 * e], own[4 * e + 1], own[4 * e + 2], own[4 * e + 3]);
+      mine[e * kWarpgroupThreads + thread] =
+          make_float4(s_acc[4 * e], s_acc[4 * e + 1], s_acc[4 * e + 2], s_acc[4 * e + 3]);
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const float4 b = other[e * kWarpgroupThreads + thread];
-      sum[4 * e] = own[4 * e] + b.x;
-      sum[4 * e + 1] = own[4 * e + 1] + b.y;
-      sum[4 * e + 2] = own[4 * e + 2] + b.z;
-      sum[4 * e + 3] = own[4 * e + 3] + b.w;
+      s_acc[4 * e] += b.x;
+      s_acc[4 * e + 1] += b.y;
+      s_acc[4 * e + 2] += b.z;
+      s_acc[4 * e + 3] += b.w;
     }
-  };
-  // Once the running maxima settle the factors are exactly 1; a warp skips the 128 multiplications then. On the
-  // first tile the accumulators are still zero.
-  const auto rescale = [&](const float (&alpha)[2], int j) {
+    if (mid) d512_trace_mark(p, kD512TraceMidExchanged);
+
+    // Online softmax (log2 domain); unused slots score −inf. s_acc[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2.
+    float alpha[2];
+    online_softmax_tile(s_acc, tile_valid + stage * kTile, c, scale_log2, row_max, row_sum, alpha, p_frag);
+    // Once the running maxima settle the factors are exactly 1; a warp skips the 128 multiplications then.
+    // On the first tile the accumulators are still zero.
     if (j > 0 && __any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
       for (int i = 0; i < 128; ++i) o_acc[i] *= alpha[(i % 4) / 2];
     }
-  };
-  // O_c += P V_c of tile j (V is the stage read N-major: entries = K, this consumer's 256 dims = N), committed.
-  const auto multiply = [&](int j, bool mid) {
-    uint8_t* kv = stage_dims(j);
+    if (mid) d512_trace_mark(p, kD512TraceMidWeighted);
+
+    // O_c += P V_c: V is the stage read N-major (entries = K, this consumer's 256 dims = N).
     sm90::wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kTile / 16; ++ks)
@@ -1254,76 +1254,6 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
                                                1);
     sm90::wgmma_commit_group();
     if (mid) d512_trace_mark(p, kD512TraceMidMultiplied);
-  };
-  // Online softmax (log2 domain; unused slots score −inf; scores[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2).
-
-  if constexpr (kScoresAhead) {
-    // Tile j + 1's QKᵀ runs on the tensor cores while tile j's weights are computed, and tile j's PV while tile
-    // j + 1's scores are exchanged: the tensor pipe no longer idles through the exchange and the softmax. Same bits as
-    // below. The consumers hold three stages (j − 1 until its PV is done, j, j + 1): bf16 entries' four.
-    // ptxas serialises every wgmma of the kernel (C7514/C7515) unless: the accumulators are rescaled only after a
-    // wait for every group (tile j − 1's PV, so the reference part of the softmax comes first and tile j + 1's QKᵀ
-    // after it), each QKᵀ is waited for inside the step that issues it (a step ends with the next tile's exchange),
-    // its sites are unconditional (a split without tiles and the step after the last tile score stale stage bytes
-    // that nothing reads) and the summed scores are fenced (the compiler sinks the sums past the next QKᵀ otherwise).
-    static_assert(S >= 3, "tile j + 1 is scored before tile j − 1's stage goes back");
-    const int mid_tile = tracer ? range.tiles / 2 : -1;
-    float s_acc[16], scores[16];
-    const auto exchange = [&](int j) {
-      sm90::fence_operand(s_acc);
-      if (j == mid_tile) d512_trace_mark(p, kD512TraceMidScored);
-      exchange_scores(s_acc, scores, j);
-      sm90::fence_operand(scores);
-      if (j == mid_tile) d512_trace_mark(p, kD512TraceMidExchanged);
-    };
-    if (range.tiles > 0) wait_tile(0);
-    if (mid_tile == 0) d512_trace_mark(p, kD512TraceMidTile);
-    issue_scores(s_acc, 0);
-    sm90::wgmma_commit_group();
-    sm90::wgmma_wait_group<0>();
-    if (range.tiles > 0) exchange(0);
-    for (int j = 0; j < range.tiles; ++j) {
-      float alpha[2];
-      online_softmax_reference(scores, tile_valid + (j % S) * kTile, c, scale_log2, row_max, row_sum, alpha);
-      sm90::wgmma_wait_group<0>();  // tile j − 1's PV: p_frag and the accumulators are free, its stage goes back
-      sm90::fence_operand(o_acc);
-      if (j > 0 && thread == 0) sm90::mbarrier_arrive(&kv_empty[(j - 1) % S]);
-      rescale(alpha, j);
-      if (j + 1 < range.tiles) wait_tile(j + 1);
-      if (j + 1 == mid_tile) d512_trace_mark(p, kD512TraceMidTile);
-      issue_scores(s_acc, j + 1);
-      sm90::wgmma_commit_group();
-      online_softmax_weights(scores, row_max, row_sum, p_frag);
-      if (j == mid_tile) d512_trace_mark(p, kD512TraceMidWeighted);
-      multiply(j, j == mid_tile);
-      sm90::wgmma_wait_group<1>();  // tile j + 1's scores; tile j's PV runs on
-      if (j + 1 < range.tiles) exchange(j + 1);
-    }
-  } else {
-    for (int j = 0; j < range.tiles; ++j) {
-      wait_tile(j);
-      const bool mid = tracer && j == range.tiles / 2;
-      if (mid) d512_trace_mark(p, kD512TraceMidTile);
-      float s_acc[16];
-      issue_scores(s_acc, j);
-      sm90::wgmma_commit_group();
-      // The previous tile's PV ran on the tensor cores behind this QKᵀ; its stage goes back to the producer now.
-      if (j > 0) {
-        sm90::wgmma_wait_group<1>();
-        sm90::fence_operand(o_acc);
-        if (thread == 0) sm90::mbarrier_arrive(&kv_empty[(j - 1) % S]);
-      }
-      sm90::wgmma_wait_group<0>();
-      sm90::fence_operand(s_acc);
-      if (mid) d512_trace_mark(p, kD512TraceMidScored);
-      exchange_scores(s_acc, s_acc, j);
-      if (mid) d512_trace_mark(p, kD512TraceMidExchanged);
-      float alpha[2];
-      online_softmax_tile(s_acc, tile_valid + (j % S) * kTile, c, scale_log2, row_max, row_sum, alpha, p_frag);
-      rescale(alpha, j);
-      if (mid) d512_trace_mark(p, kD512TraceMidWeighted);
-      multiply(j, mid);
-    }
   }
   sm90::wgmma_wait_group<0>();
   sm90::fence_operand(o_acc);
@@ -1521,14 +1451,13 @@ __device__ __forceinline__ void d512_prefetch_inputs(const SparseAttentionParams
   }
 }
 
-// kTrace (bf16 entries only): the CTA's phases marked in p.d512_trace; kScoresAhead, kPairMergeL2 (bf16 entries only):
-// see d512_consume.
-template <bool kFp8, bool kTrace, bool kScoresAhead = false, bool kPairMergeL2 = false>
+// kTrace (bf16 entries only): the CTA's phases marked in p.d512_trace; kPairMergeL2 (bf16 entries only): see
+// d512_consume.
+template <bool kFp8, bool kTrace, bool kPairMergeL2 = false>
 __global__ void __launch_bounds__(kD512Threads, 1)
     sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                  const bool cluster_merge) {
   static_assert(!(kFp8 && kTrace), "traces are bf16 entries'");
-  static_assert(!(kFp8 && kScoresAhead), "fp8 entries' two KV stages cannot hold a tile ahead");
   static_assert(!(kFp8 && kPairMergeL2), "the L2 pair merge is bf16 entries' A/B");
   using L = D512Layout<kFp8>;
   if (kTrace && threadIdx.x == 0) d512_trace_mark(p, kD512TraceStart);
@@ -1568,7 +1497,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
     }
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
-    d512_consume<L, kTrace, kScoresAhead, kPairMergeL2>(p, smem, work, cluster_merge);
+    d512_consume<L, kTrace, kPairMergeL2>(p, smem, work, cluster_merge);
   }
 }
 

@@ -144,11 +144,6 @@ struct SparseAttentionParams {
   // 256 78.4 → 83.8: not routed) and wins from 2176 (batch 128 105.2 → 98.6, 256 202.0 → 187.6; 8320 slots batch 128
   // 351.6 → 312.2); two (Pro) win from 640 (batch 64 41.4 → 39.2, 128 76.1 → 72.4; 2176 slots batch 64 103.2 → 90.0).
   bool prefill_kernel_decode = true;
-  // A/B for GPU round s22-1 (removed with the loser): the head_dim 512 kernel's consumers issue tile j + 1's QKᵀ
-  // right after tile j's score exchange, so that it runs during tile j's softmax, instead of after tile j's PV; same
-  // bits. bf16 entries only (fp8 entries' two KV stages cannot hold a tile ahead: such a call is refused).
-  // DSV4_ATTENTION_SCORES_AHEAD=1 in the environment turns it on for every call on bf16 entries.
-  bool d512_scores_ahead = false;
   // A/B for GPU round s22-2 (removed with the loser): two splits merged in a cluster (the head_dim 512 kernel, bf16
   // entries) hand the peer's half of their partial over through the workspace in L2 instead of distributed shared
   // memory: each CTA writes the 64 KB whose rows its peer merges, one cluster barrier, each reads its peer's half;
