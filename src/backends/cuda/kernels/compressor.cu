@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <bit>
 #include <cstdlib>
-#include <string_view>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/compressor.cuh"
@@ -244,21 +243,21 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1)),
                               .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2,
                               .prefetch_ahead = 0,
-                              .prefetch_window = false};
+                              .update_sources_early = false};
 }
 
-// Round s22-1's A/B switches: DSV4_COMPRESSOR_LEAN_PREFETCH=N (CTAs ahead), DSV4_COMPRESSOR_STAGED_PREFETCH=1.
-int env_int(const char* name) {
+// Round s22-2's A/B switches: DSV4_COMPRESSOR_LEAN_PREFETCH=N (CTAs ahead), DSV4_COMPRESSOR_UPDATE_EARLY=0 (off).
+int env_int(const char* name, int otherwise) {
   const char* v = std::getenv(name);
-  return v == nullptr ? 0 : std::atoi(v);
+  return v == nullptr ? otherwise : std::atoi(v);
 }
 
-void set_prefetch_switches(compressor::PoolArgs& pool, const CompressorParams& p) {
-  static const int ahead = env_int("DSV4_COMPRESSOR_LEAN_PREFETCH");
-  static const bool window = env_int("DSV4_COMPRESSOR_STAGED_PREFETCH") == 1;
-  const bool aligned = aligned16(p.kv) && aligned16(p.gate) && pool.row_stride % 4 == 0 && pool.c % 4 == 0;
-  pool.prefetch_ahead = aligned ? ahead : 0;
-  pool.prefetch_window = aligned && window && pool.channels_per_cta % 4 == 0;
+void set_prefetch_switches(compressor::PoolArgs& pool, CompressorSlotLoads loads) {
+  static const int ahead = env_int("DSV4_COMPRESSOR_LEAN_PREFETCH", 0);
+  static const bool update_early = env_int("DSV4_COMPRESSOR_UPDATE_EARLY", 1) == 1;
+  const bool lean = loads == CompressorSlotLoads::Lean;  // 16-byte aligned rows (lean_refusal)
+  pool.prefetch_ahead = lean ? ahead : 0;
+  pool.update_sources_early = lean && update_early;
 }
 
 // The pools' launch, with the indexer's query preparation when `prepare` is given (checked by the caller).
@@ -282,7 +281,7 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;
     compressor::PoolArgs pool = pool_args(p, loads);
-    set_prefetch_switches(pool, p);
+    set_prefetch_switches(pool, loads);
     launch.pools[launch.pool_count++] = pool;
     hardware_cluster = std::max(hardware_cluster, pool.cluster_ctas);
     threads = lean ? compressor::kLeanThreads : std::max(threads, pool.pairs_padded * pool.groups);
@@ -327,19 +326,8 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
         "compressor: a traced decode launch needs the registers slot loads");
   check(!traced || ctas <= params[0].trace_ctas, "compressor: a traced launch of ", ctas, " CTAs, its trace holds ",
         params[0].trace_ctas);
-  // Round s22-1's A/B switches: the lean kernel at four CTAs per SM, ape loaded behind the scores.
-  static const auto switch_on = [](const char* name, const char* value) {
-    const char* v = std::getenv(name);
-    return v != nullptr && std::string_view(v) == value;
-  };
-  static const bool lean_four = switch_on("DSV4_COMPRESSOR_LEAN_CTAS", "4");
-  static const bool late_ape = switch_on("DSV4_COMPRESSOR_LEAN_LATE_APE", "1");
-  const auto lean_kernel = traced                  ? compressor::compressor_kernel<false, Lean, true>
-                           : lean_four && late_ape ? compressor::compressor_kernel<false, Lean, false, 4, true>
-                           : lean_four             ? compressor::compressor_kernel<false, Lean, false, 4>
-                           : late_ape              ? compressor::compressor_kernel<false, Lean, false, 3, true>
-                                                   : compressor::compressor_kernel<false, Lean>;
-  const auto kernel = lean            ? lean_kernel
+  const auto kernel = lean            ? (traced ? compressor::compressor_kernel<false, Lean, true>
+                                                : compressor::compressor_kernel<false, Lean>)
                       : slice_updates ? (staged   ? compressor::compressor_kernel<true, Staged>
                                          : traced ? compressor::compressor_kernel<true, Registers, true>
                                                   : compressor::compressor_kernel<true, Registers>)

@@ -136,10 +136,11 @@ struct PoolArgs {
   FastDivisor team_div;
   // Lean CSA windows of ratio 4 wholly in the run take straight-line loads (load_csa_window).
   bool lean_csa_windows;
-  // Round s22-1's A/B switches (kv, gate 16-byte aligned rows, else 0 / false): a lean CTA asks L2 for the window of
-  // the entry prefetch_ahead CTAs on (0: none); a staged CTA asks L2 for its whole window slice before its first batch.
+  // Round s22-2's A/B switches: a lean CTA asks L2 for the window of the entry prefetch_ahead CTAs on (0: none;
+  // DSV4_COMPRESSOR_LEAN_PREFETCH=N); update_sources_early: the run's last entry row asks L2 for the rows of the run's
+  // new state and the ticket update loads each thread's items in one batch (DSV4_COMPRESSOR_UPDATE_EARLY=0: off).
   int prefetch_ahead;
-  bool prefetch_window;
+  bool update_sources_early;
 };
 
 struct LaunchArgs {
@@ -433,19 +434,6 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
   }
 }
 
-// The CTA's slice [first, first + channels_per_cta) of entry w's window rows asked of L2 (one bulk prefetch per row
-// of kv and of gate, spread over the CTA's threads) when the window lies in the run: its later batches then hit L2.
-__device__ __forceinline__ void prefetch_window_slice(const PoolArgs& a, const RunView& r, int64_t w, int first) {
-  const int64_t first_q = window_first_position(a, w);
-  if (first_q < r.start) return;  // CTA-uniform
-  const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
-  for (int i = int(threadIdx.x); i < 2 * slots; i += int(blockDim.x)) {
-    const int s = i >> 1;
-    const int64_t offset = (first_q - r.start + s) * a.row_stride + first + (a.overlapping && s >= a.ratio ? a.c : 0);
-    moe::prefetch_l2_bulk(((i & 1) != 0 ? r.gate : r.kv) + offset, uint32_t(a.channels_per_cta) * 4);
-  }
-}
-
 // float_to_e4m3 then e4m3_to_float of both values by the hardware conversions (round to nearest even, saturating
 // at ±448 as float_to_e4m3 does): two instructions instead of ≈ 40.
 __device__ __forceinline__ float2 e4m3_round_trip(float x0, float x1) {
@@ -602,8 +590,8 @@ __device__ __forceinline__ EarlyUpdate load_early_update(const PoolArgs& a, cons
 }
 
 // One part of the update (kWindow: the window's slots, else the previous halves) by every thread of the CTA, from
-// item `first` of the thread (kEarly: its first items already in `early`), kUpdateBatch loads before their stores.
-template <bool kWindow, bool kEarly>
+// item `first` of the thread (kEarly: its first items already in `early`), kBatch loads before their stores.
+template <bool kWindow, bool kEarly, int kBatch = kUpdateBatch>
 __device__ __forceinline__ void update_part(const PoolArgs& a, const RunView& r, const StateUpdate& u, int items,
                                             int stride, int first, const SlotValue (&early)[kEarlyItems]) {
   if (kEarly) {
@@ -612,26 +600,45 @@ __device__ __forceinline__ void update_part(const PoolArgs& a, const RunView& r,
     for (int k = 0; k < kEarlyItems; ++k)
       if (thread + k * stride < items) store_item<kWindow>(a, r, u, thread + k * stride, early[k]);
   }
-  for (int i0 = first; i0 < items; i0 += kUpdateBatch * stride) {
-    SlotValue value[kUpdateBatch];
+  for (int i0 = first; i0 < items; i0 += kBatch * stride) {
+    SlotValue value[kBatch];
 #pragma unroll
-    for (int k = 0; k < kUpdateBatch; ++k) value[k] = load_item<kWindow>(a, r, u, min(i0 + k * stride, items - 1));
+    for (int k = 0; k < kBatch; ++k) value[k] = load_item<kWindow>(a, r, u, min(i0 + k * stride, items - 1));
 #pragma unroll
-    for (int k = 0; k < kUpdateBatch; ++k)
+    for (int k = 0; k < kBatch; ++k)
       if (i0 + k * stride < items) store_item<kWindow>(a, r, u, i0 + k * stride, value[k]);
   }
 }
 
 // The whole update by every thread of the CTA: the previous halves, then (after a barrier: their sources may be old
 // window slots) the window's.
-template <bool kEarly>
+template <bool kEarly, int kBatch = kUpdateBatch>
 __device__ void update_state(const PoolArgs& a, const RunView& r, const StateUpdate& u, const EarlyUpdate& early) {
   const int stride = int(blockDim.x), first = int(threadIdx.x) + (kEarly ? kEarlyItems * stride : 0);
   if (u.previous_items > 0) {
-    update_part<false, kEarly>(a, r, u, u.previous_items, stride, first, early.previous);
+    update_part<false, kEarly, kBatch>(a, r, u, u.previous_items, stride, first, early.previous);
     __syncthreads();
   }
-  update_part<true, kEarly>(a, r, u, u.window_items, stride, first, early.window);
+  update_part<true, kEarly, kBatch>(a, r, u, u.window_items, stride, first, early.window);
+}
+
+// The rows of the run's new state (the last completed window's first halves for CSA, the incomplete window's slots)
+// that lie in the run asked of L2, one bulk prefetch per row of kv and of gate by `thread` (< 4 · ratio of them): the
+// run's last ticket then loads them from L2 (GPU round s22-1, H200, 4096-token chunk: the CSA main compressor's last
+// CTA spent 6.0 µs on the update after its stores, the indexer's 3.7, out of a 28.8 µs launch). 16-byte aligned rows.
+__device__ __forceinline__ void prefetch_update_sources(const PoolArgs& a, const RunView& r, int thread) {
+  const StateUpdate u = plan_state_update(a, r, 0, true);
+  const int previous_rows = u.previous_items > 0 ? int(a.ratio) : 0;
+  const int window_rows = int(r.start + r.tokens - u.window_from);
+  const int row = thread >> 1;
+  const float* source = (thread & 1) != 0 ? r.gate : r.kv;
+  if (row < previous_rows) {
+    const int64_t q = u.previous_base + row;
+    if (q >= r.start) moe::prefetch_l2_bulk(source + (q - r.start) * a.row_stride, uint32_t(a.c) * 4);
+  } else if (row - previous_rows < window_rows) {
+    const int64_t q = u.window_from + (row - previous_rows);
+    moe::prefetch_l2_bulk(source + (q - r.start) * a.row_stride, uint32_t(width_of(a)) * 4);
+  }
 }
 
 // Where CTA `local` of pool `a` sits (CTAs are [run][entry of the run][cluster rank]; past a.ctas: padding of the last
@@ -919,7 +926,6 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
                            .rope_pair = rope_pair,
                            .frequency = frequency};
     OnlineSoftmax channel0, channel1;
-    if (kStaged && a.prefetch_window) prefetch_window_slice(a, r, e.w, place.rank * channels);
     if constexpr (kStaged)
       pool_from_staging(a, r, task, reinterpret_cast<float2*>(s.entry_vector + channels), rope, channel0, channel1);
     else
@@ -966,6 +972,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
 inline constexpr int kLeanThreads = 128;
 inline constexpr int kLeanSlots = 2 * kSlotBatch;
 inline constexpr int kLeanMaxTeams = kLeanThreads / 32;
+inline constexpr int kLeanUpdateBatch = 8;
 
 // A thread's four consecutive channels, loaded as one 16-byte access.
 struct Quad {
@@ -1010,24 +1017,10 @@ __device__ __forceinline__ float window_softmax(const float (&value)[kSlots], co
   return num / den;
 }
 
-// An offset that depends on loaded values, so that a load from it issues after they arrive: 0 instead only where all
-// four values are the NaN 0xFFFFFFFF, whose entry is NaN whatever else it adds.
-__device__ __forceinline__ int offset_after(int offset, const Quad& q) {
-  const uint32_t all =
-      __float_as_uint(q.v[0]) & __float_as_uint(q.v[1]) & __float_as_uint(q.v[2]) & __float_as_uint(q.v[3]);
-  return all == 0xFFFFFFFFu ? 0 : offset;
-}
-
-// Adds slot v's ape (at `offset` from `ape`) to its scores. kLateApe: the load waits for the slot's scores and for slot
-// v − 2's sums (two chains of L1 hits after the window's loads), so that no more than two ape quads are live;
-// before_valid: slot v − 2 is pooled (a dropped slot's values may not decide).
-template <bool kLateApe>
-__device__ __forceinline__ void add_ape(const float* ape, int offset, Quad (&score)[kLeanSlots], int v,
-                                        bool before_valid = true) {
-  if constexpr (kLateApe) {
-    offset = offset_after(offset, score[v]);
-    if (v >= 2) offset = before_valid ? offset_after(offset, score[v - 2]) : offset;
-  }
+// Adds slot v's ape (at `offset` from `ape`) to its scores as it loads, so that no ape quad stays live beside the
+// window (GPU round s22-1, H200: 160 -> 140 registers, same bits; ape loads chained behind their scores to reach four
+// CTAs per SM at 128 registers lost: the CSA pair's 4096-token chunk 23.62 vs 23.30 µs, 24.47 with spills).
+__device__ __forceinline__ void add_ape(const float* ape, int offset, Quad (&score)[kLeanSlots], int v) {
   const Quad bias = load_quad(ape + offset);
 #pragma unroll
   for (int i = 0; i < 4; ++i) score[v].v[i] += bias.v[i];
@@ -1037,7 +1030,7 @@ __device__ __forceinline__ void add_ape(const float* ape, int offset, Quad (&sco
 // window's first row at the thread's channel; second halves c columns on), the scores with their ape from `ape` (row
 // 0 at the channel) added, in the visit order lean_slot(·, kGroups): offsets known at compile time but for the row
 // stride and c.
-template <int kGroups, bool kLateApe>
+template <int kGroups>
 __device__ __forceinline__ void load_csa_window(const float* kv, const float* gate, const float* ape, int row_stride,
                                                 int c, Quad (&value)[kLeanSlots], Quad (&score)[kLeanSlots]) {
   constexpr int kRatio = kLeanSlots / 2;
@@ -1050,13 +1043,13 @@ __device__ __forceinline__ void load_csa_window(const float* kv, const float* ga
 #pragma unroll
   for (int v = 0; v < kLeanSlots; ++v) {
     const int s = lean_slot(v, kGroups);
-    add_ape<kLateApe>(ape, s >= kRatio ? (s - kRatio) * 2 * c + c : s * 2 * c, score, v);
+    add_ape(ape, s >= kRatio ? (s - kRatio) * 2 * c + c : s * 2 * c, score, v);
   }
 }
 
 // CTA `local` of a lean pool: its teams' entries. kTrace: a traced launch (trace_point; thread 0 is team 0's: its
 // entry's points, "pooled" when its window's softmaxes are done).
-template <bool kTrace, bool kLateApe>
+template <bool kTrace>
 __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, uint64_t* trace) {
   __shared__ float block_sums[kLeanThreads / 16];  // per 16 lanes: one 64-channel block's sum of squares
   __shared__ CompressorRun team_runs[kLeanMaxTeams];
@@ -1096,28 +1089,25 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
   float pooled[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   RopeFactors rope[2] = {{1.0f, 0.0f}, {1.0f, 0.0f}};
   uint8_t* stored = nullptr;
-  // The cache row's page and the RoPE factors, looked up while the slots load (kLateApe: a sincos after the
-  // pooling, whose registers are then free: its window position waits for the pooled value as offset_after does).
-  const bool early_rope = rope_here && (!kLateApe || a.rope_table != nullptr);
-  const auto make_rope = [&](int64_t w) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      rope[j] = window_rope(a, PoolingTask{.w = w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
-  };
+  // The cache row's page and the RoPE factors, looked up while the slots load.
   const auto look_up_entry = [&] {
     if (a.cache.pool != nullptr)
       stored = a.cache.entry_address(
           a.cache.physical_entry(a.cache.pages_of(run.slot, a.cache_layer, KvArray::Compressed), e.w));
-    if (early_rope) make_rope(e.w);
+    if (rope_here)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        rope[j] = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
   };
+  if (a.update_sources_early && real && e.entry == a.entries_per_run - 1) prefetch_update_sources(a, r, thread);
   if (e.emitting && in_run && a.lean_csa_windows) {
     const int row_stride = int(a.row_stride);
     const int64_t base = (window_first_position(a, e.w) - r.start) * row_stride + channel;
     Quad value[kLeanSlots], score[kLeanSlots];
     if (a.groups == 1)
-      load_csa_window<1, kLateApe>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score);
+      load_csa_window<1>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score);
     else
-      load_csa_window<2, kLateApe>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score);
+      load_csa_window<2>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score);
     if (a.prefetch_ahead > 0 && thread < 2 * kLeanSlots) {
       // The entry a.prefetch_ahead CTAs on, where it is an in-run entry of this run: its window's rows (slot
       // thread / 2, kv or gate) over the team's channels.
@@ -1167,7 +1157,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
 #pragma unroll
     for (int v = 0; v < kLeanSlots; ++v) {
       const int s = lean_slot(v, a.groups);
-      if (s < slots) add_ape<kLateApe>(a.ape, lean_ape_offset(a, s, channel), score, v, v < 2 || valid[v - 2]);
+      if (s < slots) add_ape(a.ape, lean_ape_offset(a, s, channel), score, v);
     }
     look_up_entry();
 #pragma unroll
@@ -1183,7 +1173,6 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
     }
   }
 
-  if (e.emitting && rope_here && !early_rope) make_rope(__float_as_uint(pooled[0]) == 0xFFFFFFFFu ? 0 : e.w);
   trace_point<kTrace>(trace, COMPRESSOR_TRACE_POOLED, __float_as_uint(pooled[0]));
   // RMSNorm: each 16 lanes' block sum as the staged path's warp sum (a butterfly over the pairs), then the entry's
   // blocks in order.
@@ -1256,7 +1245,11 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
     if (!team_updates[i]) continue;  // CTA-uniform
     __threadfence();
     const RunView u = run_view(a, team_runs[i]);
-    update_state<false>(a, u, plan_state_update(a, u, 0, true), EarlyUpdate{});
+    // Each thread's previous halves of a CSA main run (1024 items over 128 threads) in one batch of loads.
+    if (a.update_sources_early)
+      update_state<false, kLeanUpdateBatch>(a, u, plan_state_update(a, u, 0, true), EarlyUpdate{});
+    else
+      update_state<false>(a, u, plan_state_update(a, u, 0, true), EarlyUpdate{});
     if (threadIdx.x == 0) *u.state.finished_ctas = 0;
     __syncthreads();
   }
@@ -1285,14 +1278,12 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
 // not registers, holds the loads in flight; the decode steps' early state loads need more); the lean kernel three
 // 128-thread CTAs per SM (a window's slots and the softmaxes of four channels take ≈ 160 registers; two channels per
 // thread in 256-thread CTAs at 116 registers were slower for a CSA layer's pair: 31.3 vs 28.6 µs, H200).
-// kTrace: a traced launch (CompressorParams::trace). kLeanCtas: the lean kernel's CTAs per SM (A/B of round s22-1:
-// 4 at 128 registers, DSV4_COMPRESSOR_LEAN_CTAS=4), kLateApe: load_csa_window's (DSV4_COMPRESSOR_LEAN_LATE_APE=1).
-template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false, int kLeanCtas = 3,
-          bool kLateApe = false>
+// kTrace: a traced launch (CompressorParams::trace).
+template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false>
 __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLeanThreads
                                   : kLoads == CompressorSlotLoads::Staged ? kStagedThreads
                                                                           : kMaxThreads,
-                                  kLoads == CompressorSlotLoads::Lean     ? kLeanCtas
+                                  kLoads == CompressorSlotLoads::Lean     ? 3
                                   : kLoads == CompressorSlotLoads::Staged ? (kSliceUpdates ? 2 : 3)
                                                                           : 1)
     compressor_kernel(const __grid_constant__ LaunchArgs launch) {
@@ -1306,7 +1297,7 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLea
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
   if constexpr (kLoads == CompressorSlotLoads::Lean)
-    compress_lean<kTrace, kLateApe>(a, int64_t(blockIdx.x) - a.first_cta, launch.trace);
+    compress_lean<kTrace>(a, int64_t(blockIdx.x) - a.first_cta, launch.trace);
   else
     compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged, kTrace>(
         a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem, launch.trace);
