@@ -326,8 +326,10 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
         "compressor: a traced decode launch needs the registers slot loads");
   check(!traced || ctas <= params[0].trace_ctas, "compressor: a traced launch of ", ctas, " CTAs, its trace holds ",
         params[0].trace_ctas);
-  const auto kernel = lean            ? (traced ? compressor::compressor_kernel<false, Lean, true>
-                                                : compressor::compressor_kernel<false, Lean>)
+  static const bool old_ape = env_int("DSV4_COMPRESSOR_LEAN_OLD_APE", 0) == 1;  // round s22-2's A/B
+  const auto kernel = lean            ? (traced    ? compressor::compressor_kernel<false, Lean, true>
+                                         : old_ape ? compressor::compressor_kernel<false, Lean, false, true>
+                                                   : compressor::compressor_kernel<false, Lean>)
                       : slice_updates ? (staged   ? compressor::compressor_kernel<true, Staged>
                                          : traced ? compressor::compressor_kernel<true, Registers, true>
                                                   : compressor::compressor_kernel<true, Registers>)

@@ -1030,9 +1030,11 @@ __device__ __forceinline__ void add_ape(const float* ape, int offset, Quad (&sco
 // window's first row at the thread's channel; second halves c columns on), the scores with their ape from `ape` (row
 // 0 at the channel) added, in the visit order lean_slot(·, kGroups): offsets known at compile time but for the row
 // stride and c.
-template <int kGroups>
+// kOldApe: round s22-2's A/B of the session start's order (the ape quads apart, added where the softmax reads them).
+template <int kGroups, bool kOldApe>
 __device__ __forceinline__ void load_csa_window(const float* kv, const float* gate, const float* ape, int row_stride,
-                                                int c, Quad (&value)[kLeanSlots], Quad (&score)[kLeanSlots]) {
+                                                int c, Quad (&value)[kLeanSlots], Quad (&score)[kLeanSlots],
+                                                Quad (&bias)[kLeanSlots]) {
   constexpr int kRatio = kLeanSlots / 2;
 #pragma unroll
   for (int v = 0; v < kLeanSlots; ++v) {
@@ -1043,13 +1045,17 @@ __device__ __forceinline__ void load_csa_window(const float* kv, const float* ga
 #pragma unroll
   for (int v = 0; v < kLeanSlots; ++v) {
     const int s = lean_slot(v, kGroups);
-    add_ape(ape, s >= kRatio ? (s - kRatio) * 2 * c + c : s * 2 * c, score, v);
+    const int offset = s >= kRatio ? (s - kRatio) * 2 * c + c : s * 2 * c;
+    if constexpr (kOldApe)
+      bias[v] = load_quad(ape + offset);
+    else
+      add_ape(ape, offset, score, v);
   }
 }
 
 // CTA `local` of a lean pool: its teams' entries. kTrace: a traced launch (trace_point; thread 0 is team 0's: its
 // entry's points, "pooled" when its window's softmaxes are done).
-template <bool kTrace>
+template <bool kTrace, bool kOldApe = false>
 __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, uint64_t* trace) {
   __shared__ float block_sums[kLeanThreads / 16];  // per 16 lanes: one 64-channel block's sum of squares
   __shared__ CompressorRun team_runs[kLeanMaxTeams];
@@ -1103,11 +1109,11 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
   if (e.emitting && in_run && a.lean_csa_windows) {
     const int row_stride = int(a.row_stride);
     const int64_t base = (window_first_position(a, e.w) - r.start) * row_stride + channel;
-    Quad value[kLeanSlots], score[kLeanSlots];
+    Quad value[kLeanSlots], score[kLeanSlots], bias[kLeanSlots];
     if (a.groups == 1)
-      load_csa_window<1>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score);
+      load_csa_window<1, kOldApe>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, bias);
     else
-      load_csa_window<2>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score);
+      load_csa_window<2, kOldApe>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, bias);
     if (a.prefetch_ahead > 0 && thread < 2 * kLeanSlots) {
       // The entry a.prefetch_ahead CTAs on, where it is an in-run entry of this run: its window's rows (slot
       // thread / 2, kv or gate) over the team's channels.
@@ -1124,7 +1130,8 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
     for (int i = 0; i < 4; ++i) {
       float values[kLeanSlots], scores[kLeanSlots];
 #pragma unroll
-      for (int v = 0; v < kLeanSlots; ++v) values[v] = value[v].v[i], scores[v] = score[v].v[i];
+      for (int v = 0; v < kLeanSlots; ++v)
+        values[v] = value[v].v[i], scores[v] = kOldApe ? score[v].v[i] + bias[v].v[i] : score[v].v[i];
       pooled[i] = window_softmax(values, scores);
       if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
     }
@@ -1154,10 +1161,16 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
       }
     }
     // ape behind the slots' loads (L1 hits after the first CTAs).
+    Quad bias[kLeanSlots] = {};
 #pragma unroll
     for (int v = 0; v < kLeanSlots; ++v) {
       const int s = lean_slot(v, a.groups);
-      if (s < slots) add_ape(a.ape, lean_ape_offset(a, s, channel), score, v);
+      if (s < slots) {
+        if constexpr (kOldApe)
+          bias[v] = load_quad(a.ape + lean_ape_offset(a, s, channel));
+        else
+          add_ape(a.ape, lean_ape_offset(a, s, channel), score, v);
+      }
     }
     look_up_entry();
 #pragma unroll
@@ -1166,7 +1179,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
 #pragma unroll
       for (int v = 0; v < kLeanSlots; ++v) {
         values[v] = valid[v] ? value[v].v[i] : 0.0f;
-        scores[v] = valid[v] ? score[v].v[i] : kNegativeInfinity;
+        scores[v] = valid[v] ? (kOldApe ? score[v].v[i] + bias[v].v[i] : score[v].v[i]) : kNegativeInfinity;
       }
       pooled[i] = window_softmax(values, scores);
       if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
@@ -1278,8 +1291,8 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
 // not registers, holds the loads in flight; the decode steps' early state loads need more); the lean kernel three
 // 128-thread CTAs per SM (a window's slots and the softmaxes of four channels take ≈ 160 registers; two channels per
 // thread in 256-thread CTAs at 116 registers were slower for a CSA layer's pair: 31.3 vs 28.6 µs, H200).
-// kTrace: a traced launch (CompressorParams::trace).
-template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false>
+// kTrace: a traced launch (CompressorParams::trace). kOldApe: compress_lean's (DSV4_COMPRESSOR_LEAN_OLD_APE=1).
+template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false, bool kOldApe = false>
 __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLeanThreads
                                   : kLoads == CompressorSlotLoads::Staged ? kStagedThreads
                                                                           : kMaxThreads,
@@ -1297,7 +1310,7 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLea
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
   if constexpr (kLoads == CompressorSlotLoads::Lean)
-    compress_lean<kTrace>(a, int64_t(blockIdx.x) - a.first_cta, launch.trace);
+    compress_lean<kTrace, kOldApe>(a, int64_t(blockIdx.x) - a.first_cta, launch.trace);
   else
     compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged, kTrace>(
         a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem, launch.trace);
