@@ -8,9 +8,9 @@
 // per clock), the speed-up over today's path, and the largest difference between the two outputs over the largest
 // |output| (FAIL above 2^-6: both round q and P to bf16, in other orders); and the prefill kernel once more with q in
 // bf16 (bf16q: the same MMA input, half the q bytes), also with SparseAttentionPrefillOptions::prefetch_resolved
-// (+pf). Round s22-2's A/B on the bf16-q call: tiles (SparseAttentionPrefillOptions::tile_arrival, bits checked against
-// the plain call); noKV: the same call with every slot unused (the producer zero-fills its buffers without reading an
-// entry: the kernel's time without KV traffic).
+// (+pf). Round s22-2's A/B on the bf16-q call: tiles and bulk (SparseAttentionPrefillOptions::tile_arrival and
+// bulk_stores, bits checked against the plain call); noKV: the same call with every slot unused (the producer
+// zero-fills its buffers without reading an entry: the kernel's time without KV traffic).
 // Decode: batch 64 and 256 (one query per sequence, each sequence its own pages) in the SWA (128 window slots, 4K
 // context), CSA (128 + 512 random compressed rows of 64K / 4) and HCA (128 + all 512 compressed rows of 64K / 128)
 // layouts, both models, both entry formats, q in bf16 and fp32 out (the engine's decode call): the kernel without and
@@ -21,10 +21,10 @@
 // Entries are fill_random_entries' (finite, no NaN codes); prefill q is a hash of its positions.
 // --quick: the prefill cases without today's path and the comparison with it (the kernel's variants only).
 // --trace: each prefill case's bf16-q call once more as a traced launch (SparseAttentionPrefillOptions::trace, after an
-// L2 flush), plain and with tile arrival: medians over the CTAs of each phase of a CTA's timeline (start to Q staged,
-// entries resolved, first data, first scores, each pair, the epilogue's staging and stores), of the gap between
-// consecutive CTAs on one SM, and per pair of the late half's release and arrival and consumer 1's wait for the max
-// (%globaltimer ticks 0.256 µs on the H200).
+// L2 flush), plain, with tile arrival and with bulk stores: medians over the CTAs of each phase of a CTA's timeline
+// (start to Q staged, entries resolved, first data, first scores, each pair, the epilogue's staging and stores), of
+// the gap between consecutive CTAs on one SM, and per pair of the late half's release and arrival and consumer 1's wait
+// for the max (%globaltimer ticks 0.256 µs on the H200).
 // Usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE] [--trace] [--quick]. --part
 // runs one part; --only runs the one case named (prefill MODEL:FORMAT:CONTEXT, e.g. flash:bf16:8192,
 // pro:fp8-reference:65536; decode MODEL:LAYOUT:BATCH:FORMAT, e.g. flash:csa:256:bf16; for a profiler). Exit status 1
@@ -202,7 +202,8 @@ struct Case {
   double bf16_q_us, bf16_q_tflops;  // the prefill kernel with q in bf16 (its MMA input: same result, half the bytes)
   double bf16_q_prefetch_us;        // the same with SparseAttentionPrefillOptions::prefetch_resolved
   double bf16_q_tiles_us;           // the same with SparseAttentionPrefillOptions::tile_arrival
-  bool tiles_same;                  // its output bit for bit the plain one's
+  double bf16_q_bulk_us;            // the same with SparseAttentionPrefillOptions::bulk_stores
+  bool tiles_same;                  // both outputs bit for bit the plain one's
   double bf16_q_no_entries_us;      // the same call with every slot unused: no entry reads (the kernel's own floor)
 };
 
@@ -271,6 +272,11 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   tiles_call.out = tiles_out.data();
   const SparseAttentionPrefillOptions tiles{.prefetch_resolved = PrefetchResolved::Off, .tile_arrival = true};
   const double tiles_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(tiles_call, tiles); });
+  DeviceBuffer bulk_out(outputs * 2, "prefill kernel out, bulk stores");
+  SparseAttentionParams bulk_call = prefill_bf16_q;
+  bulk_call.out = bulk_out.data();
+  const SparseAttentionPrefillOptions bulk{.prefetch_resolved = PrefetchResolved::Off, .bulk_stores = true};
+  const double bulk_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(bulk_call, bulk); });
   // Every slot −1: the producer zero-fills its buffers without reading an entry (the diagnostic's floor).
   DeviceBuffer no_window(chunk.window_index.size() * 4, "no window index"),
       no_compressed(chunk.compressed_index.size() * 4, "no compressed index"),
@@ -290,9 +296,11 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
     bf16_q_out.download(a.data(), outputs * 2);
     tiles_out.download(b.data(), outputs * 2);
     tiles_same = a == b;
+    bulk_out.download(b.data(), outputs * 2);
+    tiles_same = tiles_same && a == b;
   }
   if (trace)
-    for (const auto& [options, label] : {std::pair{plain, ""}, {tiles, " tiles"}})
+    for (const auto& [options, label] : {std::pair{plain, ""}, {tiles, " tiles"}, {bulk, " bulk"}})
       print_trace(prefill_bf16_q, options, label, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush,
                   flush_bytes);
 
@@ -313,6 +321,7 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   r.bf16_q_prefetch_us = bf16_q_prefetch_ms * 1e3;
   r.bf16_q_tiles_us = tiles_ms * 1e3;
   r.tiles_same = tiles_same;
+  r.bf16_q_bulk_us = bulk_ms * 1e3;
   r.bf16_q_no_entries_us = no_entries_ms * 1e3;
   r.percent_of_cublas = 100.0 * r.new_tflops / cublas_tflops;
   r.percent_of_peak = 100.0 * r.new_tflops / peak_tflops;
@@ -441,10 +450,11 @@ int run(int argc, char** argv) {
     std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = "
                 "run_sparse_attention\n",
                 static_cast<long long>(kTokens), kWindow, kTopK);
-    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s | %8s %5s %8s\n",
+    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s | %8s %8s %5s "
+                "%8s\n",
                 "model", "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas",
-                "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "tiles us", "bits",
-                "noKV us");
+                "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "tiles us", "bulk us",
+                "bits", "noKV us");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -457,12 +467,12 @@ int run(int argc, char** argv) {
         const bool agrees = r.relative_difference <= std::ldexp(1.0, -6) && r.tiles_same;
         ok = ok && agrees;
         std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f "
-                    "%7.1f%% %8.1f | %8.1f %5s %8.1f%s\n",
+                    "%7.1f%% %8.1f | %8.1f %8.1f %5s %8.1f%s\n",
                     r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
                     r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
                     r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
                     100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, r.bf16_q_tiles_us,
-                    r.tiles_same ? "same" : "DIFF", r.bf16_q_no_entries_us, agrees ? "" : " FAIL");
+                    r.bf16_q_bulk_us, r.tiles_same ? "same" : "DIFF", r.bf16_q_no_entries_us, agrees ? "" : " FAIL");
         std::fflush(stdout);
         cases.push_back(r);
       }

@@ -88,10 +88,10 @@ void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const 
   EXPECT_EQ(checked.failures, 0) << checked.failures << " mismatches of " << out_elements;
   for (size_t b = out_elements * element_bytes; b < raw.size(); ++b)
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
-  std::printf("  %-28s %-13s T=%lld H=%d D=%d out+%zu%s%s: worst error/tolerance %.3f\n", c.name,
+  std::printf("  %-28s %-13s T=%lld H=%d D=%d out+%zu%s%s%s: worst error/tolerance %.3f\n", c.name,
               to_string(c.format), static_cast<long long>(T), H, D, offset_bytes,
               options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "", options.tile_arrival ? " tiles" : "",
-              checked.worst);
+              options.bulk_stores ? " bulk" : "", checked.worst);
 }
 
 constexpr KvEntryFormat kFormats[] = {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16};
@@ -214,6 +214,26 @@ TEST(SparseAttentionPrefill, TileArrivalMatchesCpu) {
                     seed++, tiles);
     check_attention({"pro csa decode", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 1, AttentionDtype::Bf16},
                     seed++, {.prefetch_resolved = PrefetchResolved::On, .tile_arrival = true});
+  }
+}
+
+// Round s22-2's A/B: bf16 rows by bulk copies (out on a 16-byte boundary; 8 bytes past one: the threads' stores), with
+// tile arrival too; fp32 rows (the fragments' stores).
+TEST(SparseAttentionPrefill, BulkStoresMatchCpu) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 700;
+  const SparseAttentionPrefillOptions bulk{.prefetch_resolved = PrefetchResolved::Off, .bulk_stores = true};
+  for (const KvEntryFormat format : kFormats) {
+    check_attention({"flash csa chunk bf16 io", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12,
+                     AttentionDtype::Bf16, AttentionDtype::Bf16},
+                    seed++, bulk);
+    check_attention({"h48 padded", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, AttentionDtype::Bf16,
+                     AttentionDtype::Bf16, true},
+                    seed++, bulk);
+    check_attention({"pro csa chunk bf16 io", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 6,
+                     AttentionDtype::Bf16, AttentionDtype::Bf16},
+                    seed++, {.prefetch_resolved = PrefetchResolved::Off, .tile_arrival = true, .bulk_stores = true});
+    check_attention({"flash swa chunk", format, 512, 64, 64, 128, 160, 0, {40, 150}, 20}, seed++, bulk);
   }
 }
 

@@ -509,7 +509,7 @@ __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
   return row * row_bytes + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
-template <bool kFp8, bool kTrace, bool kTileArrival>
+template <bool kFp8, bool kTrace, bool kTileArrival, bool kBulkStores>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
                                         const Barriers& barriers, uint64_t* trace) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
@@ -710,9 +710,14 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   // the streaming (evict-first) policy: the 64 KB a CTA writes then leaves the entries and q rows that later CTAs
   // read in L2 (round s22-1, same runs: Flash 8K 915.2 → 895.5 µs, Pro 8K 1796.3 → 1757.6, Flash 64K 939.7 →
   // 917.8; one TMA bulk copy per row instead: 905.0 / 1772.5 / 925.4).
+  // Bulk stores (SparseAttentionPrefillOptions::bulk_stores, out 16-byte aligned) read linear rows kBulkRowBytes
+  // apart (the 16 extra bytes put the eight rows of a fragment store in different banks).
   uint8_t* staging = smem + kKv;
-  static_assert(kHeads * kHeadDim * 2 <= 2 * kBufferBytes, "bf16 output rows fit the two KV buffers");
-  constexpr int row_bytes = kHeadDim * 2, row_chunks = row_bytes / 16;
+  constexpr int row_bytes = kHeadDim * 2, row_chunks = row_bytes / 16, kBulkRowBytes = row_bytes + 16;
+  static_assert(kHeads * kBulkRowBytes <= 2 * kBufferBytes, "bf16 output rows fit the two KV buffers");
+  const auto staged_at = [&](int row, int byte) {
+    return kBulkStores ? row * kBulkRowBytes + byte : staged_offset(row, row_bytes, byte);
+  };
 #pragma unroll
   for (int n = 0; n < 32; ++n) {
     const int dim = dim_base + 8 * n + 2 * c;
@@ -728,17 +733,33 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     for (int r = 0; r < 2; ++r) {
       const int row = 16 * warp + g + 8 * r;
       const uint32_t packed = pack_bf16x2(v[2 * r], v[2 * r + 1]);
-      *reinterpret_cast<uint32_t*>(staging + staged_offset(row, row_bytes, dim * 2)) = packed;
+      *reinterpret_cast<uint32_t*>(staging + staged_at(row, dim * 2)) = packed;
     }
   }
+  if constexpr (kBulkStores) sm90::fence_proxy_async_shared();  // the bulk copies read the staged rows
   sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
   trace_point<kTrace>(trace, prefill_trace::kStaged);
   uint8_t* out = static_cast<uint8_t*>(p.out) + (t * p.heads + head_base) * int64_t(row_bytes);
   const bool aligned16 = (reinterpret_cast<uintptr_t>(p.out) & 15) == 0;
   const int rows = min(kHeads, p.heads - head_base);
+  if (kBulkStores && aligned16) {
+    // One row per thread, evict-first in L2; the shared memory stays until the copies have read it.
+    if (thread256 < rows) {
+      uint64_t policy;
+      asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+      asm volatile("cp.async.bulk.global.shared::cta.bulk_group.L2::cache_hint [%0], [%1], %2, %3;\n" ::"l"(
+                       out + int64_t(thread256) * row_bytes),
+                   "r"(shared_address(staging + thread256 * kBulkRowBytes)), "r"(row_bytes), "l"(policy)
+                   : "memory");
+      asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+      asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+    }
+    trace_point<kTrace>(trace, prefill_trace::kEnd);
+    return;
+  }
   for (int i = thread256; i < rows * row_chunks; i += 2 * kWarpgroup) {
     const int row = i / row_chunks, byte = (i % row_chunks) * 16;
-    const uint4 value = *reinterpret_cast<const uint4*>(staging + staged_offset(row, row_bytes, byte));
+    const uint4 value = *reinterpret_cast<const uint4*>(staging + staged_at(row, byte));
     uint8_t* destination = out + int64_t(row) * row_bytes + byte;
     if (aligned16) {
       __stcs(reinterpret_cast<uint4*>(destination), value);
@@ -750,7 +771,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
 
-template <bool kFp8, bool kTrace, bool kTileArrival>
+template <bool kFp8, bool kTrace, bool kTileArrival, bool kBulkStores>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                     const int resident_ctas, const bool prefetch_resolved, uint64_t* trace) {
@@ -780,7 +801,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                           ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8, kTrace, kTileArrival>(p, smem, t, head_block * kHeads, barriers, trace);
+    consume<kFp8, kTrace, kTileArrival, kBulkStores>(p, smem, t, head_block * kHeads, barriers, trace);
   }
 }
 

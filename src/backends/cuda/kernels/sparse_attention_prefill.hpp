@@ -62,6 +62,10 @@ struct SparseAttentionPrefillOptions {
   // tile), so that QKᵀ starts on a half's first tile while the rest is in flight (round s22-1's trace: a pair's late
   // half reaches consumer 1 0.77 µs after its release; with no entry reads the kernel is 9 % faster).
   bool tile_arrival = false;
+  // A/B (round s22-2): bf16 rows leave by one TMA bulk copy per row with an L2 evict-first hint (out 16-byte aligned;
+  // else the threads' streaming stores), instead of the threads' streaming stores (round s22-1: bulk copies without
+  // the hint 905.0 µs, threads' plain stores 915.2, streaming 895.5).
+  bool bulk_stores = false;
   // Traced launch: tokens × head blocks × kPrefillTraceWarps × kPrefillTraceSlots words (nullptr: untraced kernel).
   uint64_t* trace = nullptr;
 };
