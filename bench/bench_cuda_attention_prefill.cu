@@ -8,8 +8,8 @@
 // per clock), the speed-up over today's path, and the largest difference between the two outputs over the largest
 // |output| (FAIL above 2^-6: both round q and P to bf16, in other orders); and the prefill kernel once more with q in
 // bf16 (bf16q: the same MMA input, half the q bytes), also with SparseAttentionPrefillOptions::prefetch_resolved
-// (+pf). Round s22-2's A/B on the bf16-q call: tiles and bulk (SparseAttentionPrefillOptions::tile_arrival and
-// bulk_stores, bits checked against the plain call); noKV: the same call with every slot unused (the producer
+// (+pf). Round s22-2's A/B on the bf16-q call: tiles, bulk and both (SparseAttentionPrefillOptions::tile_arrival
+// and bulk_stores, bits checked against the plain call); noKV: the same call with every slot unused (the producer
 // zero-fills its buffers without reading an entry: the kernel's time without KV traffic).
 // Decode: batch 64 and 256 (one query per sequence, each sequence its own pages) in the SWA (128 window slots, 4K
 // context), CSA (128 + 512 random compressed rows of 64K / 4) and HCA (128 + all 512 compressed rows of 64K / 128)
@@ -203,6 +203,7 @@ struct Case {
   double bf16_q_prefetch_us;        // the same with SparseAttentionPrefillOptions::prefetch_resolved
   double bf16_q_tiles_us;           // the same with SparseAttentionPrefillOptions::tile_arrival
   double bf16_q_bulk_us;            // the same with SparseAttentionPrefillOptions::bulk_stores
+  double bf16_q_both_us;            // the same with tile_arrival and bulk_stores
   bool tiles_same;                  // both outputs bit for bit the plain one's
   double bf16_q_no_entries_us;      // the same call with every slot unused: no entry reads (the kernel's own floor)
 };
@@ -277,6 +278,12 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   bulk_call.out = bulk_out.data();
   const SparseAttentionPrefillOptions bulk{.prefetch_resolved = PrefetchResolved::Off, .bulk_stores = true};
   const double bulk_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(bulk_call, bulk); });
+  DeviceBuffer both_out(outputs * 2, "prefill kernel out, tile arrival and bulk stores");
+  SparseAttentionParams both_call = prefill_bf16_q;
+  both_call.out = both_out.data();
+  const SparseAttentionPrefillOptions both{
+      .prefetch_resolved = PrefetchResolved::Off, .tile_arrival = true, .bulk_stores = true};
+  const double both_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(both_call, both); });
   // Every slot −1: the producer zero-fills its buffers without reading an entry (the diagnostic's floor).
   DeviceBuffer no_window(chunk.window_index.size() * 4, "no window index"),
       no_compressed(chunk.compressed_index.size() * 4, "no compressed index"),
@@ -297,6 +304,8 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
     tiles_out.download(b.data(), outputs * 2);
     tiles_same = a == b;
     bulk_out.download(b.data(), outputs * 2);
+    tiles_same = tiles_same && a == b;
+    both_out.download(b.data(), outputs * 2);
     tiles_same = tiles_same && a == b;
   }
   if (trace)
@@ -322,6 +331,7 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   r.bf16_q_tiles_us = tiles_ms * 1e3;
   r.tiles_same = tiles_same;
   r.bf16_q_bulk_us = bulk_ms * 1e3;
+  r.bf16_q_both_us = both_ms * 1e3;
   r.bf16_q_no_entries_us = no_entries_ms * 1e3;
   r.percent_of_cublas = 100.0 * r.new_tflops / cublas_tflops;
   r.percent_of_peak = 100.0 * r.new_tflops / peak_tflops;
@@ -450,11 +460,11 @@ int run(int argc, char** argv) {
     std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = "
                 "run_sparse_attention\n",
                 static_cast<long long>(kTokens), kWindow, kTopK);
-    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s | %8s %8s %5s "
-                "%8s\n",
+    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s | %8s %8s %8s "
+                "%5s %8s\n",
                 "model", "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas",
                 "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "tiles us", "bulk us",
-                "bits", "noKV us");
+                "both us", "bits", "noKV us");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -467,12 +477,12 @@ int run(int argc, char** argv) {
         const bool agrees = r.relative_difference <= std::ldexp(1.0, -6) && r.tiles_same;
         ok = ok && agrees;
         std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f "
-                    "%7.1f%% %8.1f | %8.1f %8.1f %5s %8.1f%s\n",
+                    "%7.1f%% %8.1f | %8.1f %8.1f %8.1f %5s %8.1f%s\n",
                     r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
                     r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
                     r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
                     100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, r.bf16_q_tiles_us,
-                    r.bf16_q_bulk_us, r.tiles_same ? "same" : "DIFF", r.bf16_q_no_entries_us, agrees ? "" : " FAIL");
+                    r.bf16_q_bulk_us, r.bf16_q_both_us, r.tiles_same ? "same" : "DIFF", r.bf16_q_no_entries_us, agrees ? "" : " FAIL");
         std::fflush(stdout);
         cases.push_back(r);
       }
