@@ -482,7 +482,8 @@ int run(int argc, char** argv) {
                     r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
                     r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
                     100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, r.bf16_q_tiles_us,
-                    r.bf16_q_bulk_us, r.bf16_q_both_us, r.tiles_same ? "same" : "DIFF", r.bf16_q_no_entries_us, agrees ? "" : " FAIL");
+                    r.bf16_q_bulk_us, r.bf16_q_both_us, r.tiles_same ? "same" : "DIFF", r.bf16_q_no_entries_us,
+                    agrees ? "" : " FAIL");
         std::fflush(stdout);
         cases.push_back(r);
       }
