@@ -278,7 +278,11 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   compressor::LaunchArgs launch{};
   int hardware_cluster = 1, threads = 0;
   size_t smem = 0;
-  for (const CompressorParams& p : params) {
+  // Round s22-2's A/B switch DSV4_COMPRESSOR_LAST_POOL_FIRST=1: the launch's last pool's CTAs first (a CSA layer's
+  // indexer compressor, whose CTAs live longest, then ends no lean launch).
+  static const bool last_first = env_int("DSV4_COMPRESSOR_LAST_POOL_FIRST", 0) == 1;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const CompressorParams& p = params[last_first ? params.size() - 1 - i : i];
     if (p.run_count == 0) continue;
     compressor::PoolArgs pool = pool_args(p, loads);
     set_prefetch_switches(pool, loads);
