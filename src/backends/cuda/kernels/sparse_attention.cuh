@@ -590,6 +590,16 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   everywhere (bench --route --bf16-kv, same process: Flash CSA 64K b64 30.5 → 30.9 µs, b128 43.3 → 43.9, b256 78.3
 //   → 80.3, Flash HCA 4K b64 18.7 → 19.0, b256 38.4 → 39.0, Pro CSA 64K b64 41.1 → 41.9, b128 75.9 → 77.3): the
 //   consumers, not the ring, set the pace.
+// - Session 22 (H200, bench --route --bf16-kv, same process): tile j + 1's QKᵀ issued before tile j's softmax weights
+//   and waited for after tile j's PV, tile j + 1's score exchange then running beside that PV (same bits; ptxas kept
+//   the wgmma pipeline only with the softmax split into its reference part and its weights, the rescale after a
+//   wait for every group, unconditional QKᵀ sites and the summed scores fenced) was level or slower: Flash CSA 64K
+//   b64 31.3 → 30.9 µs, b256 78.6 → 78.5, Flash HCA 4K b64 18.8 → 19.6, Pro CSA 64K b64 41.5 → 41.8. Its trace
+//   (Flash CSA 64K b64): tiles 1.458 → 1.525 µs apart, the middle tile's softmax phase waiting for the next tile;
+//   the last tile's copies take 3.3 µs from issue to arrival (the first 1.5): the loop is paced by the entries'
+//   arrival, not by the consumers' chain (session 21 read that chain as the pace; shortening it moved nothing).
+//   The 2-split cluster merge (same trace): loop end 21.4 µs, partial written 22.0, first cluster barrier 22.6,
+//   merge factors ready 26.3 (the first batch's remote loads in flight, the peers' stats), output stored 30.8.
 
 inline constexpr int kD512HeadDim = 512;
 inline constexpr int kD512Heads = 64;  // one wgmma M
