@@ -32,12 +32,10 @@
 //   entries (1024 bytes, the engine's KV format outside reference numerics) instead of fp8. --route times each decode
 //   case on the decode kernels and on the prefill kernel (run_sparse_attention_prefill), both checked against the CPU,
 //   and says whether run_sparse_attention's defaults route it there (no prefill part; HCA also at 256K context, and
-//   batch 128); calls on the head_dim 512 kernel whose two splits merge in a cluster are timed once more with
-//   d512_pair_merge_l2 (the A/B of GPU round s22-2; its output compared byte for byte with the decode call's). --mma-rates times the head_dim 512 kernel's tensor-core work per tile
+//   batch 128). --mma-rates times the head_dim 512 kernel's tensor-core work per tile
 //   alone (mma_rate_kernel) against a tile's flops at the same-run cuBLAS rate and at the nominal peak, nothing else.
-//   --trace times one cold traced call of each selected decode case on the head_dim 512 kernel (bf16 entries), as it
-//   is and, with two splits, with d512_pair_merge_l2, and prints its CTAs' phases per wave (run_trace_case); no
-//   prefill.
+//   --trace times one cold traced call of each selected decode case on the head_dim 512 kernel (bf16 entries) and
+//   prints its CTAs' phases per wave (run_trace_case); no prefill.
 //   Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -590,10 +588,6 @@ struct RouteResult {
   int64_t context;
   bool head_split, routed;
   double decode_us, prefill_us, floor_us, decode_cpu_error, prefill_cpu_error;
-  // The decode call with d512_pair_merge_l2 (two cluster-merged splits on the head_dim 512 kernel; 0 = not run): µs,
-  // CPU check, and the bytes of its output that differ from the decode call's.
-  double pair_us = 0, pair_cpu_error = 0;
-  size_t pair_differing = 0;
 };
 
 RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch,
@@ -630,18 +624,6 @@ RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEn
   r.decode_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(decode); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   r.decode_cpu_error = check(decode);
-  if (!r.head_split && format == KvEntryFormat::Bf16 && decode.splits == 2 && decode.cluster_merge) {
-    std::vector<uint8_t> plain(out_bytes), pair_out(out_bytes);
-    out.download(plain.data(), out_bytes);
-    SparseAttentionParams pair = decode;
-    pair.d512_pair_merge_l2 = true;
-    out.fill_bytes(0xFF);
-    r.pair_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(pair); });
-    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-    r.pair_cpu_error = check(pair);
-    out.download(pair_out.data(), out_bytes);
-    for (size_t b = 0; b < out_bytes; ++b) r.pair_differing += plain[b] != pair_out[b];
-  }
   SparseAttentionParams prefill = decode;
   prefill.splits = 1;
   prefill.workspace = nullptr;
@@ -658,7 +640,7 @@ RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEn
 }
 
 // --trace: the route's decode call on the head_dim 512 kernel (bf16 entries, cluster-merged splits as the model
-// chooses them), one cold call (L2 flushed) traced as it is and, with two splits, one with d512_pair_merge_l2. Each CTA's wave is its rank among the CTAs its SM ran; per wave,
+// chooses them), one cold call (L2 flushed), traced. Each CTA's wave is its rank among the CTAs its SM ran; per wave,
 // the medians over its CTAs of each mark (SparseAttentionTraceMark) in µs from the launch's first CTA start, the
 // median µs per tile between tile 0's and the last tile's arrival, and from the last tile's arrival to the CTA's end.
 void print_trace(const char* label, const std::vector<uint64_t>& trace, int ctas, int tiles) {
@@ -733,21 +715,16 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
   std::printf("%s %s batch %d context %lld: %d slots, %d splits, %d tiles per CTA, %d CTAs\n", model,
               to_string(kind), batch, static_cast<long long>(context), step->slots_per_query(), call.splits, tiles,
               ctas);
-  for (const bool pair : {false, true}) {
-    if (pair && call.splits != 2) continue;
-    SparseAttentionParams traced = call;
-    traced.d512_pair_merge_l2 = pair;
-    run_sparse_attention(traced);  // warm-up, untraced
-    traced.d512_trace = d_trace.as<uint64_t>();
-    d_trace.fill_bytes(0);
-    DSV4_CUDA_CHECK(cudaMemsetAsync(flush, 0x11, flush_bytes));
-    StreamTimer timer;
-    const double ms = timer.elapsed_ms(nullptr, [&] { run_sparse_attention(traced); });
-    std::vector<uint64_t> trace(size_t(ctas) * kSparseAttentionTraceSlots);
-    d_trace.download(trace.data(), trace.size() * 8);
-    std::printf("  %s: %.1f us (events)\n", pair ? "pair" : "plain", ms * 1e3);
-    print_trace(pair ? "pair" : "plain", trace, ctas, tiles);
-  }
+  run_sparse_attention(call);  // warm-up, untraced
+  call.d512_trace = d_trace.as<uint64_t>();
+  d_trace.fill_bytes(0);
+  DSV4_CUDA_CHECK(cudaMemsetAsync(flush, 0x11, flush_bytes));
+  StreamTimer timer;
+  const double ms = timer.elapsed_ms(nullptr, [&] { run_sparse_attention(call); });
+  std::vector<uint64_t> trace(size_t(ctas) * kSparseAttentionTraceSlots);
+  d_trace.download(trace.data(), trace.size() * 8);
+  std::printf("  %.1f us (events)\n", ms * 1e3);
+  print_trace("traced", trace, ctas, tiles);
   std::fflush(stdout);
 }
 
@@ -901,11 +878,10 @@ int run(int argc, char** argv) {
   else if (route)
     std::printf("--route: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "
                 "prefill kernel, bf16 q; slots per query; routed = run_sparse_attention's defaults send the call to "
-                "the prefill kernel; pair = the decode call with d512_pair_merge_l2 (bf16 entries, two splits; bytes: its "
-                "output's bytes that differ from the decode call's)\n"
-                "%-6s %-4s %5s %8s %6s %8s %10s %8s %9s | %10s %8s %9s | %8s %7s | %8s %8s %9s %6s\n",
+                "the prefill kernel\n"
+                "%-6s %-4s %5s %8s %6s %8s %10s %8s %9s | %10s %8s %9s | %8s %7s\n",
                 "model", "kind", "batch", "context", "slots", "splits", "decode us", "%floor", "cpu err", "prefill us",
-                "%floor", "cpu err", "speedup", "routed", "pair us", "%floor", "cpu err", "bytes");
+                "%floor", "cpu err", "speedup", "routed");
   else
     std::printf("GB/s and %%copy count KV bytes (combine-kernel merge); %%total adds q read, output written and split "
               "partials; floor = max(KV bytes at copy rate, flops at cuBLAS rate); bound us = HCA under the 1M slot "
@@ -919,16 +895,13 @@ int run(int argc, char** argv) {
               "bf16q us", "cpu err", "cl.err", "bf16q err", "cl16p us", "cl16p err");
   bool check_failed = false;
   const auto record_route = [&](const RouteResult& r) {
-    const bool failed = !(r.decode_cpu_error <= kCpuCheckLimit && r.prefill_cpu_error <= kCpuCheckLimit &&
-                          r.pair_cpu_error <= kCpuCheckLimit && r.pair_differing == 0);
+    const bool failed = !(r.decode_cpu_error <= kCpuCheckLimit && r.prefill_cpu_error <= kCpuCheckLimit);
     check_failed = check_failed || failed;
-    std::printf("%-6s %-4s %5d %8lld %6d %5s%3d %10.1f %7.1f%% %9.1e | %10.1f %7.1f%% %9.1e | %7.2fx %7s | %8.1f "
-                "%7.1f%% %9.1e %6zu%s\n",
+    std::printf("%-6s %-4s %5d %8lld %6d %5s%3d %10.1f %7.1f%% %9.1e | %10.1f %7.1f%% %9.1e | %7.2fx %7s%s\n",
                 r.model.c_str(), r.layout.c_str(), r.batch, static_cast<long long>(r.context), r.slots,
                 r.head_split ? "hs" : "", r.splits, r.decode_us, 100.0 * r.floor_us / r.decode_us, r.decode_cpu_error,
                 r.prefill_us, 100.0 * r.floor_us / r.prefill_us, r.prefill_cpu_error, r.decode_us / r.prefill_us,
-                r.routed ? "yes" : "no", r.pair_us, r.pair_us > 0 ? 100.0 * r.floor_us / r.pair_us : 0.0,
-                r.pair_cpu_error, r.pair_differing, failed ? "  CPU CHECK FAILED" : "");
+                r.routed ? "yes" : "no", failed ? "  CPU CHECK FAILED" : "");
     std::fflush(stdout);
     routes.push_back(r);
   };

@@ -317,52 +317,6 @@ TEST(SparseAttention, D512TwoWavesSplitsAndEpilogues) {
                   seed++);
 }
 
-// Two cluster-merged splits handing their partials over through L2 (SparseAttentionParams::d512_pair_merge_l2) give
-// the same bytes as the distributed shared-memory merge: per-query counts (a split past a query's count: no tiles),
-// a query with no entries, a padded head block (48 heads), Pro's two head blocks with bf16 q and output.
-TEST(SparseAttention, D512PairMergeL2SameBits) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 170;
-  AttentionCase counts{"flash csa 2 splits counts", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100, 129},
-                       1, 2, AttentionDtype::F32, AttentionDtype::Bf16, true};
-  counts.counts = true;
-  AttentionCase empty{"flash empty query", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 64, {20, 900}, 1, 2};
-  empty.empty_query = true;
-  const std::vector<AttentionCase> cases = {
-      {"flash csa 2 splits", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 2},
-      counts,
-      empty,
-      {"h48 2 splits", KvEntryFormat::Bf16, 512, 64, 48, 128, 128, 256, {700, 1500}, 1, 2},
-      {"pro csa 2 splits bf16 io", KvEntryFormat::Bf16, 512, 64, 128, 128, 128, 512, {5000}, 2, 2,
-       AttentionDtype::Bf16, AttentionDtype::Bf16}};
-  for (const AttentionCase& c : cases) {
-    SCOPED_TRACE(c.name);
-    SparseAttentionCaseData data;
-    ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed++, data));
-    SparseAttentionParams call = data.call;
-    call.head_split = false;
-    call.prefill_kernel = false;
-    call.cluster_merge = true;
-    int splits = 0;
-    compare_with_cpu(c, true, call, data.expected, data.magnitude);
-    const std::vector<uint8_t> shared = run_call(c, true, call, splits);
-    SparseAttentionParams pair = call;
-    pair.d512_pair_merge_l2 = true;
-    compare_with_cpu(c, true, pair, data.expected, data.magnitude);
-    const std::vector<uint8_t> through_l2 = run_call(c, true, pair, splits);
-    ASSERT_EQ(shared.size(), through_l2.size());
-    size_t differing = 0, first = shared.size();
-    for (size_t b = 0; b < shared.size(); ++b)
-      if (shared[b] != through_l2[b]) {
-        ++differing;
-        first = std::min(first, b);
-      }
-    EXPECT_EQ(differing, 0u) << "bytes differ (splits " << splits << "), the first at byte " << first;
-    std::printf("  %-28s splits=%d pair through L2: %zu of %zu bytes differ\n", c.name, splits, differing,
-                shared.size());
-  }
-}
-
 // A traced head_dim 512 launch (SparseAttentionParams::d512_trace, bench_cuda_attention --trace) matches the CPU and
 // leaves each CTA's marks in order: one split and a 3-split cluster merge with per-query counts (a split past a
 // query's count has no tiles), Pro's two head blocks.

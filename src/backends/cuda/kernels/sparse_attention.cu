@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdlib>
 #include <limits>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -92,9 +91,9 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
 
 // Lets a head_dim 512 kernel take its shared memory and launch clusters above the portable 8 CTAs (sizes the device
 // cannot hold still get 0 from the occupancy query).
-template <bool kFp8, bool kTrace, bool kPairMergeL2 = false>
+template <bool kFp8, bool kTrace>
 void set_d512_attributes() {
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace, kPairMergeL2>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace>;
   DSV4_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D512Layout<kFp8>::kAllocationBytes));
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
@@ -144,8 +143,6 @@ ClusterLimits d512_device_limits() {
   return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false, false>), [] {
     set_d512_attributes<false, false>();
     set_d512_attributes<false, true>();
-    set_d512_attributes<false, false, true>();
-    set_d512_attributes<false, true, true>();
     set_d512_attributes<true, false>();
     constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the larger of the two entry formats'
     static_assert(kBytes >= D512Layout<true>::kAllocationBytes, "the bf16 layout is the larger");
@@ -160,27 +157,11 @@ bool merges_in_cluster(const SparseAttentionParams& p) {
   return p.cluster_merge && p.splits > 1 && p.splits <= largest_d512_cluster() && use_d512_kernel(p);
 }
 
-// Whether a call's two cluster-merged splits hand their partials over through L2 (SparseAttentionParams::
-// d512_pair_merge_l2, or DSV4_ATTENTION_PAIR_MERGE_L2=1 in the environment for every call on bf16 entries).
-bool d512_pair_merge_l2(const SparseAttentionParams& p) {
-  static const bool by_environment = [] {
-    const char* value = std::getenv("DSV4_ATTENTION_PAIR_MERGE_L2");
-    return value != nullptr && value[0] == '1';
-  }();
-  return (p.d512_pair_merge_l2 || (by_environment && p.cache.layout.format == KvEntryFormat::Bf16)) &&
-         merges_in_cluster(p) && p.splits == 2;
-}
-
-// The L2 pair merge's workspace: a region per CTA (kPairRegionVectors float4).
-size_t pair_merge_workspace_bytes(const SparseAttentionParams& p) {
-  return size_t(p.tokens) * size_t((p.heads + kD512Heads - 1) / kD512Heads) * 2 * kPairRegionVectors * 16;
-}
-
-template <bool kFp8, bool kTrace = false, bool kPairMergeL2 = false>
+template <bool kFp8, bool kTrace = false>
 void launch_d512(const SparseAttentionParams& p) {
   constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace, kPairMergeL2>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace>;
   d512_device_limits();  // the kernel's attributes on this device
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const bool cluster = merges_in_cluster(p);
@@ -337,13 +318,6 @@ void check_sparse_attention_params(const SparseAttentionParams& p) {
                                     head_split_splits(p) == 0 && !uses_prefill_kernel(p)),
         "sparse_attention: a traced launch (d512_trace) needs a call that the head_dim 512 kernel serves on bf16 "
         "entries");
-  check(!p.d512_pair_merge_l2 || p.cache.layout.format == KvEntryFormat::Bf16,
-        "sparse_attention: d512_pair_merge_l2 needs bf16 entries");
-  check(!d512_pair_merge_l2(p) || head_split_splits(p) > 0 || uses_prefill_kernel(p) ||
-            (p.workspace != nullptr && reinterpret_cast<uintptr_t>(p.workspace) % 16 == 0 &&
-             p.workspace_bytes >= pair_merge_workspace_bytes(p)),
-        "sparse_attention: d512_pair_merge_l2 needs a 16-byte aligned workspace of ", pair_merge_workspace_bytes(p),
-        " bytes (has ", p.workspace_bytes, ")");
   check(p.head_split_tiles >= 0 && p.head_split_tiles <= kSparseAttentionHeadSplitMaxTiles,
         "sparse_attention: head_split_tiles ", p.head_split_tiles, " outside [0, ", kSparseAttentionHeadSplitMaxTiles,
         "]");
@@ -366,13 +340,12 @@ void run_sparse_attention(const SparseAttentionParams& p) {
     return run_sparse_attention_prefill(call);
   }
   if (use_d512_kernel(p)) {
-    const bool pair = d512_pair_merge_l2(p);
     if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
       launch_d512<true>(p);
     else if (p.d512_trace != nullptr)
-      pair ? launch_d512<false, true, true>(p) : launch_d512<false, true>(p);
+      launch_d512<false, true>(p);
     else
-      pair ? launch_d512<false, false, true>(p) : launch_d512<false>(p);
+      launch_d512<false>(p);
     if (!merges_in_cluster(p)) launch_combine(p);
     return;
   }

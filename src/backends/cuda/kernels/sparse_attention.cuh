@@ -600,6 +600,12 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   arrival, not by the consumers' chain (session 21 read that chain as the pace; shortening it moved nothing).
 //   The 2-split cluster merge (same trace): loop end 21.4 µs, partial written 22.0, first cluster barrier 22.6,
 //   merge factors ready 26.3 (the first batch's remote loads in flight, the peers' stats), output stored 30.8.
+//   Round s22-2: the two splits' halves handed over through L2 instead (each CTA wrote the 64 KB of accumulators
+//   whose rows its peer merges to the workspace in fragment order, one release / acquire cluster barrier, the peer's
+//   half staged into the free KV stages by cp.async and merged with the registers; same bits, test passed) was level:
+//   Flash CSA 64K b64 30.4 → 30.5 µs, Flash HCA 4K b64 18.9 → 19.0 (round 1: 31.3 → 30.8, 18.8 → 18.8): the
+//   bytes (64 KB a CTA each way, 8 MB of fp32 output at b64) cost as much through L2 as through the SM-to-SM
+//   network. A warm-L2 trace (no flush; Flash CSA 64K b64) keeps the tile pace at 1.429 µs against 1.493 cold.
 
 inline constexpr int kD512HeadDim = 512;
 inline constexpr int kD512Heads = 64;  // one wgmma M
@@ -622,9 +628,6 @@ inline constexpr int kMergeRowBf16 = kD512HeadDim + 8;       // the same for bf1
 // read, this CTA's merge factors [head][split] (up to kSparseAttentionMaxClusterSplits per head) and its inverse-RoPE
 // table.
 inline constexpr int kMergeStatsOffset = 0, kMergeScaleOffset = 512, kMergeRopeOffset = 8192;
-// L2 pair merge: a CTA's workspace region holds, for the 128 fragments (consumer threads) whose rows its peer merges,
-// 32 float4 of accumulators each, then their (max, sum) pairs: [33][kPairFragments] float4.
-inline constexpr int kPairFragments = kWarpgroupThreads, kPairRegionVectors = 33 * kPairFragments;
 static_assert(kD512ProducerRegisters * kWarpgroupThreads + 2 * kD512ConsumerRegisters * kWarpgroupThreads <= 65536,
               "register budget of one SM");
 
@@ -1046,24 +1049,19 @@ __device__ __forceinline__ void d512_cluster_merge_for(const SparseAttentionPara
     d512_cluster_merge<L, 16, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2, tracer);
 }
 
-// barrier.cluster.arrive with release semantics: the thread's global writes before it are visible to the threads of
-// the cluster after their barrier.cluster.wait.acquire.
-__device__ __forceinline__ void d512_cluster_arrive_release() {
-  asm volatile("barrier.cluster.arrive.release;\n" ::: "memory");
-}
-
-// The epilogue of a consumer thread (one split, or the L2 pair merge): its fragment rows (heads head[0], head[1]),
-// values(n, v) giving step n's normalised v[4] (v[e]: row e / 2, dim dim0 + 8n + e % 2), rotated back where they are
-// rope dims (factors from rope_table), stored as Out (float or bf16); steps below kRopeFrom have no rope dims (24:
-// rope_dim ≤ 64, the DSV4 layouts; 0: any). The row pointers and the output type are fixed before the unrolled loop and only the rope steps
+// The single-split epilogue of a consumer thread: its fragment rows (heads head[0], head[1])
+// times their 1 / denominator, dims dim0 + 8n, +1 (n < 32) rotated back where they are rope dims (factors from
+// rope_table), stored as Out (float or bf16); steps below kRopeFrom have no rope dims (24: rope_dim ≤ 64, the DSV4
+// layouts; 0: any). The row pointers and the output type are fixed before the unrolled loop and only the rope steps
 // carry the rotation, so a step is a few multiplies and two stores: the generic fragment store (the dtype test and
 // the rope test with its rotation in every step) made this ≈ 28 KB of straight-line code, a quarter of the kernel's
 // warp samples in ncu (round s19-1, Flash CSA 64K batch 256), mostly instruction-fetch stalls; most of them were
 // warps with nothing else to do: the kernel gained 0.5-2 % (round s19-2, H200, bf16 entries, batch 256: 84.3 → 83.9
 // µs with bulk copies, 80.1 → 78.5 with 64-entry steps; Pro CSA batch 64 40.1 → 39.5).
-template <class Out, int kRopeFrom, class Values>
+template <class Out, int kRopeFrom>
 __device__ __forceinline__ void d512_store_output(const SparseAttentionParams& p, int64_t t, const int (&head)[2],
-                                                  int dim0, Values&& values, bool rope,
+                                                  int dim0, const float (&o_acc)[128],
+                                                  const float (&inverse_denominator)[2], bool rope,
                                                   const RopeFactors* rope_table) {
   const int nope_dim = p.cache.layout.nope_dim;
   Out* row[2];
@@ -1078,7 +1076,8 @@ __device__ __forceinline__ void d512_store_output(const SparseAttentionParams& p
 #pragma unroll
   for (int n = 0; n < 32; ++n) {
     float v[4];
-    values(n, v);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = o_acc[4 * n + e] * inverse_denominator[e / 2];
     if (n >= kRopeFrom && 8 * n >= first_rope) {
       const RopeFactors f = rope_table[(dim0 + 8 * n - nope_dim) / 2];
       rope_rotate_pair(v[0], v[1], f, true);
@@ -1096,9 +1095,8 @@ __device__ __forceinline__ void d512_store_output(const SparseAttentionParams& p
 }
 
 // L: the CTA's D512Layout (its entry format); kTrace: consumer 0's thread 0 marks its phases
-// (SparseAttentionTraceMark); kPairMergeL2: two splits in a cluster merged through L2
-// (SparseAttentionParams::d512_pair_merge_l2; cluster_merge is then set).
-template <class L, bool kTrace, bool kPairMergeL2>
+// (SparseAttentionTraceMark).
+template <class L, bool kTrace>
 __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, const CtaWork& work,
                                              bool cluster_merge) {
   // Read through a shuffle so the compiler knows it is warp-uniform: the wgmma descriptors derived from it then stay
@@ -1275,7 +1273,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 2);
   }
 
-  if (cluster_merge && !kPairMergeL2) {
+  if (cluster_merge) {
     // Both consumers are done with Q, the KV stages and the exchange buffers: the partial and the tables overlay them.
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
     if (rope && thread256 < layout.rope_dim / 2)
@@ -1311,7 +1309,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     return;
   }
 
-  if (p.splits > 1 && !kPairMergeL2) {
+  if (p.splits > 1) {
     // Unnormalised partial output and its (max, sum); sparse_attention_combine_kernel merges the splits.
     float* partial_out = static_cast<float*>(p.workspace);
     float2* partial_stats =
@@ -1329,7 +1327,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     return;
   }
 
-  float inverse_denominator[2];  // one split's
+  float inverse_denominator[2];
   inverse_softmax_denominators(sink_log2, row_max, row_sum, inverse_denominator);
   // The inverse RoPE's factors once per CTA, a pair per thread (rope_dim ≤ 512), into the exchange buffer (free once
   // both consumers have left the loop): evaluating sincos inside the unrolled store loop below cost each thread eight
@@ -1342,90 +1340,17 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   }
   const int dim0 = dim_base + 2 * c;
   const bool last64 = layout.nope_dim >= kD512HeadDim - 64;  // rope dims only in steps 24-31
-  const auto store_output = [&](auto&& values) {
-    if (p.out_dtype == AttentionDtype::F32) {
-      if (last64)
-        d512_store_output<float, 24>(p, t, head, dim0, values, rope, rope_table);
-      else
-        d512_store_output<float, 0>(p, t, head, dim0, values, rope, rope_table);
-    } else {
-      if (last64)
-        d512_store_output<__nv_bfloat16, 24>(p, t, head, dim0, values, rope, rope_table);
-      else
-        d512_store_output<__nv_bfloat16, 0>(p, t, head, dim0, values, rope, rope_table);
-    }
-  };
-
-  if constexpr (kPairMergeL2) {
-    // Two splits merged through L2 (SparseAttentionParams::d512_pair_merge_l2): split s merges heads
-    // [32s, 32s + 32), the fragment rows of warps 2s and 2s + 1 of both consumers. A thread whose rows are the peer's
-    // writes its accumulators and (max, sum) pairs to this CTA's region of the workspace (kPairRegionVectors float4,
-    // a warp's 32 lanes one 512-byte run per vector) and leaves; a thread whose rows are this CTA's reads the
-    // same fragment of the peer's region after the cluster barrier (release / acquire at cluster scope orders the
-    // global writes) and merges it with its own registers as the distributed shared-memory merge does (the factors of
-    // merge_factors, summed in split order: same bits), then stores like the single-split epilogue. No partial
-    // crosses shared memory and no CTA waits for its peer's reads.
-    static_assert(33 * kPairFragments * 16 <= L::kKvStages * kKvStageBytes, "the peer's fragments fit the KV stages");
-    // Both consumers are past their last MMA before the KV stages are overwritten (the rope table's barriers
-    // order that otherwise).
-    if (!rope) sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
-    const bool own_rows = warp / 2 == split;
-    const int fragment = consumer * 64 + (warp % 2) * 32 + lane;
-    float4* region = static_cast<float4*>(p.workspace) +
-                     int64_t(own_rows ? blockIdx.x ^ 1u : blockIdx.x) * kPairRegionVectors + fragment;
-    if (!own_rows) {
-#pragma unroll
-      for (int n = 0; n < 32; ++n)
-        region[n * kPairFragments] = make_float4(o_acc[4 * n], o_acc[4 * n + 1], o_acc[4 * n + 2], o_acc[4 * n + 3]);
-      region[32 * kPairFragments] = make_float4(row_max[0], row_sum[0], row_max[1], row_sum[1]);
-      if (tracer) d512_trace_mark(p, kD512TraceMergeWritten);
-      d512_cluster_arrive_release();
-      if (tracer) d512_trace_mark(p, kD512TraceEnd);
-      return;
-    }
-    d512_cluster_arrive_release();
-    sm90::cluster_wait_acquire();
-    if (tracer) d512_trace_mark(p, kD512TraceMergeSynced);
-    // The peer's fragment into the KV stages (free after the loop) by cp.async.cg: all 33 loads in flight at once
-    // without registers (the accumulators hold 128), read at L2 (no L1 line of an earlier launch can answer); a
-    // thread reads back only what it copied.
-    const float4* staged = reinterpret_cast<const float4*>(smem + L::kKv) + fragment;
-#pragma unroll
-    for (int n = 0; n <= 32; ++n)
-      ptx::cp_async_or_zero<16>(shared_address(staged + n * kPairFragments), region + n * kPairFragments, true);
-    ptx::cp_async_commit();
-    ptx::cp_async_wait<0>();
-    const float4 peer_stats = staged[32 * kPairFragments];
-    float factor[2][2];  // [row][split]
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float2 stats[2];
-      stats[split] = make_float2(row_max[r], row_sum[r]);
-      stats[1 - split] = r == 0 ? make_float2(peer_stats.x, peer_stats.y) : make_float2(peer_stats.z, peer_stats.w);
-      merge_factors(stats, sink_log2[r], factor[r]);
-    }
-    if (tracer) d512_trace_mark(p, kD512TraceMergeFactors);
-    store_output([&](int n, float (&v)[4]) {
-      const float4 q = staged[n * kPairFragments];
-      const float peer[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float by_split[2] = {split == 0 ? o_acc[4 * n + e] : peer[e], split == 0 ? peer[e] : o_acc[4 * n + e]};
-        float x = 0.0f;
-#pragma unroll
-        for (int s = 0; s < 2; ++s) x += factor[e / 2][s] * by_split[s];
-        v[e] = x;
-      }
-    });
-    if (tracer) d512_trace_mark(p, kD512TraceMergeStored);
-    if (tracer) d512_trace_mark(p, kD512TraceEnd);
-    return;
+  if (p.out_dtype == AttentionDtype::F32) {
+    if (last64)
+      d512_store_output<float, 24>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
+    else
+      d512_store_output<float, 0>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
+  } else {
+    if (last64)
+      d512_store_output<__nv_bfloat16, 24>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
+    else
+      d512_store_output<__nv_bfloat16, 0>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
   }
-
-  store_output([&](int n, float (&v)[4]) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) v[e] = o_acc[4 * n + e] * inverse_denominator[e / 2];
-  });
   if (tracer) d512_trace_mark(p, kD512TraceEnd);
 }
 
@@ -1461,14 +1386,12 @@ __device__ __forceinline__ void d512_prefetch_inputs(const SparseAttentionParams
   }
 }
 
-// kTrace (bf16 entries only): the CTA's phases marked in p.d512_trace; kPairMergeL2 (bf16 entries only): see
-// d512_consume.
-template <bool kFp8, bool kTrace, bool kPairMergeL2 = false>
+// kTrace (bf16 entries only): the CTA's phases marked in p.d512_trace.
+template <bool kFp8, bool kTrace>
 __global__ void __launch_bounds__(kD512Threads, 1)
     sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                  const bool cluster_merge) {
   static_assert(!(kFp8 && kTrace), "traces are bf16 entries'");
-  static_assert(!(kFp8 && kPairMergeL2), "the L2 pair merge is bf16 entries' A/B");
   using L = D512Layout<kFp8>;
   if (kTrace && threadIdx.x == 0) d512_trace_mark(p, kD512TraceStart);
   allow_dependents();
@@ -1499,15 +1422,13 @@ __global__ void __launch_bounds__(kD512Threads, 1)
       d512_produce_fp8(p, smem, work.t, split_slot_range(p, work.t, work.split));
     else
       d512_produce_bf16<kTrace>(p, smem, work.t, split_slot_range(p, work.t, work.split));
-    if (kPairMergeL2) {  // the producer warps take part in the consumers' cluster barrier
-      sm90::cluster_arrive_relaxed();
-    } else if (cluster_merge) {  // ... in their two cluster barriers
+    if (cluster_merge) {  // the producer warps take part in the consumers' two cluster barriers
       sm90::cluster_sync();
       sm90::cluster_sync_relaxed();
     }
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
-    d512_consume<L, kTrace, kPairMergeL2>(p, smem, work, cluster_merge);
+    d512_consume<L, kTrace>(p, smem, work, cluster_merge);
   }
 }
 

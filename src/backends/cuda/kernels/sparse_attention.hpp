@@ -144,12 +144,6 @@ struct SparseAttentionParams {
   // 256 78.4 → 83.8: not routed) and wins from 2176 (batch 128 105.2 → 98.6, 256 202.0 → 187.6; 8320 slots batch 128
   // 351.6 → 312.2); two (Pro) win from 640 (batch 64 41.4 → 39.2, 128 76.1 → 72.4; 2176 slots batch 64 103.2 → 90.0).
   bool prefill_kernel_decode = true;
-  // A/B for GPU round s22-2 (removed with the loser): two splits merged in a cluster (the head_dim 512 kernel, bf16
-  // entries) hand the peer's half of their partial over through the workspace in L2 instead of distributed shared
-  // memory: each CTA writes the 64 KB whose rows its peer merges, one cluster barrier, each reads its peer's half;
-  // same bits. Needs the workspace (sparse_attention_workspace_bytes of the call's splits); other split counts merge
-  // as before. DSV4_ATTENTION_PAIR_MERGE_L2=1 in the environment turns it on for every such call on bf16 entries.
-  bool d512_pair_merge_l2 = false;
   // Traced launch (bench_cuda_attention --trace; bf16 entries on the head_dim 512 kernel, else refused): each CTA
   // stores %globaltimer marks of its phases (SparseAttentionTraceMark) in its kSparseAttentionTraceSlots words here.
   uint64_t* d512_trace = nullptr;
