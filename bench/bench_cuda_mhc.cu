@@ -30,7 +30,6 @@
 #include <random>
 #include <string>
 #include <string_view>
-#include <utility>
 #include <vector>
 
 // The phase marks of the traced copy of the single-cluster kernel: CTA thread 0 (the projection warps' marks) and the
@@ -519,21 +518,17 @@ int main(int argc, char** argv) {
         };
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
-        // Round s22-2 A/B at the persistent kernel's sizes: `body` recorded with the launcher's switches set (lean
-        // slice sums: DSV4_MHC_LEAN; X tiles asked of L2 ahead: DSV4_MHC_L2_PREFETCH), then the default once more.
+        // Round s22-3 A/B at the persistent kernel's sizes: `body` with the session start's slice sums
+        // (DSV4_MHC_PLAIN_SUMS), then the default once more.
         const bool persistent_sized = T > kAutoClusterPerTileMaxTokens;
         const auto record_switches = [&](const char* op, const auto& body, double bytes) {
           if (!persistent_sized) return;
-          const std::pair<const char*, const char*> switches[] = {
-              {"DSV4_MHC_LEAN", "1"}, {"DSV4_MHC_L2_PREFETCH", "2"}, {"DSV4_MHC_L2_PREFETCH", "4"}};
-          for (const auto& [name, value] : switches) {
-            setenv(name, value, 1);
-            record((std::string(op) + " (" + name + "=" + value + ")").c_str(), body, bytes, 0.0);
-            unsetenv(name);
-          }
+          setenv("DSV4_MHC_PLAIN_SUMS", "1", 1);
+          record((std::string(op) + " (DSV4_MHC_PLAIN_SUMS=1: session start)").c_str(), body, bytes, 0.0);
+          unsetenv("DSV4_MHC_PLAIN_SUMS");
           record((std::string(op) + " (default again)").c_str(), body, bytes, 0.0);
         };
-        // The lean kernel's outputs against the default's (set 0), byte for byte.
+        // The default's outputs against the session start's sums (set 0), byte for byte.
         const auto lean_same_bits = [&](const char* what, const auto& body,
                                         std::initializer_list<const DeviceBuffer*> buffers) {
           if (!persistent_sized) return;
@@ -548,11 +543,11 @@ int main(int argc, char** argv) {
             }
             return all;
           };
-          const std::vector<unsigned char> plain = bytes();
-          setenv("DSV4_MHC_LEAN", "1", 1);
           const std::vector<unsigned char> lean = bytes();
-          unsetenv("DSV4_MHC_LEAN");
-          std::printf("%s T=%lld: %s with DSV4_MHC_LEAN: %s\n", model, (long long)T, what,
+          setenv("DSV4_MHC_PLAIN_SUMS", "1", 1);
+          const std::vector<unsigned char> plain = bytes();
+          unsetenv("DSV4_MHC_PLAIN_SUMS");
+          std::printf("%s T=%lld: %s against DSV4_MHC_PLAIN_SUMS's: %s\n", model, (long long)T, what,
                       plain == lean ? "byte-identical" : "DIFFERENT BYTES");
         };
         record_switches("hc_pre", hc_pre, pre_bytes);
@@ -639,12 +634,6 @@ int main(int argc, char** argv) {
           run_post_pre(set(i), HcKernelChoice::PERSISTENT_WARP_SPECIALIZED, false);
         };
         record("hc_post_pre (warp-specialized persistent kernel, one launch)", roles_post_pre, post_pre_bytes, 0.0);
-        if (T >= kAutoWarpSpecializedPostPreMinTokens) {
-          setenv("DSV4_MHC_LEAN", "1", 1);
-          record("hc_post_pre (in place) (DSV4_MHC_LEAN=1)", hc_post_pre, post_pre_bytes, 0.0);
-          unsetenv("DSV4_MHC_LEAN");
-          record("hc_post_pre (in place) (default again)", hc_post_pre, post_pre_bytes, 0.0);
-        }
         if (tile_clusters_sized) {
           const auto persistent = [&](int i) { run_post_pre(set(i), HcKernelChoice::PERSISTENT, false); };
           record("hc_post_pre (persistent kernel)", persistent, post_pre_bytes, 0.0);

@@ -112,7 +112,7 @@ int prepare_resident_ctas(const void* kernel, int threads, size_t smem_bytes) {
 }
 
 template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant = mhc::ProjectionVariant::kShared,
-          bool kLean = false>
+          bool kLean = kVariant == mhc::ProjectionVariant::kShared>
 void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
   const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant, kLean>;
   constexpr int kThreads = mhc::projection_cta_threads(kSliceDims, kVariant);
@@ -161,25 +161,20 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
                                            .box_rows = mhc::kStagedBoxRows,
                                            .swizzle = CU_TENSOR_MAP_SWIZZLE_128B},
                                           op);
-  // A/B switches for GPU round s22-2 (read per launch): the lean slice sums, X tiles asked of L2 ahead.
-  const bool lean = std::getenv("DSV4_MHC_LEAN") != nullptr;
-  const char* prefetch = std::getenv("DSV4_MHC_L2_PREFETCH");
-  args.l2_prefetch_tiles = prefetch != nullptr ? std::atoi(prefetch) : 0;
   if constexpr (kPost) {
     if (warp_specialized_serves(choice, args.hidden, multiprocessors)) {
       args.slices = int(ceil_div(args.hidden, 64));
-      if (lean)
-        return launch_projection<false, true, 64, mhc::ProjectionVariant::kRoles, true>(args, multiprocessors, stream,
-                                                                                        op);
       return launch_projection<false, true, 64, mhc::ProjectionVariant::kRoles>(args, multiprocessors, stream, op);
     }
   }
-  constexpr auto kShared = mhc::ProjectionVariant::kShared;
-  if (config.slice_dims == 64) {
-    if (lean) return launch_projection<kHead, kPost, 64, kShared, true>(args, multiprocessors, stream, op);
-    return launch_projection<kHead, kPost, 64>(args, multiprocessors, stream, op);
+  // A/B switch for GPU round s22-3 only (read per launch): kShared with the session start's slice sums.
+  if (std::getenv("DSV4_MHC_PLAIN_SUMS") != nullptr) {
+    constexpr auto kShared = mhc::ProjectionVariant::kShared;
+    if (config.slice_dims == 64)
+      return launch_projection<kHead, kPost, 64, kShared, false>(args, multiprocessors, stream, op);
+    return launch_projection<kHead, kPost, 32, kShared, false>(args, multiprocessors, stream, op);
   }
-  if (lean) return launch_projection<kHead, kPost, 32, kShared, true>(args, multiprocessors, stream, op);
+  if (config.slice_dims == 64) return launch_projection<kHead, kPost, 64>(args, multiprocessors, stream, op);
   launch_projection<kHead, kPost, 32>(args, multiprocessors, stream, op);
 }
 

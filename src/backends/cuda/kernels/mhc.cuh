@@ -204,7 +204,6 @@ struct ProjectionArgs : SiteArgs {
   unsigned* header;                // [0] launch epoch, [1] finished CTAs
   unsigned long long* sums;        // [tiles][partial rows][16] tagged: Σ over the slices
   unsigned long long* partials;    // [tiles][S][partial rows][16] tagged
-  int l2_prefetch_tiles;           // round s22-2 A/B: X tiles asked of L2 this many tiles before their load (0: none)
 };
 
 __device__ inline float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
@@ -290,16 +289,6 @@ __device__ __noinline__ void load_x_tile(float* stage, uint64_t* barrier, const 
   for (int box = 0; box < kBoxes; ++box)
     sm90::tma_load_2d(stage + box * kStagedBoxRows * kStagedBoxFloats, map, barrier, column + box * kStagedBoxFloats,
                       row);
-}
-
-// Asks L2 for one X tile's boxes (as load_x_tile's) without loading them: no shared memory, no completion.
-template <int kBoxes>
-__device__ __noinline__ void prefetch_x_tile(const CUtensorMap* map, int column, int row) {
-#pragma unroll
-  for (int box = 0; box < kBoxes; ++box)
-    asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"(map),
-                 "r"(column + box * kStagedBoxFloats), "r"(row)
-                 : "memory");
 }
 
 // 16 bytes global → shared by cp.async (L2 only: X is streamed once).
@@ -441,7 +430,7 @@ __device__ __forceinline__ float butterfly_sum(float v, int lanes) {
 }
 
 // butterfly_sum's value, bit for bit, with every level's shuffle issued and its add selected: no branch, so no
-// divergence check per level (round s22-2 A/B: the lean persistent kernel's slice sums).
+// divergence check per level (the persistent kernel's slice sums; see hc_projection_kernel's kLean).
 __device__ __forceinline__ float butterfly_sum_unbranched(float v, int lanes) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
@@ -661,10 +650,13 @@ static __device__ __noinline__ float sum_slice_words_slowly(const unsigned long 
   return sum;
 }
 
-// kLean (round s22-2 A/B): the slice sums' words read through one pointer and stride per lane, and their butterfly
-// without a branch per level (same bits).
+// kLean (kShared's default): the slice sums' words read through one pointer and stride per lane, and their butterfly
+// without a branch per level (same bits). H200, 4096 tokens, round s22-2, same process: V4-Flash hc_pre 194.4 / 195.5
+// -> 190.9 µs, hc_head 133.4 / 133.4 -> 125.2; V4-Pro 372.7 / 371.8 -> 365.3, 253.8 / 254.0 -> 237.0; on kRoles (at
+// its 128-register cap) slower: hc_post_pre 316.1 / 317.4 -> 321.0, V4-Pro 581.7 / 577.8 -> 587.0, so kRoles keeps the
+// plain sums. kLean false on kShared: round s22-3's A/B only (DSV4_MHC_PLAIN_SUMS).
 template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared,
-          bool kLean = false>
+          bool kLean = kVariant == ProjectionVariant::kShared>
 __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const __grid_constant__ ProjectionArgs args) {
@@ -909,12 +901,6 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   g, t4, mine);
     sync();
     if (refill >= 0) load_tile(refill);
-    if constexpr (!kRoles) {
-      // Round s22-2 A/B: the tile the refill takes l2_prefetch_tiles iterations later, asked of L2 now.
-      const int ahead = j + kStages - kCollapseLag - 1 + args.l2_prefetch_tiles;
-      if (tile_loader && args.l2_prefetch_tiles > 0 && ahead >= kStages && ahead < count)
-        prefetch_x_tile<kBoxes>(&args.x_map, i0, tile_of(ahead) * kStagedBoxRows);
-    }
     unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
     // Every item's loads before the first sum's adds (a loop over the items waited for each item's loads).
     constexpr int kItemsPerThread = (kPartialFloats + kThreads - 1) / kThreads;
