@@ -8,9 +8,8 @@
 // per clock), the speed-up over today's path, and the largest difference between the two outputs over the largest
 // |output| (FAIL above 2^-6: both round q and P to bf16, in other orders); and the prefill kernel once more with q in
 // bf16 (bf16q: the same MMA input, half the q bytes), also with SparseAttentionPrefillOptions::prefetch_resolved
-// (+pf). Round s22-2's A/B on the bf16-q call: tiles, bulk and both (SparseAttentionPrefillOptions::tile_arrival
-// and bulk_stores, bits checked against the plain call); noKV: the same call with every slot unused (the producer
-// zero-fills its buffers without reading an entry: the kernel's time without KV traffic).
+// (+pf), and with every slot unused (noKV: the producer zero-fills its buffers without reading an entry, the kernel's
+// time without KV traffic).
 // Decode: batch 64 and 256 (one query per sequence, each sequence its own pages) in the SWA (128 window slots, 4K
 // context), CSA (128 + 512 random compressed rows of 64K / 4) and HCA (128 + all 512 compressed rows of 64K / 128)
 // layouts, both models, both entry formats, q in bf16 and fp32 out (the engine's decode call): the kernel without and
@@ -21,10 +20,10 @@
 // Entries are fill_random_entries' (finite, no NaN codes); prefill q is a hash of its positions.
 // --quick: the prefill cases without today's path and the comparison with it (the kernel's variants only).
 // --trace: each prefill case's bf16-q call once more as a traced launch (SparseAttentionPrefillOptions::trace, after an
-// L2 flush), plain, with tile arrival and with bulk stores: medians over the CTAs of each phase of a CTA's timeline
-// (start to Q staged, entries resolved, first data, first scores, each pair, the epilogue's staging and stores), of
-// the gap between consecutive CTAs on one SM, and per pair of the late half's release and arrival and consumer 1's wait
-// for the max (%globaltimer ticks 0.256 µs on the H200).
+// L2 flush): medians over the CTAs of each phase of a CTA's timeline (start to Q staged, entries resolved, first data,
+// first scores, each pair, the epilogue's staging and stores), of the gap between consecutive CTAs on one SM, and per
+// pair of the late half's release, its first tile's arrival and consumer 1's wait for the max (%globaltimer ticks
+// 0.256 µs on the H200).
 // Usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE] [--trace] [--quick]. --part
 // runs one part; --only runs the one case named (prefill MODEL:FORMAT:CONTEXT, e.g. flash:bf16:8192,
 // pro:fp8-reference:65536; decode MODEL:LAYOUT:BATCH:FORMAT, e.g. flash:csa:256:bf16; for a profiler). Exit status 1
@@ -119,14 +118,12 @@ double median(std::vector<double> values) {
 }
 
 // One traced launch of `call` (L2 flushed first): medians of its CTAs' phases in µs.
-void print_trace(const SparseAttentionParams& call, SparseAttentionPrefillOptions options, const char* label,
-                 int64_t ctas, int pairs, void* flush, size_t flush_bytes) {
+void print_trace(const SparseAttentionParams& call, int64_t ctas, int pairs, void* flush, size_t flush_bytes) {
     const size_t words = size_t(ctas) * kPrefillTraceWarps * kPrefillTraceSlots;
   DeviceBuffer trace(words * 8, "trace");
   trace.fill_bytes(0);
   DSV4_CUDA_CHECK(cudaMemsetAsync(flush, 0x5A, flush_bytes));
-  options.trace = trace.as<uint64_t>();
-  run_sparse_attention_prefill(call, options);
+  run_sparse_attention_prefill(call, {.prefetch_resolved = PrefetchResolved::Off, .trace = trace.as<uint64_t>()});
   synchronize_or_exit("sparse_attention_prefill (traced)");
   std::vector<uint64_t> w(words);
   trace.download(w.data(), words * 8);
@@ -164,14 +161,14 @@ void print_trace(const SparseAttentionParams& call, SparseAttentionPrefillOption
     std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.start < b.start; });
     for (size_t i = 1; i < spans.size(); ++i) gap.push_back(us(spans[i - 1].end, spans[i].start));
   }
-  std::printf("  trace%s (median µs from the CTA's start): Q staged %.2f, resolved %.2f, first copies issued %.2f, "
+  std::printf("  trace (median µs from the CTA's start): Q staged %.2f, resolved %.2f, first copies issued %.2f, "
               "first data %.2f, first scores %.2f\n  pairs:",
-              label, median(q), median(resolved), median(issued), median(first_data), median(first_scores));
+              median(q), median(resolved), median(issued), median(first_data), median(first_scores));
   for (const auto& p : pair) std::printf(" %.2f", median(p));
   std::printf("; last pair to epilogue %.2f, epilogue %.2f; CTA %.2f, gap to the SM's next CTA %.2f; span %.1f us\n",
               median(epilogue), median(tail), median(total), median(gap), us(first, last));
   // Pair i ≥ 1's late half (buffer 1, dims 0-255): consumer 0's end of pair i − 1 to its release, the release to
-  // consumer 1 having it, consumer 1 having it to consumer 0's max received.
+  // consumer 1 having its first tile, that to consumer 0's max received.
   std::printf("  late half by pair (end of pair i-1 -> released / released -> consumer 1 has it / has it -> max "
               "received):");
   for (int i = 1; i < std::min(pairs, prefill_trace::kConsumer1Pairs); ++i) {
@@ -201,10 +198,6 @@ struct Case {
   double old_us, new_us, old_tflops, new_tflops, percent_of_cublas, percent_of_peak, relative_difference;
   double bf16_q_us, bf16_q_tflops;  // the prefill kernel with q in bf16 (its MMA input: same result, half the bytes)
   double bf16_q_prefetch_us;        // the same with SparseAttentionPrefillOptions::prefetch_resolved
-  double bf16_q_tiles_us;           // the same with SparseAttentionPrefillOptions::tile_arrival
-  double bf16_q_bulk_us;            // the same with SparseAttentionPrefillOptions::bulk_stores
-  double bf16_q_both_us;            // the same with tile_arrival and bulk_stores
-  bool tiles_same;                  // both outputs bit for bit the plain one's
   double bf16_q_no_entries_us;      // the same call with every slot unused: no entry reads (the kernel's own floor)
 };
 
@@ -268,22 +261,6 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, plain); });
   const double bf16_q_prefetch_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, prefetch); });
-  DeviceBuffer tiles_out(outputs * 2, "prefill kernel out, tile arrival");
-  SparseAttentionParams tiles_call = prefill_bf16_q;
-  tiles_call.out = tiles_out.data();
-  const SparseAttentionPrefillOptions tiles{.prefetch_resolved = PrefetchResolved::Off, .tile_arrival = true};
-  const double tiles_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(tiles_call, tiles); });
-  DeviceBuffer bulk_out(outputs * 2, "prefill kernel out, bulk stores");
-  SparseAttentionParams bulk_call = prefill_bf16_q;
-  bulk_call.out = bulk_out.data();
-  const SparseAttentionPrefillOptions bulk{.prefetch_resolved = PrefetchResolved::Off, .bulk_stores = true};
-  const double bulk_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(bulk_call, bulk); });
-  DeviceBuffer both_out(outputs * 2, "prefill kernel out, tile arrival and bulk stores");
-  SparseAttentionParams both_call = prefill_bf16_q;
-  both_call.out = both_out.data();
-  const SparseAttentionPrefillOptions both{
-      .prefetch_resolved = PrefetchResolved::Off, .tile_arrival = true, .bulk_stores = true};
-  const double both_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(both_call, both); });
   // Every slot −1: the producer zero-fills its buffers without reading an entry (the diagnostic's floor).
   DeviceBuffer no_window(chunk.window_index.size() * 4, "no window index"),
       no_compressed(chunk.compressed_index.size() * 4, "no compressed index"),
@@ -297,21 +274,7 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   const double no_entries_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(no_entries, plain); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  bool tiles_same = false;
-  {
-    std::vector<uint16_t> a(outputs), b(outputs);
-    bf16_q_out.download(a.data(), outputs * 2);
-    tiles_out.download(b.data(), outputs * 2);
-    tiles_same = a == b;
-    bulk_out.download(b.data(), outputs * 2);
-    tiles_same = tiles_same && a == b;
-    both_out.download(b.data(), outputs * 2);
-    tiles_same = tiles_same && a == b;
-  }
-  if (trace)
-    for (const auto& [options, label] : {std::pair{plain, ""}, {tiles, " tiles"}, {bulk, " bulk"}})
-      print_trace(prefill_bf16_q, options, label, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush,
-                  flush_bytes);
+  if (trace) print_trace(prefill_bf16_q, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush, flush_bytes);
 
 
   Case r;
@@ -328,10 +291,6 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   r.bf16_q_us = bf16_q_ms * 1e3;
   r.bf16_q_tflops = flops / (bf16_q_ms * 1e9);
   r.bf16_q_prefetch_us = bf16_q_prefetch_ms * 1e3;
-  r.bf16_q_tiles_us = tiles_ms * 1e3;
-  r.tiles_same = tiles_same;
-  r.bf16_q_bulk_us = bulk_ms * 1e3;
-  r.bf16_q_both_us = both_ms * 1e3;
   r.bf16_q_no_entries_us = no_entries_ms * 1e3;
   r.percent_of_cublas = 100.0 * r.new_tflops / cublas_tflops;
   r.percent_of_peak = 100.0 * r.new_tflops / peak_tflops;
@@ -344,9 +303,8 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
 
 // The prefill kernel's variants timed on decode cases: without and with
 // SparseAttentionPrefillOptions::prefetch_resolved.
-constexpr int kDecodeVariants = 3;
-constexpr bool decode_variant_prefetch(int variant) { return variant >= 1; }
-constexpr bool decode_variant_tiles(int variant) { return variant == 2; }  // round s22-2's A/B
+constexpr int kDecodeVariants = 2;
+constexpr bool decode_variant_prefetch(int variant) { return variant == 1; }
 
 struct DecodeCase {
   std::string model, layout, format;
@@ -390,14 +348,12 @@ DecodeCase run_decode_case(const char* model, int heads, DecodeLayout kind, KvEn
     prefill.workspace = nullptr;
     prefill.workspace_bytes = 0;
     const SparseAttentionPrefillOptions options{
-        .prefetch_resolved = decode_variant_prefetch(v) ? PrefetchResolved::On : PrefetchResolved::Off,
-        .tile_arrival = decode_variant_tiles(v)};
+        .prefetch_resolved = decode_variant_prefetch(v) ? PrefetchResolved::On : PrefetchResolved::Off};
     new_out.fill_bytes(0xFF);
     run_sparse_attention_prefill(prefill, options);
     synchronize_or_exit("sparse_attention_prefill (decode)");
     new_out.download(got.data(), outputs * 4);
-    const std::string name = std::string(model) + " " + to_string(kind) + (decode_variant_prefetch(v) ? " +pf" : "") +
-                             (decode_variant_tiles(v) ? " tiles" : "");
+    const std::string name = std::string(model) + " " + to_string(kind) + (decode_variant_prefetch(v) ? " +pf" : "");
     r.relative_difference = std::max(r.relative_difference, relative_difference(expected, got, heads, name));
     r.us[v] = 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill, options); });
     if (r.us[v] < r.us[r.best]) r.best = v;
@@ -460,11 +416,9 @@ int run(int argc, char** argv) {
     std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = "
                 "run_sparse_attention\n",
                 static_cast<long long>(kTokens), kWindow, kTopK);
-    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s | %8s %8s %8s "
-                "%5s %8s\n",
-                "model", "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas",
-                "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "tiles us", "bulk us",
-                "both us", "bits", "noKV us");
+    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s %8s\n", "model",
+                "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas", "%peak",
+                "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "noKV us");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -474,15 +428,14 @@ int run(int argc, char** argv) {
           continue;
         const Case r = run_case(model, heads, format, context, cublas_tflops, peak_tflops, device.multiprocessors,
                                 flush.data(), flush_bytes, trace, quick, rng);
-        const bool agrees = r.relative_difference <= std::ldexp(1.0, -6) && r.tiles_same;
+        const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
         ok = ok && agrees;
         std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f "
-                    "%7.1f%% %8.1f | %8.1f %8.1f %8.1f %5s %8.1f%s\n",
+                    "%7.1f%% %8.1f %8.1f%s\n",
                     r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
                     r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
                     r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
-                    100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, r.bf16_q_tiles_us,
-                    r.bf16_q_bulk_us, r.bf16_q_both_us, r.tiles_same ? "same" : "DIFF", r.bf16_q_no_entries_us,
+                    100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, r.bf16_q_no_entries_us,
                     agrees ? "" : " FAIL");
         std::fflush(stdout);
         cases.push_back(r);
@@ -490,9 +443,9 @@ int run(int argc, char** argv) {
   std::vector<DecodeCase> decode_cases;
   if (decode_part) {
     std::printf("decode: one query per sequence, bf16 q, fp32 out; today = run_sparse_attention (decode kernels)\n");
-    std::printf("%-6s %-4s %5s %-13s %5s | %6s %9s %7s | %8s %8s %9s | %5s %7s %8s | %9s\n", "model", "kind",
-                "batch", "format", "slots", "splits", "today us", "%floor", "new us", "+pf us", "+pf tiles", "best",
-                "%floor", "speedup", "rel diff");
+    std::printf("%-6s %-4s %5s %-13s %5s | %6s %9s %7s | %8s %8s | %4s %7s %8s | %9s\n", "model", "kind", "batch",
+                "format", "slots", "splits", "today us", "%floor", "new us", "+pf us", "best", "%floor", "speedup",
+                "rel diff");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const DecodeLayout kind : {DecodeLayout::Swa, DecodeLayout::Csa, DecodeLayout::Hca})
@@ -507,11 +460,10 @@ int run(int argc, char** argv) {
           const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
           ok = ok && agrees;
           const double best_us = r.us[r.best];
-          std::printf("%-6s %-4s %5d %-13s %5d | %6d %9.1f %7.1f | %8.1f %8.1f %9.1f | %5s %7.1f %8.2f | %9.2e%s\n",
+          std::printf("%-6s %-4s %5d %-13s %5d | %6d %9.1f %7.1f | %8.1f %8.1f | %4s %7.1f %8.2f | %9.2e%s\n",
                       r.model.c_str(), r.layout.c_str(), r.batch, r.format.c_str(), r.slots, r.today_splits,
-                      r.today_us, r.today_percent_of_floor, r.us[0], r.us[1], r.us[2],
-                      decode_variant_tiles(r.best) ? "tiles" : decode_variant_prefetch(r.best) ? "+pf" : "-",
-                      100.0 * r.floor_us / best_us,
+                      r.today_us, r.today_percent_of_floor, r.us[0], r.us[1],
+                      decode_variant_prefetch(r.best) ? "+pf" : "-", 100.0 * r.floor_us / best_us,
                       r.today_us / best_us, r.relative_difference, agrees ? "" : " FAIL");
           decode_cases.push_back(r);
         }

@@ -88,10 +88,9 @@ void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const 
   EXPECT_EQ(checked.failures, 0) << checked.failures << " mismatches of " << out_elements;
   for (size_t b = out_elements * element_bytes; b < raw.size(); ++b)
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
-  std::printf("  %-28s %-13s T=%lld H=%d D=%d out+%zu%s%s%s: worst error/tolerance %.3f\n", c.name,
-              to_string(c.format), static_cast<long long>(T), H, D, offset_bytes,
-              options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "", options.tile_arrival ? " tiles" : "",
-              options.bulk_stores ? " bulk" : "", checked.worst);
+  std::printf("  %-28s %-13s T=%lld H=%d D=%d out+%zu%s: worst error/tolerance %.3f\n", c.name, to_string(c.format),
+              static_cast<long long>(T), H, D, offset_bytes,
+              options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "", checked.worst);
 }
 
 constexpr KvEntryFormat kFormats[] = {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16};
@@ -190,50 +189,6 @@ TEST(SparseAttentionPrefill, TracedLaunchMatchesCpu) {
     EXPECT_GT(c0[prefill_trace::kStart], 0u) << "CTA " << cta;
     for (size_t i = 1; i < std::size(marks); ++i)
       EXPECT_LE(c0[marks[i - 1]], c0[marks[i]]) << "CTA " << cta << " mark " << marks[i];
-  }
-}
-
-// Round s22-2's A/B: each 64-dim tile on its own mbarrier (chunks with odd block counts, per-query counts, padded heads
-// with a query without entries, 1-entry pages, decode with the L2 prefetch; fp8 and bf16 entries).
-TEST(SparseAttentionPrefill, TileArrivalMatchesCpu) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 600;
-  const SparseAttentionPrefillOptions tiles{.prefetch_resolved = PrefetchResolved::Off, .tile_arrival = true};
-  for (const KvEntryFormat format : kFormats) {
-    check_attention({"flash csa chunk bf16 io", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12,
-                     AttentionDtype::Bf16, AttentionDtype::Bf16},
-                    seed++, tiles);
-    AttentionCase hca{"flash hca chunk counts", format, 512, 64, 64, 128, 128, 100, {3000, 700}, 8};
-    hca.counts = true;
-    check_attention(hca, seed++, tiles);
-    check_attention({"h48 padded", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, AttentionDtype::Bf16,
-                     AttentionDtype::Bf16, true},
-                    seed++, tiles);
-    check_attention({"1-entry pages", format, 512, 64, 64, 16, 16, 150, {200, 50}, 2, AttentionDtype::F32,
-                     AttentionDtype::F32, false, 1},
-                    seed++, tiles);
-    check_attention({"pro csa decode", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 1, AttentionDtype::Bf16},
-                    seed++, {.prefetch_resolved = PrefetchResolved::On, .tile_arrival = true});
-  }
-}
-
-// Round s22-2's A/B: bf16 rows by bulk copies (out on a 16-byte boundary; 8 bytes past one: the threads' stores), with
-// tile arrival too; fp32 rows (the fragments' stores).
-TEST(SparseAttentionPrefill, BulkStoresMatchCpu) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 700;
-  const SparseAttentionPrefillOptions bulk{.prefetch_resolved = PrefetchResolved::Off, .bulk_stores = true};
-  for (const KvEntryFormat format : kFormats) {
-    check_attention({"flash csa chunk bf16 io", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12,
-                     AttentionDtype::Bf16, AttentionDtype::Bf16},
-                    seed++, bulk);
-    check_attention({"h48 padded", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, AttentionDtype::Bf16,
-                     AttentionDtype::Bf16, true},
-                    seed++, bulk);
-    check_attention({"pro csa chunk bf16 io", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 6,
-                     AttentionDtype::Bf16, AttentionDtype::Bf16},
-                    seed++, {.prefetch_resolved = PrefetchResolved::Off, .tile_arrival = true, .bulk_stores = true});
-    check_attention({"flash swa chunk", format, 512, 64, 64, 128, 160, 0, {40, 150}, 20}, seed++, bulk);
   }
 }
 

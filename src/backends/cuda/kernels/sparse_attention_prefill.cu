@@ -12,9 +12,9 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
-template <bool kFp8, bool kTrace, bool kTileArrival, bool kBulkStores>
+template <bool kFp8, bool kTrace>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace, kTileArrival, kBulkStores>;
+  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
@@ -62,20 +62,10 @@ void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAt
   if (p.tokens == 0) return;
   const int head_blocks = (p.heads + kHeads - 1) / kHeads;
   const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
-  const auto launch_variant = [&]<bool kTileArrival, bool kBulkStores>() {
-    if (options.trace != nullptr)
-      fp8 ? launch<true, true, kTileArrival, kBulkStores>(p, head_blocks, options)
-          : launch<false, true, kTileArrival, kBulkStores>(p, head_blocks, options);
-    else
-      fp8 ? launch<true, false, kTileArrival, kBulkStores>(p, head_blocks, options)
-          : launch<false, false, kTileArrival, kBulkStores>(p, head_blocks, options);
-  };
-  if (options.tile_arrival)
-    options.bulk_stores ? launch_variant.template operator()<true, true>()
-                        : launch_variant.template operator()<true, false>();
+  if (options.trace != nullptr)
+    fp8 ? launch<true, true>(p, head_blocks, options) : launch<false, true>(p, head_blocks, options);
   else
-    options.bulk_stores ? launch_variant.template operator()<false, true>()
-                        : launch_variant.template operator()<false, false>();
+    fp8 ? launch<true, false>(p, head_blocks, options) : launch<false, false>(p, head_blocks, options);
 }
 
 }  // namespace dsv4::cuda

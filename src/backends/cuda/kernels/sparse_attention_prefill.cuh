@@ -14,18 +14,29 @@
 //   4. O_w += P_other V_other[:, half w] from shared memory.
 // Consumer 0 issues the next pair's QKᵀ while its step 4 runs. The producer gathers entries by index (slot → logical
 // row → page → physical entry; the index loads a pair ahead of the page-table loads): bf16 entries by 16-byte
-// cp.async (zero-filled for unused slots) that arrive on the half's mbarrier when they land; fp8 entries through
-// registers, dequantised exactly to bf16 (e4m3 · 2^k). A consumer that waited on a half's barrier fences the
+// cp.async (zero-filled for unused slots), tile by tile, each 64-dim tile of a half arriving on its own mbarrier when
+// it lands (QKᵀ runs on a half's first tiles while the rest is in flight); fp8 entries through registers, dequantised
+// exactly to bf16 (e4m3 · 2^k), all tiles of a half at once. A consumer that waited on a tile's barrier fences the
 // async proxy before its wgmma reads the cp.async data. After its copies the producer also writes the inverse RoPE
 // factors, which only the consumers' epilogue reads. The epilogue stores fp32 output from the accumulator fragments,
-// bf16 output through the free KV buffers in whole rows.
+// bf16 output through the free KV buffers in whole rows with the streaming (evict-first) policy.
 // Numerics: q rounded to bf16; scores, softmax and accumulation fp32; P rounded to bf16 once (the row sums add the
 // rounded weights), rounded again only where a later block raises the row's maximum.
-// Where a CTA's time goes (H200, 4096 × 640 Flash, bf16 q and out, bench_cuda_attention_prefill --trace): its first
-// scores 5.9 µs after its start (entries resolved 3.1, Q staged 2.8, first data 4.35), pairs 4.1-4.35 µs (the last
-// 2.6), epilogue 3.3, 28.7 per CTA. Lost (session 21, same runs): a persistent grid overlapping the next item's Q and
-// entries with the current tail (907 → 1013 µs), 16-row release of the late halves (935), the first pair in
-// consumer 0's order with the look-ahead after it (927 → 949), four staged chunks per global-store batch (918: level).
+// Where a CTA's time goes (H200, 4096 × 640 Flash, bf16 q and out, bench_cuda_attention_prefill --trace, round s22-2):
+// first scores 5.6 µs after its start (entries resolved 3.3, Q staged 2.6), pairs 4.35 / 4.1 / 4.1 / 3.85 / 2.3 µs,
+// epilogue 2.8 (normalise and stage 1.5, stores 1.3), 27.4 per CTA; a pair's late half (buffer 1, dims 0-255) is
+// released 0.77 µs before consumer 0's pair ends and its first tile reaches consumer 1 0.5 µs later. With no entry
+// reads the kernel takes 820 µs against 883 (the KV traffic is 7 %); ncu: tensor pipe 39 % of the elapsed cycles,
+// issue 34 %, stalls per issued instruction long scoreboard 2.3, wait 1.6, barrier 1.0 (L2 throughput 23 %, DRAM 9 %):
+// the consumers' hand-offs, not the memory, set the pace. Lost (session 21, same runs): a persistent grid overlapping
+// the next item's Q and entries with the current tail (907 → 1013 µs), 16-row release of the late halves (935), the
+// first pair in consumer 0's order with the look-ahead after it (927 → 949), four staged chunks per global-store
+// batch (918: level). Session 22 (rounds 1-2, same runs, Flash 8K / Pro 8K / Flash 64K): the consumers exchanging
+// their blocks' maxima at once and both weighting against the pair's max (913.5 / 1790.1 / 944.4 against 915.2 /
+// 1796.3 / 939.7: level), the first half's copies before the look-ahead prefetches (912.9 / 1799.6 / 938.6; decode
+// Pro b64 39.9 → 41.0), consumer 1 releasing its own half before the P exchange (916.3 / 1804.8 / 935.9), one TMA bulk
+// copy per output row (905.0 / 1772.5 / 925.4 against streaming stores 895.5 / 1757.6 / 917.8; with an L2
+// evict-first hint 911.8 / 1789.7 / 937.1 against 905.2 / 1778.8 / 929.5).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -103,8 +114,7 @@ inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [32]: the
 inline constexpr int kSum = kMax + 32 * 8;                   // float2 [64]: the consumers' row sums
 inline constexpr int kRope = kSum + 64 * 8;                  // RopeFactors [kMaxRopePairs]
 inline constexpr int kPhysical = kRope + kMaxRopePairs * 8;  // int32 [2 × 4][producer thread]: its slots' entries
-// full[2][2], empty[2][2], valid[2], rope; with tile arrival (SparseAttentionPrefillOptions::tile_arrival) also
-// tile_full[2][2][3]
+// full[2][2], empty[2][2], valid[2], rope, tile_full[2][2][3]
 inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;
 inline constexpr int kBarrierCount = 11, kTileBarrierCount = 12;
 inline constexpr int kBytes = kBarriers + (kBarrierCount + kTileBarrierCount) * 8;
@@ -122,7 +132,7 @@ struct Barriers {
   __device__ __forceinline__ uint64_t* valid(int buffer) const { return base + 8 + buffer; }
   // The producer's inverse RoPE factors are in place.
   __device__ __forceinline__ uint64_t* rope_ready() const { return base + 10; }
-  // Tile arrival: the half's 64-dim tiles 0..tile landed (tile < 3; tile 3 is full()).
+  // The half's 64-dim tiles 0..tile landed (tile < 3; tile 3 is full()).
   __device__ __forceinline__ uint64_t* tile_full(int buffer, int half, int tile) const {
     return tile < kHalfTiles - 1 ? base + kBarrierCount + (buffer * 2 + half) * (kHalfTiles - 1) + tile
                                  : full(buffer, half);
@@ -160,7 +170,7 @@ __device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
 
 // Thread (row0, chunk) of the producer warpgroup moves the 16-byte chunk `chunk` (8 dims) of every 64-dim tile of
 // entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row.
-template <bool kFp8, bool kTrace, bool kTileArrival>
+template <bool kFp8, bool kTrace>
 __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int pairs,
                                         bool prefetch_resolved, const Barriers& barriers, int64_t ahead_t,
                                         int ahead_head_base, uint64_t* trace) {
@@ -205,8 +215,11 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   };
   const auto load_half = [&](int buffer, int half) {
     uint8_t* tiles = smem + kKv + buffer * kBufferBytes;
-    if constexpr (!kFp8 && kTileArrival) {
-      // Tile by tile over the four entries, each tile's barrier arriving once this thread's copies up to it landed.
+    if constexpr (!kFp8) {
+      // Tile by tile over the four entries, each tile's barrier arriving once this thread's copies up to it landed:
+      // QKᵀ starts on a half's first tile while the rest is in flight (round s22-2, same runs: Flash 8K 905.2 →
+      // 883.4 µs, Pro 8K 1778.8 → 1734.0, Flash 64K 929.5 → 907.1). An unused slot is zero-filled (its weight 0 must
+      // not meet a NaN); the source is then never read.
       const uint8_t* sources[4];
       uint32_t destinations[4];
       bool used[4];
@@ -225,20 +238,6 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
           ptx::cp_async_or_zero<16>(destinations[k] + uint32_t(tile * kTileBytes), sources[k] + tile * 128, used[k]);
         if (i < kHalfTiles - 1)
           ptx::cp_async_mbarrier_arrive_noinc(shared_address(barriers.tile_full(buffer, half, i)));
-      }
-    } else if constexpr (!kFp8) {
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int32_t entry_index = physical(buffer, k);
-        uint8_t* destination = tiles + swizzled(row0 + 16 * k, chunk);
-        // An unused slot is zero-filled (its weight 0 must not meet a NaN); the source is then never read.
-        const uint8_t* source = entry_index >= 0 ? p.cache.entry_address(entry_index) + chunk * 16 : p.cache.pool;
-#pragma unroll
-        for (int i = 0; i < kHalfTiles; ++i) {
-          const int tile = half * kHalfTiles + i;
-          ptx::cp_async_or_zero<16>(shared_address(destination + tile * kTileBytes), source + tile * 128,
-                                    entry_index >= 0);
-        }
       }
     } else {
       // The four entries' loads first, branch-free (an unused slot reads the pool's first entry and stores zeros), so
@@ -291,10 +290,9 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   const auto publish_half = [&](int buffer, int half) {
     if constexpr (kFp8) {
       sm90::fence_proxy_async_shared();  // the consumers' wgmma reads these generic stores
-      // Tile arrival: fp8 entries land through registers all at once; every tile barrier arrives with the half.
-      if constexpr (kTileArrival)
+      // fp8 entries land through registers all at once: every tile barrier arrives with the half.
 #pragma unroll
-        for (int i = 0; i < kHalfTiles - 1; ++i) sm90::mbarrier_arrive(barriers.tile_full(buffer, half, i));
+      for (int i = 0; i < kHalfTiles - 1; ++i) sm90::mbarrier_arrive(barriers.tile_full(buffer, half, i));
       sm90::mbarrier_arrive(barriers.full(buffer, half));
     } else {
       ptx::cp_async_mbarrier_arrive_noinc(shared_address(barriers.full(buffer, half)));
@@ -383,16 +381,15 @@ __device__ __forceinline__ void wait_full(uint64_t* barrier, uint32_t parity) {
   if constexpr (!kFp8) sm90::fence_proxy_async_shared();
 }
 
-// s (+)= Q K_bufferᵀ over the four 64-dim tiles of `half`; with tile arrival each tile once it landed (its barrier's
-// phase `parity`), else the caller waited for the whole half.
-template <bool kFp8, bool kTileArrival>
+// s (+)= Q K_bufferᵀ over the four 64-dim tiles of `half`, each once it landed (its barrier's phase `parity`).
+template <bool kFp8>
 __device__ __forceinline__ void qk_half(float (&s)[32], const uint8_t* smem, int buffer, int half, bool first,
                                         const Barriers& barriers, uint32_t parity) {
   const uint64_t q = sm90::make_sw128_k_major_descriptor(smem + kQ);
   const uint64_t k = sm90::make_sw128_k_major_descriptor(smem + kKv + buffer * kBufferBytes);
 #pragma unroll
   for (int i = 0; i < kHalfTiles; ++i) {
-    if constexpr (kTileArrival) wait_full<kFp8>(barriers.tile_full(buffer, half, i), parity);
+    wait_full<kFp8>(barriers.tile_full(buffer, half, i), parity);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       const uint32_t offset = uint32_t((half * kHalfTiles + i) * kTileBytes + kk * 32);
@@ -509,7 +506,7 @@ __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
   return row * row_bytes + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
-template <bool kFp8, bool kTrace, bool kTileArrival, bool kBulkStores>
+template <bool kFp8, bool kTrace>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
                                         const Barriers& barriers, uint64_t* trace) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
@@ -570,12 +567,13 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
 
   if (consumer == 0) {
     if (pairs > 0) {
-      if constexpr (!kTileArrival) wait_full<kFp8>(barriers.full(0, 0), 0);
-      trace_point<kTrace>(trace, prefill_trace::kFirstData);
+      if constexpr (kTrace) {
+        wait_full<kFp8>(barriers.tile_full(0, 0, 0), 0);
+        trace_point<kTrace>(trace, prefill_trace::kFirstData);
+      }
       sm90::wgmma_fence();
-      qk_half<kFp8, kTileArrival>(s, smem, 0, 0, true, barriers, 0);
-      if constexpr (!kTileArrival) wait_full<kFp8>(barriers.full(0, 1), 0);
-      qk_half<kFp8, kTileArrival>(s, smem, 0, 1, false, barriers, 0);
+      qk_half<kFp8>(s, smem, 0, 0, true, barriers, 0);
+      qk_half<kFp8>(s, smem, 0, 1, false, barriers, 0);
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(s);
@@ -611,16 +609,14 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       pv_shared(o, other_p, smem, 1, 0);
       if (i + 1 < pairs) {
         // The next pair's scores run on the tensor cores behind this PV.
-        if constexpr (!kTileArrival) wait_full<kFp8>(barriers.full(0, 0), parity ^ 1);
         sm90::wgmma_fence();
-        qk_half<kFp8, kTileArrival>(s, smem, 0, 0, true, barriers, parity ^ 1);
+        qk_half<kFp8>(s, smem, 0, 0, true, barriers, parity ^ 1);
         sm90::wgmma_commit_group();
         sm90::wgmma_wait_group<1>();
         sm90::fence_operand(o);
         sm90::mbarrier_arrive(barriers.empty(1, 0));
-        if constexpr (!kTileArrival) wait_full<kFp8>(barriers.full(0, 1), parity ^ 1);
         sm90::wgmma_fence();
-        qk_half<kFp8, kTileArrival>(s, smem, 0, 1, false, barriers, parity ^ 1);
+        qk_half<kFp8>(s, smem, 0, 1, false, barriers, parity ^ 1);
         sm90::wgmma_commit_group();
         sm90::wgmma_wait_group<0>();
         sm90::fence_operand(s);
@@ -635,12 +631,13 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   } else {
     for (int i = 0; i < pairs; ++i) {
       const uint32_t parity = i & 1;
-      if constexpr (!kTileArrival) wait_full<kFp8>(barriers.full(1, 1), parity);
       sm90::wgmma_fence();
-      qk_half<kFp8, kTileArrival>(s, smem, 1, 1, true, barriers, parity);
-      if constexpr (!kTileArrival) wait_full<kFp8>(barriers.full(1, 0), parity);
-      if (i < prefill_trace::kConsumer1Pairs) trace_point<kTrace>(trace, prefill_trace::kLastHalfArrived + i);
-      qk_half<kFp8, kTileArrival>(s, smem, 1, 0, false, barriers, parity);
+      qk_half<kFp8>(s, smem, 1, 1, true, barriers, parity);
+      if (kTrace && i < prefill_trace::kConsumer1Pairs) {
+        wait_full<kFp8>(barriers.tile_full(1, 0, 0), parity);
+        trace_point<kTrace>(trace, prefill_trace::kLastHalfArrived + i);
+      }
+      qk_half<kFp8>(s, smem, 1, 0, false, barriers, parity);
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(s);
@@ -709,15 +706,11 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   // prefill, bf16 q and out: 976 → 935 µs; staging fp32 rows was slower on decode batches, 84.0 → 86.1 µs), with
   // the streaming (evict-first) policy: the 64 KB a CTA writes then leaves the entries and q rows that later CTAs
   // read in L2 (round s22-1, same runs: Flash 8K 915.2 → 895.5 µs, Pro 8K 1796.3 → 1757.6, Flash 64K 939.7 →
-  // 917.8; one TMA bulk copy per row instead: 905.0 / 1772.5 / 925.4).
-  // Bulk stores (SparseAttentionPrefillOptions::bulk_stores, out 16-byte aligned) read linear rows kBulkRowBytes
-  // apart (the 16 extra bytes put the eight rows of a fragment store in different banks).
+  // 917.8; one TMA bulk copy per row instead: 905.0 / 1772.5 / 925.4, in round s22-2 with an L2 evict-first hint
+  // against the streaming stores: 911.8 / 1789.7 / 937.1 vs 905.2 / 1778.8 / 929.5).
   uint8_t* staging = smem + kKv;
-  constexpr int row_bytes = kHeadDim * 2, row_chunks = row_bytes / 16, kBulkRowBytes = row_bytes + 16;
-  static_assert(kHeads * kBulkRowBytes <= 2 * kBufferBytes, "bf16 output rows fit the two KV buffers");
-  const auto staged_at = [&](int row, int byte) {
-    return kBulkStores ? row * kBulkRowBytes + byte : staged_offset(row, row_bytes, byte);
-  };
+  static_assert(kHeads * kHeadDim * 2 <= 2 * kBufferBytes, "bf16 output rows fit the two KV buffers");
+  constexpr int row_bytes = kHeadDim * 2, row_chunks = row_bytes / 16;
 #pragma unroll
   for (int n = 0; n < 32; ++n) {
     const int dim = dim_base + 8 * n + 2 * c;
@@ -733,33 +726,17 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     for (int r = 0; r < 2; ++r) {
       const int row = 16 * warp + g + 8 * r;
       const uint32_t packed = pack_bf16x2(v[2 * r], v[2 * r + 1]);
-      *reinterpret_cast<uint32_t*>(staging + staged_at(row, dim * 2)) = packed;
+      *reinterpret_cast<uint32_t*>(staging + staged_offset(row, row_bytes, dim * 2)) = packed;
     }
   }
-  if constexpr (kBulkStores) sm90::fence_proxy_async_shared();  // the bulk copies read the staged rows
   sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
   trace_point<kTrace>(trace, prefill_trace::kStaged);
   uint8_t* out = static_cast<uint8_t*>(p.out) + (t * p.heads + head_base) * int64_t(row_bytes);
   const bool aligned16 = (reinterpret_cast<uintptr_t>(p.out) & 15) == 0;
   const int rows = min(kHeads, p.heads - head_base);
-  if (kBulkStores && aligned16) {
-    // One row per thread, evict-first in L2; the shared memory stays until the copies have read it.
-    if (thread256 < rows) {
-      uint64_t policy;
-      asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-      asm volatile("cp.async.bulk.global.shared::cta.bulk_group.L2::cache_hint [%0], [%1], %2, %3;\n" ::"l"(
-                       out + int64_t(thread256) * row_bytes),
-                   "r"(shared_address(staging + thread256 * kBulkRowBytes)), "r"(row_bytes), "l"(policy)
-                   : "memory");
-      asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-      asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-    }
-    trace_point<kTrace>(trace, prefill_trace::kEnd);
-    return;
-  }
   for (int i = thread256; i < rows * row_chunks; i += 2 * kWarpgroup) {
     const int row = i / row_chunks, byte = (i % row_chunks) * 16;
-    const uint4 value = *reinterpret_cast<const uint4*>(staging + staged_at(row, byte));
+    const uint4 value = *reinterpret_cast<const uint4*>(staging + staged_offset(row, row_bytes, byte));
     uint8_t* destination = out + int64_t(row) * row_bytes + byte;
     if (aligned16) {
       __stcs(reinterpret_cast<uint4*>(destination), value);
@@ -771,7 +748,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
 
-template <bool kFp8, bool kTrace, bool kTileArrival, bool kBulkStores>
+template <bool kFp8, bool kTrace>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                     const int resident_ctas, const bool prefetch_resolved, uint64_t* trace) {
@@ -785,8 +762,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     // full: every producer thread (its cp.async arrival or its stores); empty: the releasing consumer's threads;
     // valid, rope_ready: every producer thread.
-    for (int i = 0; i < kBarrierCount + (kTileArrival ? kTileBarrierCount : 0); ++i)
-      sm90::mbarrier_init(barriers.base + i, kWarpgroup);
+    for (int i = 0; i < kBarrierCount + kTileBarrierCount; ++i) sm90::mbarrier_init(barriers.base + i, kWarpgroup);
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
@@ -797,11 +773,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The CTA that starts about when this one ends: one per SM is resident (resident_ctas), launched in order.
     const int64_t ahead = int64_t(blockIdx.x) + resident_ctas;
     const bool ahead_exists = ahead < p.tokens * head_blocks;
-    produce<kFp8, kTrace, kTileArrival>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers,
+    produce<kFp8, kTrace>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers,
                           ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8, kTrace, kTileArrival, kBulkStores>(p, smem, t, head_block * kHeads, barriers, trace);
+    consume<kFp8, kTrace>(p, smem, t, head_block * kHeads, barriers, trace);
   }
 }
 

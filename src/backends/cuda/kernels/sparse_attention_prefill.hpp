@@ -49,7 +49,7 @@ inline constexpr int kResolved = 1, kFirstIssued = 2;
 inline constexpr int kPairEnd = 4, kPairs = 8;  // consumer 0: pair i < kPairs done (its last wait)
 // producer: pair i < kPairs's last half (buffer 1, dims 0-255) released to it by consumer 0's PV of the pair before
 inline constexpr int kLastHalfReleased = 4;
-// consumer 1, pair i < kConsumer1Pairs: that half arrived (its second QKᵀ half may start), consumer 0's max received
+// consumer 1, pair i < kConsumer1Pairs: that half's first tile arrived, consumer 0's max received
 inline constexpr int kLastHalfArrived = 4, kMaxReceived = 8, kConsumer1Pairs = 4;
 inline constexpr int kEpilogue = 12, kEnd = 13, kSm = 15;
 inline constexpr int kStaged = 14;  // consumers, bf16 output: the rows staged in shared memory (before their stores)
@@ -58,14 +58,6 @@ inline constexpr int kStaged = 14;  // consumers, bf16 output: the rows staged i
 // Variants of the kernel that a benchmark compares on the same call.
 struct SparseAttentionPrefillOptions {
   PrefetchResolved prefetch_resolved = PrefetchResolved::Auto;
-  // A/B (round s22-2): each 64-dim tile of a half lands on its own mbarrier (bf16 entries: the producer copies tile by
-  // tile), so that QKᵀ starts on a half's first tile while the rest is in flight (round s22-1's trace: a pair's late
-  // half reaches consumer 1 0.77 µs after its release; with no entry reads the kernel is 9 % faster).
-  bool tile_arrival = false;
-  // A/B (round s22-2): bf16 rows leave by one TMA bulk copy per row with an L2 evict-first hint (out 16-byte aligned;
-  // else the threads' streaming stores), instead of the threads' streaming stores (round s22-1: bulk copies without
-  // the hint 905.0 µs, threads' plain stores 915.2, streaming 895.5).
-  bool bulk_stores = false;
   // Traced launch: tokens × head blocks × kPrefillTraceWarps × kPrefillTraceSlots words (nullptr: untraced kernel).
   uint64_t* trace = nullptr;
 };
