@@ -26,7 +26,7 @@
 // first scores 5.6 µs after its start (entries resolved 3.3, Q staged 2.6), pairs 4.35 / 4.1 / 4.1 / 3.85 / 2.3 µs,
 // epilogue 2.8 (normalise and stage 1.5, stores 1.3), 27.4 per CTA; a pair's late half (buffer 1, dims 0-255) is
 // released 0.77 µs before consumer 0's pair ends and its first tile reaches consumer 1 0.5 µs later. With no entry
-// reads the kernel takes 820 µs against 883 (the KV traffic is 7 %); ncu: tensor pipe 39 % of the elapsed cycles,
+// reads the kernel before tile arrival took 820 µs against 905 (KV traffic 9 %); ncu: tensor pipe 39 % of the cycles,
 // issue 34 %, stalls per issued instruction long scoreboard 2.3, wait 1.6, barrier 1.0 (L2 throughput 23 %, DRAM 9 %):
 // the consumers' hand-offs, not the memory, set the pace. Lost (session 21, same runs): a persistent grid overlapping
 // the next item's Q and entries with the current tail (907 → 1013 µs), 16-row release of the late halves (935), the
