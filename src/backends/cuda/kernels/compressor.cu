@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <bit>
-#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/compressor.cuh"
@@ -241,23 +240,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .lean_teams = lean_teams,
                               .rows = entries,
                               .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1)),
-                              .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2,
-                              .prefetch_ahead = 0,
-                              .update_sources_early = false};
-}
-
-// Round s22-2's A/B switches: DSV4_COMPRESSOR_LEAN_PREFETCH=N (CTAs ahead), DSV4_COMPRESSOR_UPDATE_EARLY=0 (off).
-int env_int(const char* name, int otherwise) {
-  const char* v = std::getenv(name);
-  return v == nullptr ? otherwise : std::atoi(v);
-}
-
-void set_prefetch_switches(compressor::PoolArgs& pool, CompressorSlotLoads loads) {
-  static const int ahead = env_int("DSV4_COMPRESSOR_LEAN_PREFETCH", 0);
-  static const bool update_early = env_int("DSV4_COMPRESSOR_UPDATE_EARLY", 1) == 1;
-  const bool lean = loads == CompressorSlotLoads::Lean;  // 16-byte aligned rows (lean_refusal)
-  pool.prefetch_ahead = lean ? ahead : 0;
-  pool.update_sources_early = lean && update_early;
+                              .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2};
 }
 
 // The pools' launch, with the indexer's query preparation when `prepare` is given (checked by the caller).
@@ -278,14 +261,9 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   compressor::LaunchArgs launch{};
   int hardware_cluster = 1, threads = 0;
   size_t smem = 0;
-  // Round s22-2's A/B switch DSV4_COMPRESSOR_LAST_POOL_FIRST=1: the launch's last pool's CTAs first (a CSA layer's
-  // indexer compressor, whose CTAs live longest, then ends no lean launch).
-  static const bool last_first = env_int("DSV4_COMPRESSOR_LAST_POOL_FIRST", 0) == 1;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const CompressorParams& p = params[last_first ? params.size() - 1 - i : i];
+  for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;
-    compressor::PoolArgs pool = pool_args(p, loads);
-    set_prefetch_switches(pool, loads);
+    const compressor::PoolArgs pool = pool_args(p, loads);
     launch.pools[launch.pool_count++] = pool;
     hardware_cluster = std::max(hardware_cluster, pool.cluster_ctas);
     threads = lean ? compressor::kLeanThreads : std::max(threads, pool.pairs_padded * pool.groups);
@@ -330,10 +308,8 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
         "compressor: a traced decode launch needs the registers slot loads");
   check(!traced || ctas <= params[0].trace_ctas, "compressor: a traced launch of ", ctas, " CTAs, its trace holds ",
         params[0].trace_ctas);
-  static const bool old_ape = env_int("DSV4_COMPRESSOR_LEAN_OLD_APE", 0) == 1;  // round s22-2's A/B
-  const auto kernel = lean            ? (traced    ? compressor::compressor_kernel<false, Lean, true>
-                                         : old_ape ? compressor::compressor_kernel<false, Lean, false, true>
-                                                   : compressor::compressor_kernel<false, Lean>)
+  const auto kernel = lean            ? (traced ? compressor::compressor_kernel<false, Lean, true>
+                                                : compressor::compressor_kernel<false, Lean>)
                       : slice_updates ? (staged   ? compressor::compressor_kernel<true, Staged>
                                          : traced ? compressor::compressor_kernel<true, Registers, true>
                                                   : compressor::compressor_kernel<true, Registers>)

@@ -40,7 +40,6 @@
 #include "backends/cuda/kernels/compressor.hpp"
 #include "backends/cuda/kernels/indexer.cuh"
 #include "backends/cuda/kernels/kv_insert.cuh"
-#include "backends/cuda/kernels/moe_prefetch.cuh"
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
@@ -136,11 +135,6 @@ struct PoolArgs {
   FastDivisor team_div;
   // Lean CSA windows of ratio 4 wholly in the run take straight-line loads (load_csa_window).
   bool lean_csa_windows;
-  // Round s22-2's A/B switches: a lean CTA asks L2 for the window of the entry prefetch_ahead CTAs on (0: none;
-  // DSV4_COMPRESSOR_LEAN_PREFETCH=N); update_sources_early: the run's last entry row asks L2 for the rows of the run's
-  // new state and the ticket update loads each thread's items in one batch (DSV4_COMPRESSOR_UPDATE_EARLY=0: off).
-  int prefetch_ahead;
-  bool update_sources_early;
 };
 
 struct LaunchArgs {
@@ -590,8 +584,8 @@ __device__ __forceinline__ EarlyUpdate load_early_update(const PoolArgs& a, cons
 }
 
 // One part of the update (kWindow: the window's slots, else the previous halves) by every thread of the CTA, from
-// item `first` of the thread (kEarly: its first items already in `early`), kBatch loads before their stores.
-template <bool kWindow, bool kEarly, int kBatch = kUpdateBatch>
+// item `first` of the thread (kEarly: its first items already in `early`), kUpdateBatch loads before their stores.
+template <bool kWindow, bool kEarly>
 __device__ __forceinline__ void update_part(const PoolArgs& a, const RunView& r, const StateUpdate& u, int items,
                                             int stride, int first, const SlotValue (&early)[kEarlyItems]) {
   if (kEarly) {
@@ -600,45 +594,26 @@ __device__ __forceinline__ void update_part(const PoolArgs& a, const RunView& r,
     for (int k = 0; k < kEarlyItems; ++k)
       if (thread + k * stride < items) store_item<kWindow>(a, r, u, thread + k * stride, early[k]);
   }
-  for (int i0 = first; i0 < items; i0 += kBatch * stride) {
-    SlotValue value[kBatch];
+  for (int i0 = first; i0 < items; i0 += kUpdateBatch * stride) {
+    SlotValue value[kUpdateBatch];
 #pragma unroll
-    for (int k = 0; k < kBatch; ++k) value[k] = load_item<kWindow>(a, r, u, min(i0 + k * stride, items - 1));
+    for (int k = 0; k < kUpdateBatch; ++k) value[k] = load_item<kWindow>(a, r, u, min(i0 + k * stride, items - 1));
 #pragma unroll
-    for (int k = 0; k < kBatch; ++k)
+    for (int k = 0; k < kUpdateBatch; ++k)
       if (i0 + k * stride < items) store_item<kWindow>(a, r, u, i0 + k * stride, value[k]);
   }
 }
 
 // The whole update by every thread of the CTA: the previous halves, then (after a barrier: their sources may be old
 // window slots) the window's.
-template <bool kEarly, int kBatch = kUpdateBatch>
+template <bool kEarly>
 __device__ void update_state(const PoolArgs& a, const RunView& r, const StateUpdate& u, const EarlyUpdate& early) {
   const int stride = int(blockDim.x), first = int(threadIdx.x) + (kEarly ? kEarlyItems * stride : 0);
   if (u.previous_items > 0) {
-    update_part<false, kEarly, kBatch>(a, r, u, u.previous_items, stride, first, early.previous);
+    update_part<false, kEarly>(a, r, u, u.previous_items, stride, first, early.previous);
     __syncthreads();
   }
-  update_part<true, kEarly, kBatch>(a, r, u, u.window_items, stride, first, early.window);
-}
-
-// The rows of the run's new state (the last completed window's first halves for CSA, the incomplete window's slots)
-// that lie in the run asked of L2, one bulk prefetch per row of kv and of gate by `thread` (< 4 · ratio of them): the
-// run's last ticket then loads them from L2 (GPU round s22-1, H200, 4096-token chunk: the CSA main compressor's last
-// CTA spent 6.0 µs on the update after its stores, the indexer's 3.7, out of a 28.8 µs launch). 16-byte aligned rows.
-__device__ __forceinline__ void prefetch_update_sources(const PoolArgs& a, const RunView& r, int thread) {
-  const StateUpdate u = plan_state_update(a, r, 0, true);
-  const int previous_rows = u.previous_items > 0 ? int(a.ratio) : 0;
-  const int window_rows = int(r.start + r.tokens - u.window_from);
-  const int row = thread >> 1;
-  const float* source = (thread & 1) != 0 ? r.gate : r.kv;
-  if (row < previous_rows) {
-    const int64_t q = u.previous_base + row;
-    if (q >= r.start) moe::prefetch_l2_bulk(source + (q - r.start) * a.row_stride, uint32_t(a.c) * 4);
-  } else if (row - previous_rows < window_rows) {
-    const int64_t q = u.window_from + (row - previous_rows);
-    moe::prefetch_l2_bulk(source + (q - r.start) * a.row_stride, uint32_t(width_of(a)) * 4);
-  }
+  update_part<true, kEarly>(a, r, u, u.window_items, stride, first, early.window);
 }
 
 // Where CTA `local` of pool `a` sits (CTAs are [run][entry of the run][cluster rank]; past a.ctas: padding of the last
@@ -972,7 +947,6 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
 inline constexpr int kLeanThreads = 128;
 inline constexpr int kLeanSlots = 2 * kSlotBatch;
 inline constexpr int kLeanMaxTeams = kLeanThreads / 32;
-inline constexpr int kLeanUpdateBatch = 8;
 
 // A thread's four consecutive channels, loaded as one 16-byte access.
 struct Quad {
@@ -1017,21 +991,10 @@ __device__ __forceinline__ float window_softmax(const float (&value)[kSlots], co
   return num / den;
 }
 
-// Adds slot v's ape (at `offset` from `ape`) to its scores as it loads, so that no ape quad stays live beside the
-// window (GPU round s22-1, H200: 160 -> 140 registers, same bits; ape loads chained behind their scores to reach four
-// CTAs per SM at 128 registers lost: the CSA pair's 4096-token chunk 23.62 vs 23.30 µs, 24.47 with spills).
-__device__ __forceinline__ void add_ape(const float* ape, int offset, Quad (&score)[kLeanSlots], int v) {
-  const Quad bias = load_quad(ape + offset);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) score[v].v[i] += bias.v[i];
-}
-
 // A CSA window of ratio 4 wholly in the run, for the thread's channels: its 8 consecutive rows from `kv` / `gate` (the
-// window's first row at the thread's channel; second halves c columns on), the scores with their ape from `ape` (row
-// 0 at the channel) added, in the visit order lean_slot(·, kGroups): offsets known at compile time but for the row
-// stride and c.
-// kOldApe: round s22-2's A/B of the session start's order (the ape quads apart, added where the softmax reads them).
-template <int kGroups, bool kOldApe>
+// window's first row at the thread's channel; second halves c columns on) and their ape from `ape` (row 0 at the
+// channel), in the visit order lean_slot(·, kGroups): offsets known at compile time but for the row stride and c.
+template <int kGroups>
 __device__ __forceinline__ void load_csa_window(const float* kv, const float* gate, const float* ape, int row_stride,
                                                 int c, Quad (&value)[kLeanSlots], Quad (&score)[kLeanSlots],
                                                 Quad (&bias)[kLeanSlots]) {
@@ -1045,17 +1008,13 @@ __device__ __forceinline__ void load_csa_window(const float* kv, const float* ga
 #pragma unroll
   for (int v = 0; v < kLeanSlots; ++v) {
     const int s = lean_slot(v, kGroups);
-    const int offset = s >= kRatio ? (s - kRatio) * 2 * c + c : s * 2 * c;
-    if constexpr (kOldApe)
-      bias[v] = load_quad(ape + offset);
-    else
-      add_ape(ape, offset, score, v);
+    bias[v] = load_quad(ape + (s >= kRatio ? (s - kRatio) * 2 * c + c : s * 2 * c));
   }
 }
 
 // CTA `local` of a lean pool: its teams' entries. kTrace: a traced launch (trace_point; thread 0 is team 0's: its
 // entry's points, "pooled" when its window's softmaxes are done).
-template <bool kTrace, bool kOldApe = false>
+template <bool kTrace>
 __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, uint64_t* trace) {
   __shared__ float block_sums[kLeanThreads / 16];  // per 16 lanes: one 64-channel block's sum of squares
   __shared__ CompressorRun team_runs[kLeanMaxTeams];
@@ -1105,33 +1064,20 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
       for (int j = 0; j < 2; ++j)
         rope[j] = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
   };
-  if (a.update_sources_early && real && e.entry == a.entries_per_run - 1) prefetch_update_sources(a, r, thread);
   if (e.emitting && in_run && a.lean_csa_windows) {
     const int row_stride = int(a.row_stride);
     const int64_t base = (window_first_position(a, e.w) - r.start) * row_stride + channel;
-    Quad value[kLeanSlots], score[kLeanSlots], bias[kLeanSlots];
+    Quad value[kLeanSlots], score[kLeanSlots], ape[kLeanSlots];
     if (a.groups == 1)
-      load_csa_window<1, kOldApe>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, bias);
+      load_csa_window<1>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
     else
-      load_csa_window<2, kOldApe>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, bias);
-    if (a.prefetch_ahead > 0 && thread < 2 * kLeanSlots) {
-      // The entry a.prefetch_ahead CTAs on, where it is an in-run entry of this run: its window's rows (slot
-      // thread / 2, kv or gate) over the team's channels.
-      const int64_t ahead = int64_t(a.prefetch_ahead) * a.lean_teams;
-      if (e.entry + ahead < a.entries_per_run - 1 && e.w + ahead < ratio_div(a, r.start + r.tokens)) {
-        const int s = thread >> 1;
-        const int64_t offset = (window_first_position(a, e.w + ahead) - r.start + s) * row_stride +
-                               (s >= kLeanSlots / 2 ? a.c : 0);
-        moe::prefetch_l2_bulk(((thread & 1) != 0 ? r.gate : r.kv) + offset, uint32_t(a.c) * 4);
-      }
-    }
+      load_csa_window<2>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
     look_up_entry();
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       float values[kLeanSlots], scores[kLeanSlots];
 #pragma unroll
-      for (int v = 0; v < kLeanSlots; ++v)
-        values[v] = value[v].v[i], scores[v] = kOldApe ? score[v].v[i] + bias[v].v[i] : score[v].v[i];
+      for (int v = 0; v < kLeanSlots; ++v) values[v] = value[v].v[i], scores[v] = score[v].v[i] + ape[v].v[i];
       pooled[i] = window_softmax(values, scores);
       if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
     }
@@ -1161,16 +1107,11 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
       }
     }
     // ape behind the slots' loads (L1 hits after the first CTAs).
-    Quad bias[kLeanSlots] = {};
+    Quad ape[kLeanSlots] = {};
 #pragma unroll
     for (int v = 0; v < kLeanSlots; ++v) {
       const int s = lean_slot(v, a.groups);
-      if (s < slots) {
-        if constexpr (kOldApe)
-          bias[v] = load_quad(a.ape + lean_ape_offset(a, s, channel));
-        else
-          add_ape(a.ape, lean_ape_offset(a, s, channel), score, v);
-      }
+      if (s < slots) ape[v] = load_quad(a.ape + lean_ape_offset(a, s, channel));
     }
     look_up_entry();
 #pragma unroll
@@ -1179,7 +1120,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
 #pragma unroll
       for (int v = 0; v < kLeanSlots; ++v) {
         values[v] = valid[v] ? value[v].v[i] : 0.0f;
-        scores[v] = valid[v] ? (kOldApe ? score[v].v[i] + bias[v].v[i] : score[v].v[i]) : kNegativeInfinity;
+        scores[v] = valid[v] ? score[v].v[i] + ape[v].v[i] : kNegativeInfinity;
       }
       pooled[i] = window_softmax(values, scores);
       if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
@@ -1258,11 +1199,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
     if (!team_updates[i]) continue;  // CTA-uniform
     __threadfence();
     const RunView u = run_view(a, team_runs[i]);
-    // Each thread's previous halves of a CSA main run (1024 items over 128 threads) in one batch of loads.
-    if (a.update_sources_early)
-      update_state<false, kLeanUpdateBatch>(a, u, plan_state_update(a, u, 0, true), EarlyUpdate{});
-    else
-      update_state<false>(a, u, plan_state_update(a, u, 0, true), EarlyUpdate{});
+    update_state<false>(a, u, plan_state_update(a, u, 0, true), EarlyUpdate{});
     if (threadIdx.x == 0) *u.state.finished_ctas = 0;
     __syncthreads();
   }
@@ -1291,8 +1228,8 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
 // not registers, holds the loads in flight; the decode steps' early state loads need more); the lean kernel three
 // 128-thread CTAs per SM (a window's slots and the softmaxes of four channels take ≈ 160 registers; two channels per
 // thread in 256-thread CTAs at 116 registers were slower for a CSA layer's pair: 31.3 vs 28.6 µs, H200).
-// kTrace: a traced launch (CompressorParams::trace). kOldApe: compress_lean's (DSV4_COMPRESSOR_LEAN_OLD_APE=1).
-template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false, bool kOldApe = false>
+// kTrace: a traced launch (CompressorParams::trace).
+template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false>
 __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLeanThreads
                                   : kLoads == CompressorSlotLoads::Staged ? kStagedThreads
                                                                           : kMaxThreads,
@@ -1310,7 +1247,7 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLea
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
   if constexpr (kLoads == CompressorSlotLoads::Lean)
-    compress_lean<kTrace, kOldApe>(a, int64_t(blockIdx.x) - a.first_cta, launch.trace);
+    compress_lean<kTrace>(a, int64_t(blockIdx.x) - a.first_cta, launch.trace);
   else
     compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged, kTrace>(
         a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem, launch.trace);
