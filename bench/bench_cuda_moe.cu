@@ -17,8 +17,7 @@
 // default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), and the down
 // CTAs' work item read with the count before the wait other than the default (MoeRunParams::down_item_early):
 // "down-item-after-wait" (or "down-item-early"), and the counter adds other than the default
-// (MoeRunParams::acq_rel_tickets): "sc-fence-tickets" (or "acq-rel-tickets"), and the shared expert's code warm-up
-// other than the default (MoeRunParams::shared_warm_up): "shared-warm-up" (or "shared-cold").
+// (MoeRunParams::acq_rel_tickets): "sc-fence-tickets" (or "acq-rel-tickets").
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -186,7 +185,6 @@ enum class Path {
   PER_ITEM,
   DOWN_ITEM_EARLY,
   ACQ_REL_TICKETS,
-  SHARED_WARM_UP,
   REGISTER
 };
 struct PathSpec {
@@ -199,10 +197,9 @@ struct PathSpec {
   bool other_per_item = false;
   bool other_item_early = false;
   bool other_tickets = false;
-  bool other_warm_up = false;
   bool option() const {
     return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || other_item_early ||
-           other_tickets || other_warm_up || split != MoeRunParams{}.shared_expert_split;
+           other_tickets || split != MoeRunParams{}.shared_expert_split;
   }
 };
 constexpr PathSpec kPaths[] = {
@@ -221,8 +218,6 @@ constexpr PathSpec kPaths[] = {
      MoeRunParams{}.shared_expert_split, false, false, false, true},
     {Path::ACQ_REL_TICKETS, MoeRunParams{}.acq_rel_tickets ? "sc-fence-tickets" : "acq-rel-tickets", false, false,
      MoeRunParams{}.shared_expert_split, false, false, false, false, true},
-    {Path::SHARED_WARM_UP, MoeRunParams{}.shared_warm_up ? "shared-cold" : "shared-warm-up", false, false,
-     MoeRunParams{}.shared_expert_split, false, false, false, false, false, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -244,7 +239,6 @@ MoeRunParams path_params(Path path) {
   if (spec.other_per_item) p.down_waits_per_item = !p.down_waits_per_item;
   if (spec.other_item_early) p.down_item_early = !p.down_item_early;
   if (spec.other_tickets) p.acq_rel_tickets = !p.acq_rel_tickets;
-  if (spec.other_warm_up) p.shared_warm_up = !p.shared_warm_up;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
 }
@@ -646,7 +640,7 @@ int main(int argc, char** argv) {
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
                            "down-waits-grid|down-waits-item,down-item-after-wait|down-item-early,"
-                           "sc-fence-tickets|acq-rel-tickets,shared-warm-up|shared-cold,"
+                           "sc-fence-tickets|acq-rel-tickets,"
                            "register]\n");
       return 2;
     }

@@ -13,8 +13,7 @@
 // to run; the same bits as without them at T > 2); the down CTAs waiting for the whole gate/up grid instead of their
 // own item's gate/up CTAs (MoeRunParams::down_waits_per_item other than the default: the same bits); the down CTAs'
 // item read before the wait (MoeRunParams::down_item_early other than the default: the same bits); the acq_rel
-// counter adds (MoeRunParams::acq_rel_tickets other than the default: the same bits); the shared expert's code
-// warm-up (MoeRunParams::shared_warm_up other than the default: the same bits); a V4-Pro-width
+// counter adds (MoeRunParams::acq_rel_tickets other than the default: the same bits); a V4-Pro-width
 // layer (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality; the upload's
 // fp4 repack (weight_tile_mma.cuh Fp4Layout::DEVICE) decoding to the checkpoint order's pairs.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
@@ -285,7 +284,6 @@ struct Kernels {
   bool per_item = MoeRunParams{}.down_waits_per_item;
   bool item_early = MoeRunParams{}.down_item_early;
   bool acq_rel = MoeRunParams{}.acq_rel_tickets;
-  bool warm_up = MoeRunParams{}.shared_warm_up;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -297,14 +295,14 @@ struct Kernels {
                                                      : ", shared expert split within one wave") +
            (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
            (per_item ? ", down waits per item" : "") + (item_early ? ", down item early" : "") +
-           (acq_rel ? ", acq_rel tickets" : "") + (warm_up ? ", shared warm-up" : "");
+           (acq_rel ? ", acq_rel tickets" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
     p.down_head_start = down_head_start, p.column_stages = columns, p.down_waits_per_item = per_item;
-    p.down_item_early = item_early, p.acq_rel_tickets = acq_rel, p.shared_warm_up = warm_up;
+    p.down_item_early = item_early, p.acq_rel_tickets = acq_rel;
     return p;
   }
 };
@@ -364,16 +362,6 @@ constexpr Kernels kStreamedSplitAllOtherTickets{.experts = MoeExpertKernels::STR
 constexpr Kernels kStreamedOtherItemEarlyTickets{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                                  .item_early = !MoeRunParams{}.down_item_early,
                                                  .acq_rel = !MoeRunParams{}.acq_rel_tickets};
-// The shared expert's code warm-up other than the default (MoeRunParams::shared_warm_up: the same bits), also with
-// the shared expert split at every T <= 8 and never split (without the column stages, as kStreamedUnsplit).
-constexpr Kernels kStreamedOtherWarmUp{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                       .warm_up = !MoeRunParams{}.shared_warm_up};
-constexpr Kernels kStreamedSplitAllOtherWarmUp{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                               .split = MoeSharedExpertSplit::ALWAYS,
-                                               .warm_up = !MoeRunParams{}.shared_warm_up};
-constexpr Kernels kStreamedUnsplitOtherWarmUp{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                              .split = MoeSharedExpertSplit::NEVER, .columns = false,
-                                              .warm_up = !MoeRunParams{}.shared_warm_up};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -657,12 +645,6 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
       expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherTickets, kStreamedKernels);
     expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherTickets, kStreamedSplitAll);
     expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedOtherItemEarlyTickets, kStreamedKernels);
-    // The shared expert's code warm-up (the same bits).
-    check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), kStreamedOtherWarmUp);
-    for (const int T : {1, 2, 8, 17})
-      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherWarmUp, kStreamedKernels);
-    expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherWarmUp, kStreamedSplitAll);
-    expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedUnsplitOtherWarmUp, kStreamedUnsplit);
   }
 }
 
@@ -887,7 +869,7 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
 TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
   for (const Kernels kernels :
        {kStreamedKernels, kStreamedOtherWait, kStreamedOtherItemEarly, kStreamedOtherTickets,
-        kStreamedOtherItemEarlyTickets, kStreamedOtherWarmUp}) {
+        kStreamedOtherItemEarlyTickets}) {
     SCOPED_TRACE(kernels.name());
     constexpr int graph_tokens = 8;
     const Shape& S = kFlashLike;

@@ -110,10 +110,6 @@ struct MoeRunParams {
   // T = 2 70.5 / 70.1, T = 8 201.0 / 203.5; e2e 8 layers b1 with down_item_early, interleaved: 781.9 / 778.1 t/s vs
   // 777.4 / 772.2 without both. Round s22-2 A/B (path "sc-fence-tickets"; DSV4_MOE_ACQ_REL_TICKETS=off).
   bool acq_rel_tickets = true;
-  // MoeExpertGemmParams::shared_warm_up (one-tile streamed kernels): the shared expert's CTAs run their code once
-  // before the wait. The same bits. Round s22-2 A/B (bench_cuda_moe path "shared-warm-up";
-  // DSV4_MOE_SHARED_WARM_UP=on).
-  bool shared_warm_up = false;
   // (Session 21: the expert weight copies with an L2 evict-first policy and the gate/up CTAs' L2 prefetch of the
   // experts' tables were faster alone (T = 1 44.7 vs 48.3 µs) but slower in a model step (8 layers b1 761.8 / 767.1 /
   // 759.0 t/s against 767.8 / 767.9 / 768.4): removed in session 22, the copies without a cache hint.)

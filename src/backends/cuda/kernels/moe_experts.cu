@@ -134,7 +134,6 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .trace = p.trace,
       .down_item_early = !gate_up && p.down_item_early,
       .acq_rel_tickets = p.acq_rel_tickets && p.streamed,
-      .shared_warm_up = p.shared_warm_up && p.streamed,
   };
 }
 

@@ -103,7 +103,6 @@ struct ExpertGemmArgs {
   uint64_t* trace;  // traced launches (MoeExpertGemmParams::trace), or null
   bool down_item_early;  // down with item_counters: MoeExpertGemmParams::down_item_early
   bool acq_rel_tickets;  // streamed kernels: MoeExpertGemmParams::acq_rel_tickets
-  bool shared_warm_up;   // one-tile streamed kernels: MoeExpertGemmParams::shared_warm_up
 };
 
 static_assert(kMoeTraceWarpsPerCta == kExpertWarps, "the trace's warps per CTA");
@@ -827,7 +826,7 @@ template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kPar
           bool kCoherentX = false, bool kTrace = false>
 __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
                                                   const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
-                                                  bool started, int part = 0, bool dry = false) {
+                                                  bool started, int part = 0) {
   namespace st = tile::stream;
   static_assert(kParts == 1 || NT == 1, "split CTAs serve items of one token tile");
   static_assert(!kColumns || NT == 1, "the column stages serve items of one token tile");
@@ -868,8 +867,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
       const int chunk_end = min(a.k_total, chunk_begin + chunk_k);
       if (pass != 0 || chunk_begin != 0) __syncthreads();  // the previous chunk's x (and exchange) are read
       auto row_of = [&](int t) {
-        const int64_t source_row =
-            dry ? 0 : G == ExpertGemm::GATE_UP ? __ldg(a.row_tokens + row_begin + t) : row_begin + t;
+        const int64_t source_row = G == ExpertGemm::GATE_UP ? __ldg(a.row_tokens + row_begin + t) : row_begin + t;
         return a.x + source_row * a.k_total + chunk_begin;
       };
       if constexpr (kColumnStages) {
@@ -923,7 +921,6 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
                                                           row_stride, lane_tiles, block_scales, sums, acc);
         }
         __syncwarp();  // every lane's reads of the slot precede the copy that refills it
-        if (dry) break;
         if (j < kMoeTraceStages) trace_point<kTrace>(a, MOE_TRACE_STAGE + 2 * j + 1);
         if (j + kStreamedSlots < stages) {
           st::issue_stage<F>(maps, row0, (slice.k_part + refill * kParts) * kStageK, ring + slot * st::kSlotBytes,
@@ -931,9 +928,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
           if (++refill == pass_stages) refill = 0;
         }
       }
-      if (dry) break;
     }
-    if (dry) return;  // the warm-up's sums are dropped
     if constexpr (kColumnStages)
       columns::finish<F>(column_sums, acc);
     else
@@ -996,51 +991,38 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   }
   if (shared_item || kHeadStart) trace_point<kTrace>(a, MOE_TRACE_ISSUED);
   uint32_t seen_ticket = 0;  // item_early: wait_for_item_rows's deferred ticket
-  // MoeExpertGemmParams::shared_warm_up: round 0, before the wait, runs the shared CTAs' item code once through its
-  // first stage (x from row 0, whatever it holds; nothing stored) through the same call site as round 1's item, so
-  // round 1 finds that code in the SM's instruction cache.
-  const bool warm_up = !kMultiTile && shared_item && a.shared_warm_up;
-#pragma unroll 1
-  for (int round = warm_up ? 0 : 1; round < 2; ++round) {
-    const bool dry = round == 0;
-    if (!dry) {
-      if (kHeadStart && a.item_counters != nullptr) {
-        // Only this item's gate/up CTAs, not the whole grid (all of them are resident or done: this launch started
-        // after each had passed its own wait; the routing and everything before it are complete).
-        allow_dependents();
-        if (item_index >= (item_early ? early_count : __ldcg(a.work_item_count))) return;
-        const int parts = shared_item ? kSharedParts : 1;
-        seen_ticket = wait_for_item_rows(a.item_counters, item_index,
-                                         (a.k_total + kCtaRows<ExpertGemm::GATE_UP> - 1) /
-                                             kCtaRows<ExpertGemm::GATE_UP> * parts,
-                                         gemm_bands<G>(a) * parts, item_early);
-      } else if (!has_work_item_after_prior_grids(a, item_index)) {
-        return;
-      }
-      trace_point<kTrace>(a, MOE_TRACE_READY);
-    }
-    // Every CTA with an item has started its stream with the head start (the item count read above is the same).
-    const bool started = kHeadStart || shared_item;
-    const MoeWorkItem item = dry          ? MoeWorkItem{a.shared_expert, 0, 1}
-                             : item_early ? early_item
-                                          : a.work_items[item_index];
-    // The format from the arguments, not the view, so the item's first copies start while its view is loading.
-    const WeightFormat format = item.expert == a.shared_expert ? a.shared_format : a.routed_format;
-    const MoeExpertView expert = a.experts[item.expert];
-    if (kSplitShared && shared_item) {
-      with_tile_format(format, [&]<tile::TileFormat F>() {
-        run_streamed_item<F, G, 1, kLean, kSharedParts, kColumns, kHeadStart, kTrace>(a, expert, item, band, smem,
-                                                                                      full, true, part, dry);
-      });
-    } else {
-      with_tile_format(format, [&]<tile::TileFormat F>() {
-        if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
-          run_streamed_item<F, G, 1, kLean, 1, kColumns, kHeadStart, kTrace>(a, expert, item, band, smem, full,
-                                                                             started, 0, dry);
-        else
-          run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, band, smem, full, started);
-      });
-    }
+  if (kHeadStart && a.item_counters != nullptr) {
+    // Only this item's gate/up CTAs, not the whole grid (all of them are resident or done: this launch started after
+    // each had passed its own wait; the routing and everything before it are complete).
+    allow_dependents();
+    if (item_index >= (item_early ? early_count : __ldcg(a.work_item_count))) return;
+    const int parts = shared_item ? kSharedParts : 1;
+    seen_ticket = wait_for_item_rows(a.item_counters, item_index, (a.k_total + kCtaRows<ExpertGemm::GATE_UP> - 1) /
+                                                                      kCtaRows<ExpertGemm::GATE_UP> * parts,
+                                     gemm_bands<G>(a) * parts, item_early);
+  } else if (!has_work_item_after_prior_grids(a, item_index)) {
+    return;
+  }
+  trace_point<kTrace>(a, MOE_TRACE_READY);
+  // Every CTA with an item has started its stream with the head start (the item count read above is the same).
+  const bool started = kHeadStart || shared_item;
+  const MoeWorkItem item = item_early ? early_item : a.work_items[item_index];
+  // The format from the arguments, not the view, so the item's first copies start while its view is still loading.
+  const WeightFormat format = item.expert == a.shared_expert ? a.shared_format : a.routed_format;
+  const MoeExpertView expert = a.experts[item.expert];
+  if (kSplitShared && shared_item) {
+    with_tile_format(format, [&]<tile::TileFormat F>() {
+      run_streamed_item<F, G, 1, kLean, kSharedParts, kColumns, kHeadStart, kTrace>(a, expert, item, band, smem, full,
+                                                                                    true, part);
+    });
+  } else {
+    with_tile_format(format, [&]<tile::TileFormat F>() {
+      if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
+        run_streamed_item<F, G, 1, kLean, 1, kColumns, kHeadStart, kTrace>(a, expert, item, band, smem, full,
+                                                                           started);
+      else
+        run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, band, smem, full, started);
+    });
   }
   if (G == ExpertGemm::GATE_UP && !kMultiTile && a.item_counters != nullptr)
     publish_item_rows(a.item_counters, item_index, a.acq_rel_tickets);

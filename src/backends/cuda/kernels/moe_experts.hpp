@@ -121,12 +121,6 @@ struct MoeExpertGemmParams {
   // after the CTA barrier instead of every thread's sequentially consistent fences, with the slots' rows and weights
   // read before the ticket. The same bits (MoeRunParams::acq_rel_tickets).
   bool acq_rel_tickets = false;
-  // One-tile streamed kernels (T <= 8): before their wait the shared expert's CTAs run their item's code once through
-  // its first stage (x from row 0 of the input, whatever it holds; nothing stored), so that code is in the SM's
-  // instruction cache when the item runs (round s21's traces: the FP8 shared CTAs' first stage 3-4.7 µs from its data
-  // to its MMAs against 0.6 later, their x staging 3-3.9 µs against 1.2-1.5 for the routed CTAs). The same bits.
-  // Round s22-2 A/B (MoeRunParams::shared_warm_up).
-  bool shared_warm_up = false;
   // Traced launch (benchmarks; the one-tile streamed kernels with the lean decode, T <= 8): lane 0 of every warp stores
   // %globaltimer (ns) at the MoeTraceSlot points into trace[warp · kMoeTraceSlots + slot], warp = (blockIdx.y ·
   // gridDim.x + blockIdx.x) · 8 + warp in the CTA (null: not traced; the untraced kernels carry nothing of it).
