@@ -14,10 +14,8 @@
 // shared_expert_split; within one wave by default): "unsplit-shared", "split-shared-to-8", and without the down head
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
 // (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
-// default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), and the down
-// CTAs' work item read with the count before the wait other than the default (MoeRunParams::down_item_early):
-// "down-item-after-wait" (or "down-item-early"), and the counter adds other than the default
-// (MoeRunParams::acq_rel_tickets): "sc-fence-tickets" (or "acq-rel-tickets").
+// default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), and the counter
+// adds other than the default (MoeRunParams::acq_rel_tickets): "sc-fence-tickets" (or "acq-rel-tickets").
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -183,7 +181,6 @@ enum class Path {
   NO_DOWN_HEAD_START,
   OTHER_COLUMNS,
   PER_ITEM,
-  DOWN_ITEM_EARLY,
   ACQ_REL_TICKETS,
   REGISTER
 };
@@ -195,11 +192,10 @@ struct PathSpec {
   bool no_down_head_start = false;
   bool other_columns = false;
   bool other_per_item = false;
-  bool other_item_early = false;
   bool other_tickets = false;
   bool option() const {
-    return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || other_item_early ||
-           other_tickets || split != MoeRunParams{}.shared_expert_split;
+    return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || other_tickets ||
+           split != MoeRunParams{}.shared_expert_split;
   }
 };
 constexpr PathSpec kPaths[] = {
@@ -214,10 +210,8 @@ constexpr PathSpec kPaths[] = {
      MoeRunParams{}.shared_expert_split, false, true},
     {Path::PER_ITEM, MoeRunParams{}.down_waits_per_item ? "down-waits-grid" : "down-waits-item", false, false,
      MoeRunParams{}.shared_expert_split, false, false, true},
-    {Path::DOWN_ITEM_EARLY, MoeRunParams{}.down_item_early ? "down-item-after-wait" : "down-item-early", false, false,
-     MoeRunParams{}.shared_expert_split, false, false, false, true},
     {Path::ACQ_REL_TICKETS, MoeRunParams{}.acq_rel_tickets ? "sc-fence-tickets" : "acq-rel-tickets", false, false,
-     MoeRunParams{}.shared_expert_split, false, false, false, false, true},
+     MoeRunParams{}.shared_expert_split, false, false, false, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -237,7 +231,6 @@ MoeRunParams path_params(Path path) {
   if (spec.no_down_head_start) p.down_head_start = false;
   if (spec.other_columns) p.column_stages = !p.column_stages;
   if (spec.other_per_item) p.down_waits_per_item = !p.down_waits_per_item;
-  if (spec.other_item_early) p.down_item_early = !p.down_item_early;
   if (spec.other_tickets) p.acq_rel_tickets = !p.acq_rel_tickets;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
@@ -639,7 +632,7 @@ int main(int argc, char** argv) {
                            "[--format mxfp4|nvfp4] [--trace] "
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
-                           "down-waits-grid|down-waits-item,down-item-after-wait|down-item-early,"
+                           "down-waits-grid|down-waits-item,"
                            "sc-fence-tickets|acq-rel-tickets,"
                            "register]\n");
       return 2;

@@ -11,8 +11,7 @@
 // (MoeRunParams::down_head_start: the same bits, alone and with the split); at T <= 2 the fp4 column stages other
 // than the default (MoeRunParams::column_stages: fp4 block sums in another order, checked against the CPU and run
 // to run; the same bits as without them at T > 2); the down CTAs waiting for the whole gate/up grid instead of their
-// own item's gate/up CTAs (MoeRunParams::down_waits_per_item other than the default: the same bits); the down CTAs'
-// item read before the wait (MoeRunParams::down_item_early other than the default: the same bits); the acq_rel
+// own item's gate/up CTAs (MoeRunParams::down_waits_per_item other than the default: the same bits); the acq_rel
 // counter adds (MoeRunParams::acq_rel_tickets other than the default: the same bits); a V4-Pro-width
 // layer (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality; the upload's
 // fp4 repack (weight_tile_mma.cuh Fp4Layout::DEVICE) decoding to the checkpoint order's pairs.
@@ -282,7 +281,6 @@ struct Kernels {
   bool down_head_start = MoeRunParams{}.down_head_start;
   bool columns = MoeRunParams{}.column_stages;
   bool per_item = MoeRunParams{}.down_waits_per_item;
-  bool item_early = MoeRunParams{}.down_item_early;
   bool acq_rel = MoeRunParams{}.acq_rel_tickets;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
@@ -294,7 +292,7 @@ struct Kernels {
             : split == MoeSharedExpertSplit::ALWAYS ? ", shared expert always split"
                                                      : ", shared expert split within one wave") +
            (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
-           (per_item ? ", down waits per item" : "") + (item_early ? ", down item early" : "") +
+           (per_item ? ", down waits per item" : "") +
            (acq_rel ? ", acq_rel tickets" : "");
   }
   MoeRunParams params() const {
@@ -302,7 +300,7 @@ struct Kernels {
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
     p.down_head_start = down_head_start, p.column_stages = columns, p.down_waits_per_item = per_item;
-    p.down_item_early = item_early, p.acq_rel_tickets = acq_rel;
+    p.acq_rel_tickets = acq_rel;
     return p;
   }
 };
@@ -345,23 +343,16 @@ constexpr Kernels kStreamedOtherWait{.experts = MoeExpertKernels::STREAMED, .fus
 constexpr Kernels kStreamedSplitAllOtherWait{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                              .split = MoeSharedExpertSplit::ALWAYS,
                                              .per_item = !MoeRunParams{}.down_waits_per_item};
-// The down CTAs' item read before the wait other than the default (MoeRunParams::down_item_early: the same bits),
-// also with the shared expert split at every T <= 8.
-constexpr Kernels kStreamedOtherItemEarly{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                          .item_early = !MoeRunParams{}.down_item_early};
-constexpr Kernels kStreamedSplitAllOtherItemEarly{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                                  .split = MoeSharedExpertSplit::ALWAYS,
-                                                  .item_early = !MoeRunParams{}.down_item_early};
 // The acq_rel counter adds other than the default (MoeRunParams::acq_rel_tickets: the same bits), also with the
-// shared expert split at every T <= 8 and with the down CTAs' item read before the wait.
+// shared expert split at every T <= 8 and with the down CTAs waiting for the whole gate/up grid.
 constexpr Kernels kStreamedOtherTickets{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                         .acq_rel = !MoeRunParams{}.acq_rel_tickets};
 constexpr Kernels kStreamedSplitAllOtherTickets{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                                 .split = MoeSharedExpertSplit::ALWAYS,
                                                 .acq_rel = !MoeRunParams{}.acq_rel_tickets};
-constexpr Kernels kStreamedOtherItemEarlyTickets{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                                 .item_early = !MoeRunParams{}.down_item_early,
-                                                 .acq_rel = !MoeRunParams{}.acq_rel_tickets};
+constexpr Kernels kStreamedOtherWaitTickets{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                            .per_item = !MoeRunParams{}.down_waits_per_item,
+                                            .acq_rel = !MoeRunParams{}.acq_rel_tickets};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -634,17 +625,12 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int T : {1, 2}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherWait,
                                                 kStreamedKernels);
     expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherWait, kStreamedSplitAll);
-    // The down CTAs' item read before the wait (the same bits).
-    check_case(layer, experts, device_weights, 2, seed++, random_tokens(kFlashLike), kStreamedOtherItemEarly);
-    for (const int T : {1, 3, 8, 17})
-      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherItemEarly, kStreamedKernels);
-    expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherItemEarly, kStreamedSplitAll);
     // The acq_rel counter adds (the same bits).
     check_case(layer, experts, device_weights, 2, seed++, random_tokens(kFlashLike), kStreamedOtherTickets);
     for (const int T : {1, 3, 8, 17})
       expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherTickets, kStreamedKernels);
     expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherTickets, kStreamedSplitAll);
-    expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedOtherItemEarlyTickets, kStreamedKernels);
+    expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedOtherWaitTickets, kStreamedKernels);
   }
 }
 
@@ -868,8 +854,7 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
 // on the same workspace, each equal to a run on a fresh workspace; with the defaults and the other down wait.
 TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
   for (const Kernels kernels :
-       {kStreamedKernels, kStreamedOtherWait, kStreamedOtherItemEarly, kStreamedOtherTickets,
-        kStreamedOtherItemEarlyTickets}) {
+       {kStreamedKernels, kStreamedOtherWait, kStreamedOtherTickets, kStreamedOtherWaitTickets}) {
     SCOPED_TRACE(kernels.name());
     constexpr int graph_tokens = 8;
     const Shape& S = kFlashLike;

@@ -102,8 +102,8 @@ MoeRoutingBuffers routing_buffers(const WorkspaceLayout& l, void* ws) {
   };
 }
 
-// Round s22 A/B switches (removed after the rounds): DSV4_MOE_DOWN_ITEM_EARLY / DSV4_MOE_ACQ_REL_TICKETS = on | off
-// set MoeRunParams::down_item_early / acq_rel_tickets in every call, the model's included.
+// Round s22 A/B switch (removed after the rounds): DSV4_MOE_ACQ_REL_TICKETS = on | off sets
+// MoeRunParams::acq_rel_tickets in every call, the model's included.
 bool ab_switch(const char* name, bool value) {
   const char* v = std::getenv(name);
   if (v == nullptr) return value;
@@ -141,7 +141,6 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .tokens = p.tokens,
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
       .down_waits_per_item = p.down_waits_per_item,
-      .down_item_early = ab_switch("DSV4_MOE_DOWN_ITEM_EARLY", p.down_item_early) && streamed,
       .acq_rel_tickets = ab_switch("DSV4_MOE_ACQ_REL_TICKETS", p.acq_rel_tickets) && streamed,
       .stream = p.stream,
   };

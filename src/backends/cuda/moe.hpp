@@ -100,15 +100,12 @@ struct MoeRunParams {
   // CTAs split in two per band where the launches pass one wave, round s18-3, H100: Flash T = 2 86.5 -> 94.0 us,
   // T = 8 252.4 -> 293.2, Pro T = 1 125.1 -> 125.8, e2e b8 2363.6 -> 2155.5 t/s; removed.)
   bool down_waits_per_item = true;
-  // MoeExpertGemmParams::down_item_early (down_waits_per_item): the down CTAs read their work item with the count
-  // before the wait and reset the item counters at their end. The same bits. H200, bench_cuda_moe, V4-Flash NVFP4,
-  // round s22-1, two runs: T = 1 47.6 / 47.6 vs 47.5 / 47.4 µs, T = 2 71.0 / 70.9 vs 71.9 / 71.8, T = 8 202.1 / 202.6
-  // vs 205.5 / 205.5. Round s22-2 A/B (bench_cuda_moe path "down-item-after-wait"; DSV4_MOE_DOWN_ITEM_EARLY=off).
-  bool down_item_early = true;
   // MoeExpertGemmParams::acq_rel_tickets (streamed kernels): release / acq_rel counter adds instead of sequentially
-  // consistent fences, the combine's slot reads before its ticket. The same bits. Same runs: T = 1 47.0 / 46.9 µs,
-  // T = 2 70.5 / 70.1, T = 8 201.0 / 203.5; e2e 8 layers b1 with down_item_early, interleaved: 781.9 / 778.1 t/s vs
-  // 777.4 / 772.2 without both. Round s22-2 A/B (path "sc-fence-tickets"; DSV4_MOE_ACQ_REL_TICKETS=off).
+  // consistent fences, the combine's slot reads before its ticket. The same bits. H200, bench_cuda_moe, V4-Flash
+  // NVFP4, two runs each against sc fences: round s22-1 T = 1 47.0 / 46.9 vs 47.5 / 47.4 µs, T = 2 70.5 / 70.1 vs
+  // 71.9 / 71.8, T = 8 201.0 / 203.5 vs 205.5 / 205.5; round s22-2 T = 2 71.6 / 71.5 vs 72.4 / 72.3, T = 8 199.1 /
+  // 199.2 vs 203.0 / 202.9 (T = 1 level); e2e 8 layers b1 level. Round s22-3 A/B (bench_cuda_moe path
+  // "sc-fence-tickets"; DSV4_MOE_ACQ_REL_TICKETS=off).
   bool acq_rel_tickets = true;
   // (Session 21: the expert weight copies with an L2 evict-first policy and the gate/up CTAs' L2 prefetch of the
   // experts' tables were faster alone (T = 1 44.7 vs 48.3 µs) but slower in a model step (8 layers b1 761.8 / 767.1 /

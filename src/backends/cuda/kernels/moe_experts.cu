@@ -132,7 +132,6 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .streamed_x_bytes = 0,
       .item_counters = moe_down_waits_per_item_apply(p) ? p.item_counters : nullptr,
       .trace = p.trace,
-      .down_item_early = !gate_up && p.down_item_early,
       .acq_rel_tickets = p.acq_rel_tickets && p.streamed,
   };
 }

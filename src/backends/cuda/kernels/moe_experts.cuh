@@ -101,7 +101,6 @@ struct ExpertGemmArgs {
   // (MoeExpertGemmParams::down_waits_per_item; see wait_for_item_rows).
   uint32_t* item_counters;
   uint64_t* trace;  // traced launches (MoeExpertGemmParams::trace), or null
-  bool down_item_early;  // down with item_counters: MoeExpertGemmParams::down_item_early
   bool acq_rel_tickets;  // streamed kernels: MoeExpertGemmParams::acq_rel_tickets
 };
 
@@ -366,11 +365,8 @@ __device__ __forceinline__ void publish_item_rows(uint32_t* item_counters, int i
     }
   }
 }
-// defer_reset (MoeExpertGemmParams::down_item_early): the seen count's ticket is returned (thread 0) for
-// reset_item_counters_if_last at the CTA's end instead of checked here, so its round trip stays off the path to x.
-__device__ __forceinline__ uint32_t wait_for_item_rows(uint32_t* item_counters, int item_index, int gate_up_ctas,
-                                                       int down_ctas, bool defer_reset = false) {
-  uint32_t ticket = 0;
+__device__ __forceinline__ void wait_for_item_rows(uint32_t* item_counters, int item_index, int gate_up_ctas,
+                                                   int down_ctas) {
   if (threadIdx.x == 0) {
     const uint32_t* ready = item_counters + item_index;
     int polls = 0;
@@ -382,21 +378,12 @@ __device__ __forceinline__ uint32_t wait_for_item_rows(uint32_t* item_counters, 
       __nanosleep(64);
     }
     uint32_t* seen = item_counters + kMoeCountedItemsMax + item_index;
-    ticket = atomicAdd(seen, 1u);
-    if (!defer_reset && ticket == uint32_t(down_ctas) - 1) {
+    if (atomicAdd(seen, 1u) == uint32_t(down_ctas) - 1) {
       item_counters[item_index] = 0;
       *seen = 0;
     }
   }
   __syncthreads();
-  return ticket;
-}
-__device__ __forceinline__ void reset_item_counters_if_last(uint32_t* item_counters, int item_index, uint32_t ticket,
-                                                            int down_ctas) {
-  if (threadIdx.x == 0 && ticket == uint32_t(down_ctas) - 1) {
-    item_counters[item_index] = 0;
-    item_counters[kMoeCountedItemsMax + item_index] = 0;
-  }
 }
 
 // The fused combine (moe_experts.hpp MoeFusedCombine), called by every CTA of the down kernel that had a work item,
@@ -970,43 +957,32 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const bool shared_item = int(blockIdx.y) < kSharedParts;  // work item 0 is always the shared expert's
   const int part = shared_item ? int(blockIdx.y) : 0;
   const int item_index = shared_item ? 0 : int(blockIdx.y) - (kSharedParts - 1);
-  // MoeExpertGemmParams::down_item_early: the item count and the whole item in one round trip before the wait (the
-  // slot exists; past the count it is dropped unread), kept past the wait.
-  const bool item_early = kHeadStart && a.item_counters != nullptr && a.down_item_early;
-  int early_count = 0;
-  MoeWorkItem early_item{};
-  if (item_early) {
-    early_count = __ldcg(a.work_item_count);
-    const MoeWorkItem* slot = a.work_items + item_index;
-    early_item = {__ldcg(&slot->expert), __ldcg(&slot->row_begin), __ldcg(&slot->row_count)};
-  }
   if (shared_item) {
     with_tile_format(a.shared_format, [&]<tile::TileFormat F>() {
       start_stream<F, G, kSharedParts>(a, a.shared_expert, warp_slice<G, kSharedParts>(band, part), ring, full);
     });
-  } else if (kHeadStart && item_index < (item_early ? early_count : __ldcg(a.work_item_count))) {
+  } else if (kHeadStart && item_index < __ldcg(a.work_item_count)) {
     // At T <= 8 the shared expert has one item, the first: every other item is a routed expert's.
-    const int expert = item_early ? early_item.expert : __ldcg(&a.work_items[item_index].expert);
+    const int expert = __ldcg(&a.work_items[item_index].expert);
     with_tile_format(a.routed_format, [&]<tile::TileFormat F>() { start_stream<F, G>(a, expert, band, ring, full); });
   }
   if (shared_item || kHeadStart) trace_point<kTrace>(a, MOE_TRACE_ISSUED);
-  uint32_t seen_ticket = 0;  // item_early: wait_for_item_rows's deferred ticket
   if (kHeadStart && a.item_counters != nullptr) {
     // Only this item's gate/up CTAs, not the whole grid (all of them are resident or done: this launch started after
     // each had passed its own wait; the routing and everything before it are complete).
     allow_dependents();
-    if (item_index >= (item_early ? early_count : __ldcg(a.work_item_count))) return;
+    if (item_index >= __ldcg(a.work_item_count)) return;
     const int parts = shared_item ? kSharedParts : 1;
-    seen_ticket = wait_for_item_rows(a.item_counters, item_index, (a.k_total + kCtaRows<ExpertGemm::GATE_UP> - 1) /
-                                                                      kCtaRows<ExpertGemm::GATE_UP> * parts,
-                                     gemm_bands<G>(a) * parts, item_early);
+    wait_for_item_rows(a.item_counters, item_index, (a.k_total + kCtaRows<ExpertGemm::GATE_UP> - 1) /
+                                                        kCtaRows<ExpertGemm::GATE_UP> * parts,
+                       gemm_bands<G>(a) * parts);
   } else if (!has_work_item_after_prior_grids(a, item_index)) {
     return;
   }
   trace_point<kTrace>(a, MOE_TRACE_READY);
   // Every CTA with an item has started its stream with the head start (the item count read above is the same).
   const bool started = kHeadStart || shared_item;
-  const MoeWorkItem item = item_early ? early_item : a.work_items[item_index];
+  const MoeWorkItem item = a.work_items[item_index];
   // The format from the arguments, not the view, so the item's first copies start while its view is still loading.
   const WeightFormat format = item.expert == a.shared_expert ? a.shared_format : a.routed_format;
   const MoeExpertView expert = a.experts[item.expert];
@@ -1026,9 +1002,6 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   }
   if (G == ExpertGemm::GATE_UP && !kMultiTile && a.item_counters != nullptr)
     publish_item_rows(a.item_counters, item_index, a.acq_rel_tickets);
-  if (item_early)
-    reset_item_counters_if_last(a.item_counters, item_index, seen_ticket,
-                                gemm_bands<G>(a) * (shared_item ? kSharedParts : 1));
   if (G == ExpertGemm::DOWN && a.combine.out != nullptr)
     combine_band_if_last(a, band, kSharedParts - 1, tile::stream::align_slots(smem));
   trace_point<kTrace>(a, MOE_TRACE_END);

@@ -111,11 +111,6 @@ struct MoeExpertGemmParams {
   // T = 2-8) run beside the last gate/up CTAs. Only where the previous launch on the stream is run_moe_gate_up of the
   // same parameters (run_moe's order). The same bits.
   bool down_waits_per_item = false;
-  // run_moe_down where moe_down_waits_per_item_apply: each CTA reads the item count and its whole work item in one
-  // round trip before the wait (the slot exists; past the count it is dropped) and keeps the item past the wait,
-  // and checks its seen ticket (wait_for_item_rows) at its end: two dependent round trips fewer between a down CTA's
-  // start and its first copies and one between its wait and x. The same bits (MoeRunParams::down_item_early).
-  bool down_item_early = false;
   // Streamed kernels: the gate/up CTAs publish their item's rows (down_waits_per_item) by one release reduction
   // instead of a sequentially consistent fence and an add, and the fused combine's ticket is thread 0's acq_rel add
   // after the CTA barrier instead of every thread's sequentially consistent fences, with the slots' rows and weights
