@@ -26,7 +26,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <initializer_list>
 #include <random>
 #include <string>
 #include <string_view>
@@ -518,40 +517,6 @@ int main(int argc, char** argv) {
         };
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
-        // Round s22-3 A/B at the persistent kernel's sizes: `body` with the session start's slice sums
-        // (DSV4_MHC_PLAIN_SUMS), then the default once more.
-        const bool persistent_sized = T > kAutoClusterPerTileMaxTokens;
-        const auto record_switches = [&](const char* op, const auto& body, double bytes) {
-          if (!persistent_sized) return;
-          setenv("DSV4_MHC_PLAIN_SUMS", "1", 1);
-          record((std::string(op) + " (DSV4_MHC_PLAIN_SUMS=1: session start)").c_str(), body, bytes, 0.0);
-          unsetenv("DSV4_MHC_PLAIN_SUMS");
-          record((std::string(op) + " (default again)").c_str(), body, bytes, 0.0);
-        };
-        // The default's outputs against the session start's sums (set 0), byte for byte.
-        const auto lean_same_bits = [&](const char* what, const auto& body,
-                                        std::initializer_list<const DeviceBuffer*> buffers) {
-          if (!persistent_sized) return;
-          const auto bytes = [&] {
-            body(0);
-            DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-            std::vector<unsigned char> all;
-            for (const DeviceBuffer* buffer : buffers) {
-              const size_t at = all.size();
-              all.resize(at + buffer->bytes());
-              buffer->download(all.data() + at, buffer->bytes());
-            }
-            return all;
-          };
-          const std::vector<unsigned char> lean = bytes();
-          setenv("DSV4_MHC_PLAIN_SUMS", "1", 1);
-          const std::vector<unsigned char> plain = bytes();
-          unsetenv("DSV4_MHC_PLAIN_SUMS");
-          std::printf("%s T=%lld: %s against DSV4_MHC_PLAIN_SUMS's: %s\n", model, (long long)T, what,
-                      plain == lean ? "byte-identical" : "DIFFERENT BYTES");
-        };
-        record_switches("hc_pre", hc_pre, pre_bytes);
-        lean_same_bits("hc_pre y/post/comb", hc_pre, {&set(0).y, &set(0).post, &set(0).comb});
         const bool tile_clusters_sized = !decode_sized && T <= 1024;
         if (tile_clusters_sized) {
           record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
@@ -688,8 +653,6 @@ int main(int argc, char** argv) {
         };
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
                time_ms(stream, iterations, head_baseline));
-        record_switches("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes);
-        lean_same_bits("hc_head h", hc_head, {&set(0).y});
         if (tile_clusters_sized) {
           const auto persistent_norm = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT, true); };
           const auto default_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };

@@ -1,7 +1,6 @@
 #include "backends/cuda/kernels/mhc.hpp"
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -111,10 +110,9 @@ int prepare_resident_ctas(const void* kernel, int threads, size_t smem_bytes) {
   });
 }
 
-template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant = mhc::ProjectionVariant::kShared,
-          bool kLean = kVariant == mhc::ProjectionVariant::kShared>
+template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant = mhc::ProjectionVariant::kShared>
 void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
-  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant, kLean>;
+  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant>;
   constexpr int kThreads = mhc::projection_cta_threads(kSliceDims, kVariant);
   constexpr size_t kSmem = mhc::projection_smem_bytes(kSliceDims, mhc::kPartialRows<kHead>, kPost, kVariant);
   const int resident = prepare_resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, kSmem);
@@ -166,13 +164,6 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
       args.slices = int(ceil_div(args.hidden, 64));
       return launch_projection<false, true, 64, mhc::ProjectionVariant::kRoles>(args, multiprocessors, stream, op);
     }
-  }
-  // A/B switch for GPU round s22-3 only (read per launch): kShared with the session start's slice sums.
-  if (std::getenv("DSV4_MHC_PLAIN_SUMS") != nullptr) {
-    constexpr auto kShared = mhc::ProjectionVariant::kShared;
-    if (config.slice_dims == 64)
-      return launch_projection<kHead, kPost, 64, kShared, false>(args, multiprocessors, stream, op);
-    return launch_projection<kHead, kPost, 32, kShared, false>(args, multiprocessors, stream, op);
   }
   if (config.slice_dims == 64) return launch_projection<kHead, kPost, 64>(args, multiprocessors, stream, op);
   launch_projection<kHead, kPost, 32>(args, multiprocessors, stream, op);

@@ -49,6 +49,16 @@
 //   refilled at once, so X tiles are asked for two iterations ahead (an empty mbarrier per stage: 260 / 200; the
 //   refill past the projection's barrier: 249 / 212; the X tiles' lead is not what binds); two MMA accumulator
 //   chains (other bits; hc_post_pre 322).
+// - Session 22 (H200, V4-Flash 4096 tokens, graph µs, same process, outputs byte-identical): kShared's slice sums
+//   through one word pointer and stride per lane and a butterfly without a branch per level: hc_pre 195.2 -> 189.2
+//   (41 -> 42 % of copy), hc_head 127.2 -> 122.6 (62 -> 65 %). Tried and removed: pre formed once by the CTA summing
+//   its mix row (its token's Σx² summed alongside), each thread collapsing from its token's four pre words between
+//   the projection and the one barrier a tile (no pre barrier; the collapsed stage refilled 1.5 iterations ahead;
+//   warp_sums released by an mbarrier): hc_pre 193.0 -> 223.7, hc_head 126.6 -> 174.2, with the collapse an iteration
+//   later 245.4 / 166.8, the warp-specialised hc_post_pre's finisher on pre words 313.6 -> 334.9 (ncu: 21 % of the
+//   stall samples at the one barrier, long scoreboard 9.7 %: the pre words wanted right after the projection wait for
+//   their L2 round trip or a stale re-read); X tiles asked of L2 two or four iterations before their TMA load (a
+//   cp.async.bulk.prefetch.tensor by the loading thread): hc_pre +1.6 / +3 %, hc_head +2 %.
 // - The fused hc_post + hc_pre (kPost) also stages the tile's `out` rows and its 16 tokens' post/comb in a ring of
 //   kPostSlots (they die at the update, the X stage lives on until the collapse), applies the residual update to the
 //   staged X in place, writes it to X_out, and projects and collapses the updated X: X is read once.
@@ -650,17 +660,17 @@ static __device__ __noinline__ float sum_slice_words_slowly(const unsigned long 
   return sum;
 }
 
-// kLean (kShared's default): the slice sums' words read through one pointer and stride per lane, and their butterfly
-// without a branch per level (same bits). H200, 4096 tokens, round s22-2, same process: V4-Flash hc_pre 194.4 / 195.5
-// -> 190.9 µs, hc_head 133.4 / 133.4 -> 125.2; V4-Pro 372.7 / 371.8 -> 365.3, 253.8 / 254.0 -> 237.0; on kRoles (at
-// its 128-register cap) slower: hc_post_pre 316.1 / 317.4 -> 321.0, V4-Pro 581.7 / 577.8 -> 587.0, so kRoles keeps the
-// plain sums. kLean false on kShared: round s22-3's A/B only (DSV4_MHC_PLAIN_SUMS).
-template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared,
-          bool kLean = kVariant == ProjectionVariant::kShared>
+template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared>
 __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const __grid_constant__ ProjectionArgs args) {
   constexpr bool kRoles = kVariant == ProjectionVariant::kRoles;
+  // kShared's slice sums read their words through one pointer and stride per lane and run their butterfly without a
+  // branch per level (same bits). H200, 4096 tokens, session 22, same process against the session start's kernels:
+  // V4-Flash hc_pre 195.2 -> 189.2 µs, hc_head 127.2 -> 122.6; V4-Pro hc_pre 373.0 -> 369.4 / 372.4, hc_head 242.9 ->
+  // 233.4. On kRoles, at its 128-register cap, slower (hc_post_pre 316.1 / 317.4 -> 321.0, V4-Pro 581.7 / 577.8 ->
+  // 587.0): it keeps the plain sums.
+  constexpr bool kLean = !kRoles;
   constexpr int kThreads = projection_threads(kSliceDims);  // kRoles: per warp group
   constexpr int kWarps = kThreads / 32;
   constexpr int kCtaThreads = projection_cta_threads(kSliceDims, kVariant);
