@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <bit>
-#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/compressor.cuh"
@@ -241,23 +240,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .lean_teams = lean_teams,
                               .rows = entries,
                               .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1)),
-                              .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2,
-                              .update_prefetch = false,
-                              .update_one_batch = false};
-}
-
-// Round s22-3's A/B switches (lean pools, whose rows are 16-byte aligned): DSV4_COMPRESSOR_UPDATE_PREFETCH=1,
-// DSV4_COMPRESSOR_UPDATE_ONE_BATCH=1.
-bool env_on(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && v[0] == '1';
-}
-
-void set_update_switches(compressor::PoolArgs& pool, CompressorSlotLoads loads) {
-  static const bool prefetch = env_on("DSV4_COMPRESSOR_UPDATE_PREFETCH");
-  static const bool one_batch = env_on("DSV4_COMPRESSOR_UPDATE_ONE_BATCH");
-  pool.update_prefetch = loads == CompressorSlotLoads::Lean && prefetch;
-  pool.update_one_batch = loads == CompressorSlotLoads::Lean && one_batch;
+                              .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2};
 }
 
 // The pools' launch, with the indexer's query preparation when `prepare` is given (checked by the caller).
@@ -280,8 +263,7 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   size_t smem = 0;
   for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;
-    compressor::PoolArgs pool = pool_args(p, loads);
-    set_update_switches(pool, loads);
+    const compressor::PoolArgs pool = pool_args(p, loads);
     launch.pools[launch.pool_count++] = pool;
     hardware_cluster = std::max(hardware_cluster, pool.cluster_ctas);
     threads = lean ? compressor::kLeanThreads : std::max(threads, pool.pairs_padded * pool.groups);

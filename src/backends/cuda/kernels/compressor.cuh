@@ -40,7 +40,6 @@
 #include "backends/cuda/kernels/compressor.hpp"
 #include "backends/cuda/kernels/indexer.cuh"
 #include "backends/cuda/kernels/kv_insert.cuh"
-#include "backends/cuda/kernels/moe_prefetch.cuh"
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
@@ -136,11 +135,6 @@ struct PoolArgs {
   FastDivisor team_div;
   // Lean CSA windows of ratio 4 wholly in the run take straight-line loads (load_csa_window).
   bool lean_csa_windows;
-  // Round s22-3's A/B switches (lean): the run's last entry row asks L2 for the rows of the run's new state
-  // (DSV4_COMPRESSOR_UPDATE_PREFETCH=1); the ticket update loads each thread's items in one batch of 8
-  // (DSV4_COMPRESSOR_UPDATE_ONE_BATCH=1).
-  bool update_prefetch;
-  bool update_one_batch;
 };
 
 struct LaunchArgs {
@@ -590,8 +584,8 @@ __device__ __forceinline__ EarlyUpdate load_early_update(const PoolArgs& a, cons
 }
 
 // One part of the update (kWindow: the window's slots, else the previous halves) by every thread of the CTA, from
-// item `first` of the thread (kEarly: its first items already in `early`), kBatch loads before their stores.
-template <bool kWindow, bool kEarly, int kBatch = kUpdateBatch>
+// item `first` of the thread (kEarly: its first items already in `early`), kUpdateBatch loads before their stores.
+template <bool kWindow, bool kEarly>
 __device__ __forceinline__ void update_part(const PoolArgs& a, const RunView& r, const StateUpdate& u, int items,
                                             int stride, int first, const SlotValue (&early)[kEarlyItems]) {
   if (kEarly) {
@@ -600,44 +594,26 @@ __device__ __forceinline__ void update_part(const PoolArgs& a, const RunView& r,
     for (int k = 0; k < kEarlyItems; ++k)
       if (thread + k * stride < items) store_item<kWindow>(a, r, u, thread + k * stride, early[k]);
   }
-  for (int i0 = first; i0 < items; i0 += kBatch * stride) {
-    SlotValue value[kBatch];
+  for (int i0 = first; i0 < items; i0 += kUpdateBatch * stride) {
+    SlotValue value[kUpdateBatch];
 #pragma unroll
-    for (int k = 0; k < kBatch; ++k) value[k] = load_item<kWindow>(a, r, u, min(i0 + k * stride, items - 1));
+    for (int k = 0; k < kUpdateBatch; ++k) value[k] = load_item<kWindow>(a, r, u, min(i0 + k * stride, items - 1));
 #pragma unroll
-    for (int k = 0; k < kBatch; ++k)
+    for (int k = 0; k < kUpdateBatch; ++k)
       if (i0 + k * stride < items) store_item<kWindow>(a, r, u, i0 + k * stride, value[k]);
   }
 }
 
 // The whole update by every thread of the CTA: the previous halves, then (after a barrier: their sources may be old
 // window slots) the window's.
-template <bool kEarly, int kBatch = kUpdateBatch>
+template <bool kEarly>
 __device__ void update_state(const PoolArgs& a, const RunView& r, const StateUpdate& u, const EarlyUpdate& early) {
   const int stride = int(blockDim.x), first = int(threadIdx.x) + (kEarly ? kEarlyItems * stride : 0);
   if (u.previous_items > 0) {
-    update_part<false, kEarly, kBatch>(a, r, u, u.previous_items, stride, first, early.previous);
+    update_part<false, kEarly>(a, r, u, u.previous_items, stride, first, early.previous);
     __syncthreads();
   }
-  update_part<true, kEarly, kBatch>(a, r, u, u.window_items, stride, first, early.window);
-}
-
-// The rows of the run's new state that lie in the run (CSA's last completed window's first halves, the incomplete
-// window's slots) asked of L2, one bulk prefetch per row of kv and of gate by `thread` (< 4 · ratio of them).
-// 16-byte aligned rows.
-__device__ __forceinline__ void prefetch_update_sources(const PoolArgs& a, const RunView& r, int thread) {
-  const StateUpdate u = plan_state_update(a, r, 0, true);
-  const int previous_rows = u.previous_items > 0 ? int(a.ratio) : 0;
-  const int window_rows = int(r.start + r.tokens - u.window_from);
-  const int row = thread >> 1;
-  const float* source = (thread & 1) != 0 ? r.gate : r.kv;
-  if (row < previous_rows) {
-    const int64_t q = u.previous_base + row;
-    if (q >= r.start) moe::prefetch_l2_bulk(source + (q - r.start) * a.row_stride, uint32_t(a.c) * 4);
-  } else if (row - previous_rows < window_rows) {
-    const int64_t q = u.window_from + (row - previous_rows);
-    moe::prefetch_l2_bulk(source + (q - r.start) * a.row_stride, uint32_t(width_of(a)) * 4);
-  }
+  update_part<true, kEarly>(a, r, u, u.window_items, stride, first, early.window);
 }
 
 // Where CTA `local` of pool `a` sits (CTAs are [run][entry of the run][cluster rank]; past a.ctas: padding of the last
@@ -1088,7 +1064,6 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
       for (int j = 0; j < 2; ++j)
         rope[j] = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
   };
-  if (a.update_prefetch && real && e.entry == a.entries_per_run - 1) prefetch_update_sources(a, r, thread);
   if (e.emitting && in_run && a.lean_csa_windows) {
     const int row_stride = int(a.row_stride);
     const int64_t base = (window_first_position(a, e.w) - r.start) * row_stride + channel;
@@ -1224,10 +1199,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
     if (!team_updates[i]) continue;  // CTA-uniform
     __threadfence();
     const RunView u = run_view(a, team_runs[i]);
-    if (a.update_one_batch)
-      update_state<false, 8>(a, u, plan_state_update(a, u, 0, true), EarlyUpdate{});
-    else
-      update_state<false>(a, u, plan_state_update(a, u, 0, true), EarlyUpdate{});
+    update_state<false>(a, u, plan_state_update(a, u, 0, true), EarlyUpdate{});
     if (threadIdx.x == 0) *u.state.finished_ctas = 0;
     __syncthreads();
   }
