@@ -1,8 +1,5 @@
 #include "backends/cuda/moe.hpp"
 
-#include <cstdlib>
-#include <string_view>
-
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/moe_combine.hpp"
 #include "backends/cuda/kernels/moe_experts.hpp"
@@ -102,15 +99,6 @@ MoeRoutingBuffers routing_buffers(const WorkspaceLayout& l, void* ws) {
   };
 }
 
-// Round s22 A/B switch (removed after the rounds): DSV4_MOE_ACQ_REL_TICKETS = on | off sets
-// MoeRunParams::acq_rel_tickets in every call, the model's included.
-bool ab_switch(const char* name, bool value) {
-  const char* v = std::getenv(name);
-  if (v == nullptr) return value;
-  check(std::string_view(v) == "on" || std::string_view(v) == "off", name, "=", v, ": on or off expected");
-  return std::string_view(v) == "on";
-}
-
 // The expert GEMMs' parameters of a call (workspace buffers at layout l, the routing's outputs in `routing`).
 MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const MoeRunParams& p,
                                        const WorkspaceLayout& l, const MoeRoutingBuffers& routing) {
@@ -141,7 +129,7 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .tokens = p.tokens,
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
       .down_waits_per_item = p.down_waits_per_item,
-      .acq_rel_tickets = ab_switch("DSV4_MOE_ACQ_REL_TICKETS", p.acq_rel_tickets) && streamed,
+      .acq_rel_tickets = p.acq_rel_tickets && streamed,
       .stream = p.stream,
   };
   if (fuses_combine(p)) {

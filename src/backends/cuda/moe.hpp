@@ -104,8 +104,9 @@ struct MoeRunParams {
   // consistent fences, the combine's slot reads before its ticket. The same bits. H200, bench_cuda_moe, V4-Flash
   // NVFP4, two runs each against sc fences: round s22-1 T = 1 47.0 / 46.9 vs 47.5 / 47.4 µs, T = 2 70.5 / 70.1 vs
   // 71.9 / 71.8, T = 8 201.0 / 203.5 vs 205.5 / 205.5; round s22-2 T = 2 71.6 / 71.5 vs 72.4 / 72.3, T = 8 199.1 /
-  // 199.2 vs 203.0 / 202.9 (T = 1 level); e2e 8 layers b1 level. Round s22-3 A/B (bench_cuda_moe path
-  // "sc-fence-tickets"; DSV4_MOE_ACQ_REL_TICKETS=off).
+  // 199.2 vs 203.0 / 202.9 (T = 1 level); round s22-3 T = 1 47.2 / 47.2 vs 47.9 / 47.9, T = 2 70.1 / 70.0 vs 71.5 /
+  // 71.5, T = 8 199.5 / 199.3 vs 203.7 / 203.6; e2e 8 layers b1 interleaved 781.6 / 770.3 / 776.0 vs 775.8 / 769.7 /
+  // 774.8 t/s. bench_cuda_moe path "sc-fence-tickets" turns it off.
   bool acq_rel_tickets = true;
   // (Session 21: the expert weight copies with an L2 evict-first policy and the gate/up CTAs' L2 prefetch of the
   // experts' tables were faster alone (T = 1 44.7 vs 48.3 µs) but slower in a model step (8 layers b1 761.8 / 767.1 /
