@@ -740,6 +740,44 @@ TEST(Compressor, LeanSlotLoadsRefuseWhatTheyCannotPool) {
   }
 }
 
+// Traced prefill launches (CompressorParams::trace, bench_cuda_compressor --trace-prefill): lean chunks (CSA main into
+// fp32 entries, a long indexer chunk with bf16 keys) and a staged one (HCA in clusters of 8) give the CPU's entries and
+// state, and the launch's CTAs (a prefix of the trace) each record a start and an end no earlier.
+TEST(Compressor, TracedPrefillLaunchesMatchTheCpu) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  constexpr int64_t kRoom = 1 << 12;  // CTAs
+  DeviceBuffer trace(size_t(kRoom) * kCompressorTracePoints * 8, "trace");
+  std::vector<uint64_t> host(size_t(kRoom) * kCompressorTracePoints);
+  uint32_t seed = 3700;
+  for (const auto& [index, loads] : {std::pair{1, CompressorSlotLoads::Lean}, std::pair{12, CompressorSlotLoads::Lean},
+                                     std::pair{5, CompressorSlotLoads::Staged}}) {
+    CaseCheck check(kCases[index], "one pass", seed++);
+    check.force_slot_loads(loads);
+    SCOPED_TRACE(check.name());
+    CompressorParams p;
+    while (check.next_step(p)) {
+      trace.fill_bytes(0);
+      p.trace = trace.as<uint64_t>(), p.trace_ctas = kRoom;
+      run_compressor(p);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      check.check_step();
+      ASSERT_FALSE(HasFatalFailure());
+      trace.download(host.data(), trace.bytes());
+      int64_t ctas = 0;
+      while (ctas < kRoom && host[size_t(ctas) * kCompressorTracePoints + COMPRESSOR_TRACE_START] != 0) ++ctas;
+      ASSERT_GT(ctas, 0);
+      for (int64_t c = 0; c < kRoom; ++c) {
+        const uint64_t* r = host.data() + size_t(c) * kCompressorTracePoints;
+        if (c < ctas)
+          ASSERT_GE(r[COMPRESSOR_TRACE_END], r[COMPRESSOR_TRACE_START]) << "CTA " << c;
+        else
+          ASSERT_EQ(r[COMPRESSOR_TRACE_START], 0u) << "CTA " << c << " after the first without a start";
+      }
+    }
+    check.finish();
+  }
+}
+
 // The RoPE factors from a per-position table (CompressorParams::rope_table) instead of the frequencies: every case,
 // a prefill chunk (staged slot loads) and decode steps (register loads), into the KV cache too.
 TEST(Compressor, RopeTableMatchesTheCpuOnePass) {
