@@ -207,7 +207,7 @@ struct BenchReport {
   int layers = 0;
   int full_layers = 0;      // the model's depth (synthetic runs measure `layers` of them)
   std::string format;       // expert format (synthetic) or "checkpoint"
-  std::string numerics;     // the numerics mode's name (exact, reference, gpu-bf16)
+  std::string numerics;     // the numerics mode's name (exact, reference; gpu-bf16 only for a checkpoint)
   std::string layer_kinds;  // describe_layer_kinds of the measured layers
   std::vector<TestResult> results;
   nlohmann::json extra = nlohmann::json::object();  // GPU figures: bandwidth floor, memory, launches

@@ -256,7 +256,8 @@ void warn_if_unstaged(const IndexerScoresParams& p) {
   if (!warned.exchange(true))
     log_warning("indexer_scores: fp8 keys through sequence_slots with slot_count ", p.slot_count,
                 " and keys_slot_stride ", p.keys_slot_stride, " run on the register-fed warpgroup kernel (slower): ",
-                "the staged kernel needs slot_count > 0 and a stride that is a multiple of ", indexer::kWgmmaHeadDim);
+                "the staged kernel needs slot_count > 0, a stride that is a multiple of ", indexer::kWgmmaHeadDim,
+                " and at most 2^31 - 1 key rows in all slots");
 }
 
 ScoresPlan plan_scores(const IndexerScoresParams& p) {

@@ -233,7 +233,7 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
         "traced launches are the streamed one-tile kernels with the lean decode (T <= 8)");
   const MoeFusedCombine& f = p.combine;
   if (f.out != nullptr) {
-    check(!p.acq_rel_tickets || f.tokens * f.top_k <= moe::kExpertThreads, "moe expert GEMM: the fused combine ",
+    check(!(p.acq_rel_tickets && p.streamed) || f.tokens * f.top_k <= moe::kExpertThreads, "moe expert GEMM: the fused combine ",
           "with acq_rel_tickets reads one slot per thread: ", f.tokens, " tokens × top ", f.top_k, " exceed ",
           moe::kExpertThreads);
     const int bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;

@@ -345,15 +345,14 @@ static __device__ __noinline__ void wait_for_item_rows_slowly(const uint32_t* re
   }
 }
 
-// Per-item counts in global memory ([2 · kMoeCountedItemsMax], zero between calls), for down CTAs that wait for
-// their own item's gate/up CTAs instead of the whole gate/up grid: each gate/up CTA adds one to its item's ready count
-// once its h rows are stored (publish_item_rows: a barrier, then one thread's fence and atomic; the fence is
-// cumulative over the CTA's stores that the barrier ordered before it); a down CTA's first thread waits with acquire
-// loads until the count reaches the item's gate/up CTAs, then adds one to the item's seen count, whose last arrival
-// sets both back to zero (every down CTA of the item is past its wait by then; the next call's CTAs start after this
-// call's grids end). The waiting down CTAs read h through L2.
-// release (MoeExpertGemmParams::acq_rel_tickets): one release reduction instead of the sequentially consistent
-// fence and a relaxed add.
+// Per-item counts in global memory ([2 · kMoeCountedItemsMax], zero between calls), for down CTAs that wait for their
+// own item's gate/up CTAs instead of the whole gate/up grid: each gate/up CTA adds one to its item's ready count once
+// its h rows are stored (publish_item_rows: a barrier, then one thread's release add
+// (MoeExpertGemmParams::acq_rel_tickets; off: a sequentially consistent fence and a relaxed add); either is cumulative
+// over the CTA's stores that the barrier ordered before it); a down CTA's first thread waits with acquire loads until
+// the count reaches the item's gate/up CTAs, then adds one to the item's seen count, whose last arrival sets both back
+// to zero (every down CTA of the item is past its wait by then; the next call's CTAs start after this call's grids
+// end). The waiting down CTAs read h through L2.
 __device__ __forceinline__ void publish_item_rows(uint32_t* item_counters, int item_index, bool release = false) {
   __syncthreads();  // every h row of this CTA is stored
   if (threadIdx.x == 0) {

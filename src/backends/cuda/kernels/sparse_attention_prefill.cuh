@@ -117,6 +117,7 @@ inline constexpr int kPhysical = kRope + kMaxRopePairs * 8;  // int32 [2 × 4][p
 // full[2][2], empty[2][2], valid[2], rope, tile_full[2][2][3]
 inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;
 inline constexpr int kBarrierCount = 11, kTileBarrierCount = 12;
+static_assert(kTileBarrierCount == 2 * 2 * (kHalfTiles - 1), "a barrier per (buffer, half, tile but the last)");
 inline constexpr int kBytes = kBarriers + (kBarrierCount + kTileBarrierCount) * 8;
 inline constexpr int kAllocationBytes = kBytes + 1024;       // room to align the base to 1024
 static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
@@ -124,7 +125,8 @@ static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
 // Named barriers of the consumers (0 is __syncthreads).
 inline constexpr int kBarrierMax0 = 1, kBarrierMax1 = 2, kBarrierP0 = 3, kBarrierP1 = 4, kBarrierConsumers = 5;
 
-// The CTA's mbarriers: full and empty per (buffer, half), valid per buffer.
+// The CTA's mbarriers: full and empty per (buffer, half), valid per buffer, tile_full per (buffer, half, tile) for
+// every tile of a half but its last (whose arrival is full's).
 struct Barriers {
   uint64_t* base;
   __device__ __forceinline__ uint64_t* full(int buffer, int half) const { return base + buffer * 2 + half; }
@@ -373,7 +375,7 @@ __device__ __forceinline__ float rescale_factor(float old_max, float new_max) {
   return old_max == new_max ? 1.0f : fast_exp2(old_max - new_max);
 }
 
-// Waits for a buffer half; for cp.async data (bf16 entries) also orders the producer's writes before this thread's
+// Waits for a buffer half (or one tile of it, on tile_full); for cp.async data (bf16 entries) also orders the producer's writes before this thread's
 // wgmma reads of them (the fp8 producer's own stores are fenced before it arrives).
 template <bool kFp8>
 __device__ __forceinline__ void wait_full(uint64_t* barrier, uint32_t parity) {
@@ -760,8 +762,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t t = int64_t(blockIdx.x / unsigned(head_blocks));
   const Barriers barriers{reinterpret_cast<uint64_t*>(smem + kBarriers)};
   if (threadIdx.x == 0) {
-    // full: every producer thread (its cp.async arrival or its stores); empty: the releasing consumer's threads;
-    // valid, rope_ready: every producer thread.
+    // full, tile_full: every producer thread (its cp.async arrival or its stores); empty: the releasing consumer's
+    // threads; valid, rope_ready: every producer thread.
     for (int i = 0; i < kBarrierCount + kTileBarrierCount; ++i) sm90::mbarrier_init(barriers.base + i, kWarpgroup);
     sm90::fence_mbarrier_init();
   }

@@ -1,5 +1,5 @@
-// Ordered global-memory accesses for CTAs that wait on counters other CTAs of the same grid publish (the top-k's
-// arrival barrier, the MoE router's and expert kernels' counters).
+// Ordered global-memory accesses for CTAs that wait on counters other CTAs publish, of the same grid or of an earlier
+// one (the top-k's arrival barrier, the MoE router's counters, the expert kernels' item counts and combine tickets).
 #pragma once
 
 #include <cstdint>
