@@ -172,12 +172,13 @@ TEST(SparseAttentionPrefill, DecodeBatchesMatchCpu) {
 // A traced launch (bench_cuda_attention_prefill --trace) computes the same and fills consumer 0's marks in order.
 TEST(SparseAttentionPrefill, TracedLaunchMatchesCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  constexpr int64_t kCtas = 24;  // 2 sequences × 12 queries, one head block
-  constexpr size_t kWords = size_t(kCtas) * kPrefillTraceWarps * kPrefillTraceSlots;
+  const AttentionCase c{"flash csa chunk traced", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100}, 12};
+  // One CTA per (query, 64-head block).
+  const int64_t kCtas = int64_t(c.lengths.size()) * c.queries_per_sequence * ((c.heads + 63) / 64);
+  const size_t kWords = size_t(kCtas) * kPrefillTraceWarps * kPrefillTraceSlots;
   DeviceBuffer trace(kWords * 8, "trace");
   trace.fill_bytes(0);
-  check_attention({"flash csa chunk traced", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100}, 12}, 500,
-                  {.prefetch_resolved = PrefetchResolved::Off, .trace = trace.as<uint64_t>()});
+  check_attention(c, 500, {.prefetch_resolved = PrefetchResolved::Off, .trace = trace.as<uint64_t>()});
   std::vector<uint64_t> words(kWords);
   trace.download(words.data(), kWords * 8);
   for (int64_t cta = 0; cta < kCtas; ++cta) {

@@ -96,7 +96,10 @@ inline constexpr int kBlock = 64;          // entries per KV block
 inline constexpr int kWarpgroup = 128;
 inline constexpr int kThreads = 3 * kWarpgroup;
 inline constexpr int kProducerRegisters = 72, kConsumerRegisters = 216;
-static_assert(kProducerRegisters * kWarpgroup + 2 * kConsumerRegisters * kWarpgroup <= 65536, "one SM's registers");
+// Within the launch's allocation per warpgroup (65536 / kThreads, rounded down to 8): a setmaxnreg.inc past it never
+// completes (session 21's hang on the persistent grid).
+inline constexpr int kLaunchRegisters = 65536 / kThreads / 8 * 8;
+static_assert(kProducerRegisters + 2 * kConsumerRegisters <= 3 * kLaunchRegisters, "the launch's register allocation");
 inline constexpr int kTileBytes = 64 * 128;  // 64 rows × 64 bf16: one 128B-swizzled tile (Q, KV or P)
 inline constexpr int kDimTiles = kHeadDim / 64;
 inline constexpr int kHalfTiles = kDimTiles / 2;
