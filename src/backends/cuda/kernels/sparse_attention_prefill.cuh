@@ -310,10 +310,13 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     sm90::mbarrier_arrive(barriers.valid(buffer));
   };
 
-  // The query's index lines into L2 first, one 128-byte line (32 slots) per thread and step: each later pair's
-  // resolve then waits for L2 only, not for DRAM, before its page-table loads.
-  for (int64_t s = int64_t(thread) * 32; s < slots; s += int64_t(kWarpgroup) * 32)
-    ptx::prefetch_l2(&slot_row_ref(p, t, s));
+  // The index lines of `count` slots of `query` into L2, one 128-byte line (32 slots) per thread and step.
+  const auto prefetch_index_lines = [&](int64_t query, int64_t count) {
+    for (int64_t s = int64_t(thread) * 32; s < count; s += int64_t(kWarpgroup) * 32)
+      ptx::prefetch_l2(&slot_row_ref(p, query, s));
+  };
+  // This query's first: each later pair's resolve then waits for L2 only, not for DRAM, before its page-table loads.
+  prefetch_index_lines(t, slots);
   if (pairs > 0) {
     load_rows(0);
     resolve_pages(0);
@@ -329,9 +332,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
         static_cast<const uint8_t*>(p.q) + (ahead_t * p.heads + ahead_head_base) * kHeadDim * element_bytes;
     for (int64_t offset = int64_t(thread) * 128; offset < bytes; offset += int64_t(kWarpgroup) * 128)
       ptx::prefetch_l2(q + offset);
-    const int64_t ahead_slots = query_slot_count(p, ahead_t);
-    for (int64_t s = int64_t(thread) * 32; s < ahead_slots; s += int64_t(kWarpgroup) * 32)
-      ptx::prefetch_l2(&slot_row_ref(p, ahead_t, s));
+    prefetch_index_lines(ahead_t, query_slot_count(p, ahead_t));
   }
   for (int i = 0; i < pairs; ++i) {
     // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
