@@ -485,6 +485,16 @@ std::string layer_kind_launches_note(const BenchReport& r, const ModelConfig& me
          "and its layer mix " + describe_layer_kinds(full) + "): " + note;
 }
 
+// What the model stores its KV entries and indexer keys in (CudaModel::storage), in the notes and the JSON.
+void record_storage(BenchReport& report, const cuda::CudaModel& model) {
+  const cuda::StorageFormats s = model.storage();
+  report.extra["kv_entries"] = cuda::to_string(s.kv_entry.format);
+  report.extra["kv_entry_bytes"] = s.kv_entry.entry_bytes;
+  report.extra["indexer_keys"] = cuda::to_string(s.indexer_keys);
+  report.extra["indexer_key_bytes"] = s.indexer_key_bytes;
+  report.notes.push_back("numerics " + report.numerics + ": " + cuda::describe(s));
+}
+
 double used_gib(const cuda::DeviceMemoryInfo& m) { return double(m.total_bytes - m.free_bytes) / double(1 << 30); }
 
 // "kernel launches per decode step (...): b1 412 = 11.1 per layer, b8 ...", from the decode rows.
@@ -656,14 +666,6 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
     report.extra["fusions"] = fusions;
     report.notes.push_back("CudaModelOptions changed from their defaults: " + fusions);
   }
-  // What the numerics mode stores (CudaModel: KV entries by numerics, indexer keys by fp8_indexer_keys too).
-  const bool fp8_keys = o.numerics == NumericsMode::Reference && checked.fp8_indexer_keys;
-  report.extra["kv_entries"] = o.numerics == NumericsMode::Reference ? "fp8" : "bf16";
-  report.extra["indexer_keys"] = fp8_keys ? "fp8" : "bf16";
-  report.notes.push_back("numerics " + report.numerics + ": KV cache entries " +
-                         (o.numerics == NumericsMode::Reference ? "fp8 (ue8m0 scale per 64 dims, rope dims bf16)"
-                                                                : "bf16") +
-                         ", indexer keys " + (fp8_keys ? "fp8 e4m3 + an fp32 scale per key" : "bf16"));
   report.extra["extrapolation"] =
       "per-layer cost of the measured layers x the full layer count + the cost outside the layers (decode: head "
       "linear and argmax timed alone); an estimate, not a measurement";
@@ -680,6 +682,7 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
     cuda::CudaModelOptions options = model_options(device, o.numerics, shape);
     for (const FusionSetting& f : o.fusions) apply_fusion(options, f);
     cuda::CudaModel model(config, std::move(weights), options);
+    if (!report.extra.contains("kv_entries")) record_storage(report, model);  // every shape's model stores alike
     CudaModelRunner runner(model);
     for (int64_t p : shape.prompts) {
       TestResult t = measure_prefill(runner, p, config.vocab_size, plan);
@@ -756,6 +759,7 @@ void run_checkpoint_cuda(const std::string& device, const EngineCli& cli, const 
   double peak_used = 0;
   for (const ModelShape& shape : model_shapes(plan)) {
     cuda::CudaModel model(config, checkpoint.weights, model_options(device, options.numerics, shape));
+    if (!report.extra.contains("kv_entries")) record_storage(report, model);
     CudaModelRunner runner(model);
     for (int64_t p : shape.prompts) {
       record(report, plan, measure_prefill(runner, p, config.vocab_size, plan));

@@ -323,6 +323,76 @@ TEST(CudaModel, GreedyDecodeOfTheTinyModelEqualsTheCpu) {
   }
 }
 
+// What the model stores (CudaModel::storage, which bench e2e reports) follows the numerics mode and fp8_indexer_keys,
+// and its decode kernels read that format: the tiny model's attention (head_dim 64) is sparse_attention_kernel<64,
+// tiles, fp8 entries> and its indexer scores (index head_dim 32) indexer_scores_kernel<32, fp8 keys, top-k>. Without
+// a CSA layer (the first layer alone) there are no indexer keys.
+TEST(CudaModel, StorageFollowsTheNumericsModeAndTheKeyOption) {
+  if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
+  const ModelFixture f("models/tiny-fortunes");
+  const ModelConfig& config = f.ckpt.config;
+  struct Case {
+    NumericsMode mode;
+    bool fp8_keys_option;
+    cuda::KvEntryFormat entries;
+    cuda::IndexerKeyFormat keys;
+    int key_bytes;
+  };
+  const int dim = config.indexer.head_dim;
+  for (const Case c : {Case{NumericsMode::Exact, true, cuda::KvEntryFormat::Bf16, cuda::IndexerKeyFormat::Bf16, 2 * dim},
+                       Case{NumericsMode::Reference, false, cuda::KvEntryFormat::Fp8Reference,
+                            cuda::IndexerKeyFormat::Bf16, 2 * dim},
+                       Case{NumericsMode::Reference, true, cuda::KvEntryFormat::Fp8Reference,
+                            cuda::IndexerKeyFormat::Fp8, dim + 4}}) {
+    SCOPED_TRACE(std::string(to_string(c.mode)) + (c.fp8_keys_option ? ", fp8_indexer_keys on" : ", off"));
+    cuda::CudaModelOptions options;
+    options.numerics = c.mode;
+    options.fp8_indexer_keys = c.fp8_keys_option;
+    options.max_context = 64;
+    cuda::CudaModel model(config, f.ckpt.weights, options);
+    const cuda::StorageFormats s = model.storage();
+    EXPECT_EQ(s.kv_entry.format, c.entries);
+    EXPECT_EQ(s.kv_entry.entry_bytes,
+              cuda::KvEntryLayout::make(c.entries, config.head_dim, config.rope_head_dim).entry_bytes);
+    EXPECT_EQ(s.indexer_keys, c.keys);
+    EXPECT_EQ(s.indexer_key_bytes, c.key_bytes);
+    const bool fp8_entries = c.entries == cuda::KvEntryFormat::Fp8Reference;
+    const bool fp8_keys = c.keys == cuda::IndexerKeyFormat::Fp8;
+    const std::vector<std::vector<std::string>> names = model.decode_layer_kernel_names(1);
+    ASSERT_EQ(names.size(), size_t(config.num_layers));
+    int indexed = 0;
+    for (int i = 0; i < config.num_layers; ++i) {
+      std::string attention, scores, joined;
+      for (const std::string& name : names[size_t(i)]) {
+        joined += " " + name;
+        if (name.find("sparse_attention_kernel<") != std::string::npos) attention = name;
+        if (name.find("indexer_scores_kernel<") != std::string::npos) scores = name;
+      }
+      EXPECT_TRUE(attention.ends_with(fp8_entries ? ", true>" : ", false>")) << "layer " << i << ":" << joined;
+      if (!config.has_indexer(i)) continue;
+      ++indexed;
+      EXPECT_NE(scores.find(fp8_keys ? "<32, true," : "<32, false,"), std::string::npos)
+          << "layer " << i << ":" << joined;
+    }
+    EXPECT_GT(indexed, 0);
+  }
+  ModelConfig first = config;
+  first.num_layers = 1;
+  first.layer_kinds.resize(1);
+  first.compress_ratios.resize(1);
+  first.hash_routed.resize(1);
+  ModelWeights weights = f.ckpt.weights;
+  weights.layers.resize(1);
+  ASSERT_FALSE(first.has_indexer(0));
+  cuda::CudaModelOptions options;
+  options.numerics = NumericsMode::Reference;
+  options.max_context = 64;
+  const cuda::StorageFormats s = cuda::CudaModel(first, weights, options).storage();
+  EXPECT_EQ(s.indexer_keys, cuda::IndexerKeyFormat::None);
+  EXPECT_EQ(s.indexer_key_bytes, 0);
+  EXPECT_NE(cuda::describe(s).find("no indexer keys (no CSA layer)"), std::string::npos) << cuda::describe(s);
+}
+
 TEST(CudaModel, RefusesBadCallsAndKeepsTheSequence) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const ModelFixture f("models/tiny-fortunes");

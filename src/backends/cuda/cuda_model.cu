@@ -1669,6 +1669,30 @@ struct CudaModel::Impl {
   std::vector<int64_t> slot_length;  // tokens held, or kFreeSlot / kFailedSlot
 };
 
+const char* to_string(IndexerKeyFormat format) {
+  switch (format) {
+    case IndexerKeyFormat::None: return "none";
+    case IndexerKeyFormat::Bf16: return "bf16";
+    case IndexerKeyFormat::Fp8: return "fp8";
+  }
+  return "unknown";
+}
+
+std::string describe(const StorageFormats& formats) {
+  const KvEntryLayout& e = formats.kv_entry;
+  std::string text = std::string("KV cache entries ") + to_string(e.format) + " (";
+  if (e.format == KvEntryFormat::Fp8Reference)
+    text += std::to_string(e.nope_dim) + " e4m3 values with a ue8m0 scale per " + std::to_string(kKvFp8BlockSize) +
+            ", " + std::to_string(e.rope_dim) + " rope dims bf16: ";
+  text += std::to_string(e.entry_bytes) + " B), ";
+  switch (formats.indexer_keys) {
+    case IndexerKeyFormat::None: return text + "no indexer keys (no CSA layer)";
+    case IndexerKeyFormat::Bf16: text += "indexer keys bf16"; break;
+    case IndexerKeyFormat::Fp8: text += "indexer keys fp8 e4m3 + an fp32 scale per key"; break;
+  }
+  return text + " (" + std::to_string(formats.indexer_key_bytes) + " B)";
+}
+
 CudaModel::CudaModel(const ModelConfig& config, const ModelWeights& weights, const CudaModelOptions& options)
     : impl_(std::make_unique<Impl>(config, &weights, nullptr, options)) {}
 
@@ -1679,6 +1703,20 @@ CudaModel::~CudaModel() = default;
 
 const ModelConfig& CudaModel::config() const { return impl_->config; }
 const CudaModelOptions& CudaModel::options() const { return impl_->options; }
+
+StorageFormats CudaModel::storage() const {
+  const Impl& m = *impl_;
+  StorageFormats formats;
+  formats.kv_entry = m.kv_cache->layout();
+  for (int i = 0; i < m.config.num_layers; ++i)
+    if (m.config.has_indexer(i)) {
+      const int dim = m.config.indexer.head_dim;
+      formats.indexer_keys = m.fp8_index_keys() ? IndexerKeyFormat::Fp8 : IndexerKeyFormat::Bf16;
+      formats.indexer_key_bytes = m.fp8_index_keys() ? dim + int(sizeof(float)) : dim * 2;
+      break;
+    }
+  return formats;
+}
 
 std::string CudaModel::describe() const {
   const Impl& m = *impl_;

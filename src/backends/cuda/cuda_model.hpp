@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include "backends/cuda/kernels/sampling.hpp"
+#include "backends/cuda/kv_cache.hpp"
 #include "backends/cuda/weight_upload.hpp"
 #include "io/model_config.hpp"
 #include "model/dsv4_model.hpp"
@@ -112,6 +113,23 @@ struct SamplingBuffers {
   SampledToken* results = nullptr;  // [max_sequences]
 };
 
+// The CSA layers' indexer keys as a model stores them; None where no layer has an indexer.
+enum class IndexerKeyFormat : uint8_t { None, Bf16, Fp8 };
+
+const char* to_string(IndexerKeyFormat format);
+
+// What a model stores its per-token state in (CudaModel::storage), as it chose at construction from the numerics mode
+// and fp8_indexer_keys: reports name this instead of restating the choice.
+struct StorageFormats {
+  KvEntryLayout kv_entry;                                  // every KV cache entry (window and compressed)
+  IndexerKeyFormat indexer_keys = IndexerKeyFormat::None;
+  int indexer_key_bytes = 0;                               // per key, its fp8 scale included; 0 for None
+};
+
+// "KV cache entries bf16 (1024 B), indexer keys bf16 (256 B)" or "KV cache entries fp8-reference (448 e4m3 values
+// with a ue8m0 scale per 64, 64 rope dims bf16: 584 B), indexer keys fp8 e4m3 + an fp32 scale per key (132 B)".
+std::string describe(const StorageFormats& formats);
+
 // One sequence's tokens in a mixed step (CudaModel::step): `ids` at the slot's next positions.
 struct StepSequence {
   int slot = 0;
@@ -132,6 +150,8 @@ class CudaModel {
 
   const ModelConfig& config() const;
   const CudaModelOptions& options() const;
+  // The formats of the KV cache entries and indexer keys this model stores.
+  StorageFormats storage() const;
   // "cuda:0 NVIDIA H200 (...), weights 1.23 GiB, KV cache 0.50 GiB (...), state ..., RoPE tables ...,
   // step workspace ..., decode ..."
   std::string describe() const;

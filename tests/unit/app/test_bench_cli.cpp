@@ -116,11 +116,13 @@ TEST(BenchCli, E2eRunsOnSyntheticWeights) {
   EXPECT_NE(r.out.find("kernel launches per layer kind"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("b2 "), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("| nvfp4 | exact | tg4 | "), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("numerics exact: KV cache entries bf16, indexer keys bf16"), std::string::npos) << r.out;
+  // What the model reports it stores (CudaModel::storage): the tiny config's 64-dim entries and 32-dim indexer keys.
+  EXPECT_NE(r.out.find("numerics exact: KV cache entries bf16 (128 B), indexer keys bf16 (64 B)"), std::string::npos)
+      << r.out;
 }
 
 // Reference numerics: the fp8 KV cache entries and (fp8_indexer_keys, on by default) fp8 indexer keys, named in the
-// table, the notes and the JSON; with the switch off the keys are bf16.
+// table, the notes and the JSON as the model reports them (CudaModel::storage); with the switch off the keys are bf16.
 TEST(BenchCli, E2eRunsInReferenceNumerics) {
   if (!gpu_present()) GTEST_SKIP() << "no GPU";
   const fs::path out = fs::temp_directory_path() / ("dsv4-bench-e2e-" + std::to_string(::getpid()) + ".json");
@@ -131,20 +133,25 @@ TEST(BenchCli, E2eRunsInReferenceNumerics) {
   EXPECT_GT(row_rate(r.out, "pp16"), 0.0) << r.out;
   EXPECT_GT(row_rate(r.out, "tg4 @ b2"), 0.0) << r.out;
   EXPECT_NE(r.out.find("| nvfp4 | reference | tg4 | "), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("numerics reference: KV cache entries fp8"), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("indexer keys fp8 e4m3"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("numerics reference: KV cache entries fp8-reference (48 e4m3 values with a ue8m0 scale per 64, "
+                       "16 rope dims bf16: 88 B)"),
+            std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("indexer keys fp8 e4m3 + an fp32 scale per key (36 B)"), std::string::npos) << r.out;
   std::ifstream file(out);
   const nlohmann::json j = nlohmann::json::parse(file);
   fs::remove(out);
   EXPECT_EQ(j["numerics"], "reference");
-  EXPECT_EQ(j["kv_entries"], "fp8");
+  EXPECT_EQ(j["kv_entries"], "fp8-reference");
   EXPECT_EQ(j["indexer_keys"], "fp8");
+  EXPECT_EQ(j["indexer_key_bytes"], 36);
   EXPECT_EQ(j["results"].size(), 3u) << j.dump(2);
 
   const CliResult bf16_keys = run_cli(args + " -p 0 --fusion fp8_indexer_keys=off");
   ASSERT_EQ(bf16_keys.exit_code, 0) << bf16_keys.text();
-  EXPECT_NE(bf16_keys.out.find("numerics reference: KV cache entries fp8"), std::string::npos) << bf16_keys.out;
-  EXPECT_NE(bf16_keys.out.find("indexer keys bf16"), std::string::npos) << bf16_keys.out;
+  EXPECT_NE(bf16_keys.out.find("numerics reference: KV cache entries fp8-reference ("), std::string::npos)
+      << bf16_keys.out;
+  EXPECT_NE(bf16_keys.out.find("indexer keys bf16 (64 B)"), std::string::npos) << bf16_keys.out;
 }
 
 }  // namespace
