@@ -129,7 +129,7 @@ static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
 inline constexpr int kBarrierMax0 = 1, kBarrierMax1 = 2, kBarrierP0 = 3, kBarrierP1 = 4, kBarrierConsumers = 5;
 
 // The CTA's mbarriers: full and empty per (buffer, half), valid per buffer, tile_full per (buffer, half, tile) for
-// every tile of a half but its last (whose arrival is full's).
+// every tile of a half but its last (whose arrival is full's; bf16 entries only).
 struct Barriers {
   uint64_t* base;
   __device__ __forceinline__ uint64_t* full(int buffer, int half) const { return base + buffer * 2 + half; }
@@ -141,6 +141,11 @@ struct Barriers {
   __device__ __forceinline__ uint64_t* tile_full(int buffer, int half, int tile) const {
     return tile < kHalfTiles - 1 ? base + kBarrierCount + (buffer * 2 + half) * (kHalfTiles - 1) + tile
                                  : full(buffer, half);
+  }
+  // Where a half's tile `tile` arrives: bf16 entries tile by tile, fp8 entries (stored through registers) all on full.
+  template <bool kFp8>
+  __device__ __forceinline__ uint64_t* arrival(int buffer, int half, int tile) const {
+    return kFp8 ? full(buffer, half) : tile_full(buffer, half, tile);
   }
 };
 
@@ -295,10 +300,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   const auto publish_half = [&](int buffer, int half) {
     if constexpr (kFp8) {
       sm90::fence_proxy_async_shared();  // the consumers' wgmma reads these generic stores
-      // fp8 entries land through registers all at once: every tile barrier arrives with the half.
-#pragma unroll
-      for (int i = 0; i < kHalfTiles - 1; ++i) sm90::mbarrier_arrive(barriers.tile_full(buffer, half, i));
-      sm90::mbarrier_arrive(barriers.full(buffer, half));
+      sm90::mbarrier_arrive(barriers.full(buffer, half));  // all tiles at once (Barriers::arrival)
     } else {
       ptx::cp_async_mbarrier_arrive_noinc(shared_address(barriers.full(buffer, half)));
     }
@@ -379,15 +381,17 @@ __device__ __forceinline__ float rescale_factor(float old_max, float new_max) {
   return old_max == new_max ? 1.0f : fast_exp2(old_max - new_max);
 }
 
-// Waits for a buffer half (or one tile of it, on tile_full); for cp.async data (bf16 entries) also orders the producer's writes before this thread's
-// wgmma reads of them (the fp8 producer's own stores are fenced before it arrives).
+// Waits for a buffer half (or one tile of it, on tile_full); for cp.async data (bf16 entries) also orders the
+// producer's writes before this thread's wgmma reads of them (the fp8 producer's own stores are fenced before it
+// arrives).
 template <bool kFp8>
 __device__ __forceinline__ void wait_full(uint64_t* barrier, uint32_t parity) {
   sm90::mbarrier_wait(barrier, parity);
   if constexpr (!kFp8) sm90::fence_proxy_async_shared();
 }
 
-// s (+)= Q K_bufferᵀ over the four 64-dim tiles of `half`, each once it landed (its barrier's phase `parity`).
+// s (+)= Q K_bufferᵀ over the four 64-dim tiles of `half`, each once it landed (its barrier's phase `parity`; fp8
+// entries land together: one wait).
 template <bool kFp8>
 __device__ __forceinline__ void qk_half(float (&s)[32], const uint8_t* smem, int buffer, int half, bool first,
                                         const Barriers& barriers, uint32_t parity) {
@@ -395,7 +399,7 @@ __device__ __forceinline__ void qk_half(float (&s)[32], const uint8_t* smem, int
   const uint64_t k = sm90::make_sw128_k_major_descriptor(smem + kKv + buffer * kBufferBytes);
 #pragma unroll
   for (int i = 0; i < kHalfTiles; ++i) {
-    wait_full<kFp8>(barriers.tile_full(buffer, half, i), parity);
+    if (!kFp8 || i == 0) wait_full<kFp8>(barriers.arrival<kFp8>(buffer, half, i), parity);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       const uint32_t offset = uint32_t((half * kHalfTiles + i) * kTileBytes + kk * 32);
@@ -574,7 +578,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   if (consumer == 0) {
     if (pairs > 0) {
       if constexpr (kTrace) {
-        wait_full<kFp8>(barriers.tile_full(0, 0, 0), 0);
+        wait_full<kFp8>(barriers.arrival<kFp8>(0, 0, 0), 0);
         trace_point<kTrace>(trace, prefill_trace::kFirstData);
       }
       sm90::wgmma_fence();
@@ -640,7 +644,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       sm90::wgmma_fence();
       qk_half<kFp8>(s, smem, 1, 1, true, barriers, parity);
       if (kTrace && i < prefill_trace::kConsumer1Pairs) {
-        wait_full<kFp8>(barriers.tile_full(1, 0, 0), parity);
+        wait_full<kFp8>(barriers.arrival<kFp8>(1, 0, 0), parity);
         trace_point<kTrace>(trace, prefill_trace::kLastHalfArrived + i);
       }
       qk_half<kFp8>(s, smem, 1, 0, false, barriers, parity);
@@ -766,8 +770,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t t = int64_t(blockIdx.x / unsigned(head_blocks));
   const Barriers barriers{reinterpret_cast<uint64_t*>(smem + kBarriers)};
   if (threadIdx.x == 0) {
-    // full, tile_full: every producer thread (its cp.async arrival or its stores); empty: the releasing consumer's
-    // threads; valid, rope_ready: every producer thread.
+    // full: every producer thread (its cp.async arrival or its stores); tile_full (bf16 entries only): every producer
+    // thread's cp.async arrival; empty: the releasing consumer's threads; valid, rope_ready: every producer thread.
     for (int i = 0; i < kBarrierCount + kTileBarrierCount; ++i) sm90::mbarrier_init(barriers.base + i, kWarpgroup);
     sm90::fence_mbarrier_init();
   }
