@@ -26,6 +26,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <random>
 #include <string>
 #include <string_view>
@@ -517,6 +518,39 @@ int main(int argc, char** argv) {
         };
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
+        // Round s23-1 A/B at the persistent kernel's sizes: `body` with the other slice-word address form
+        // (DSV4_MHC_OTHER_WORD_ADDRESS), then the default once more; and the two's outputs of set 0 byte for byte
+        // (set 0's X restored before each run: hc_post_pre updates it in place).
+        const bool persistent_sized = T > kAutoClusterPerTileMaxTokens;
+        const auto other_address_rows = [&](const char* op, const auto& body, double bytes,
+                                            std::initializer_list<const DeviceBuffer*> outputs) {
+          if (!persistent_sized || std::string_view(op).find(only) == std::string_view::npos) return;
+          setenv("DSV4_MHC_OTHER_WORD_ADDRESS", "1", 1);
+          record((std::string(op) + " (DSV4_MHC_OTHER_WORD_ADDRESS=1)").c_str(), body, bytes, 0.0);
+          unsetenv("DSV4_MHC_OTHER_WORD_ADDRESS");
+          record((std::string(op) + " (default again)").c_str(), body, bytes, 0.0);
+          std::vector<unsigned char> x0(set(0).X.bytes());
+          set(0).X.download(x0.data(), x0.size());
+          const auto output_bytes = [&] {
+            set(0).X.upload(x0.data(), x0.size());
+            body(0);
+            DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+            std::vector<unsigned char> all;
+            for (const DeviceBuffer* buffer : outputs) {
+              const size_t at = all.size();
+              all.resize(at + buffer->bytes());
+              buffer->download(all.data() + at, buffer->bytes());
+            }
+            return all;
+          };
+          const std::vector<unsigned char> default_bytes = output_bytes();
+          setenv("DSV4_MHC_OTHER_WORD_ADDRESS", "1", 1);
+          const std::vector<unsigned char> other_bytes = output_bytes();
+          unsetenv("DSV4_MHC_OTHER_WORD_ADDRESS");
+          std::printf("%s T=%lld: %s outputs with DSV4_MHC_OTHER_WORD_ADDRESS against the default's: %s\n", model,
+                      (long long)T, op, other_bytes == default_bytes ? "byte-identical" : "DIFFERENT BYTES");
+        };
+        other_address_rows("hc_pre", hc_pre, pre_bytes, {&set(0).y, &set(0).post, &set(0).comb});
         const bool tile_clusters_sized = !decode_sized && T <= 1024;
         if (tile_clusters_sized) {
           record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
@@ -595,6 +629,8 @@ int main(int argc, char** argv) {
         const double mix_bytes = double(T * (kN + kN * kN)) * 4;
         const double post_pre_bytes = td_bytes + 2 * x_bytes + double(kSiteRows * flat) * 4 + td_bytes + 2 * mix_bytes;
         record("hc_post_pre (in place)", hc_post_pre, post_pre_bytes, time_ms(stream, iterations, hc_post_then_pre));
+        other_address_rows("hc_post_pre (in place)", hc_post_pre, post_pre_bytes,
+                           {&set(0).X, &set(0).y, &set(0).next_post, &set(0).next_comb});
         const auto roles_post_pre = [&](int i) {
           run_post_pre(set(i), HcKernelChoice::PERSISTENT_WARP_SPECIALIZED, false);
         };
@@ -653,6 +689,7 @@ int main(int argc, char** argv) {
         };
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
                time_ms(stream, iterations, head_baseline));
+        other_address_rows("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes, {&set(0).y});
         if (tile_clusters_sized) {
           const auto persistent_norm = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT, true); };
           const auto default_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };

@@ -637,8 +637,10 @@ __device__ __forceinline__ void project_tile_3xtf32(const float* const (&x_lo)[2
     }
 }
 
-// fn_pair for project_tile_3xtf32 from unsplit fragments: splits each entry as the MMA needs it (no registers kept
-// for the pairs: the persistent kernel is at its register cap).
+// fn_pair for project_tile_3xtf32 from unsplit fragments: splits each entry as the MMA needs it. (ptxas, nvcc 13,
+// sm_90a, hoists these splits out of the persistent kernel's tile loop in every instance, hc_pre at its 128-register
+// cap included: the loop's tf32 splits are X's 16 per thread. Splitting once into a pair of arrays gave the same
+// loop.)
 template <int kNTiles>
 struct SplitOnUse {
   const float (&fn_frag)[2][kNTiles][4];
@@ -660,7 +662,8 @@ static __device__ __noinline__ float sum_slice_words_slowly(const unsigned long 
   return sum;
 }
 
-template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared>
+template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared,
+          bool kOtherWordAddress = false>
 __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const __grid_constant__ ProjectionArgs args) {
@@ -671,6 +674,9 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // 233.4. On kRoles, at its 128-register cap, slower (hc_post_pre 316.1 / 317.4 -> 321.0, V4-Pro 581.7 / 577.8 ->
   // 587.0): it keeps the plain sums.
   constexpr bool kLean = !kRoles;
+  // Round s23-1 A/B only (DSV4_MHC_OTHER_WORD_ADDRESS, mhc.cu): the slice words read through the other address form
+  // than the variant's own (the butterfly unchanged).
+  constexpr bool kWordPointer = kLean != kOtherWordAddress;
   constexpr int kThreads = projection_threads(kSliceDims);  // kRoles: per warp group
   constexpr int kWarps = kThreads / 32;
   constexpr int kCtaThreads = projection_cta_threads(kSliceDims, kVariant);
@@ -803,8 +809,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
 
   // This warp's 32 columns of fn for the B fragments. Thread (g, t4) takes columns 16p + 4·t4 .. +3 of rows
   // 8·nt + g: k-step (p, h) maps logical k = t4 to column 16p + 4·t4 + 2h and k = t4 + 4 to the next one, so one
-  // 16-byte load feeds two k-steps (the A side uses the same permutation). Kept unsplit (24 registers, not 48):
-  // re-splitting per tile is cheap ALU work, and the split pair would push the kernel past its 128 registers.
+  // 16-byte load feeds two k-steps (the A side uses the same permutation). Kept unsplit here; SplitOnUse's splits
+  // are hoisted out of the tile loop by ptxas.
   const int g = lane >> 2, t4 = lane & 3;
   const int stream = warp / kWarpsPerStream;
   const int column0 = (warp % kWarpsPerStream) * 32 + 4 * t4;
@@ -829,7 +835,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     const int m = sum_item_of(pass), item = slice + m * slices;
     if (m >= my_items || (item & (kTileTokens - 1)) >= valid_of(j)) return;
     const unsigned long long* source = partials_of(j) + item;
-    if constexpr (kLean) {
+    if constexpr (kWordPointer) {
       const unsigned long long* const first = source + part * kPartialFloats;
       const int stride = lanes * kPartialFloats;
 #pragma unroll
