@@ -8,8 +8,8 @@
 // per clock), the speed-up over today's path, and the largest difference between the two outputs over the largest
 // |output| (FAIL above 2^-6: both round q and P to bf16, in other orders); and the prefill kernel once more with q in
 // bf16 (bf16q: the same MMA input, half the q bytes), also with SparseAttentionPrefillOptions::prefetch_resolved
-// (+pf), and with every slot unused (noKV: the producer zero-fills its buffers without reading an entry, the kernel's
-// time without KV traffic).
+// (+pf), and with --no-kv with every slot unused (noKV: the producer zero-fills its buffers without reading an entry,
+// the kernel's time without KV traffic; nan without --no-kv).
 // Decode: batch 64 and 256 (one query per sequence, each sequence its own pages) in the SWA (128 window slots, 4K
 // context), CSA (128 + 512 random compressed rows of 64K / 4) and HCA (128 + all 512 compressed rows of 64K / 128)
 // layouts, both models, both entry formats, q in bf16 and fp32 out (the engine's decode call): the kernel without and
@@ -24,7 +24,8 @@
 // first scores, each pair, the epilogue's staging and stores), of the gap between consecutive CTAs on one SM, and per
 // pair of the late half's release, its first tile's arrival and consumer 1's wait for the max (%globaltimer ticks
 // 0.256 µs on the H200).
-// Usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE] [--trace] [--quick]. --part
+// Usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE] [--trace] [--quick]
+// [--no-kv]. --part
 // runs one part; --only runs the one case named (prefill MODEL:FORMAT:CONTEXT, e.g. flash:bf16:8192,
 // pro:fp8-reference:65536; decode MODEL:LAYOUT:BATCH:FORMAT, e.g. flash:csa:256:bf16; for a profiler). Exit status 1
 // when outputs disagree.
@@ -202,7 +203,7 @@ struct Case {
 };
 
 Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
-              double peak_tflops, int sms, void* flush, size_t flush_bytes, bool trace, bool quick,
+              double peak_tflops, int sms, void* flush, size_t flush_bytes, bool trace, bool quick, bool no_kv,
               std::mt19937& rng) {
   const int64_t capacity = 8192;  // ring rows: the window plus the chunk
   const std::unique_ptr<KvCache> cache =
@@ -261,18 +262,21 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, plain); });
   const double bf16_q_prefetch_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, prefetch); });
-  // Every slot −1: the producer zero-fills its buffers without reading an entry (the diagnostic's floor).
-  DeviceBuffer no_window(chunk.window_index.size() * 4, "no window index"),
-      no_compressed(chunk.compressed_index.size() * 4, "no compressed index"),
-      no_entries_out(outputs * 2, "prefill kernel out, no entries");
-  no_window.fill_bytes(0xFF);
-  no_compressed.fill_bytes(0xFF);
-  SparseAttentionParams no_entries = prefill_bf16_q;
-  no_entries.window_index = no_window.as<int32_t>();
-  no_entries.compressed_index = no_compressed.as<int32_t>();
-  no_entries.out = no_entries_out.data();
-  const double no_entries_ms =
-      median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(no_entries, plain); });
+  // --no-kv: every slot −1, the producer zero-fills its buffers without reading an entry (the diagnostic's floor).
+  double no_entries_ms = NAN;
+  if (no_kv) {
+    DeviceBuffer no_window(chunk.window_index.size() * 4, "no window index"),
+        no_compressed(chunk.compressed_index.size() * 4, "no compressed index"),
+        no_entries_out(outputs * 2, "prefill kernel out, no entries");
+    no_window.fill_bytes(0xFF);
+    no_compressed.fill_bytes(0xFF);
+    SparseAttentionParams no_entries = prefill_bf16_q;
+    no_entries.window_index = no_window.as<int32_t>();
+    no_entries.compressed_index = no_compressed.as<int32_t>();
+    no_entries.out = no_entries_out.data();
+    no_entries_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(no_entries, plain); });
+    DSV4_CUDA_CHECK(cudaDeviceSynchronize());  // before the buffers go
+  }
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   if (trace) print_trace(prefill_bf16_q, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush, flush_bytes);
 
@@ -376,7 +380,7 @@ DecodeCase run_decode_case(const char* model, int heads, DecodeLayout kind, KvEn
 
 int run(int argc, char** argv) {
   std::string json_path, only, part;
-  bool trace = false, quick = false;
+  bool trace = false, quick = false, no_kv = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
@@ -388,9 +392,11 @@ int run(int argc, char** argv) {
       trace = true;
     else if (std::strcmp(argv[i], "--quick") == 0)
       quick = true;
+    else if (std::strcmp(argv[i], "--no-kv") == 0)
+      no_kv = true;
     else
       fail("usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE] [--trace] "
-           "[--quick]");
+           "[--quick] [--no-kv]");
   }
   check(part.empty() || part == "prefill" || part == "decode", "--part ", part, ": expected prefill or decode");
   const std::vector<DeviceInfo> devices = list_devices();
@@ -427,7 +433,7 @@ int run(int argc, char** argv) {
             (!only.empty() && only != std::string(model) + ":" + to_string(format) + ":" + std::to_string(context)))
           continue;
         const Case r = run_case(model, heads, format, context, cublas_tflops, peak_tflops, device.multiprocessors,
-                                flush.data(), flush_bytes, trace, quick, rng);
+                                flush.data(), flush_bytes, trace, quick, no_kv, rng);
         const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
         ok = ok && agrees;
         std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f "

@@ -169,7 +169,8 @@ TEST(SparseAttentionPrefill, DecodeBatchesMatchCpu) {
                   prefetch);
 }
 
-// A traced launch (bench_cuda_attention_prefill --trace) computes the same and fills consumer 0's marks in order.
+// A traced launch (bench_cuda_attention_prefill --trace) computes the same, every planned CTA traced: each of its three
+// warpgroups records a start and an end no earlier, on an SM of the device; consumer 0's marks in order.
 TEST(SparseAttentionPrefill, TracedLaunchMatchesCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const AttentionCase c{"flash csa chunk traced", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100}, 12};
@@ -181,8 +182,15 @@ TEST(SparseAttentionPrefill, TracedLaunchMatchesCpu) {
   check_attention(c, 500, {.prefetch_resolved = PrefetchResolved::Off, .trace = trace.as<uint64_t>()});
   std::vector<uint64_t> words(kWords);
   trace.download(words.data(), kWords * 8);
+  const int sms = current_multiprocessors();
   for (int64_t cta = 0; cta < kCtas; ++cta) {
     const uint64_t* c0 = &words[size_t(cta) * kPrefillTraceWarps * kPrefillTraceSlots];
+    for (const int warp : {0, 4, 8}) {  // the first warp of consumer 0, consumer 1, the producer
+      const uint64_t* record = c0 + warp * kPrefillTraceSlots;
+      EXPECT_GT(record[prefill_trace::kStart], 0u) << "CTA " << cta << " warp " << warp << " did not start";
+      EXPECT_GE(record[prefill_trace::kEnd], record[prefill_trace::kStart]) << "CTA " << cta << " warp " << warp;
+      EXPECT_LT(record[prefill_trace::kSm], uint64_t(sms)) << "CTA " << cta << " warp " << warp;
+    }
     const int marks[] = {prefill_trace::kStart,       prefill_trace::kQStaged,     prefill_trace::kFirstData,
                          prefill_trace::kFirstScores, prefill_trace::kPairEnd + 0, prefill_trace::kPairEnd + 1,
                          prefill_trace::kPairEnd + 2, prefill_trace::kPairEnd + 3, prefill_trace::kPairEnd + 4,
