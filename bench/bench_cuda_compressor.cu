@@ -549,8 +549,12 @@ void print_trace(const std::string& title, const Touch& touch, bool cold, size_t
     std::printf("trace %s, %s: next kernel released %s µs after the prior kernel's end\n", title.c_str(),
                 cold ? "L2 evicted" : "L2 hot", released.c_str());
     if (!table) return;
-    std::printf("| CTA | SM | start | wait passed | run | update loads | pooled | merged | normed | rounded | finished "
-                "| end |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    std::printf("| CTA |");
+    for (int point = 0; point < kCompressorTracePoints; ++point)
+      std::printf(" %s |", compressor_trace_point_name(point));
+    std::printf("\n|---|");
+    for (int point = 0; point < kCompressorTracePoints; ++point) std::printf("---|");
+    std::printf("\n");
     for (int c = 0; c < ctas; ++c) {
       const uint64_t* r = host.data() + size_t(c) * kCompressorTracePoints;
       if (r[COMPRESSOR_TRACE_START] == 0) continue;
@@ -686,8 +690,6 @@ void print_prefill_trace(const std::string& title, const std::vector<uint64_t>& 
     std::sort(v.begin(), v.end());
     return v[std::min(v.size() - 1, size_t(q * double(v.size())))];
   };
-  static const char* kNames[] = {"sm", "start", "wait passed", "run", "update loads", "pooled", "merged", "normed",
-                                 "rounded", "finished", "end"};
   for (const auto& pool : pools) {
     std::vector<double> starts, ends, lifetimes;
     std::vector<std::vector<double>> phases(kCompressorTracePoints);
@@ -726,8 +728,9 @@ void print_prefill_trace(const std::string& title, const std::vector<uint64_t>& 
     std::printf("   phases (µs from the previous point, p50 / p90 / max):");
     for (int point = COMPRESSOR_TRACE_START + 1; point < kCompressorTracePoints; ++point)
       if (!phases[size_t(point)].empty())
-        std::printf(" %s %.2f / %.2f / %.2f;", kNames[point], percentile(phases[size_t(point)], 0.5),
-                    percentile(phases[size_t(point)], 0.9), percentile(phases[size_t(point)], 1.0));
+        std::printf(" %s %.2f / %.2f / %.2f;", compressor_trace_point_name(point),
+                    percentile(phases[size_t(point)], 0.5), percentile(phases[size_t(point)], 0.9),
+                    percentile(phases[size_t(point)], 1.0));
     std::printf("\n");
     // The CTA that ended last: its points (µs after the launch's first start).
     int64_t last_cta = -1;
@@ -739,7 +742,8 @@ void print_prefill_trace(const std::string& title, const std::vector<uint64_t>& 
     std::printf("   last to end: CTA %lld on SM %llu:", (long long)last_cta,
                 (unsigned long long)at(last_cta, COMPRESSOR_TRACE_SM));
     for (int point = COMPRESSOR_TRACE_START; point < kCompressorTracePoints; ++point)
-      if (at(last_cta, point) != 0) std::printf(" %s %.2f;", kNames[point], us(at(last_cta, point)));
+      if (at(last_cta, point) != 0)
+        std::printf(" %s %.2f;", compressor_trace_point_name(point), us(at(last_cta, point)));
     std::printf("\n");
   }
 }
@@ -758,7 +762,13 @@ void trace_prefill(Compressor& main, Compressor& index, Compressor& hca, int64_t
     DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
     trace.download(host.data(), trace.bytes());
   };
-  const int64_t main_ctas = s.tokens / main.ratio, index_ctas = s.tokens / index.ratio / 4;
+  // The pools' CTA ranges as the launcher plans them.
+  const auto range = [](const CompressorCtaRange& r) {
+    return std::pair<int64_t, int64_t>{r.first_cta, r.first_cta + r.ctas};
+  };
+  const CompressorParams planned[2] = {main.params(runs, 1, s.tokens, stream),
+                                       index.params(runs, 1, s.tokens, stream)};
+  const CompressorLaunchShape pair = compressor_launch_shape(planned);
   traced([&](uint64_t* t) {
     CompressorParams both[2] = {main.params(runs, 1, s.tokens, stream), index.params(runs, 1, s.tokens, stream)};
     both[0].trace = both[1].trace = t;
@@ -767,14 +777,16 @@ void trace_prefill(Compressor& main, Compressor& index, Compressor& hca, int64_t
   });
   const std::string chunk = ", chunk of " + std::to_string(tokens);
   print_prefill_trace("CSA layer main + indexer (lean)" + chunk, host,
-                      {{"main", {0, main_ctas}}, {"indexer", {main_ctas, main_ctas + index_ctas}}});
+                      {{"main", range(pair.pools[0])}, {"indexer", range(pair.pools[1])}});
   const DeviceBuffer hca_runs = runs_of(start_of(s, hca), s.tokens, s.sequences);
+  const CompressorParams hca_planned = hca.params(hca_runs, 1, s.tokens, stream);
+  const CompressorLaunchShape alone = compressor_launch_shape({&hca_planned, 1});
   traced([&](uint64_t* t) {
     CompressorParams p = hca.params(hca_runs, 1, s.tokens, stream);
     p.trace = t, p.trace_ctas = kRoom;
     run_compressor(p);
   });
-  print_prefill_trace("HCA (staged)" + chunk, host, {{"HCA", {0, s.tokens / hca.ratio * 8}}});
+  print_prefill_trace("HCA (staged)" + chunk, host, {{"HCA", range(alone.pools[0])}});
 }
 
 int run(int argc, char** argv) {

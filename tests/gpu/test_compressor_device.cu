@@ -758,20 +758,25 @@ TEST(Compressor, TracedPrefillLaunchesMatchTheCpu) {
     while (check.next_step(p)) {
       trace.fill_bytes(0);
       p.trace = trace.as<uint64_t>(), p.trace_ctas = kRoom;
+      // The launcher's plan: every CTA of it records a start and an end, none past it.
+      const CompressorLaunchShape shape = compressor_launch_shape({&p, 1});
+      ASSERT_GT(shape.ctas, 0);
+      ASSERT_LE(shape.ctas, kRoom);
+      EXPECT_EQ(shape.pools[0].first_cta, 0);
+      EXPECT_EQ(shape.pools[0].ctas, shape.ctas);  // one pool: its CTAs are the grid
       run_compressor(p);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       check.check_step();
       ASSERT_FALSE(HasFatalFailure());
       trace.download(host.data(), trace.bytes());
-      int64_t ctas = 0;
-      while (ctas < kRoom && host[size_t(ctas) * kCompressorTracePoints + COMPRESSOR_TRACE_START] != 0) ++ctas;
-      ASSERT_GT(ctas, 0);
       for (int64_t c = 0; c < kRoom; ++c) {
         const uint64_t* r = host.data() + size_t(c) * kCompressorTracePoints;
-        if (c < ctas)
+        if (c < shape.ctas) {
+          ASSERT_NE(r[COMPRESSOR_TRACE_START], 0u) << "planned CTA " << c << " of " << shape.ctas << " did not start";
           ASSERT_GE(r[COMPRESSOR_TRACE_END], r[COMPRESSOR_TRACE_START]) << "CTA " << c;
-        else
-          ASSERT_EQ(r[COMPRESSOR_TRACE_START], 0u) << "CTA " << c << " after the first without a start";
+        } else {
+          ASSERT_EQ(r[COMPRESSOR_TRACE_START], 0u) << "CTA " << c << " past the plan's " << shape.ctas << " started";
+        }
       }
     }
     check.finish();

@@ -243,8 +243,19 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2};
 }
 
-// The pools' launch, with the indexer's query preparation when `prepare` is given (checked by the caller).
-void launch_compressors(std::span<const CompressorParams> params, const IndexerPrepareParams* prepare) {
+// A launch of the pools (and the indexer's query preparation when `prepare` is given, checked by the caller): its
+// kernel arguments, grid, CTA size, shared memory and slot loads.
+struct LaunchPlan {
+  compressor::LaunchArgs launch{};
+  CompressorSlotLoads loads = CompressorSlotLoads::Registers;
+  int64_t ctas = 0;
+  int threads = 0;
+  size_t smem = 0;
+  bool slice_updates = true;  // decode steps (every run within one window's worth of tokens)
+  int pool_of_param[compressor::kMaxPools] = {-1, -1};  // params[i]'s pool in `launch` (−1: no runs, not launched)
+};
+
+LaunchPlan plan_launch(std::span<const CompressorParams> params, const IndexerPrepareParams* prepare) {
   check(!params.empty() && params.size() <= size_t(compressor::kMaxPools), "compressor: ", params.size(),
         " compressors in one launch (1 to ", compressor::kMaxPools, ")");
   for (const CompressorParams& p : params) check_compressor_params(p);
@@ -256,21 +267,24 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
           "compressor: the compressors of one launch need distinct states");
     check(params[0].trace == params[1].trace, "compressor: the compressors of one launch need the same trace");
   }
-  const CompressorSlotLoads loads = compressor_slot_loads(params);
-  const bool lean = loads == CompressorSlotLoads::Lean, staged = loads == CompressorSlotLoads::Staged;
-  compressor::LaunchArgs launch{};
+  LaunchPlan plan;
+  plan.loads = compressor_slot_loads(params);
+  const bool lean = plan.loads == CompressorSlotLoads::Lean;
+  compressor::LaunchArgs& launch = plan.launch;
   int hardware_cluster = 1, threads = 0;
   size_t smem = 0;
-  for (const CompressorParams& p : params) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    const CompressorParams& p = params[i];
     if (p.run_count == 0) continue;
-    const compressor::PoolArgs pool = pool_args(p, loads);
+    const compressor::PoolArgs pool = pool_args(p, plan.loads);
+    plan.pool_of_param[i] = launch.pool_count;
     launch.pools[launch.pool_count++] = pool;
     hardware_cluster = std::max(hardware_cluster, pool.cluster_ctas);
     threads = lean ? compressor::kLeanThreads : std::max(threads, pool.pairs_padded * pool.groups);
     if (!lean) smem = std::max(smem, compressor::pool_smem_bytes(pool.channels_per_cta, pool.groups));
   }
   const bool prepares = prepare != nullptr && prepare->tokens > 0;
-  if (launch.pool_count == 0 && !prepares) return;
+  if (launch.pool_count == 0 && !prepares) return plan;
   // Each pool's CTAs fill whole hardware clusters (a cluster never spans two pools), then the preparation's do.
   const auto whole_clusters = [&](int64_t n) {
     return (n + hardware_cluster - 1) / hardware_cluster * hardware_cluster;
@@ -297,17 +311,26 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   }
   check(ctas < (int64_t(1) << 31), "compressor: ", ctas, " CTAs exceed the grid limit");
   launch.hardware_cluster = hardware_cluster;
-  // Decode steps (every run within one window's worth of tokens) update their states per channel slice.
-  bool slice_updates = true;
-  for (int i = 0; i < launch.pool_count; ++i) slice_updates = slice_updates && launch.pools[i].entries_per_run == 1;
-  if (staged && launch.pool_count > 0) smem += compressor::staging_smem_bytes(threads);
-  using enum CompressorSlotLoads;
+  for (int i = 0; i < launch.pool_count; ++i)
+    plan.slice_updates = plan.slice_updates && launch.pools[i].entries_per_run == 1;
+  if (plan.loads == CompressorSlotLoads::Staged && launch.pool_count > 0)
+    smem += compressor::staging_smem_bytes(threads);
   launch.trace = params[0].trace;
-  const bool traced = launch.trace != nullptr;
-  check(!traced || loads == Registers || !slice_updates,
+  plan.ctas = ctas, plan.threads = threads, plan.smem = smem;
+  return plan;
+}
+
+// The pools' launch (plan_launch's).
+void launch_compressors(std::span<const CompressorParams> params, const IndexerPrepareParams* prepare) {
+  const LaunchPlan plan = plan_launch(params, prepare);
+  if (plan.ctas == 0) return;
+  using enum CompressorSlotLoads;
+  const bool lean = plan.loads == Lean, staged = plan.loads == Staged, slice_updates = plan.slice_updates;
+  const bool traced = plan.launch.trace != nullptr;
+  check(!traced || plan.loads == Registers || !slice_updates,
         "compressor: a traced decode launch needs the registers slot loads");
-  check(!traced || ctas <= params[0].trace_ctas, "compressor: a traced launch of ", ctas, " CTAs, its trace holds ",
-        params[0].trace_ctas);
+  check(!traced || plan.ctas <= params[0].trace_ctas, "compressor: a traced launch of ", plan.ctas,
+        " CTAs, its trace holds ", params[0].trace_ctas);
   const auto kernel = lean            ? (traced ? compressor::compressor_kernel<false, Lean, true>
                                                 : compressor::compressor_kernel<false, Lean>)
                       : slice_updates ? (staged   ? compressor::compressor_kernel<true, Staged>
@@ -317,13 +340,14 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
                                                             : compressor::compressor_kernel<false, Staged>)
                                          : traced ? compressor::compressor_kernel<false, Registers, true>
                                                   : compressor::compressor_kernel<false, Registers>);
-  if (smem > 48 * 1024) {
+  if (plan.smem > 48 * 1024) {
     const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
-    check(smem <= size_t(limit), "compressor: ", smem, " bytes of shared memory per CTA exceed the device's ", limit);
+    check(plan.smem <= size_t(limit), "compressor: ", plan.smem, " bytes of shared memory per CTA exceed the device's ",
+          limit);
   }
   // A programmatic dependent launch, in clusters only where entries are split.
-  launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(threads)), smem, params[0].stream,
-                 dim3(unsigned(hardware_cluster)), "compressor_kernel", launch);
+  launch_chained(kernel, dim3(unsigned(plan.ctas)), dim3(unsigned(plan.threads)), plan.smem, params[0].stream,
+                 dim3(unsigned(plan.launch.hardware_cluster)), "compressor_kernel", plan.launch);
   DSV4_CUDA_CHECK_LAUNCH("compressor_kernel");
 }
 
@@ -351,6 +375,30 @@ CompressorSlotLoads compressor_slot_loads(std::span<const CompressorParams> para
   // vs 24.9).
   if (lean) return CompressorSlotLoads::Lean;
   return staged ? CompressorSlotLoads::Staged : CompressorSlotLoads::Registers;
+}
+
+const char* compressor_trace_point_name(int point) {
+  static constexpr const char* kNames[kCompressorTracePoints] = {
+      "sm", "start", "wait passed", "run", "update loads", "pooled", "merged", "normed", "rounded", "finished", "end"};
+  return point >= 0 && point < kCompressorTracePoints ? kNames[point] : "?";
+}
+
+CompressorLaunchShape compressor_launch_shape(std::span<const CompressorParams> params,
+                                              const IndexerPrepareParams* prepare) {
+  if (prepare != nullptr) check_indexer_prepare_params(*prepare);
+  const LaunchPlan plan = plan_launch(params, prepare);
+  CompressorLaunchShape shape;
+  for (size_t i = 0; i < params.size(); ++i)
+    if (plan.pool_of_param[i] >= 0) {
+      const compressor::PoolArgs& pool = plan.launch.pools[plan.pool_of_param[i]];
+      shape.pools[i] = {pool.first_cta, pool.ctas};
+    }
+  if (plan.launch.prepare_head_dim != 0)
+    shape.prepare = {plan.launch.prepare_first_cta,
+                     (plan.launch.prepare.rows + plan.launch.prepare_rows_per_cta - 1) /
+                         plan.launch.prepare_rows_per_cta};
+  shape.ctas = plan.ctas, shape.threads = plan.threads;
+  return shape;
 }
 
 void run_compressor(const CompressorParams& params) { launch_compressors({&params, 1}, nullptr); }

@@ -149,6 +149,9 @@ enum CompressorTracePoint : int {
   kCompressorTracePoints
 };
 
+// The point's name in a trace's tables (bench_cuda_compressor): "sm", "start", "wait passed", ….
+const char* compressor_trace_point_name(int point);
+
 // Index of the first entry a chunk starting at start_position can complete.
 inline int64_t compressor_first_entry(int64_t start_position, int64_t ratio) { return start_position / ratio; }
 
@@ -161,6 +164,24 @@ DSV4_HD int64_t compressor_entries_emitted(int64_t start_position, int64_t token
 inline int64_t compressor_max_entries(int64_t tokens, int64_t ratio) { return (tokens + ratio - 1) / ratio; }
 
 void check_compressor_params(const CompressorParams& params);
+
+// A launch's CTAs [first_cta, first_cta + ctas) (the padding to whole hardware clusters not counted).
+struct CompressorCtaRange {
+  int64_t first_cta = 0;
+  int64_t ctas = 0;
+};
+
+// Where run_compressors(params[, prepare]) puts its CTAs: pool i (params[i]; empty for a pool without runs) first,
+// then the indexer preparation's (prepare null or without tokens: empty); `ctas` the whole grid, `threads` per CTA.
+// The launcher launches this plan; traces (CompressorParams::trace) are read by it.
+struct CompressorLaunchShape {
+  CompressorCtaRange pools[2];
+  CompressorCtaRange prepare;
+  int64_t ctas = 0;
+  int threads = 0;
+};
+CompressorLaunchShape compressor_launch_shape(std::span<const CompressorParams> params,
+                                              const IndexerPrepareParams* prepare = nullptr);
 void run_compressor(const CompressorParams& params);
 // The slot loads a launch of `params` takes (Auto resolved; refuses a Lean that cannot pool them, naming why).
 CompressorSlotLoads compressor_slot_loads(std::span<const CompressorParams> params);  // 1 or 2
