@@ -248,12 +248,14 @@ struct ScoresPlan {
   dim3 grid;
 };
 
+// Whether warn_if_unstaged has spoken in this process (reset_indexer_warnings_for_tests forgets it).
+std::atomic<bool> unstaged_warned{false};
+
 // Auto's one fp8 case that the staged kernel cannot take (slots without their count, or slots not whole 128-byte
 // map rows apart) runs on the slower register-fed kernel: said once per process, not silently.
 void warn_if_unstaged(const IndexerScoresParams& p) {
-  static std::atomic<bool> warned{false};
   if (p.kernel != IndexerScoresKernel::Auto || !fp8_keys(p) || !warpgroup_shape(p) || stageable(p)) return;
-  if (!warned.exchange(true))
+  if (!unstaged_warned.exchange(true))
     log_warning("indexer_scores: fp8 keys through sequence_slots with slot_count ", p.slot_count,
                 " and keys_slot_stride ", p.keys_slot_stride, " run on the register-fed warpgroup kernel (slower): ",
                 "the staged kernel needs slot_count > 0, a stride that is a multiple of ", indexer::kWgmmaHeadDim,
@@ -320,6 +322,8 @@ void launch_planned(const IndexerScoresParams& p, const ScoresPlan& plan, const 
 }
 
 }  // namespace
+
+void reset_indexer_warnings_for_tests() { unstaged_warned.store(false); }
 
 void check_indexer_prepare_params(const IndexerPrepareParams& p) {
   check(supported_head_dim(p.head_dim), "indexer_prepare: head_dim ", p.head_dim, " is not supported (32, 64, 128)");

@@ -128,6 +128,9 @@ enum IndexerTracePoint {
 };
 
 void check_indexer_scores_params(const IndexerScoresParams& params);
+// Tests only: forget that run_indexer_scores' once-per-process warnings were given, so the next case that meets one
+// warns again (a test of a warning then holds in any order and under --gtest_repeat).
+void reset_indexer_warnings_for_tests();
 void run_indexer_scores(const IndexerScoresParams& params);
 
 // run_indexer_scores then run_top_k, in one launch by scores.top_k_method: selected, counts and nan_flag are
