@@ -858,13 +858,9 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
       };
       if constexpr (kColumnStages) {
         columns::stage_x<kCoherentX>(row_of, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
-      } else if constexpr (kCoherentX) {
-        // Whole 16-byte chunks: x rows and chunks start at multiples of 8 inputs, and chunks are whole stages.
-        tile::stage_x_chunks<F>(
-            [&](int t, int64_t k) { return __ldcg(reinterpret_cast<const uint4*>(row_of(t) + k)); }, rows, rows,
-            chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
       } else {
-        tile::stage_x_tile<F>(row_of, rows, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
+        tile::stage_x_tile<F, kCoherentX>(row_of, rows, rows, chunk_end - chunk_begin, x_tile, threadIdx.x,
+                                          kExpertThreads);
       }
       __syncthreads();
       if (pass == 0 && chunk_begin == 0) trace_point<kTrace>(a, MOE_TRACE_X_STAGED);

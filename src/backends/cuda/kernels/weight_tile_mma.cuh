@@ -319,15 +319,17 @@ __device__ __forceinline__ void stage_x_chunks(ChunkOf chunk_of, int tokens, int
 namespace detail {
 
 // The 8 bf16 of x at source[0 .. 7], zero from index `valid` on: one 16-byte load where the address is aligned and
-// the chunk whole, else element by element.
+// the chunk whole, else element by element; through the read-only path, or kCoherent through L2 (stage_x_tile).
+template <bool kCoherent = false>
 __device__ __forceinline__ uint4 load_x_chunk(const __nv_bfloat16* source, int64_t valid) {
+  auto load = [](const auto* address) { return kCoherent ? __ldcg(address) : __ldg(address); };
   if (valid >= kXChunk && reinterpret_cast<uintptr_t>(source) % 16 == 0)
-    return __ldg(reinterpret_cast<const uint4*>(source));
+    return load(reinterpret_cast<const uint4*>(source));
   uint32_t words[4] = {0, 0, 0, 0};
 #pragma unroll
   for (int e = 0; e < kXChunk; ++e)
     if (e < valid)
-      words[e / 2] |= uint32_t(__ldg(reinterpret_cast<const unsigned short*>(source) + e)) << (16 * (e % 2));
+      words[e / 2] |= uint32_t(load(reinterpret_cast<const unsigned short*>(source) + e)) << (16 * (e % 2));
   return make_uint4(words[0], words[1], words[2], words[3]);
 }
 
@@ -352,12 +354,12 @@ __device__ __forceinline__ uint4 load_normed_x_chunk(const float* source, const 
 // &x[t][k_begin], so callers can gather rows (MoE token lists). Rows whose address is 16-byte aligned are copied 16
 // bytes at a time, others (and a k_count that is not a multiple of 8) element by element. padded_tokens is 8·NT for
 // weight_tile_mma (its MMAs read every row), or just `tokens` for readers that skip absent tokens (the streamed
-// tiles below).
-template <TileFormat F, class RowOf>
+// tiles below). kCoherent: x is read through L2 (rows that other CTAs of the running grid write).
+template <TileFormat F, bool kCoherent = false, class RowOf>
 __device__ __forceinline__ void stage_x_tile(RowOf row_of, int tokens, int padded_tokens, int64_t k_count,
                                              __nv_bfloat16* tile, int thread_idx, int thread_count) {
-  stage_x_chunks<F>([&](int t, int64_t k) { return detail::load_x_chunk(row_of(t) + k, k_count - k); }, tokens,
-                    padded_tokens, k_count, tile, thread_idx, thread_count);
+  stage_x_chunks<F>([&](int t, int64_t k) { return detail::load_x_chunk<kCoherent>(row_of(t) + k, k_count - k); },
+                    tokens, padded_tokens, k_count, tile, thread_idx, thread_count);
 }
 
 // Stages the RMS-normalised fp32 rows: tile value = bf16(x[t][k] · inv_rms[t] · weight[k]) for k in
