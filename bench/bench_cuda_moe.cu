@@ -14,8 +14,7 @@
 // shared_expert_split; within one wave by default): "unsplit-shared", "split-shared-to-8", and without the down head
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
 // (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
-// default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), and the counter
-// adds other than the default (MoeRunParams::acq_rel_tickets): "sc-fence-tickets" (or "acq-rel-tickets").
+// default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item").
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -181,7 +180,6 @@ enum class Path {
   NO_DOWN_HEAD_START,
   OTHER_COLUMNS,
   PER_ITEM,
-  ACQ_REL_TICKETS,
   REGISTER
 };
 struct PathSpec {
@@ -192,9 +190,8 @@ struct PathSpec {
   bool no_down_head_start = false;
   bool other_columns = false;
   bool other_per_item = false;
-  bool other_tickets = false;
   bool option() const {
-    return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || other_tickets ||
+    return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item ||
            split != MoeRunParams{}.shared_expert_split;
   }
 };
@@ -210,8 +207,6 @@ constexpr PathSpec kPaths[] = {
      MoeRunParams{}.shared_expert_split, false, true},
     {Path::PER_ITEM, MoeRunParams{}.down_waits_per_item ? "down-waits-grid" : "down-waits-item", false, false,
      MoeRunParams{}.shared_expert_split, false, false, true},
-    {Path::ACQ_REL_TICKETS, MoeRunParams{}.acq_rel_tickets ? "sc-fence-tickets" : "acq-rel-tickets", false, false,
-     MoeRunParams{}.shared_expert_split, false, false, false, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -231,7 +226,6 @@ MoeRunParams path_params(Path path) {
   if (spec.no_down_head_start) p.down_head_start = false;
   if (spec.other_columns) p.column_stages = !p.column_stages;
   if (spec.other_per_item) p.down_waits_per_item = !p.down_waits_per_item;
-  if (spec.other_tickets) p.acq_rel_tickets = !p.acq_rel_tickets;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
 }
@@ -493,10 +487,11 @@ void print_trace(const Model& model, int T, WeightFormat routed_format, Path pat
   prepare_moe_workspace(workspace.data(), workspace_bytes, stream);
   const size_t words[2] = {moe_expert_trace_words(c, T, true), moe_expert_trace_words(c, T, false)};
   DeviceBuffer traces[2] = {DeviceBuffer(words[0] * 8, "gate/up trace"), DeviceBuffer(words[1] * 8, "down trace")};
+  MoeRunParams params = path_params(path);
+  params.u = u.as<float>(), params.out = out.as<float>(), params.tokens = T, params.stream = stream;
+  params.workspace = workspace.data(), params.workspace_bytes = workspace_bytes;
   auto call = [&](int layer, bool traced) {
-    MoeRunParams p = path_params(path);
-    p.u = u.as<float>(), p.out = out.as<float>(), p.tokens = T, p.stream = stream;
-    p.workspace = workspace.data(), p.workspace_bytes = workspace_bytes;
+    MoeRunParams p = params;
     if (traced) p.trace_gate_up = traces[0].as<uint64_t>(), p.trace_down = traces[1].as<uint64_t>();
     run_moe(layers[size_t(layer)], p);
     DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -527,21 +522,13 @@ void print_trace(const Model& model, int T, WeightFormat routed_format, Path pat
   for (int j = 0; j < 2 * kMoeTraceStages; ++j) names[MOE_TRACE_STAGE + j] = kStageNames[j];
   const int64_t gate_up_bands = (c.intermediate + kMoeDownBandRows / 2 - 1) / (kMoeDownBandRows / 2);
   const int64_t down_bands = (c.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;
-  MoeExpertGemmParams split_query;  // the launches' split of the shared expert (moe_shared_expert_splits)
-  split_query.routed_format = routed_format, split_query.shared_format = WeightFormat::FP8_BLOCK128;
-  split_query.experts_count = int(c.experts), split_query.hidden = int(c.hidden);
-  split_query.intermediate = int(c.intermediate), split_query.tokens = T, split_query.streamed = true;
-  split_query.max_work_items = int(moe_max_work_items(T, c.experts, c.top_k, kMoeRowsPerWorkItem));
-  split_query.shared_expert_split = path_params(path).shared_expert_split;
-  int sms = 0;
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  const int shared_rows = moe_shared_expert_splits(split_query, sms) ? 2 : 1;
+  const int shared_rows = moe_splits_shared_expert(layers.front(), params) ? 2 : 1;
   std::printf("trace %s T=%d %s (%s routed experts), µs from the gate/up launch's first CTA start: median / latest "
               "over the working warps, shared expert (its grid rows) | routed\n",
               model.name, T, kPaths[int(path)].name, routed_format == WeightFormat::NVFP4 ? "NVFP4" : "MXFP4");
   for (int g = 0; g < 2; ++g) {
     const int64_t bands = g == 0 ? gate_up_bands : down_bands;
-    std::set<uint64_t> sms;
+    std::set<uint64_t> cta_sms;
     int ctas = 0;
     std::printf("| %s | shared median | shared latest | routed median | routed latest |\n|---|---|---|---|---|\n",
                 g == 0 ? "gate/up" : "down");
@@ -550,7 +537,7 @@ void print_trace(const Model& model, int T, WeightFormat routed_format, Path pat
       for (size_t w = 0; w < words[g] / kMoeTraceSlots; ++w) {
         const uint64_t* r = host[g].data() + w * kMoeTraceSlots;
         if (r[MOE_TRACE_READY] == 0 || r[slot] == 0) continue;  // CTAs without an item; points not reached
-        if (slot == MOE_TRACE_START && w % kMoeTraceWarpsPerCta == 0) ++ctas, sms.insert(r[MOE_TRACE_SM]);
+        if (slot == MOE_TRACE_START && w % kMoeTraceWarpsPerCta == 0) ++ctas, cta_sms.insert(r[MOE_TRACE_SM]);
         const bool shared = int64_t(w / kMoeTraceWarpsPerCta) < bands * shared_rows;
         times[shared ? 0 : 1].push_back(double(int64_t(r[slot] - t0)) * 1e-3);
       }
@@ -565,10 +552,9 @@ void print_trace(const Model& model, int T, WeightFormat routed_format, Path pat
       }
       std::printf("\n");
     }
-    std::printf("(%s: %d working CTAs on %zu SMs)\n", g == 0 ? "gate/up" : "down", ctas, sms.size());
+    std::printf("(%s: %d working CTAs on %zu SMs)\n", g == 0 ? "gate/up" : "down", ctas, cta_sms.size());
   }
-  print_trace_items(host, t0, gate_up_bands, down_bands, c.intermediate,
-                    shared_rows);
+  print_trace_items(host, t0, gate_up_bands, down_bands, c.intermediate, shared_rows);
 }
 
 }  // namespace
@@ -633,7 +619,6 @@ int main(int argc, char** argv) {
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
                            "down-waits-grid|down-waits-item,"
-                           "sc-fence-tickets|acq-rel-tickets,"
                            "register]\n");
       return 2;
     }

@@ -11,9 +11,8 @@
 // (MoeRunParams::down_head_start: the same bits, alone and with the split); at T <= 2 the fp4 column stages other
 // than the default (MoeRunParams::column_stages: fp4 block sums in another order, checked against the CPU and run
 // to run; the same bits as without them at T > 2); the down CTAs waiting for the whole gate/up grid instead of their
-// own item's gate/up CTAs (MoeRunParams::down_waits_per_item other than the default: the same bits); the acq_rel
-// counter adds (MoeRunParams::acq_rel_tickets other than the default: the same bits); a V4-Pro-width layer (d 7168,
-// I 3072); experts with no token, every token on one expert; run-to-run bit equality; the upload's fp4 repack
+// own item's gate/up CTAs (MoeRunParams::down_waits_per_item other than the default: the same bits); a V4-Pro-width
+// layer (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality; the upload's fp4 repack
 // (weight_tile_mma.cuh Fp4Layout::DEVICE) decoding to the checkpoint order's pairs.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
@@ -281,7 +280,6 @@ struct Kernels {
   bool down_head_start = MoeRunParams{}.down_head_start;
   bool columns = MoeRunParams{}.column_stages;
   bool per_item = MoeRunParams{}.down_waits_per_item;
-  bool acq_rel = MoeRunParams{}.acq_rel_tickets;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -292,67 +290,52 @@ struct Kernels {
             : split == MoeSharedExpertSplit::ALWAYS ? ", shared expert always split"
                                                      : ", shared expert split within one wave") +
            (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
-           (per_item ? ", down waits per item" : "") +
-           (acq_rel ? ", acq_rel tickets" : "");
+           (per_item ? ", down waits per item" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
     p.down_head_start = down_head_start, p.column_stages = columns, p.down_waits_per_item = per_item;
-    p.acq_rel_tickets = acq_rel;
     return p;
+  }
+  // These choices with one option other than here, or with the shared expert's split.
+  constexpr Kernels other(bool Kernels::*option) const {
+    Kernels k = *this;
+    k.*option = !(k.*option);
+    return k;
+  }
+  constexpr Kernels with(MoeSharedExpertSplit s) const {
+    Kernels k = *this;
+    k.split = s;
+    return k;
   }
 };
 // Both expert kernel sets, the streamed one with the fused routing and combine (which apply at few tokens).
 constexpr Kernels kRegisterKernels{.experts = MoeExpertKernels::REGISTER};
 constexpr Kernels kStreamedKernels{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true};
 // The streamed kernels with the decode other than the default.
-constexpr Kernels kStreamedOtherDecode{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                       .lean = !MoeRunParams{}.lean_expert_decode};
+constexpr Kernels kStreamedOtherDecode = kStreamedKernels.other(&Kernels::lean);
 // The streamed kernels with the shared expert never split and without the column stages, and split at every T <= 8
 // (MoeRunParams::shared_expert_split).
 constexpr Kernels kStreamedUnsplit{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                    .split = MoeSharedExpertSplit::NEVER, .columns = false};
-constexpr Kernels kStreamedSplitAll{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                    .split = MoeSharedExpertSplit::ALWAYS};
+constexpr Kernels kStreamedSplitAll = kStreamedKernels.with(MoeSharedExpertSplit::ALWAYS);
 // The streamed kernels with the down head start other than the default (MoeRunParams::down_head_start: the same
 // bits), alone and with the split at every T <= 8.
-constexpr Kernels kStreamedOtherHeadStart{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                          .down_head_start = !MoeRunParams{}.down_head_start};
-constexpr Kernels kStreamedSplitAllOtherHeadStart{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                                  .split = MoeSharedExpertSplit::ALWAYS,
-                                                  .down_head_start = !MoeRunParams{}.down_head_start};
+constexpr Kernels kStreamedOtherHeadStart = kStreamedKernels.other(&Kernels::down_head_start);
+constexpr Kernels kStreamedSplitAllOtherHeadStart = kStreamedSplitAll.other(&Kernels::down_head_start);
 // The streamed kernels with the fp4 column stages other than the default (MoeRunParams::column_stages: at T <= 2
 // fp4 block sums in another order, checked against the CPU and run to run; no effect at larger T: the same bits),
 // also with the shared expert never split and split, and unfused.
-constexpr Kernels kStreamedOtherColumns{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                        .columns = !MoeRunParams{}.column_stages};
-constexpr Kernels kStreamedOtherColumnsUnsplit{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                               .split = MoeSharedExpertSplit::NEVER,
-                                               .columns = !MoeRunParams{}.column_stages};
-constexpr Kernels kStreamedOtherColumnsSplitAll{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                                .split = MoeSharedExpertSplit::ALWAYS,
-                                                .columns = !MoeRunParams{}.column_stages};
-constexpr Kernels kStreamedOtherColumnsUnfused{.experts = MoeExpertKernels::STREAMED,
-                                               .columns = !MoeRunParams{}.column_stages};
+constexpr Kernels kStreamedOtherColumns = kStreamedKernels.other(&Kernels::columns);
+constexpr Kernels kStreamedOtherColumnsUnsplit = kStreamedOtherColumns.with(MoeSharedExpertSplit::NEVER);
+constexpr Kernels kStreamedOtherColumnsSplitAll = kStreamedOtherColumns.with(MoeSharedExpertSplit::ALWAYS);
+constexpr Kernels kStreamedOtherColumnsUnfused = kStreamedOtherColumns.other(&Kernels::fused_small_batches);
 // The down CTAs waiting for the whole gate/up grid, not their own item's gate/up CTAs (MoeRunParams::
 // down_waits_per_item other than the default: the same bits), also with the shared expert split at every T <= 8.
-constexpr Kernels kStreamedOtherWait{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                     .per_item = !MoeRunParams{}.down_waits_per_item};
-constexpr Kernels kStreamedSplitAllOtherWait{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                             .split = MoeSharedExpertSplit::ALWAYS,
-                                             .per_item = !MoeRunParams{}.down_waits_per_item};
-// The acq_rel counter adds other than the default (MoeRunParams::acq_rel_tickets: the same bits), also with the
-// shared expert split at every T <= 8 and with the down CTAs waiting for the whole gate/up grid.
-constexpr Kernels kStreamedOtherTickets{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                        .acq_rel = !MoeRunParams{}.acq_rel_tickets};
-constexpr Kernels kStreamedSplitAllOtherTickets{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                                .split = MoeSharedExpertSplit::ALWAYS,
-                                                .acq_rel = !MoeRunParams{}.acq_rel_tickets};
-constexpr Kernels kStreamedOtherWaitTickets{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                            .per_item = !MoeRunParams{}.down_waits_per_item,
-                                            .acq_rel = !MoeRunParams{}.acq_rel_tickets};
+constexpr Kernels kStreamedOtherWait = kStreamedKernels.other(&Kernels::per_item);
+constexpr Kernels kStreamedSplitAllOtherWait = kStreamedSplitAll.other(&Kernels::per_item);
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -625,12 +608,6 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int T : {1, 2}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherWait,
                                                 kStreamedKernels);
     expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherWait, kStreamedSplitAll);
-    // The acq_rel counter adds (the same bits).
-    check_case(layer, experts, device_weights, 2, seed++, random_tokens(kFlashLike), kStreamedOtherTickets);
-    for (const int T : {1, 3, 8, 17})
-      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherTickets, kStreamedKernels);
-    expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherTickets, kStreamedSplitAll);
-    expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedOtherWaitTickets, kStreamedKernels);
   }
 }
 
@@ -853,8 +830,7 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
 // routing) each time, eagerly and as replays of one CUDA graph, at T = 8 and then T = 1, 9 (no fused combine) and 3
 // on the same workspace, each equal to a run on a fresh workspace; with the defaults and the other down wait.
 TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
-  for (const Kernels kernels :
-       {kStreamedKernels, kStreamedOtherWait, kStreamedOtherTickets, kStreamedOtherWaitTickets}) {
+  for (const Kernels kernels : {kStreamedKernels, kStreamedOtherWait}) {
     SCOPED_TRACE(kernels.name());
     constexpr int graph_tokens = 8;
     const Shape& S = kFlashLike;

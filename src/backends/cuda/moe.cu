@@ -4,6 +4,7 @@
 #include "backends/cuda/kernels/moe_combine.hpp"
 #include "backends/cuda/kernels/moe_experts.hpp"
 #include "backends/cuda/kernels/moe_routing.hpp"
+#include "backends/cuda/per_device_cache.hpp"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -129,7 +130,6 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .tokens = p.tokens,
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
       .down_waits_per_item = p.down_waits_per_item,
-      .acq_rel_tickets = p.acq_rel_tickets && streamed,
       .stream = p.stream,
   };
   if (fuses_combine(p)) {
@@ -146,6 +146,12 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
 int moe_launches(const DeviceMoeWeights&, const MoeRunParams& p) {
   return moe_routing_launches({.tokens = p.tokens, .fused_routing = p.fused_small_batches}) + 2 +
          (fuses_combine(p) ? 0 : 1);
+}
+
+bool moe_splits_shared_expert(const DeviceMoeWeights& weights, const MoeRunParams& p) {
+  const WorkspaceLayout l = workspace_layout(weights.config(), p.tokens);
+  return moe_shared_expert_splits(expert_gemm_params(weights, p, l, routing_buffers(l, p.workspace)),
+                                  device_multiprocessors());
 }
 
 void prepare_moe_workspace(void* workspace, size_t workspace_bytes, cudaStream_t stream) {

@@ -100,14 +100,10 @@ struct MoeRunParams {
   // CTAs split in two per band where the launches pass one wave, round s18-3, H100: Flash T = 2 86.5 -> 94.0 us,
   // T = 8 252.4 -> 293.2, Pro T = 1 125.1 -> 125.8, e2e b8 2363.6 -> 2155.5 t/s; removed.)
   bool down_waits_per_item = true;
-  // MoeExpertGemmParams::acq_rel_tickets (streamed kernels): release / acq_rel counter adds instead of sequentially
-  // consistent fences, the combine's slot reads before its ticket. The same bits. H200, bench_cuda_moe, V4-Flash
-  // NVFP4, two runs each against sc fences: round s22-1 T = 1 47.0 / 46.9 vs 47.5 / 47.4 µs, T = 2 70.5 / 70.1 vs
-  // 71.9 / 71.8, T = 8 201.0 / 203.5 vs 205.5 / 205.5; round s22-2 T = 2 71.6 / 71.5 vs 72.4 / 72.3, T = 8 199.1 /
-  // 199.2 vs 203.0 / 202.9 (T = 1 level); round s22-3 T = 1 47.2 / 47.2 vs 47.9 / 47.9, T = 2 70.1 / 70.0 vs 71.5 /
-  // 71.5, T = 8 199.5 / 199.3 vs 203.7 / 203.6; e2e 8 layers b1 interleaved 781.6 / 770.3 / 776.0 vs 775.8 / 769.7 /
-  // 774.8 t/s. bench_cuda_moe path "sc-fence-tickets" turns it off.
-  bool acq_rel_tickets = true;
+  // (The streamed kernels' counters are release / acq_rel adds, the combine's slots read before its ticket, since
+  // session 22; against sequentially consistent fences, the same bits, H200, bench_cuda_moe, V4-Flash NVFP4, round
+  // s22-3: T = 1 47.2 vs 47.9 µs, T = 2 70.1 vs 71.5, T = 8 199.5 vs 203.7; e2e 8 layers b1 interleaved 781.6 /
+  // 770.3 / 776.0 vs 775.8 / 769.7 / 774.8 t/s. The fence form stays only in the register kernel's combine.)
   // (Session 21: the expert weight copies with an L2 evict-first policy and the gate/up CTAs' L2 prefetch of the
   // experts' tables were faster alone (T = 1 44.7 vs 48.3 µs) but slower in a model step (8 layers b1 761.8 / 767.1 /
   // 759.0 t/s against 767.8 / 767.9 / 768.4): removed in session 22, the copies without a cache hint.)
@@ -120,6 +116,10 @@ struct MoeRunParams {
 // Entries of a traced expert launch's buffer (MoeRunParams::trace_gate_up / trace_down): kMoeTraceSlots per warp of
 // the launch's grid.
 size_t moe_expert_trace_words(const MoeConfig& config, int64_t tokens, bool gate_up);
+
+// Whether run_moe's expert launches for these parameters split the shared expert's CTAs (moe_shared_expert_splits
+// on the current device; the grid rows of a traced launch).
+bool moe_splits_shared_expert(const DeviceMoeWeights& weights, const MoeRunParams& params);
 
 // Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).
 int moe_launches(const DeviceMoeWeights& weights, const MoeRunParams& params);

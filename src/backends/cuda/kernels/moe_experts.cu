@@ -132,7 +132,6 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .streamed_x_bytes = 0,
       .item_counters = moe_down_waits_per_item_apply(p) ? p.item_counters : nullptr,
       .trace = p.trace,
-      .acq_rel_tickets = p.acq_rel_tickets && p.streamed,
   };
 }
 
@@ -233,8 +232,8 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
         "traced launches are the streamed one-tile kernels with the lean decode (T <= 8)");
   const MoeFusedCombine& f = p.combine;
   if (f.out != nullptr) {
-    check(!(p.acq_rel_tickets && p.streamed) || f.tokens * f.top_k <= moe::kExpertThreads, "moe expert GEMM: the fused combine ",
-          "with acq_rel_tickets reads one slot per thread: ", f.tokens, " tokens × top ", f.top_k, " exceed ",
+    check(!p.streamed || f.tokens * f.top_k <= moe::kExpertThreads, "moe expert GEMM: the streamed kernels' fused ",
+          "combine reads one slot per thread: ", f.tokens, " tokens × top ", f.top_k, " exceed ",
           moe::kExpertThreads);
     const int bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;
     check(f.tokens >= 1 && f.tokens <= kMoeFusedCombineMaxTokens && f.top_k >= 1, "moe expert GEMM: the fused ",

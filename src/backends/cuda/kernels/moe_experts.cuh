@@ -101,7 +101,6 @@ struct ExpertGemmArgs {
   // (MoeExpertGemmParams::down_waits_per_item; see wait_for_item_rows).
   uint32_t* item_counters;
   uint64_t* trace;  // traced launches (MoeExpertGemmParams::trace), or null
-  bool acq_rel_tickets;  // streamed kernels: MoeExpertGemmParams::acq_rel_tickets
 };
 
 static_assert(kMoeTraceWarpsPerCta == kExpertWarps, "the trace's warps per CTA");
@@ -347,22 +346,14 @@ static __device__ __noinline__ void wait_for_item_rows_slowly(const uint32_t* re
 
 // Per-item counts in global memory ([2 · kMoeCountedItemsMax], zero between calls), for down CTAs that wait for their
 // own item's gate/up CTAs instead of the whole gate/up grid: each gate/up CTA adds one to its item's ready count once
-// its h rows are stored (publish_item_rows: a barrier, then one thread's release add
-// (MoeExpertGemmParams::acq_rel_tickets; off: a sequentially consistent fence and a relaxed add); either is cumulative
-// over the CTA's stores that the barrier ordered before it); a down CTA's first thread waits with acquire loads until
+// its h rows are stored (publish_item_rows: a barrier, then one thread's release add, cumulative over the CTA's
+// stores that the barrier ordered before it); a down CTA's first thread waits with acquire loads until
 // the count reaches the item's gate/up CTAs, then adds one to the item's seen count, whose last arrival sets both back
 // to zero (every down CTA of the item is past its wait by then; the next call's CTAs start after this call's grids
 // end). The waiting down CTAs read h through L2.
-__device__ __forceinline__ void publish_item_rows(uint32_t* item_counters, int item_index, bool release = false) {
+__device__ __forceinline__ void publish_item_rows(uint32_t* item_counters, int item_index) {
   __syncthreads();  // every h row of this CTA is stored
-  if (threadIdx.x == 0) {
-    if (release) {
-      add_release(item_counters + item_index, 1u);
-    } else {
-      __threadfence();
-      atomicAdd(item_counters + item_index, 1u);
-    }
-  }
+  if (threadIdx.x == 0) add_release(item_counters + item_index, 1u);
 }
 __device__ __forceinline__ void wait_for_item_rows(uint32_t* item_counters, int item_index, int gate_up_ctas,
                                                    int down_ctas) {
@@ -387,18 +378,20 @@ __device__ __forceinline__ void wait_for_item_rows(uint32_t* item_counters, int 
 
 // The fused combine (moe_experts.hpp MoeFusedCombine), called by every CTA of the down kernel that had a work item,
 // once its rows are written: the band's last CTA to arrive (its ticket counts the work items) sums the band.
-// extra_ctas: CTAs per band beyond one per work item (the split shared expert's second CTA). With
-// a.acq_rel_tickets (streamed kernels): thread 0's acq_rel ticket after the barrier instead of every thread's
-// sequentially consistent fences, and the slots' rows and weights read before the ticket, then handed over through
-// `scratch` (shared memory no warp reads once the CTA is past its barrier): the same sums in the same order.
+// extra_ctas: CTAs per band beyond one per work item (the split shared expert's second CTA). kAcqRel (the streamed
+// kernels): thread 0's acq_rel ticket after the barrier, the slots' rows and weights read before the ticket, then
+// handed over through `scratch` (shared memory no warp reads once the CTA is past its barrier); without it (the
+// register kernel, which has no such scratch) every thread's sequentially consistent fences around a relaxed
+// ticket. The same sums in the same order.
+template <bool kAcqRel>
 __device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, int band, int extra_ctas = 0,
                                                      uint8_t* scratch = nullptr) {
   const MoeFusedCombine& c = a.combine;
   __shared__ bool is_last;
-  const int slots = c.tokens * c.top_k;  // <= kExpertThreads with acq_rel_tickets (check_moe_expert_gemm_params)
+  const int slots = c.tokens * c.top_k;  // <= kExpertThreads with kAcqRel (check_moe_expert_gemm_params)
   int32_t* slot_rows = reinterpret_cast<int32_t*>(scratch);
   float* slot_weights = reinterpret_cast<float*>(scratch) + slots;
-  if (a.acq_rel_tickets) {
+  if constexpr (kAcqRel) {
     // Read before the ticket: the acquire orders every later load after its round trip.
     const uint32_t ctas = uint32_t(__ldcg(a.work_item_count) + extra_ctas);
     int32_t row = 0;
@@ -431,8 +424,8 @@ __device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, in
     float acc = __ldcg(a.down + (shared_rows + t) * a.n_total + n);  // written by other CTAs of this grid
     for (int j = 0; j < c.top_k; ++j) {
       const int s = t * c.top_k + j;
-      const int64_t row = a.acq_rel_tickets ? slot_rows[s] : __ldcg(c.slot_rows + s);
-      const float weight = a.acq_rel_tickets ? slot_weights[s] : __ldcg(c.expert_weights + s);
+      const int64_t row = kAcqRel ? slot_rows[s] : __ldcg(c.slot_rows + s);
+      const float weight = kAcqRel ? slot_weights[s] : __ldcg(c.expert_weights + s);
       acc = fmaf(weight, __ldcg(a.down + row * a.n_total + n), acc);
     }
     c.out[int64_t(t) * a.n_total + n] = acc;
@@ -453,7 +446,7 @@ __global__ void __launch_bounds__(kExpertThreads, 1) moe_expert_gemm_kernel(cons
   const MoeExpertView expert = a.experts[item.expert];
   with_tile_format(G == ExpertGemm::GATE_UP ? expert.w1.format : expert.w2.format,
                    [&]<tile::TileFormat F>() { run_work_item<F, G>(a, expert, item, smem); });
-  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a, int(blockIdx.x));
+  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last<false>(a, int(blockIdx.x));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -996,9 +989,9 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
     });
   }
   if (G == ExpertGemm::GATE_UP && !kMultiTile && a.item_counters != nullptr)
-    publish_item_rows(a.item_counters, item_index, a.acq_rel_tickets);
+    publish_item_rows(a.item_counters, item_index);
   if (G == ExpertGemm::DOWN && a.combine.out != nullptr)
-    combine_band_if_last(a, band, kSharedParts - 1, tile::stream::align_slots(smem));
+    combine_band_if_last<true>(a, band, kSharedParts - 1, tile::stream::align_slots(smem));
   trace_point<kTrace>(a, MOE_TRACE_END);
 }
 

@@ -111,11 +111,6 @@ struct MoeExpertGemmParams {
   // T = 2-8) run beside the last gate/up CTAs. Only where the previous launch on the stream is run_moe_gate_up of the
   // same parameters (run_moe's order). The same bits.
   bool down_waits_per_item = false;
-  // Streamed kernels: the gate/up CTAs publish their item's rows (down_waits_per_item) by one release reduction
-  // instead of a sequentially consistent fence and an add, and the fused combine's ticket is thread 0's acq_rel add
-  // after the CTA barrier instead of every thread's sequentially consistent fences, with the slots' rows and weights
-  // read before the ticket. The same bits (MoeRunParams::acq_rel_tickets).
-  bool acq_rel_tickets = false;
   // Traced launch (benchmarks; the one-tile streamed kernels with the lean decode, T <= 8): lane 0 of every warp stores
   // %globaltimer (ns) at the MoeTraceSlot points into trace[warp · kMoeTraceSlots + slot], warp = (blockIdx.y ·
   // gridDim.x + blockIdx.x) · 8 + warp in the CTA (null: not traced; the untraced kernels carry nothing of it).
