@@ -118,6 +118,57 @@ double median(std::vector<double> values) {
   return values[values.size() / 2];
 }
 
+// The traced launch's %clock64 marks (cycles, within each CTA): the startup and epilogue marks from the CTA's first
+// start, and each pair's events (prefill_trace::kPairEvents) from consumer 0's end of the pair before (for pair 0 its
+// first scores), medians over the CTAs.
+template <typename Record>
+void print_clock_trace(int64_t ctas, int pairs, const Record& record) {
+  namespace pt = prefill_trace;
+  const auto clock = [&](int64_t cta, int warp, int slot) { return double(int64_t(record(cta, warp)[slot])); };
+  const auto median_of = [&](auto&& value) {
+    std::vector<double> v;
+    v.reserve(size_t(ctas));
+    for (int64_t c = 0; c < ctas; ++c) v.push_back(value(c));
+    return median(v);
+  };
+  const auto start = [&](int64_t c) {
+    return std::min({clock(c, 0, pt::kClocks + pt::kStart), clock(c, 4, pt::kClocks + pt::kStart),
+                     clock(c, 8, pt::kClocks + pt::kStart)});
+  };
+  const auto mark = [&](int warp, int slot) {
+    return median_of([&](int64_t c) { return clock(c, warp, pt::kClocks + slot) - start(c); });
+  };
+  std::printf("  clocks from the CTA's start: c0 Q staged %.0f, first data %.0f, first scores %.0f, epilogue %.0f, "
+              "staged %.0f, end %.0f; c1 Q staged %.0f, epilogue %.0f, end %.0f; producer resolved %.0f, first issued "
+              "%.0f, end %.0f\n",
+              mark(0, pt::kQStaged), mark(0, pt::kFirstData), mark(0, pt::kFirstScores), mark(0, pt::kEpilogue),
+              mark(0, pt::kStaged), mark(0, pt::kEnd), mark(4, pt::kQStaged), mark(4, pt::kEpilogue),
+              mark(4, pt::kEnd), mark(8, pt::kResolved), mark(8, pt::kFirstIssued), mark(8, pt::kEnd));
+  const char* c0_names[] = {"valid", "max sent", "own PV", "pair max", "other P", "late half", "other PV", "next QK"};
+  const char* c1_names[] = {"issued", "late tile", "scores", "max recv", "max sent", "other P", "half", "own PV",
+                            "other PV"};
+  const char* producer_names[] = {"empty00", "empty11", "empty01", "empty10", "issued", "resolved"};
+  for (int i = 0; i < std::min(pairs, pt::kClockPairs); ++i) {
+    const auto reference = [&](int64_t c) {
+      return i == 0 ? clock(c, 0, pt::kClocks + pt::kFirstScores)
+                    : clock(c, 0, pt::kPairClocks + (i - 1) * pt::kPairEvents + pt::kC0NextScores);
+    };
+    const auto event = [&](int warp, int e) {
+      return median_of([&](int64_t c) { return clock(c, warp, pt::kPairClocks + i * pt::kPairEvents + e) -
+                                               reference(c); });
+    };
+    std::printf("  pair %d clocks from c0's previous end:\n    c0:", i);
+    for (int e = 0; e < int(std::size(c0_names)); ++e)
+      if (i + 1 < pairs || e != pt::kC0NextScores) std::printf(" %s %.0f", c0_names[e], event(0, e));
+    std::printf("\n    c1:");
+    for (int e = 0; e < int(std::size(c1_names)); ++e) std::printf(" %s %.0f", c1_names[e], event(4, e));
+    std::printf("\n    producer:");
+    for (int e = 0; e < int(std::size(producer_names)); ++e)
+      if (i + 1 < pairs || e != pt::kNextResolved) std::printf(" %s %.0f", producer_names[e], event(8, e));
+    std::printf("\n");
+  }
+}
+
 // One traced launch of `call` (L2 flushed first): medians of its CTAs' phases in µs.
 void print_trace(const SparseAttentionParams& call, int64_t ctas, int pairs, void* flush, size_t flush_bytes) {
     const size_t words = size_t(ctas) * kPrefillTraceWarps * kPrefillTraceSlots;
@@ -189,6 +240,7 @@ void print_trace(const SparseAttentionParams& call, int64_t ctas, int pairs, voi
     stores.push_back(us(c0[prefill_trace::kStaged], c0[prefill_trace::kEnd]));
   }
   std::printf("\n  epilogue: normalise and stage %.2f, stores issued %.2f\n", median(staging), median(stores));
+  print_clock_trace(ctas, pairs, record);
 }
 
 struct Case {

@@ -156,9 +156,22 @@ static_assert(kPrefillTraceWarps == kThreads / 32, "one trace record per warp");
 template <bool kTrace>
 __device__ __forceinline__ void trace_point(uint64_t* trace, int slot) {
   if constexpr (kTrace)
-    if (threadIdx.x % kWarpgroup < 32)
+    if (threadIdx.x % kWarpgroup < 32) {
       sm90::record_warp_trace_point(trace, kPrefillTraceWarps, kPrefillTraceSlots, slot, prefill_trace::kStart,
                                     prefill_trace::kSm);
+      if (threadIdx.x % 32 == 0)
+        trace[(uint64_t(blockIdx.x) * kPrefillTraceWarps + threadIdx.x / 32) * kPrefillTraceSlots +
+              prefill_trace::kClocks + slot] = clock64();
+    }
+}
+
+// Lane 0 of each warpgroup's first warp: %clock64 at event `event` of pair `pair` (kept for pair < kClockPairs).
+template <bool kTrace>
+__device__ __forceinline__ void pair_point(uint64_t* trace, int pair, int event) {
+  if constexpr (kTrace)
+    if (threadIdx.x % kWarpgroup == 0 && pair < prefill_trace::kClockPairs)
+      trace[(uint64_t(blockIdx.x) * kPrefillTraceWarps + threadIdx.x / 32) * kPrefillTraceSlots +
+            prefill_trace::kPairClocks + pair * prefill_trace::kPairEvents + event] = clock64();
 }
 
 // Pairs of 64-entry blocks that cover query t's slots.
@@ -341,24 +354,30 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that).
     const uint32_t parity = (i & 1) ^ 1;
     sm90::mbarrier_wait(barriers.empty(0, 0), parity);
+    pair_point<kTrace>(trace, i, prefill_trace::kEmpty00);
     publish_valid(0);
     load_half(0, 0);
     publish_half(0, 0);
     if (i == 0) trace_point<kTrace>(trace, prefill_trace::kFirstIssued);
     sm90::mbarrier_wait(barriers.empty(1, 1), parity);
+    pair_point<kTrace>(trace, i, prefill_trace::kEmpty11);
     publish_valid(1);
     load_half(1, 1);
     publish_half(1, 1);
     sm90::mbarrier_wait(barriers.empty(0, 1), parity);
+    pair_point<kTrace>(trace, i, prefill_trace::kEmpty01);
     load_half(0, 1);
     publish_half(0, 1);
     sm90::mbarrier_wait(barriers.empty(1, 0), parity);
+    pair_point<kTrace>(trace, i, prefill_trace::kEmpty10);
     if (i < prefill_trace::kPairs) trace_point<kTrace>(trace, prefill_trace::kLastHalfReleased + i);
     load_half(1, 0);
     publish_half(1, 0);
+    pair_point<kTrace>(trace, i, prefill_trace::kLastIssued);
     if (i + 1 < pairs) {
       resolve_pages(i + 1);
       if (i + 2 < pairs) load_rows(i + 2);
+      pair_point<kTrace>(trace, i, prefill_trace::kNextResolved);
     }
   }
   // The inverse RoPE's factors (a double-precision sincos each) once every copy is issued, off the consumers' path to
@@ -592,16 +611,20 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     for (int i = 0; i < pairs; ++i) {
       const uint32_t parity = i & 1;
       sm90::mbarrier_wait(barriers.valid(0), parity);
+      pair_point<kTrace>(trace, i, prefill_trace::kC0Valid);
       block_softmax(s, valid, c, scale_log2, row_max, row_max, row_sum, o, pf);
       if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax0);
+      pair_point<kTrace>(trace, i, prefill_trace::kC0MaxSent);
       pv_registers(o, pf, smem, 0, 0);
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(o);
       fence_fragments(pf);
       sm90::mbarrier_arrive(barriers.empty(0, 0));
+      pair_point<kTrace>(trace, i, prefill_trace::kC0OwnPv);
       // The pair's max from consumer 1; this block's weights and everything accumulated so far move to it.
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax1);
+      pair_point<kTrace>(trace, i, prefill_trace::kC0PairMax);
       const float2 pair_max = *shared_max;
       const float factor[2] = {rescale_factor(row_max[0], pair_max.x), rescale_factor(row_max[1], pair_max.y)};
       row_max[0] = pair_max.x;
@@ -614,8 +637,10 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       sm90::fence_proxy_async_shared();
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP0);
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
+      pair_point<kTrace>(trace, i, prefill_trace::kC0OtherP);
       if (rescale) scale_rows(o, factor);
       wait_full<kFp8>(barriers.full(1, 0), parity);  // consumer 1 waited for it too; this orders the data for our reads
+      pair_point<kTrace>(trace, i, prefill_trace::kC0LateHalf);
       pv_shared(o, other_p, smem, 1, 0);
       if (i + 1 < pairs) {
         // The next pair's scores run on the tensor cores behind this PV.
@@ -625,56 +650,68 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
         sm90::wgmma_wait_group<1>();
         sm90::fence_operand(o);
         sm90::mbarrier_arrive(barriers.empty(1, 0));
+        pair_point<kTrace>(trace, i, prefill_trace::kC0OtherPv);
         sm90::wgmma_fence();
         qk_half<kFp8>(s, smem, 0, 1, false, barriers, parity ^ 1);
         sm90::wgmma_commit_group();
         sm90::wgmma_wait_group<0>();
         sm90::fence_operand(s);
         sm90::fence_operand(o);
+        pair_point<kTrace>(trace, i, prefill_trace::kC0NextScores);
       } else {
         sm90::wgmma_wait_group<0>();
         sm90::fence_operand(o);
         sm90::mbarrier_arrive(barriers.empty(1, 0));
+        pair_point<kTrace>(trace, i, prefill_trace::kC0OtherPv);
       }
       if (i < prefill_trace::kPairs) trace_point<kTrace>(trace, prefill_trace::kPairEnd + i);
     }
   } else {
     for (int i = 0; i < pairs; ++i) {
       const uint32_t parity = i & 1;
+      pair_point<kTrace>(trace, i, prefill_trace::kC1Issued);
       sm90::wgmma_fence();
       qk_half<kFp8>(s, smem, 1, 1, true, barriers, parity);
-      if (kTrace && i < prefill_trace::kConsumer1Pairs) {
+      if (kTrace) {
         wait_full<kFp8>(barriers.arrival<kFp8>(1, 0, 0), parity);
-        trace_point<kTrace>(trace, prefill_trace::kLastHalfArrived + i);
+        if (i < prefill_trace::kConsumer1Pairs) trace_point<kTrace>(trace, prefill_trace::kLastHalfArrived + i);
+        pair_point<kTrace>(trace, i, prefill_trace::kC1LateTile);
       }
       qk_half<kFp8>(s, smem, 1, 0, false, barriers, parity);
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(s);
+      pair_point<kTrace>(trace, i, prefill_trace::kC1Scores);
       sm90::mbarrier_wait(barriers.valid(1), parity);
       // Consumer 0's running max, folded with this block's: the pair's max, handed back.
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax0);
       if (i < prefill_trace::kConsumer1Pairs) trace_point<kTrace>(trace, prefill_trace::kMaxReceived + i);
+      pair_point<kTrace>(trace, i, prefill_trace::kC1MaxReceived);
       const float2 base = *shared_max;
       const float base_max[2] = {base.x, base.y};
       __syncwarp();  // every lane of the row's quad has read it before lane c = 0 overwrites it
       block_softmax(s, valid, c, scale_log2, base_max, row_max, row_sum, o, pf);
       if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax1);
+      pair_point<kTrace>(trace, i, prefill_trace::kC1MaxSent);
       pv_registers(o, pf, smem, 1, 1);
       store_weights(own_p, pf, warp, g, c);
       sm90::fence_proxy_async_shared();
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP0);
+      pair_point<kTrace>(trace, i, prefill_trace::kC1OtherP);
       wait_full<kFp8>(barriers.full(0, 1), parity);
+      pair_point<kTrace>(trace, i, prefill_trace::kC1Half);
       pv_shared(o, other_p, smem, 0, 1);
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
       sm90::wgmma_wait_group<1>();
       sm90::fence_operand(o);
       fence_fragments(pf);
       sm90::mbarrier_arrive(barriers.empty(1, 1));
+      pair_point<kTrace>(trace, i, prefill_trace::kC1OwnPv);
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(o);
       sm90::mbarrier_arrive(barriers.empty(0, 1));
+      pair_point<kTrace>(trace, i, prefill_trace::kC1OtherPv);
     }
   }
 

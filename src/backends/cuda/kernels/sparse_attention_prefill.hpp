@@ -38,9 +38,26 @@ inline constexpr int kSparseAttentionPrefillPrefetchWaves = 4;
 
 // Traced launches (bench_cuda_attention_prefill --trace): each CTA owns kPrefillTraceWarps records of
 // kPrefillTraceSlots words (one per warp; warps 0, 4 and 8, the first of consumer 0, consumer 1 and the producer, fill
-// theirs): %globaltimer (ns) at the marks below, the SM id in kSm; unreached marks keep what was there.
-inline constexpr int kPrefillTraceWarps = 12, kPrefillTraceSlots = 16;
+// theirs): %globaltimer (ns) at the marks below (slots < kClocks), the SM id in kSm, %clock64 at the same marks in
+// slot kClocks + mark, and %clock64 at each pair's events (kPairEvents) from slot kPairClocks; unreached marks keep
+// what was there. Clocks compare within a CTA (one SM), the timer across CTAs.
+inline constexpr int kPrefillTraceWarps = 12, kPrefillTraceSlots = 80;
 namespace prefill_trace {
+inline constexpr int kClocks = 16, kPairClocks = 32, kPairEvents = 10, kClockPairs = 4;
+// Pair events, clock slot kPairClocks + pair · kPairEvents + event for pair < kClockPairs. Consumer 0: its block's
+// valid flags waited, its max handed on, its own PV done (buffer 0 half 0 released), the pair's max received, consumer
+// 1's weights received, the late half (buffer 1 half 0) waited, the other PV done (late half released), the next
+// pair's scores done.
+inline constexpr int kC0Valid = 0, kC0MaxSent = 1, kC0OwnPv = 2, kC0PairMax = 3, kC0OtherP = 4, kC0LateHalf = 5,
+                     kC0OtherPv = 6, kC0NextScores = 7;
+// Consumer 1: its scores issued, the late half's first tile waited, its scores done, consumer 0's max received, the
+// pair's max handed back, consumer 0's weights received, buffer 0 half 1 waited, its own PV done (buffer 1 half 1
+// released), the other PV done (buffer 0 half 1 released).
+inline constexpr int kC1Issued = 0, kC1LateTile = 1, kC1Scores = 2, kC1MaxReceived = 3, kC1MaxSent = 4,
+                     kC1OtherP = 5, kC1Half = 6, kC1OwnPv = 7, kC1OtherPv = 8;
+// Producer: each half's release waited ((0, 0), (1, 1), (0, 1), (1, 0)), the last half's copies issued, the next
+// pair's entries resolved.
+inline constexpr int kEmpty00 = 0, kEmpty11 = 1, kEmpty01 = 2, kEmpty10 = 3, kLastIssued = 4, kNextResolved = 5;
 inline constexpr int kStart = 0;  // every warpgroup: its first instruction after the barrier initialisation
 // consumers: Q staged in shared memory; consumer 0: its first data (buffer 0, half 0) arrived, its first scores done
 inline constexpr int kQStaged = 1, kFirstData = 2, kFirstScores = 3;
