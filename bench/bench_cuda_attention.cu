@@ -710,7 +710,7 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
       choose_sparse_attention_splits(batch, heads, kHeadDim, KvEntryFormat::Bf16, step->slots_per_query(), sms);
   const int tiles_total = (step->slots_per_query() + kSparseAttentionTileEntries - 1) / kSparseAttentionTileEntries;
   const int tiles = (tiles_total + call.splits - 1) / call.splits;
-  const int ctas = batch * ((heads + 63) / 64) * call.splits;
+  const int ctas = int(sparse_attention_d512_ctas(call));
   DeviceBuffer d_trace(size_t(ctas) * kSparseAttentionTraceSlots * 8, "trace");
   std::printf("%s %s batch %d context %lld: %d slots, %d splits, %d tiles per CTA, %d CTAs\n", model,
               to_string(kind), batch, static_cast<long long>(context), step->slots_per_query(), call.splits, tiles,

@@ -340,7 +340,8 @@ TEST(SparseAttention, D512TracedLaunchMatchesCpu) {
     call.prefill_kernel = false;
     const bool cluster_merge = c.splits > 1;
     call.cluster_merge = cluster_merge;
-    const int64_t ctas = call.tokens * ((c.heads + 63) / 64) * c.splits;
+    call.splits = c.splits;
+    const int64_t ctas = sparse_attention_d512_ctas(call);
     DeviceBuffer d_trace(size_t(ctas) * kSparseAttentionTraceSlots * 8, "trace");
     d_trace.fill_bytes(0);
     call.d512_trace = d_trace.as<uint64_t>();

@@ -152,6 +152,10 @@ ClusterLimits d512_device_limits() {
 
 int largest_d512_cluster() { return d512_device_limits().largest; }
 
+int d512_head_blocks(int heads) { return (heads + kD512Heads - 1) / kD512Heads; }
+
+int64_t d512_ctas(const SparseAttentionParams& p) { return p.tokens * d512_head_blocks(p.heads) * p.splits; }
+
 // The splits merge inside the attention launch, one cluster per (query, head block).
 bool merges_in_cluster(const SparseAttentionParams& p) {
   return p.cluster_merge && p.splits > 1 && p.splits <= largest_d512_cluster() && use_d512_kernel(p);
@@ -163,9 +167,9 @@ void launch_d512(const SparseAttentionParams& p) {
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
   const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace>;
   d512_device_limits();  // the kernel's attributes on this device
-  const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
+  const int head_blocks = d512_head_blocks(p.heads);
   const bool cluster = merges_in_cluster(p);
-  launch_chained(kernel, dim3(unsigned(p.tokens * head_blocks * p.splits)), dim3(unsigned(kD512Threads)),
+  launch_chained(kernel, dim3(unsigned(d512_ctas(p))), dim3(unsigned(kD512Threads)),
                  size_t(kBytes), p.stream, dim3(unsigned(cluster ? p.splits : 1), 1, 1),
                  "sparse_attention (head_dim 512, wgmma)", p, head_blocks, cluster);
 }
@@ -231,7 +235,7 @@ bool uses_prefill_kernel(const SparseAttentionParams& p) {
   if (!p.prefill_kernel || p.cache.layout.format != KvEntryFormat::Bf16 || !use_d512_kernel(p) ||
       !sparse_attention_prefill_supports(p.cache.layout, p.cache.page_shift, p.heads))
     return false;
-  const int64_t head_blocks = (p.heads + kD512Heads - 1) / kD512Heads, ctas = p.tokens * head_blocks,
+  const int64_t head_blocks = d512_head_blocks(p.heads), ctas = p.tokens * head_blocks,
                 sms = device_multiprocessors(), slots = int64_t(p.window_slots) + p.compressed_slots;
   if (ctas >= 2 * sms) return true;
   const int64_t least_slots =
@@ -244,6 +248,8 @@ bool uses_prefill_kernel(const SparseAttentionParams& p) {
 bool sparse_attention_uses_prefill_kernel(const SparseAttentionParams& params) { return uses_prefill_kernel(params); }
 
 int sparse_attention_head_split_splits(const SparseAttentionParams& params) { return head_split_splits(params); }
+
+int64_t sparse_attention_d512_ctas(const SparseAttentionParams& params) { return d512_ctas(params); }
 
 int max_sparse_attention_cluster_splits() { return largest_d512_cluster(); }
 

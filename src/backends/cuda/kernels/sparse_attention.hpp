@@ -114,6 +114,11 @@ struct SparseAttentionParams {
   // bytes of the merge, which the SM-to-SM network bounds at batch 1 (ncu, Flash SWA: 40 % of the consumers' time);
   // each split's unnormalised partial is rounded once (2^-9 of its share of the output).
   bool cluster_merge_bf16_partials = false;
+  // Cluster merge of exactly two splits (fp32 partials; the batch-64 shapes): after one cluster barrier each CTA stores
+  // the accumulator rows its peer merges straight from registers into the peer's shared memory (st.async, completing
+  // on an mbarrier there) and merges the rows it keeps from its registers and that area (same bits as the merge by
+  // loads from the peers' partials, which is taken otherwise).
+  bool cluster_merge_push = false;
   // Small-batch decode (head_dim 512, more than 32 heads): CTAs over (query, 16-head group, split of at most
   // head_split_tiles · 32 entries) instead of (query, 64-head block, split), the splits merged in a cluster; used
   // where the grid is one wave on the device and the slot bound fits the largest cluster (else the kernels above).
@@ -172,6 +177,10 @@ int sparse_attention_head_split_splits(const SparseAttentionParams& params);
 
 // Whether run_sparse_attention(params) hands the call to run_sparse_attention_prefill (params.prefill_kernel).
 bool sparse_attention_uses_prefill_kernel(const SparseAttentionParams& params);
+
+// The CTAs of the head_dim 512 kernel's launch for `params` (tokens × 64-head blocks × params.splits): its grid, and
+// the records a traced launch's d512_trace holds (kSparseAttentionTraceSlots words each).
+int64_t sparse_attention_d512_ctas(const SparseAttentionParams& params);
 
 // Throws (naming the shape, pointer or field at fault) unless run_sparse_attention supports the call.
 void check_sparse_attention_params(const SparseAttentionParams& params);
