@@ -17,6 +17,9 @@
 // for a profiler run). bench_cuda_mhc --trace [--iterations N]: instead, the single-cluster kernel's phase timeline at
 // one token (V4-Flash hc_pre + norm and hc_post_pre + norm, alone and behind a full-card kernel): a copy of the kernel
 // built in this file with its phase marks (mhc.cuh, SingleClusterPhase) recording clock64 and %globaltimer.
+// bench_cuda_mhc --trace-persistent [--tokens T] [--iterations N]: instead, the persistent kernel's phases per
+// iteration, its cross-CTA hops' slack and its slow paths (V4-Flash hc_pre and hc_head, default 4096 tokens; a traced
+// copy with the marks of mhc.cuh's ProjectionPhase).
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -54,8 +57,35 @@ __device__ __forceinline__ void mark(int phase) {
     asm volatile("" ::"f"(value));                       \
     ::dsv4::cuda::mhc_trace::mark(int(phase));           \
   } while (0)
+// The persistent kernel's traced copy: per CTA and loop iteration, CTA thread 0 stores the SM clock and the global
+// timer of each phase mark (the pre mark: the CTA's last thread), and every slow path taken is counted per CTA.
+namespace dsv4::cuda::mhc_projection_trace {
+inline constexpr int kMaxCtas = 320, kMaxIterations = 160, kPhases = 8, kSlowPaths = 3;
+inline constexpr int kPreStoredPhase = 4;  // ProjectionPhase::kPreStored (checked below)
+__device__ unsigned long long g_clock[kMaxCtas][kMaxIterations][kPhases];
+__device__ unsigned long long g_timer[kMaxCtas][kMaxIterations][kPhases];
+__device__ unsigned long long g_slow[kMaxCtas][kSlowPaths];
+__device__ __forceinline__ void mark(int phase, int j) {
+  const unsigned marker = phase == kPreStoredPhase ? blockDim.x - 1 : 0;
+  if (threadIdx.x != marker || blockIdx.x >= kMaxCtas || j >= kMaxIterations) return;
+  unsigned long long clock, timer;
+  asm volatile("mov.u64 %0, %%clock64;" : "=l"(clock)::"memory");
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(timer)::"memory");
+  g_clock[blockIdx.x][j][phase] = clock;
+  g_timer[blockIdx.x][j][phase] = timer;
+}
+__device__ __forceinline__ void slow(int path) {
+  if (blockIdx.x < kMaxCtas) atomicAdd(&g_slow[blockIdx.x][path], 1ull);
+}
+}  // namespace dsv4::cuda::mhc_projection_trace
+#define DSV4_MHC_PROJECTION_MARK(phase, j) ::dsv4::cuda::mhc_projection_trace::mark(int(phase), j)
+#define DSV4_MHC_PROJECTION_SLOW(path) ::dsv4::cuda::mhc_projection_trace::slow(int(path))
 #define hc_single_cluster_kernel hc_single_cluster_kernel_traced  // the library's own copy stays unmarked
+#define hc_projection_kernel hc_projection_kernel_traced
 #include "backends/cuda/kernels/mhc.cuh"
+#undef hc_projection_kernel
+#undef DSV4_MHC_PROJECTION_MARK
+#undef DSV4_MHC_PROJECTION_SLOW
 #undef hc_single_cluster_kernel
 #undef DSV4_MHC_SINGLE_CLUSTER_MARK
 #undef DSV4_MHC_SINGLE_CLUSTER_MARK_AFTER
@@ -225,6 +255,146 @@ struct Row {
 static_assert(int(mhc::SingleClusterPhase::kMixExchanged) == mhc_trace::kFirstMixPhase, "the mix warp's first mark");
 static_assert(int(mhc::SingleClusterPhase::kCount) <= mhc_trace::kMaxPhases, "room for every mark");
 static_assert(mhc::kSingleClusterCtas == 16, "one 16-CTA cluster per token tile");
+static_assert(int(mhc::ProjectionPhase::kPreStored) == mhc_projection_trace::kPreStoredPhase &&
+                  int(mhc::ProjectionPhase::kCount) == mhc_projection_trace::kPhases &&
+                  int(mhc::ProjectionSlowPath::kCount) == mhc_projection_trace::kSlowPaths,
+              "the persistent trace's phases and slow paths");
+
+// --trace-persistent: V4-Flash hc_pre and hc_head at `tokens` tokens on the traced persistent kernel (64-dim slices,
+// the default's launch), `runs` launches each. Per CTA and iteration of the steady state (every phase present): the
+// SM cycles of each phase, the iteration's period; per tile: the slack of each cross-CTA hop (from the last slice's
+// store to the first reader's early read, global timer; negative: a reader read before the last store) and the
+// spread of the slices' publications; per launch: the slow paths taken.
+void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt19937& rng) {
+  namespace tr = mhc_projection_trace;
+  constexpr int64_t d = 4096, flat = kN * d;
+  const int multiprocessors = list_devices().front().multiprocessors;
+  const HcProjectionConfig config = choose_hc_projection_config(tokens, d, multiprocessors, false);
+  check(config.slice_dims == 64, "--trace-persistent: the launch takes ", config.slice_dims,
+        "-dim slices; the traced copy is the 64-dim kernel");
+  const DeviceBuffer X = random_buffer(size_t(tokens * flat), 1.0f, 0.0f, rng, "X");
+  const DeviceBuffer fn = random_buffer(size_t(kSiteRows * flat), 2.0f / std::sqrt(float(flat)), 0.0f, rng, "fn");
+  const DeviceBuffer base = random_buffer(kSiteRows, 0.5f, 0.0f, rng, "base");
+  const std::vector<float> scale_host = {0.8f, 1.1f, 1.5f};
+  DeviceBuffer scale(3 * sizeof(float), "scale");
+  scale.upload(scale_host.data(), 3 * sizeof(float));
+  DeviceBuffer y(size_t(tokens * d) * 4, "y"), post(size_t(tokens * kN) * 4, "post"),
+      comb(size_t(tokens * kN * kN) * 4, "comb");
+  const size_t workspace_bytes = hc_projection_workspace_bytes(tokens, d, multiprocessors);
+  DeviceBuffer workspace(workspace_bytes, "mhc workspace");
+  workspace.fill_bytes(0);
+  const char* const names[tr::kPhases] = {"top",        "tile landed", "projected", "published",
+                                          "pre stored", "pre ready",   "collapsed", "summed"};
+  for (const bool head : {false, true}) {
+    const auto kernel = head ? mhc::hc_projection_kernel_traced<true, false, 64>
+                             : mhc::hc_projection_kernel_traced<false, false, 64>;
+    const int partial_rows = head ? mhc::kPartialRows<true> : mhc::kPartialRows<false>;
+    const int threads = mhc::projection_cta_threads(64, mhc::ProjectionVariant::kShared);
+    const int smem = mhc::projection_smem_bytes(64, partial_rows, false);
+    const int collapse_lag = mhc::projection_stages(64, partial_rows, false) - 2, sum_lag = (collapse_lag + 1) / 2;
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    DSV4_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, int(cudaSharedmemCarveoutMaxShared)));
+    int resident = 0;
+    DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, size_t(smem)));
+    mhc::ProjectionArgs args{};
+    args.X = X.as<float>();
+    args.fn = fn.as<float>();
+    args.base = base.as<float>();
+    args.scale = scale.as<float>();
+    args.tokens = tokens;
+    args.hidden = int(d);
+    args.sinkhorn_iters = kSinkhornIters;
+    args.hc_eps = kEps;
+    args.norm_eps = kEps;
+    args.y = y.as<float>();
+    args.post = head ? nullptr : post.as<float>();
+    args.comb = head ? nullptr : comb.as<float>();
+    mhc::place_projection_launch(args, workspace.data(), int(config.slices), int(config.token_tiles), "traced");
+    const int slices = args.slices, tiles = args.tiles;
+    args.groups = int(std::min<int64_t>(tiles, int64_t(resident) * multiprocessors / slices));
+    const int ctas = args.groups * slices;
+    const int most_iterations = (tiles + args.groups - 1) / args.groups + collapse_lag;
+    check(ctas <= tr::kMaxCtas && most_iterations <= tr::kMaxIterations, "--trace-persistent: ", ctas, " CTAs × ",
+          most_iterations, " iterations exceed the trace's arrays");
+    std::vector<std::vector<double>> phase_cycles(tr::kPhases + 1);  // [kPhases]: the period
+    std::vector<double> sum_slack, collapse_slack, spread;
+    double slow_total[tr::kSlowPaths] = {};
+    std::vector<unsigned long long> clock(size_t(tr::kMaxCtas) * tr::kMaxIterations * tr::kPhases),
+        timer(clock.size()), slow(size_t(tr::kMaxCtas) * tr::kSlowPaths);
+    const auto at = [](int cta, int j, int p) { return (size_t(cta) * tr::kMaxIterations + j) * tr::kPhases + p; };
+    for (int run = -2; run < runs; ++run) {  // 2 warm-up launches
+      void* slow_counts = nullptr;
+      DSV4_CUDA_CHECK(cudaGetSymbolAddress(&slow_counts, tr::g_slow));
+      DSV4_CUDA_CHECK(cudaMemsetAsync(slow_counts, 0, slow.size() * 8, stream));
+      launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(threads)), size_t(smem), stream, args,
+                     "traced persistent kernel");
+      DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+      DSV4_CUDA_CHECK(cudaMemcpyFromSymbol(clock.data(), tr::g_clock, clock.size() * 8));
+      DSV4_CUDA_CHECK(cudaMemcpyFromSymbol(timer.data(), tr::g_timer, timer.size() * 8));
+      DSV4_CUDA_CHECK(cudaMemcpyFromSymbol(slow.data(), tr::g_slow, slow.size() * 8));
+      if (run < 0) continue;
+      for (int c = 0; c < ctas; ++c)
+        for (int k = 0; k < tr::kSlowPaths; ++k) slow_total[k] += double(slow[size_t(c) * tr::kSlowPaths + k]);
+      for (int g = 0; g < args.groups; ++g) {
+        const int count = (tiles - g + args.groups - 1) / args.groups;
+        for (int s = 0; s < slices; ++s) {
+          const int c = g * slices + s;
+          for (int j = collapse_lag; j + 1 < count; ++j) {
+            static constexpr int kOrder[] = {0, 1, 2, 3, 5, 6, 7};  // thread 0's marks in program order
+            for (int q = 1; q < 7; ++q)
+              phase_cycles[size_t(kOrder[q])].push_back(
+                  double(int64_t(clock[at(c, j, kOrder[q])] - clock[at(c, j, kOrder[q - 1])])));
+            phase_cycles[4].push_back(double(int64_t(clock[at(c, j, 4)] - clock[at(c, j, 0)])));
+            phase_cycles[tr::kPhases].push_back(double(int64_t(clock[at(c, j + 1, 0)] - clock[at(c, j, 0)])));
+          }
+        }
+        // Tile j of group g: published in iteration j, its slices summed in j + sum_lag (words read at the top), the
+        // sums read for its collapse at the top of j + collapse_lag.
+        for (int j = 0; j < count; ++j) {
+          unsigned long long last_published = 0, first_published = ~0ull, last_summed = 0, first_sum_read = ~0ull,
+                             first_pre_read = ~0ull;
+          for (int s = 0; s < slices; ++s) {
+            const int c = g * slices + s;
+            last_published = std::max(last_published, timer[at(c, j, 3)]);
+            first_published = std::min(first_published, timer[at(c, j, 3)]);
+            last_summed = std::max(last_summed, timer[at(c, j + sum_lag, 7)]);
+            first_sum_read = std::min(first_sum_read, timer[at(c, j + sum_lag, 0)]);
+            first_pre_read = std::min(first_pre_read, timer[at(c, j + collapse_lag, 0)]);
+          }
+          sum_slack.push_back(double(int64_t(first_sum_read - last_published)));
+          collapse_slack.push_back(double(int64_t(first_pre_read - last_summed)));
+          spread.push_back(double(last_published - first_published));
+        }
+      }
+    }
+    const auto quantile = [](std::vector<double> v, double q) {
+      std::sort(v.begin(), v.end());
+      return v.empty() ? 0.0 : v[size_t(q * double(v.size() - 1))];
+    };
+    const auto negative = [](const std::vector<double>& v) {
+      return 100.0 * double(std::count_if(v.begin(), v.end(), [](double x) { return x < 0; })) / double(v.size());
+    };
+    std::printf("trace: V4-Flash %s T=%lld (persistent kernel, %d slices × %d groups, %d tiles, lags %d / %d), %d "
+                "launches\n",
+                head ? "hc_head" : "hc_pre", (long long)tokens, slices, args.groups, tiles, sum_lag, collapse_lag,
+                runs);
+    std::printf("| phase (CTA thread 0, steady state) | cycles p10 | median | p90 |\n|---|---|---|---|\n");
+    for (int p = 1; p <= tr::kPhases; ++p)
+      std::printf("| %s%s | %.0f | %.0f | %.0f |\n", p == tr::kPhases ? "iteration period" : names[p],
+                  p == tr::kPreStoredPhase ? " (last thread, after top)" : "", quantile(phase_cycles[size_t(p)], 0.1),
+                  quantile(phase_cycles[size_t(p)], 0.5), quantile(phase_cycles[size_t(p)], 0.9));
+    std::printf("hops (ns, per tile): partials last store -> first early read p10 / median / p90 %.0f / %.0f / %.0f "
+                "(%.1f %% negative); sums last store -> first pre read %.0f / %.0f / %.0f (%.1f %% negative); "
+                "publication spread over the slices %.0f / %.0f / %.0f\n",
+                quantile(sum_slack, 0.1), quantile(sum_slack, 0.5), quantile(sum_slack, 0.9), negative(sum_slack),
+                quantile(collapse_slack, 0.1), quantile(collapse_slack, 0.5), quantile(collapse_slack, 0.9),
+                negative(collapse_slack), quantile(spread, 0.1), quantile(spread, 0.5), quantile(spread, 0.9));
+    std::printf("slow paths per launch: stale words re-read %.1f, slice sums out of line %.1f, X tiles not landed "
+                "%.1f (of %d CTA-tiles)\n",
+                slow_total[0] / runs, slow_total[1] / runs, slow_total[2] / runs, tiles * slices);
+  }
+}
 
 // --trace: V4-Flash, one token, hc_pre + norm and hc_post_pre + norm on the traced single-cluster kernel, `runs` launches
 // each (every launch synchronised and its marks read back), alone and behind the full-card filler. Per mark: the
@@ -336,11 +506,11 @@ int main(int argc, char** argv) {
   int iteration_limit = 0;  // 0: the defaults below
   std::string only;         // empty: every row
   std::string only_model;   // empty: every model
-  bool trace = false;
+  bool trace = false, trace_persistent = false;
   const auto usage = [] {
     std::fprintf(stderr,
                  "usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] "
-                 "[--model TEXT] | --trace [--iterations N]\n");
+                 "[--model TEXT] | --trace [--iterations N] | --trace-persistent [--tokens T] [--iterations N]\n");
     return 2;
   };
   for (int i = 1; i < argc; ++i) {
@@ -365,6 +535,8 @@ int main(int argc, char** argv) {
       only_model = argv[++i];
     } else if (std::strcmp(argv[i], "--trace") == 0) {
       trace = true;
+    } else if (std::strcmp(argv[i], "--trace-persistent") == 0) {
+      trace_persistent = true;
     } else {
       return usage();
     }
@@ -386,6 +558,12 @@ int main(int argc, char** argv) {
     std::mt19937 rng(42);
     if (trace) {
       run_trace(stream, iteration_limit > 0 ? iteration_limit : 101, rng);
+      DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
+      return 0;
+    }
+    if (trace_persistent) {
+      run_projection_trace(stream, iteration_limit > 0 ? iteration_limit : 5,
+                           token_counts.size() == 1 ? token_counts.front() : 4096, rng);
       DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
       return 0;
     }

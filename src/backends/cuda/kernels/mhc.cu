@@ -55,7 +55,7 @@ int choose_slice_dims(int64_t token_tiles, int64_t hidden, int multiprocessors) 
 
 // Workspace: the header, the tiles' summed rows, then the slices' partial sums (tagged 8-byte words; hc_head uses
 // the same strides, with fewer rows filled).
-constexpr size_t kTileWords = size_t(mhc::kPartialRows<false>) * mhc::kTileTokens;
+constexpr size_t kTileWords = mhc::kTileWords;
 
 // Slice clusters of the cluster decode kernel (64-dim slices, kClusterCtas per cluster).
 int64_t slice_clusters(int64_t hidden) {
@@ -146,21 +146,7 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   // slices of 64 dims: about 1.3M tokens per launch; V4-Pro, 112 slices: about 760K).
   check(size_t(config.token_tiles) * size_t(config.slices + 1) * kTileWords <= 0x7FFFFFFF, op, ": ", args.tokens,
         " tokens × ", config.slices, " slices exceed the workspace words a launch can index");
-  args.slices = int(config.slices);
-  args.tiles = int(config.token_tiles);
-  auto* base = static_cast<unsigned char*>(workspace);
-  args.header = reinterpret_cast<unsigned*>(base);
-  args.sums = reinterpret_cast<unsigned long long*>(base + mhc::kHeaderBytes);
-  args.partials = args.sums + size_t(config.token_tiles) * kTileWords;
-  args.x_map = sm90::encode_tensor_map_2d({.type = CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
-                                           .base = args.X,
-                                           .cols = uint64_t(args.hidden),
-                                           .rows = uint64_t(args.tokens) * kMhcStreams,
-                                           .row_stride_bytes = uint64_t(args.hidden) * sizeof(float),
-                                           .box_cols = mhc::kStagedBoxFloats,
-                                           .box_rows = mhc::kStagedBoxRows,
-                                           .swizzle = CU_TENSOR_MAP_SWIZZLE_128B},
-                                          op);
+  mhc::place_projection_launch(args, workspace, int(config.slices), int(config.token_tiles), op);
   // A/B switch for GPU round s23-1 only (read per launch): the kernels with the other slice-word address form.
   const bool other_word_address = std::getenv("DSV4_MHC_OTHER_WORD_ADDRESS") != nullptr;
   if constexpr (kPost) {

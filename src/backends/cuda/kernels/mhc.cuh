@@ -216,6 +216,51 @@ struct ProjectionArgs : SiteArgs {
   unsigned long long* partials;    // [tiles][S][partial rows][16] tagged
 };
 
+// A tile's words in the workspace (hc_head uses the same strides, with fewer rows filled).
+inline constexpr size_t kTileWords = size_t(kPartialRows<false>) * kTileTokens;
+
+// The persistent kernel's launch arguments past the site's: `slices` and `tiles`, the workspace's header, sums and
+// partials, and X's tensor map (mhc.cu's launcher and the bench's traced launch).
+inline void place_projection_launch(ProjectionArgs& args, void* workspace, int slices, int tiles, const char* op) {
+  args.slices = slices;
+  args.tiles = tiles;
+  auto* base = static_cast<unsigned char*>(workspace);
+  args.header = reinterpret_cast<unsigned*>(base);
+  args.sums = reinterpret_cast<unsigned long long*>(base + kHeaderBytes);
+  args.partials = args.sums + size_t(tiles) * kTileWords;
+  args.x_map = sm90::encode_tensor_map_2d({.type = CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+                                           .base = args.X,
+                                           .cols = uint64_t(args.hidden),
+                                           .rows = uint64_t(args.tokens) * kStreams,
+                                           .row_stride_bytes = uint64_t(args.hidden) * sizeof(float),
+                                           .box_cols = kStagedBoxFloats,
+                                           .box_rows = kStagedBoxRows,
+                                           .swizzle = CU_TENSOR_MAP_SWIZZLE_128B},
+                                          op);
+}
+
+// Trace hooks of the persistent kernel (no code unless a file defines them before including this one, as
+// bench_cuda_mhc.cu does for its traced copy, which it also renames): a mark per phase of each loop iteration `j`,
+// and a count per slow path taken (a stale word re-read, an X tile not yet landed).
+enum class ProjectionPhase : int {
+  kTop,          // iteration start (CTA thread 0, as every mark but kPreStored)
+  kTileLanded,   // tile j's X stage waited for
+  kProjected,    // the warp's MMAs done and its partials stored to shared memory
+  kPublished,    // the CTA's partials of tile j stored to the workspace
+  kPreStored,    // the collapse's pre of tile j − kCollapseLag in shared memory (the group's last thread)
+  kPreReady,     // past the collapse's barrier
+  kCollapsed,    // the thread's collapsed vector stored
+  kSummed,       // this CTA's slice sums of tile j − kSumLag stored
+  kCount
+};
+enum class ProjectionSlowPath : int { kStaleWord, kStaleSliceSum, kTileNotLanded, kCount };
+#ifndef DSV4_MHC_PROJECTION_MARK
+#define DSV4_MHC_PROJECTION_MARK(phase, j)
+#endif
+#ifndef DSV4_MHC_PROJECTION_SLOW
+#define DSV4_MHC_PROJECTION_SLOW(path)
+#endif
+
 __device__ inline float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 
 __device__ inline unsigned load_relaxed_u32(const unsigned* address) {
@@ -240,6 +285,7 @@ __device__ inline unsigned long long tagged(float value, unsigned tag) {
 
 // Re-reads a tagged word until the writer's store has landed: out of line, so the per-tile loop stays short.
 static __device__ __noinline__ float wait_for_tag(const unsigned long long* address, unsigned tag) {
+  DSV4_MHC_PROJECTION_SLOW(ProjectionSlowPath::kStaleWord);
   unsigned long long word;
   do {
     __nanosleep(32);
@@ -276,6 +322,7 @@ inline constexpr uint64_t kTileTimeoutNs = 2'000'000'000;
 
 // wait_for_tile's polling after its first try: out of line, so the per-tile loop stays short.
 static __device__ __noinline__ void wait_for_tile_slowly(uint64_t* barrier, uint32_t parity) {
+  DSV4_MHC_PROJECTION_SLOW(ProjectionSlowPath::kTileNotLanded);
   uint64_t start, now;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
   while (!::cuda::ptx::mbarrier_try_wait_parity(barrier, parity)) {
@@ -654,6 +701,7 @@ struct SplitOnUse {
 // line, so the per-tile loop stays short).
 static __device__ __noinline__ float sum_slice_words_slowly(const unsigned long long* source, int part, int lanes,
                                                             int slices, int stride, unsigned tag) {
+  DSV4_MHC_PROJECTION_SLOW(ProjectionSlowPath::kStaleSliceSum);
   float sum = 0.f;
   for (int s = part; s < slices; s += lanes) {
     const unsigned long long* const address = source + s * stride;
@@ -915,6 +963,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     float* const mine = warp_sums + warp * kPartialFloats;
     project_tile_3xtf32<kRows, 1>(x_lo, kTileTokens / 2 * kStreams * kStagedBoxFloats, SplitOnUse<kNTiles>{fn_frag},
                                   g, t4, mine);
+    DSV4_MHC_PROJECTION_MARK(ProjectionPhase::kProjected, j);
     sync();
     if (refill >= 0) load_tile(refill);
     unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
@@ -929,6 +978,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
 #pragma unroll
     for (int p = 0; p < kItemsPerThread; ++p)
       if (ltid + p * kThreads < kPartialFloats) store_relaxed_u64(out + ltid + p * kThreads, tagged(sums[p], tag));
+    DSV4_MHC_PROJECTION_MARK(ProjectionPhase::kPublished, j);
     if (publication_sync) sync();  // warp_sums is free for the next projection
   };
   // Collapse the staged slice of tile jc, y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i], from the sums' words read earlier.
@@ -942,8 +992,10 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       const float mix = tagged_value(mix_word, sums_of(jc) + pre_mix_word, tag);
       const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
       pre_s[pre_t][pre_k] = sigmoid(mix * inv_rms * pre_scale + pre_base) + args.hc_eps;
+      DSV4_MHC_PROJECTION_MARK(ProjectionPhase::kPreStored, jc + kCollapseLag);
     }
     sync();
+    DSV4_MHC_PROJECTION_MARK(ProjectionPhase::kPreReady, jc + kCollapseLag);
     if (vt < valid && vi < width) {
       const float* const x = stages + (jc % kStages) * kStageFloats;
       float4 streams[kStreams];
@@ -954,6 +1006,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         if (args.round_to_bf16) value = round4_to_bf16_call(value);
       store_output(args.y, args.y_bf16, (first_token_of(jc) + vt) * d + i0 + vi, value);
     }
+    DSV4_MHC_PROJECTION_MARK(ProjectionPhase::kCollapsed, jc + kCollapseLag);
     if (!release) return;
     sync();  // the stage and pre_s are free: refill the stage
     if (jc + kStages < count) load_tile(jc + kStages);
@@ -1007,6 +1060,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   } else {
     // Iteration j: project tile j, collapse tile j − kCollapseLag, sum this CTA's items of tile j − kSumLag.
     for (int j = 0; j < count + kCollapseLag; ++j) {
+      DSV4_MHC_PROJECTION_MARK(ProjectionPhase::kTop, j);
       const int jr = j - kSumLag, jc = j - kCollapseLag;
       const int passes = jr >= 0 && jr < count ? my_passes : 0;
       const bool pre_reader = is_pre_reader(jc);
@@ -1025,6 +1079,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       if (j < count) {
         const int b = j % kStages;
         wait_for_tile(&full[b], uint32_t(j / kStages) & 1u);
+        DSV4_MHC_PROJECTION_MARK(ProjectionPhase::kTileLanded, j);
         if constexpr (kPost) {
           sm90::mbarrier_wait(&post_full[j % kPostSlots], uint32_t(j / kPostSlots) & 1u);
           update_tile(j, b);
@@ -1048,6 +1103,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         if (pass > 0) load_slice_words(jr, pass, words);
         sum_slices(jr, pass, words, true);
       }
+      DSV4_MHC_PROJECTION_MARK(ProjectionPhase::kSummed, j);
     }
   }
 
