@@ -23,12 +23,11 @@
 // L2 flush): medians over the CTAs of each phase of a CTA's timeline (start to Q staged, entries resolved, first data,
 // first scores, each pair, the epilogue's staging and stores), of the gap between consecutive CTAs on one SM, and per
 // pair of the late half's release, its first tile's arrival and consumer 1's wait for the max (%globaltimer ticks
-// 0.256 µs on the H200).
-// Usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE] [--trace] [--quick]
-// [--no-kv]. --part
-// runs one part; --only runs the one case named (prefill MODEL:FORMAT:CONTEXT, e.g. flash:bf16:8192,
-// pro:fp8-reference:65536; decode MODEL:LAYOUT:BATCH:FORMAT, e.g. flash:csa:256:bf16; for a profiler). Exit status 1
-// when outputs disagree.
+// 0.256 µs on the H200); then the same marks and every pair's hand-offs in SM clock cycles within each CTA.
+// Usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE[,CASE...]] [--trace]
+// [--quick] [--no-kv]. --part runs one part; --only runs the cases named (prefill MODEL:FORMAT:CONTEXT, e.g.
+// flash:bf16:8192, pro:fp8-reference:65536; decode MODEL:LAYOUT:BATCH:FORMAT, e.g. flash:csa:256:bf16; for a
+// profiler). Exit status 1 when outputs disagree.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -170,12 +169,15 @@ void print_clock_trace(int64_t ctas, int pairs, const Record& record) {
 }
 
 // One traced launch of `call` (L2 flushed first): medians of its CTAs' phases in µs.
-void print_trace(const SparseAttentionParams& call, int64_t ctas, int pairs, void* flush, size_t flush_bytes) {
+void print_trace(const SparseAttentionParams& call, SparseAttentionPrefillOptions options, int64_t ctas, int pairs,
+                 void* flush, size_t flush_bytes) {
     const size_t words = size_t(ctas) * kPrefillTraceWarps * kPrefillTraceSlots;
   DeviceBuffer trace(words * 8, "trace");
   trace.fill_bytes(0);
   DSV4_CUDA_CHECK(cudaMemsetAsync(flush, 0x5A, flush_bytes));
-  run_sparse_attention_prefill(call, {.prefetch_resolved = PrefetchResolved::Off, .trace = trace.as<uint64_t>()});
+  options.prefetch_resolved = PrefetchResolved::Off;
+  options.trace = trace.as<uint64_t>();
+  run_sparse_attention_prefill(call, options);
   synchronize_or_exit("sparse_attention_prefill (traced)");
   std::vector<uint64_t> w(words);
   trace.download(w.data(), words * 8);
@@ -252,6 +254,8 @@ struct Case {
   double bf16_q_us, bf16_q_tflops;  // the prefill kernel with q in bf16 (its MMA input: same result, half the bytes)
   double bf16_q_prefetch_us;        // the same with SparseAttentionPrefillOptions::prefetch_resolved
   double bf16_q_no_entries_us;      // the same call with every slot unused: no entry reads (the kernel's own floor)
+  double early_us;                  // round s23-1 A/B: SparseAttentionPrefillOptions::early_weights (bf16 q)
+  bool early_same_bits;             // its output byte-identical to the default's
 };
 
 Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
@@ -314,6 +318,21 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, plain); });
   const double bf16_q_prefetch_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, prefetch); });
+  // Round s23-1 A/B: the variant on the same call, its output compared byte for byte with the default's.
+  const SparseAttentionPrefillOptions early{.prefetch_resolved = PrefetchResolved::Off, .early_weights = true};
+  DeviceBuffer early_out(outputs * 2, "prefill kernel out, early weights");
+  SparseAttentionParams prefill_early = prefill_bf16_q;
+  prefill_early.out = early_out.data();
+  early_out.fill_bytes(0xFF);
+  const double early_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_early, early); });
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  bool early_same_bits = true;
+  {
+    std::vector<uint16_t> a(outputs), b(outputs);
+    bf16_q_out.download(a.data(), outputs * 2);
+    early_out.download(b.data(), outputs * 2);
+    early_same_bits = a == b;
+  }
   // --no-kv: every slot −1, the producer zero-fills its buffers without reading an entry (the diagnostic's floor).
   double no_entries_ms = NAN;
   if (no_kv) {
@@ -330,7 +349,11 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
     DSV4_CUDA_CHECK(cudaDeviceSynchronize());  // before the buffers go
   }
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  if (trace) print_trace(prefill_bf16_q, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush, flush_bytes);
+  if (trace) {
+    print_trace(prefill_bf16_q, {}, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush, flush_bytes);
+    std::printf("  early weights:\n");
+    print_trace(prefill_bf16_q, early, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush, flush_bytes);
+  }
 
 
   Case r;
@@ -348,6 +371,8 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   r.bf16_q_tflops = flops / (bf16_q_ms * 1e9);
   r.bf16_q_prefetch_us = bf16_q_prefetch_ms * 1e3;
   r.bf16_q_no_entries_us = no_entries_ms * 1e3;
+  r.early_us = early_ms * 1e3;
+  r.early_same_bits = early_same_bits;
   r.percent_of_cublas = 100.0 * r.new_tflops / cublas_tflops;
   r.percent_of_peak = 100.0 * r.new_tflops / peak_tflops;
   r.relative_difference =
@@ -430,6 +455,18 @@ DecodeCase run_decode_case(const char* model, int heads, DecodeLayout kind, KvEn
 }
 
 
+// Whether case `name` is in the comma-separated --only list (all cases when it is empty).
+bool selected(const std::string& only, const std::string& name) {
+  if (only.empty()) return true;
+  size_t begin = 0;
+  while (begin <= only.size()) {
+    const size_t end = std::min(only.find(',', begin), only.size());
+    if (only.compare(begin, end - begin, name) == 0) return true;
+    begin = end + 1;
+  }
+  return false;
+}
+
 int run(int argc, char** argv) {
   std::string json_path, only, part;
   bool trace = false, quick = false, no_kv = false;
@@ -474,27 +511,28 @@ int run(int argc, char** argv) {
     std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = "
                 "run_sparse_attention\n",
                 static_cast<long long>(kTokens), kWindow, kTopK);
-    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s %8s\n", "model",
-                "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas", "%peak",
-                "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "noKV us");
+    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s %8s | %8s %5s\n",
+                "model", "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas",
+                "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "noKV us", "early us",
+                "bits");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
       for (const int64_t context : {int64_t(8192), int64_t(65536)}) {
         if (!prefill_part ||
-            (!only.empty() && only != std::string(model) + ":" + to_string(format) + ":" + std::to_string(context)))
+            !selected(only, std::string(model) + ":" + to_string(format) + ":" + std::to_string(context)))
           continue;
         const Case r = run_case(model, heads, format, context, cublas_tflops, peak_tflops, device.multiprocessors,
                                 flush.data(), flush_bytes, trace, quick, no_kv, rng);
         const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
-        ok = ok && agrees;
+        ok = ok && agrees && r.early_same_bits;
         std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f "
-                    "%7.1f%% %8.1f %8.1f%s\n",
+                    "%7.1f%% %8.1f %8.1f | %8.1f %5s%s\n",
                     r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
                     r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
                     r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
                     100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, r.bf16_q_no_entries_us,
-                    agrees ? "" : " FAIL");
+                    r.early_us, r.early_same_bits ? "same" : "DIFF", agrees && r.early_same_bits ? "" : " FAIL");
         std::fflush(stdout);
         cases.push_back(r);
       }
@@ -509,8 +547,8 @@ int run(int argc, char** argv) {
     for (const DecodeLayout kind : {DecodeLayout::Swa, DecodeLayout::Csa, DecodeLayout::Hca})
       for (const int batch : {64, 256})
         for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16}) {
-          if (!decode_part || (!only.empty() && only != std::string(model) + ":" + to_string(kind) + ":" +
-                                                            std::to_string(batch) + ":" + to_string(format)))
+          if (!decode_part || !selected(only, std::string(model) + ":" + to_string(kind) + ":" +
+                                                  std::to_string(batch) + ":" + to_string(format)))
             continue;
           const int64_t context = kind == DecodeLayout::Swa ? 4096 : 65536;
           const DecodeCase r = run_decode_case(model, heads, kind, format, batch, context, copy_gbps, cublas_tflops,

@@ -169,6 +169,22 @@ TEST(SparseAttentionPrefill, DecodeBatchesMatchCpu) {
                   prefetch);
 }
 
+// Round s23-1's A/B variant: consumer 0 hands its weights over while its own PV runs.
+TEST(SparseAttentionPrefill, EarlyWeightsMatchCpu) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 600;
+  const SparseAttentionPrefillOptions early{.prefetch_resolved = PrefetchResolved::Off, .early_weights = true};
+  for (const KvEntryFormat format : kFormats) {
+    check_attention({"flash csa chunk early", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12}, seed++, early);
+    check_attention({"pro csa chunk bf16 io early", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 6,
+                     AttentionDtype::Bf16, AttentionDtype::Bf16},
+                    seed++, early);
+    check_attention({"h48 padded early", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, AttentionDtype::Bf16,
+                     AttentionDtype::Bf16, true},
+                    seed++, early);
+  }
+}
+
 // A traced launch (bench_cuda_attention_prefill --trace) computes the same, every planned CTA traced: each of its three
 // warpgroups records a start and an end no earlier, on an SM of the device; consumer 0's marks in order.
 TEST(SparseAttentionPrefill, TracedLaunchMatchesCpu) {

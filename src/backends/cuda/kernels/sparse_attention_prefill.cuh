@@ -535,7 +535,7 @@ __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
   return row * row_bytes + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
-template <bool kFp8, bool kTrace>
+template <bool kFp8, bool kTrace, bool kEarlyWeights>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
                                         const Barriers& barriers, uint64_t* trace) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
@@ -617,11 +617,14 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax0);
       pair_point<kTrace>(trace, i, prefill_trace::kC0MaxSent);
       pv_registers(o, pf, smem, 0, 0);
-      sm90::wgmma_wait_group<0>();
-      sm90::fence_operand(o);
-      fence_fragments(pf);
-      sm90::mbarrier_arrive(barriers.empty(0, 0));
-      pair_point<kTrace>(trace, i, prefill_trace::kC0OwnPv);
+      const auto own_pv_done = [&] {
+        sm90::wgmma_wait_group<0>();
+        sm90::fence_operand(o);
+        fence_fragments(pf);
+        sm90::mbarrier_arrive(barriers.empty(0, 0));
+        pair_point<kTrace>(trace, i, prefill_trace::kC0OwnPv);
+      };
+      if constexpr (!kEarlyWeights) own_pv_done();
       // The pair's max from consumer 1; this block's weights and everything accumulated so far move to it.
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax1);
       pair_point<kTrace>(trace, i, prefill_trace::kC0PairMax);
@@ -632,13 +635,28 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       row_sum[0] *= factor[0];
       row_sum[1] *= factor[1];
       const bool rescale = __any_sync(0xFFFFFFFFu, factor[0] != 1.0f || factor[1] != 1.0f);
-      if (rescale) rescale_weights(s, factor, pf);
-      store_weights(own_p, pf, warp, g, c);
+      if constexpr (kEarlyWeights) {
+        // Handed over while the own PV may still read pf: the rescaled weights go to their own registers.
+        uint32_t handed[4][4];
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) handed[ks][e] = pf[ks][e];
+        if (rescale) rescale_weights(s, factor, handed);
+        store_weights(own_p, handed, warp, g, c);
+      } else {
+        if (rescale) rescale_weights(s, factor, pf);
+        store_weights(own_p, pf, warp, g, c);
+      }
       sm90::fence_proxy_async_shared();
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP0);
+      if constexpr (kEarlyWeights) {
+        own_pv_done();
+        if (rescale) scale_rows(o, factor);
+      }
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
       pair_point<kTrace>(trace, i, prefill_trace::kC0OtherP);
-      if (rescale) scale_rows(o, factor);
+      if (!kEarlyWeights && rescale) scale_rows(o, factor);
       wait_full<kFp8>(barriers.full(1, 0), parity);  // consumer 1 waited for it too; this orders the data for our reads
       pair_point<kTrace>(trace, i, prefill_trace::kC0LateHalf);
       pv_shared(o, other_p, smem, 1, 0);
@@ -795,7 +813,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
 
-template <bool kFp8, bool kTrace>
+template <bool kFp8, bool kTrace, bool kEarlyWeights>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                     const int resident_ctas, const bool prefetch_resolved, uint64_t* trace) {
@@ -824,7 +842,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                           ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8, kTrace>(p, smem, t, head_block * kHeads, barriers, trace);
+    consume<kFp8, kTrace, kEarlyWeights>(p, smem, t, head_block * kHeads, barriers, trace);
   }
 }
 

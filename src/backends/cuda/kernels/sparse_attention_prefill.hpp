@@ -77,6 +77,9 @@ struct SparseAttentionPrefillOptions {
   PrefetchResolved prefetch_resolved = PrefetchResolved::Auto;
   // Traced launch: tokens × head blocks × kPrefillTraceWarps × kPrefillTraceSlots words (nullptr: untraced kernel).
   uint64_t* trace = nullptr;
+  // Round s23-1 A/B (same bits): consumer 0 hands its block's weights to consumer 1 while its own PV still runs (the
+  // rescaled weights in their own registers) instead of after it.
+  bool early_weights = false;
 };
 
 void run_sparse_attention_prefill(const SparseAttentionParams& params,
