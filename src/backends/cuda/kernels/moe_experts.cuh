@@ -90,6 +90,9 @@ struct ExpertGemmArgs {
   float swiglu_limit;
   const __nv_bfloat16* x;     // u_bf16 [T, d] gathered through row_tokens (gate/up), or h [rows, I] (down)
   const int32_t* row_tokens;  // gate/up only
+  int tokens;                 // T
+  int routed_rows;            // T·top_k: the shared expert's row of token t is routed_rows + t
+  bool items_known;           // round s23-1 A/B (MoeExpertGemmParams::items_known)
   const MoeWorkItem* work_items;
   const int32_t* work_item_count;
   __nv_bfloat16* h;  // gate/up output [rows, I]
@@ -851,7 +854,14 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
       const int chunk_end = min(a.k_total, chunk_begin + chunk_k);
       if (pass != 0 || chunk_begin != 0) __syncthreads();  // the previous chunk's x (and exchange) are read
       auto row_of = [&](int t) {
-        const int64_t source_row = G == ExpertGemm::GATE_UP ? __ldg(a.row_tokens + row_begin + t) : row_begin + t;
+        const int row = row_begin + t;
+        // items_known: the token of a row without a load where the layout gives it (the shared expert's rows follow
+        // the routed ones in token order; at T = 1 every row is token 0's).
+        const int64_t source_row = G != ExpertGemm::GATE_UP ? row
+                                   : !a.items_known     ? __ldg(a.row_tokens + row)
+                                   : row >= a.routed_rows ? row - a.routed_rows
+                                   : a.tokens == 1        ? 0
+                                                          : __ldg(a.row_tokens + row);
         return a.x + source_row * a.k_total + chunk_begin;
       };
       if constexpr (kColumnStages) {
@@ -951,22 +961,27 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const bool shared_item = int(blockIdx.y) < kSharedParts;  // work item 0 is always the shared expert's
   const int part = shared_item ? int(blockIdx.y) : 0;
   const int item_index = shared_item ? 0 : int(blockIdx.y) - (kSharedParts - 1);
-  // kHeadStart: the count and the item read before the wait (the slot exists; past the count it is dropped unread).
-  int item_count = 0;
-  MoeWorkItem early_item{};
-  if constexpr (kHeadStart) {
-    item_count = __ldcg(a.work_item_count);
+  // The item and whether it exists. kHeadStart: the count and the item read before the wait (the slot exists; past
+  // the count it is dropped unread). items_known: item 0, the shared expert's first, from the arguments (its rows
+  // follow the routed ones; it always exists), every other item read with the count in one round trip after the
+  // wait.
+  MoeWorkItem item{a.shared_expert, a.routed_rows, min(a.tokens, kMoeRowsPerWorkItem)};
+  bool has_item = true;
+  auto read_item = [&] {
+    const int count = __ldcg(a.work_item_count);
     const MoeWorkItem* slot = a.work_items + item_index;
-    early_item = {__ldcg(&slot->expert), __ldcg(&slot->row_begin), __ldcg(&slot->row_count)};
-  }
+    item = {__ldcg(&slot->expert), __ldcg(&slot->row_begin), __ldcg(&slot->row_count)};
+    has_item = item_index < count;
+  };
+  if (kHeadStart && !(a.items_known && shared_item)) read_item();
   if (shared_item) {
     with_tile_format(a.shared_format, [&]<tile::TileFormat F>() {
       start_stream<F, G, kSharedParts>(a, a.shared_expert, warp_slice<G, kSharedParts>(band, part), ring, full);
     });
-  } else if (kHeadStart && item_index < item_count) {
+  } else if (kHeadStart && has_item) {
     // At T <= 8 the shared expert has one item, the first: every other item is a routed expert's.
     with_tile_format(a.routed_format,
-                     [&]<tile::TileFormat F>() { start_stream<F, G>(a, early_item.expert, band, ring, full); });
+                     [&]<tile::TileFormat F>() { start_stream<F, G>(a, item.expert, band, ring, full); });
   }
   if (shared_item || kHeadStart) trace_point<kTrace>(a, MOE_TRACE_ISSUED);
   uint32_t seen_ticket = 0;  // wait_for_item_rows's, for reset_item_counters_if_last
@@ -975,21 +990,23 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
     // Only this item's gate/up CTAs, not the whole grid (all of them are resident or done: this launch started after
     // each had passed its own wait; the routing and everything before it are complete).
     allow_dependents();
-    if (item_index >= item_count) return;
+    if (!has_item) return;
     seen_ticket = wait_for_item_rows(a.item_counters, item_index,
                                      (a.k_total + kCtaRows<ExpertGemm::GATE_UP> - 1) / kCtaRows<ExpertGemm::GATE_UP> *
                                          parts);
-  } else if (kHeadStart) {
+  } else if (kHeadStart || a.items_known) {
     wait_for_prior_grids();
     allow_dependents();
-    if (item_index >= item_count) return;
+    if (!kHeadStart && !shared_item) read_item();
+    if (!has_item) return;
   } else if (!has_work_item_after_prior_grids(a, item_index)) {
     return;
+  } else {
+    item = a.work_items[item_index];
   }
   trace_point<kTrace>(a, MOE_TRACE_READY);
   // Every CTA with an item has started its stream with the head start (the item count read above is the same).
   const bool started = kHeadStart || shared_item;
-  const MoeWorkItem item = kHeadStart ? early_item : a.work_items[item_index];
   // The format from the arguments, not the view, so the item's first copies start while its view is still loading.
   const WeightFormat format = item.expert == a.shared_expert ? a.shared_format : a.routed_format;
   const MoeExpertView expert = a.experts[item.expert];
