@@ -929,6 +929,11 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   const float pre_scale = args.scale[0], pre_base = args.base[pre_k];
   const unsigned pre_squares_word = pre_t, pre_mix_word = (1 + pre_k) * kTileTokens + pre_t;  // in a tile's sums
   const auto is_pre_reader = [&](int jc) { return jc >= 0 && pre_index < kStreams * valid_of(jc); };
+  // The pre words of tile jc for the collapse (read early).
+  const auto load_pre_words = [&](int jc, unsigned long long& squares_word, unsigned long long& mix_word) {
+    squares_word = load_relaxed_u64(sums_of(jc) + pre_squares_word);
+    mix_word = load_relaxed_u64(sums_of(jc) + pre_mix_word);
+  };
 
   // kPost: X ← post·out + combᵀ·X on tile j's staged slice (stage b), written back to X_out; the projection then sees
   // the update.
@@ -1037,10 +1042,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         const int jc = i - kFinisherLag;
         w = Words{};
         if (i < count && my_passes > 0) load_slice_words(i, 0, w.slices);
-        if (is_pre_reader(jc)) {
-          w.squares = load_relaxed_u64(sums_of(jc) + pre_squares_word);
-          w.mix = load_relaxed_u64(sums_of(jc) + pre_mix_word);
-        }
+        if (is_pre_reader(jc)) load_pre_words(jc, w.squares, w.mix);
       };
       Words next;
       read_words(0, next);
@@ -1068,10 +1070,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       unsigned long long squares_word = 0, mix_word = 0;
       const auto read_early = [&] {
         if (passes > 0) load_slice_words(jr, 0, words);
-        if (pre_reader) {
-          squares_word = load_relaxed_u64(sums_of(jc) + pre_squares_word);
-          mix_word = load_relaxed_u64(sums_of(jc) + pre_mix_word);
-        }
+        if (pre_reader) load_pre_words(jc, squares_word, mix_word);
       };
       // The fused update holds a tile vector in registers: its reads start after it, within the 128-register cap.
       if (!kPost || j >= count) read_early();
