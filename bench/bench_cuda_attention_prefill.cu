@@ -254,9 +254,19 @@ struct Case {
   double bf16_q_us, bf16_q_tflops;  // the prefill kernel with q in bf16 (its MMA input: same result, half the bytes)
   double bf16_q_prefetch_us;        // the same with SparseAttentionPrefillOptions::prefetch_resolved
   double bf16_q_no_entries_us;      // the same call with every slot unused: no entry reads (the kernel's own floor)
-  double early_us;                  // round s23-1 A/B: SparseAttentionPrefillOptions::early_weights (bf16 q)
-  bool early_same_bits;             // its output byte-identical to the default's
+  double variant_us[3];             // round s23-1 A/B (bf16 q): kRoundVariants
+  bool variant_same_bits[3];        // each output byte-identical to the default's
 };
+
+// Round s23-1's A/B variants of the bf16-q call: early_weights, own_half_stores, both.
+struct RoundVariant {
+  const char* name;
+  SparseAttentionPrefillOptions options;
+};
+const RoundVariant kRoundVariants[3] = {
+    {"early", {.prefetch_resolved = PrefetchResolved::Off, .early_weights = true}},
+    {"own", {.prefetch_resolved = PrefetchResolved::Off, .own_half_stores = true}},
+    {"both", {.prefetch_resolved = PrefetchResolved::Off, .early_weights = true, .own_half_stores = true}}};
 
 Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
               double peak_tflops, int sms, void* flush, size_t flush_bytes, bool trace, bool quick, bool no_kv,
@@ -318,20 +328,24 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, plain); });
   const double bf16_q_prefetch_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, prefetch); });
-  // Round s23-1 A/B: the variant on the same call, its output compared byte for byte with the default's.
-  const SparseAttentionPrefillOptions early{.prefetch_resolved = PrefetchResolved::Off, .early_weights = true};
-  DeviceBuffer early_out(outputs * 2, "prefill kernel out, early weights");
-  SparseAttentionParams prefill_early = prefill_bf16_q;
-  prefill_early.out = early_out.data();
-  early_out.fill_bytes(0xFF);
-  const double early_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_early, early); });
-  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  bool early_same_bits = true;
+  // Round s23-1 A/B: the variants on the same call, their outputs compared byte for byte with the default's.
+  double variant_ms[3];
+  bool variant_same_bits[3];
   {
-    std::vector<uint16_t> a(outputs), b(outputs);
-    bf16_q_out.download(a.data(), outputs * 2);
-    early_out.download(b.data(), outputs * 2);
-    early_same_bits = a == b;
+    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<uint16_t> expected(outputs), got(outputs);
+    bf16_q_out.download(expected.data(), outputs * 2);
+    DeviceBuffer variant_out(outputs * 2, "prefill kernel out, variant");
+    SparseAttentionParams variant = prefill_bf16_q;
+    variant.out = variant_out.data();
+    for (int v = 0; v < 3; ++v) {
+      variant_out.fill_bytes(0xFF);
+      variant_ms[v] = median_ms(10, flush, flush_bytes,
+                                [&] { run_sparse_attention_prefill(variant, kRoundVariants[v].options); });
+      DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+      variant_out.download(got.data(), outputs * 2);
+      variant_same_bits[v] = got == expected;
+    }
   }
   // --no-kv: every slot −1, the producer zero-fills its buffers without reading an entry (the diagnostic's floor).
   double no_entries_ms = NAN;
@@ -351,8 +365,11 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   if (trace) {
     print_trace(prefill_bf16_q, {}, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush, flush_bytes);
-    std::printf("  early weights:\n");
-    print_trace(prefill_bf16_q, early, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush, flush_bytes);
+    for (const RoundVariant& v : kRoundVariants) {
+      std::printf("  %s:\n", v.name);
+      print_trace(prefill_bf16_q, v.options, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush,
+                  flush_bytes);
+    }
   }
 
 
@@ -371,8 +388,10 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   r.bf16_q_tflops = flops / (bf16_q_ms * 1e9);
   r.bf16_q_prefetch_us = bf16_q_prefetch_ms * 1e3;
   r.bf16_q_no_entries_us = no_entries_ms * 1e3;
-  r.early_us = early_ms * 1e3;
-  r.early_same_bits = early_same_bits;
+  for (int v = 0; v < 3; ++v) {
+    r.variant_us[v] = variant_ms[v] * 1e3;
+    r.variant_same_bits[v] = variant_same_bits[v];
+  }
   r.percent_of_cublas = 100.0 * r.new_tflops / cublas_tflops;
   r.percent_of_peak = 100.0 * r.new_tflops / peak_tflops;
   r.relative_difference =
@@ -511,10 +530,11 @@ int run(int argc, char** argv) {
     std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = "
                 "run_sparse_attention\n",
                 static_cast<long long>(kTokens), kWindow, kTopK);
-    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s %8s | %8s %5s\n",
+    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s %8s | %8s %8s %8s "
+                "%5s\n",
                 "model", "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas",
                 "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "noKV us", "early us",
-                "bits");
+                "own us", "both us", "bits");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -525,14 +545,16 @@ int run(int argc, char** argv) {
         const Case r = run_case(model, heads, format, context, cublas_tflops, peak_tflops, device.multiprocessors,
                                 flush.data(), flush_bytes, trace, quick, no_kv, rng);
         const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
-        ok = ok && agrees && r.early_same_bits;
+        ok = ok && agrees && r.variant_same_bits[0] && r.variant_same_bits[1] && r.variant_same_bits[2];
+        const bool same_bits = r.variant_same_bits[0] && r.variant_same_bits[1] && r.variant_same_bits[2];
         std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f "
-                    "%7.1f%% %8.1f %8.1f | %8.1f %5s%s\n",
+                    "%7.1f%% %8.1f %8.1f | %8.1f %8.1f %8.1f %5s%s\n",
                     r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
                     r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
                     r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
                     100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, r.bf16_q_no_entries_us,
-                    r.early_us, r.early_same_bits ? "same" : "DIFF", agrees && r.early_same_bits ? "" : " FAIL");
+                    r.variant_us[0], r.variant_us[1], r.variant_us[2], same_bits ? "same" : "DIFF",
+                    agrees && same_bits ? "" : " FAIL");
         std::fflush(stdout);
         cases.push_back(r);
       }

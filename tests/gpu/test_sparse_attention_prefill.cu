@@ -169,19 +169,24 @@ TEST(SparseAttentionPrefill, DecodeBatchesMatchCpu) {
                   prefetch);
 }
 
-// Round s23-1's A/B variant: consumer 0 hands its weights over while its own PV runs.
-TEST(SparseAttentionPrefill, EarlyWeightsMatchCpu) {
+// Round s23-1's A/B variants, alone and together: consumer 0 hands its weights over while its own PV runs
+// (early_weights); each consumer stages and stores its own output dims (own_half_stores).
+TEST(SparseAttentionPrefill, RoundVariantsMatchCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 600;
-  const SparseAttentionPrefillOptions early{.prefetch_resolved = PrefetchResolved::Off, .early_weights = true};
-  for (const KvEntryFormat format : kFormats) {
-    check_attention({"flash csa chunk early", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12}, seed++, early);
-    check_attention({"pro csa chunk bf16 io early", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 6,
-                     AttentionDtype::Bf16, AttentionDtype::Bf16},
-                    seed++, early);
-    check_attention({"h48 padded early", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, AttentionDtype::Bf16,
-                     AttentionDtype::Bf16, true},
-                    seed++, early);
+  for (const auto& [early, own] : {std::pair{true, false}, {false, true}, {true, true}}) {
+    SCOPED_TRACE(std::string(early ? "early_weights " : "") + (own ? "own_half_stores" : ""));
+    const SparseAttentionPrefillOptions options{
+        .prefetch_resolved = PrefetchResolved::Off, .early_weights = early, .own_half_stores = own};
+    for (const KvEntryFormat format : kFormats) {
+      check_attention({"flash csa chunk", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12}, seed++, options);
+      check_attention({"pro csa chunk bf16 io", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 6,
+                       AttentionDtype::Bf16, AttentionDtype::Bf16},
+                      seed++, options);
+      check_attention({"h48 padded", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, AttentionDtype::Bf16,
+                       AttentionDtype::Bf16, true},
+                      seed++, options);
+    }
   }
 }
 

@@ -12,9 +12,9 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
-template <bool kFp8, bool kTrace, bool kEarlyWeights>
+template <bool kFp8, bool kTrace, bool kEarlyWeights, bool kOwnHalfStores>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace, kEarlyWeights>;
+  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace, kEarlyWeights, kOwnHalfStores>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
@@ -62,15 +62,18 @@ void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAt
   if (p.tokens == 0) return;
   const int head_blocks = (p.heads + kHeads - 1) / kHeads;
   const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
-  const auto dispatch = [&]<bool kEarlyWeights>() {
+  const auto dispatch = [&]<bool kEarlyWeights, bool kOwnHalfStores>() {
     if (options.trace != nullptr)
-      fp8 ? launch<true, true, kEarlyWeights>(p, head_blocks, options)
-          : launch<false, true, kEarlyWeights>(p, head_blocks, options);
+      fp8 ? launch<true, true, kEarlyWeights, kOwnHalfStores>(p, head_blocks, options)
+          : launch<false, true, kEarlyWeights, kOwnHalfStores>(p, head_blocks, options);
     else
-      fp8 ? launch<true, false, kEarlyWeights>(p, head_blocks, options)
-          : launch<false, false, kEarlyWeights>(p, head_blocks, options);
+      fp8 ? launch<true, false, kEarlyWeights, kOwnHalfStores>(p, head_blocks, options)
+          : launch<false, false, kEarlyWeights, kOwnHalfStores>(p, head_blocks, options);
   };
-  options.early_weights ? dispatch.template operator()<true>() : dispatch.template operator()<false>();
+  if (options.own_half_stores)
+    options.early_weights ? dispatch.template operator()<true, true>() : dispatch.template operator()<false, true>();
+  else
+    options.early_weights ? dispatch.template operator()<true, false>() : dispatch.template operator()<false, false>();
 }
 
 }  // namespace dsv4::cuda

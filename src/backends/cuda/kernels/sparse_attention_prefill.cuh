@@ -125,8 +125,10 @@ inline constexpr int kBytes = kBarriers + (kBarrierCount + kTileBarrierCount) * 
 inline constexpr int kAllocationBytes = kBytes + 1024;       // room to align the base to 1024
 static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
 
-// Named barriers of the consumers (0 is __syncthreads).
-inline constexpr int kBarrierMax0 = 1, kBarrierMax1 = 2, kBarrierP0 = 3, kBarrierP1 = 4, kBarrierConsumers = 5;
+// Named barriers of the consumers (0 is __syncthreads); Sum0 + w: consumer w's row sums published, Staged0 + w:
+// consumer w's output rows staged (own_half_stores).
+inline constexpr int kBarrierMax0 = 1, kBarrierMax1 = 2, kBarrierP0 = 3, kBarrierP1 = 4, kBarrierConsumers = 5,
+                     kBarrierSum0 = 6, kBarrierStaged0 = 8;
 
 // The CTA's mbarriers: full and empty per (buffer, half), valid per buffer, tile_full per (buffer, half, tile) for
 // every tile of a half but its last (whose arrival is full's; bf16 entries only).
@@ -535,7 +537,7 @@ __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
   return row * row_bytes + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
-template <bool kFp8, bool kTrace, bool kEarlyWeights>
+template <bool kFp8, bool kTrace, bool kEarlyWeights, bool kOwnHalfStores>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
                                         const Barriers& barriers, uint64_t* trace) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
@@ -593,6 +595,23 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   const int32_t* valid = reinterpret_cast<const int32_t*>(smem + kValid) + consumer * kBlock;
   uint8_t* own_p = smem + kP + consumer * kTileBytes;
   const uint8_t* other_p = smem + kP + (consumer ^ 1) * kTileBytes;
+  // This consumer's row sums (each over its own blocks, against the last pair's max), summed over the row's quad and
+  // published for the other: both consumers' sums add up.
+  float2* shared_sum = reinterpret_cast<float2*>(smem + kSum);
+  const auto publish_row_sums = [&] {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 1);
+      row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 2);
+    }
+    if (c == 0) shared_sum[consumer * 32 + warp * 8 + g] = make_float2(row_sum[0], row_sum[1]);
+  };
+  // own_half_stores: each consumer's row sums are final at its last pair's max (consumer 0 after the pair's max
+  // arrives, consumer 1 after its softmax) and go to the other at once, so that neither waits for the other's last PV.
+  const auto publish_final_row_sums = [&] {
+    publish_row_sums();
+    sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierSum0 + consumer);
+  };
 
   if (consumer == 0) {
     if (pairs > 0) {
@@ -634,6 +653,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       row_max[1] = pair_max.y;
       row_sum[0] *= factor[0];
       row_sum[1] *= factor[1];
+      if (kOwnHalfStores && i + 1 == pairs) publish_final_row_sums();
       const bool rescale = __any_sync(0xFFFFFFFFu, factor[0] != 1.0f || factor[1] != 1.0f);
       if constexpr (kEarlyWeights) {
         // Handed over while the own PV may still read pf: the rescaled weights go to their own registers.
@@ -712,6 +732,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax1);
       pair_point<kTrace>(trace, i, prefill_trace::kC1MaxSent);
+      if (kOwnHalfStores && i + 1 == pairs) publish_final_row_sums();
       pv_registers(o, pf, smem, 1, 1);
       store_weights(own_p, pf, warp, g, c);
       sm90::fence_proxy_async_shared();
@@ -733,15 +754,14 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     }
   }
 
-  // Both consumers end on the last pair's max; their row sums (each over its own blocks) add up.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 2);
+  // Both consumers end on the last pair's max; their row sums add up.
+  if constexpr (kOwnHalfStores) {
+    if (pairs == 0) publish_final_row_sums();
+    sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierSum0 + (consumer ^ 1));
+  } else {
+    publish_row_sums();
+    sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
   }
-  float2* shared_sum = reinterpret_cast<float2*>(smem + kSum);
-  if (c == 0) shared_sum[consumer * 32 + warp * 8 + g] = make_float2(row_sum[0], row_sum[1]);
-  sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
   const float2 peer = shared_sum[(consumer ^ 1) * 32 + warp * 8 + g];
   row_sum[0] += peer.x;
   row_sum[1] += peer.y;
@@ -773,9 +793,14 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   // read in L2 (round s22-1, same runs: Flash 8K 915.2 → 895.5 µs, Pro 8K 1796.3 → 1757.6, Flash 64K 939.7 →
   // 917.8; one TMA bulk copy per row instead: 905.0 / 1772.5 / 925.4, in round s22-2 with an L2 evict-first hint
   // against the streaming stores: 911.8 / 1789.7 / 937.1 vs 905.2 / 1778.8 / 929.5).
-  uint8_t* staging = smem + kKv;
+  // own_half_stores: each consumer stages its own 256 dims in the buffer half that only it read last ((0, 0) for
+  // consumer 0, (1, 1) for consumer 1) and stores them itself, without waiting for the other.
+  uint8_t* staging = smem + kKv + (kOwnHalfStores ? consumer * (kBufferBytes + kHalfTiles * kTileBytes) : 0);
   static_assert(kHeads * kHeadDim * 2 <= 2 * kBufferBytes, "bf16 output rows fit the two KV buffers");
-  constexpr int row_bytes = kHeadDim * 2, row_chunks = row_bytes / 16;
+  static_assert(kHeads * kHeadDim <= kHalfTiles * kTileBytes, "a consumer's bf16 output rows fit a buffer half");
+  constexpr int row_bytes = kHeadDim * 2;
+  constexpr int staged_row_bytes = kOwnHalfStores ? row_bytes / 2 : row_bytes, row_chunks = staged_row_bytes / 16;
+  const int staged_dim_base = kOwnHalfStores ? dim_base : 0;
 #pragma unroll
   for (int n = 0; n < 32; ++n) {
     const int dim = dim_base + 8 * n + 2 * c;
@@ -791,17 +816,23 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     for (int r = 0; r < 2; ++r) {
       const int row = 16 * warp + g + 8 * r;
       const uint32_t packed = pack_bf16x2(v[2 * r], v[2 * r + 1]);
-      *reinterpret_cast<uint32_t*>(staging + staged_offset(row, row_bytes, dim * 2)) = packed;
+      *reinterpret_cast<uint32_t*>(staging + staged_offset(row, staged_row_bytes, (dim - staged_dim_base) * 2)) =
+          packed;
     }
   }
-  sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
+  if constexpr (kOwnHalfStores)
+    sm90::named_barrier_sync<kWarpgroup>(kBarrierStaged0 + consumer);
+  else
+    sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
   trace_point<kTrace>(trace, prefill_trace::kStaged);
-  uint8_t* out = static_cast<uint8_t*>(p.out) + (t * p.heads + head_base) * int64_t(row_bytes);
+  uint8_t* out = static_cast<uint8_t*>(p.out) + (t * p.heads + head_base) * int64_t(row_bytes) +
+                 (kOwnHalfStores ? consumer * staged_row_bytes : 0);
   const bool aligned16 = (reinterpret_cast<uintptr_t>(p.out) & 15) == 0;
   const int rows = min(kHeads, p.heads - head_base);
-  for (int i = thread256; i < rows * row_chunks; i += 2 * kWarpgroup) {
+  const int storing_threads = kOwnHalfStores ? kWarpgroup : 2 * kWarpgroup;
+  for (int i = kOwnHalfStores ? thread : thread256; i < rows * row_chunks; i += storing_threads) {
     const int row = i / row_chunks, byte = (i % row_chunks) * 16;
-    const uint4 value = *reinterpret_cast<const uint4*>(staging + staged_offset(row, row_bytes, byte));
+    const uint4 value = *reinterpret_cast<const uint4*>(staging + staged_offset(row, staged_row_bytes, byte));
     uint8_t* destination = out + int64_t(row) * row_bytes + byte;
     if (aligned16) {
       __stcs(reinterpret_cast<uint4*>(destination), value);
@@ -813,7 +844,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
 
-template <bool kFp8, bool kTrace, bool kEarlyWeights>
+template <bool kFp8, bool kTrace, bool kEarlyWeights, bool kOwnHalfStores>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                     const int resident_ctas, const bool prefetch_resolved, uint64_t* trace) {
@@ -842,7 +873,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                           ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8, kTrace, kEarlyWeights>(p, smem, t, head_block * kHeads, barriers, trace);
+    consume<kFp8, kTrace, kEarlyWeights, kOwnHalfStores>(p, smem, t, head_block * kHeads, barriers, trace);
   }
 }
 

@@ -80,6 +80,9 @@ struct SparseAttentionPrefillOptions {
   // Round s23-1 A/B (same bits): consumer 0 hands its block's weights to consumer 1 while its own PV still runs (the
   // rescaled weights in their own registers) instead of after it.
   bool early_weights = false;
+  // Round s23-1 A/B (same bits): the row sums exchanged at each consumer's last pair's max, and each consumer stages
+  // and stores its own 256 output dims as soon as its last PV is done (bf16 out) instead of both after both.
+  bool own_half_stores = false;
 };
 
 void run_sparse_attention_prefill(const SparseAttentionParams& params,
