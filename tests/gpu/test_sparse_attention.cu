@@ -317,6 +317,61 @@ TEST(SparseAttention, D512TwoWavesSplitsAndEpilogues) {
                   seed++);
 }
 
+// Two splits merged by push (SparseAttentionParams::cluster_merge_push) give the same bytes as the merge by loads from
+// the peers' partials, and match the CPU: per-query counts (a split past a query's count: no tiles), a query with no
+// entries, a padded head block (48 heads), Pro's two head blocks with bf16 q and output, fp8 entries, rope 128 (rope
+// dims outside the last 64), a traced launch.
+TEST(SparseAttention, D512PushMergeSameBits) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 170;
+  AttentionCase counts{"flash csa 2 splits counts", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100, 129},
+                       1, 2, AttentionDtype::F32, AttentionDtype::Bf16};
+  counts.counts = true;
+  AttentionCase empty{"flash empty query", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 64, {20, 900}, 1, 2};
+  empty.empty_query = true;
+  const std::vector<AttentionCase> cases = {
+      {"flash csa 2 splits", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 2},
+      counts,
+      empty,
+      {"h48 2 splits", KvEntryFormat::Bf16, 512, 64, 48, 128, 128, 256, {700, 1500}, 1, 2},
+      {"pro csa 2 splits bf16 io", KvEntryFormat::Bf16, 512, 64, 128, 128, 128, 512, {5000}, 2, 2,
+       AttentionDtype::Bf16, AttentionDtype::Bf16},
+      {"fp8 flash csa 2 splits", KvEntryFormat::Fp8Reference, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 2},
+      {"rope 128 2 splits", KvEntryFormat::Bf16, 512, 128, 64, 32, 40, 200, {500, 77}, 1, 2, AttentionDtype::Bf16,
+       AttentionDtype::Bf16}};
+  for (const AttentionCase& c : cases) {
+    for (const bool traced : {false, true}) {
+      if (traced && c.format != KvEntryFormat::Bf16) continue;
+      SCOPED_TRACE(std::string(c.name) + (traced ? " traced" : ""));
+      SparseAttentionCaseData data;
+      ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed++, data));
+      SparseAttentionParams call = data.call;
+      call.head_split = false;
+      call.prefill_kernel = false;
+      call.cluster_merge = true;
+      call.splits = c.splits;
+      DeviceBuffer d_trace(size_t(sparse_attention_d512_ctas(call)) * kSparseAttentionTraceSlots * 8, "trace");
+      if (traced) call.d512_trace = d_trace.as<uint64_t>();
+      int splits = 0;
+      const std::vector<uint8_t> loaded = run_call(c, true, call, splits);
+      SparseAttentionParams push = call;
+      push.cluster_merge_push = true;
+      compare_with_cpu(c, true, push, data.expected, data.magnitude);
+      const std::vector<uint8_t> pushed = run_call(c, true, push, splits);
+      ASSERT_EQ(loaded.size(), pushed.size());
+      size_t differing = 0, first = loaded.size();
+      for (size_t b = 0; b < loaded.size(); ++b)
+        if (loaded[b] != pushed[b]) {
+          ++differing;
+          first = std::min(first, b);
+        }
+      EXPECT_EQ(differing, 0u) << "bytes differ (splits " << splits << "), the first at byte " << first;
+      std::printf("  %-28s splits=%d%s push merge: %zu of %zu bytes differ from the loads' merge\n", c.name, splits,
+                  traced ? " traced" : "", differing, loaded.size());
+    }
+  }
+}
+
 // A traced head_dim 512 launch (SparseAttentionParams::d512_trace, bench_cuda_attention --trace) matches the CPU and
 // leaves each CTA's marks in order: one split and a 3-split cluster merge with per-query counts (a split past a
 // query's count has no tiles), Pro's two head blocks.

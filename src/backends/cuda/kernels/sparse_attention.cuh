@@ -628,6 +628,11 @@ inline constexpr int kMergeRowBf16 = kD512HeadDim + 8;       // the same for bf1
 // read, this CTA's merge factors [head][split] (up to kSparseAttentionMaxClusterSplits per head) and its inverse-RoPE
 // table.
 inline constexpr int kMergeStatsOffset = 0, kMergeScaleOffset = 512, kMergeRopeOffset = 8192;
+// Push merge (two splits): the consumer threads of the 32 heads a CTA keeps (warps 2·split, 2·split + 1 of each
+// consumer) receive their peer counterparts' 32 accumulator vectors each, [vector][receiver] float4s over Q, and the
+// peer's (max, sum) of each kept head at kMergeStatsOffset.
+inline constexpr int kPushReceivers = kWarpgroupThreads, kPushVectors = 32;
+inline constexpr uint32_t kPushBytes = kPushReceivers * kPushVectors * 16 + kD512Heads / 2 * 8;
 static_assert(kD512ProducerRegisters * kWarpgroupThreads + 2 * kD512ConsumerRegisters * kWarpgroupThreads <= 65536,
               "register budget of one SM");
 
@@ -664,14 +669,16 @@ struct D512Layout {
   static constexpr int kValid = kPhys + kRawStages * kTile * 4;      // int32 [kKvStages][kTile]
   static constexpr int kResolved = kValid + kKvStages * kTile * 4;   // int32 [2][kD512ResolveSlots]: the chunk ring
   static constexpr int kBarriers = kResolved + (kFp8 ? 2 * kD512ResolveSlots * 4 : 0);  // raw_full[R],
-                                                                     // kv_full[kKvStages], kv_empty[kKvStages]
-  static constexpr int kBytes = kBarriers + (kRawStages + 2 * kKvStages) * 8;
+                                                 // kv_full[kKvStages], kv_empty[kKvStages], merge_full (push merge)
+  static constexpr int kMergeFullBarrier = kRawStages + 2 * kKvStages;
+  static constexpr int kBytes = kBarriers + (kMergeFullBarrier + 1) * 8;
   static constexpr int kAllocationBytes = kBytes + 1024;             // room to align the base to 1024
   static_assert(kRawStageBytes % 16 == 0 && kBarriers % 8 == 0, "aligned regions");
   // Cluster merge: the partial output overlays Q, the KV stages and the raw stages; the merge's small tables live in
   // the exchange region.
   static constexpr int kMergePartial = 0;
   static_assert(kD512Heads * kMergeRowFloats * 4 <= kExchange, "the merge partial fits below the exchange region");
+  static_assert(kPushReceivers * kPushVectors * 16 <= kKv, "the pushed rows fit over Q");
   static_assert(kMergeScaleOffset >= kD512Heads * 8 &&
                     kMergeRopeOffset >= kMergeScaleOffset + kSparseAttentionMaxClusterSplits * kD512Heads * 4 &&
                     kMergeRopeOffset + kD512HeadDim / 2 * 8 <= 2 * kExchangeFloats * 4,
@@ -1058,10 +1065,10 @@ __device__ __forceinline__ void d512_cluster_merge_for(const SparseAttentionPara
 // warp samples in ncu (round s19-1, Flash CSA 64K batch 256), mostly instruction-fetch stalls; most of them were
 // warps with nothing else to do: the kernel gained 0.5-2 % (round s19-2, H200, bf16 entries, batch 256: 84.3 → 83.9
 // µs with bulk copies, 80.1 → 78.5 with 64-entry steps; Pro CSA batch 64 40.1 → 39.5).
-template <class Out, int kRopeFrom>
+// `values(n, v)` gives step n's four values (o_acc[4n + e] times its row's factor) as they are stored.
+template <class Out, int kRopeFrom, class Values>
 __device__ __forceinline__ void d512_store_output(const SparseAttentionParams& p, int64_t t, const int (&head)[2],
-                                                  int dim0, const float (&o_acc)[128],
-                                                  const float (&inverse_denominator)[2], bool rope,
+                                                  int dim0, Values&& values, bool rope,
                                                   const RopeFactors* rope_table) {
   const int nope_dim = p.cache.layout.nope_dim;
   Out* row[2];
@@ -1076,8 +1083,7 @@ __device__ __forceinline__ void d512_store_output(const SparseAttentionParams& p
 #pragma unroll
   for (int n = 0; n < 32; ++n) {
     float v[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) v[e] = o_acc[4 * n + e] * inverse_denominator[e / 2];
+    values(n, v);
     if (n >= kRopeFrom && 8 * n >= first_rope) {
       const RopeFactors f = rope_table[(dim0 + 8 * n - nope_dim) / 2];
       rope_rotate_pair(v[0], v[1], f, true);
@@ -1094,8 +1100,106 @@ __device__ __forceinline__ void d512_store_output(const SparseAttentionParams& p
   }
 }
 
+// d512_store_output's instance for p.out_dtype and the layout's rope dims.
+template <class Values>
+__device__ __forceinline__ void d512_store_rows(const SparseAttentionParams& p, int64_t t, const int (&head)[2],
+                                                int dim0, Values&& values, bool rope, const RopeFactors* rope_table) {
+  const bool last64 = p.cache.layout.nope_dim >= kD512HeadDim - 64;  // rope dims only in steps 24-31
+  if (p.out_dtype == AttentionDtype::F32) {
+    if (last64)
+      d512_store_output<float, 24>(p, t, head, dim0, values, rope, rope_table);
+    else
+      d512_store_output<float, 0>(p, t, head, dim0, values, rope, rope_table);
+  } else {
+    if (last64)
+      d512_store_output<__nv_bfloat16, 24>(p, t, head, dim0, values, rope, rope_table);
+    else
+      d512_store_output<__nv_bfloat16, 0>(p, t, head, dim0, values, rope, rope_table);
+  }
+}
+
+// Whether the head_dim 512 kernel's CTAs of this call merge by push (SparseAttentionParams::cluster_merge_push).
+__device__ __forceinline__ bool d512_push_merge_call(const SparseAttentionParams& p, bool cluster_merge) {
+  return cluster_merge && p.cluster_merge_push && p.splits == 2 && !p.cluster_merge_bf16_partials;
+}
+
+// The push merge of two splits (consumer threads, after the loop; see kPushReceivers): CTA `split` keeps heads
+// [32 · split, +32) of the block, which warps 2 · split and 2 · split + 1 of both consumers hold. After one cluster
+// barrier (every peer's Q is free) a thread of the other warps stores its 32 accumulator vectors, and its rows'
+// (max, sum), into the peer thread of the same index, which holds the same heads and dims: st.async, completing on
+// the peer's merge_full, no remote loads and no second barrier (the senders exit). A keeping thread waits for its
+// CTA's merge_full, weighs its own and the peer's values with the factors of the loads' merge (merge_factors over the
+// splits in order, x = 0 + f0 · o0 + f1 · o1: the same bits) and stores them through d512_store_output.
+template <class L>
+__device__ __forceinline__ void d512_push_merge(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int split,
+                                                int consumer, const int (&head)[2], const float (&sink_log2)[2],
+                                                const float (&row_max)[2], const float (&row_sum)[2],
+                                                const float (&o_acc)[128], RopeFactors rope_pair, bool tracer) {
+  const int thread = threadIdx.x % kWarpgroupThreads, warp = thread / 32, lane = thread % 32;
+  const int g = lane / 4, c = lane % 4, thread256 = consumer * kWarpgroupThreads + thread;
+  uint64_t* merge_full = reinterpret_cast<uint64_t*>(smem + L::kBarriers) + L::kMergeFullBarrier;
+  float4* received = reinterpret_cast<float4*>(smem + L::kMergePartial);
+  float2* received_stats = reinterpret_cast<float2*>(smem + L::kExchange + kMergeStatsOffset);
+  RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + L::kExchange + kMergeRopeOffset);
+  // This thread's slot in the receive area (the same in both CTAs) and its rows' among the 32 kept heads.
+  const int receiver = consumer * 64 + (warp % 2) * 32 + lane, stats_row = (warp % 2) * 16 + g;
+  const bool rope = p.rope_frequencies != nullptr;
+  if (thread256 == 0) sm90::mbarrier_arrive_expect_tx(merge_full, kPushBytes);
+  // Both consumers are out of the loop: the exchange region takes the inverse-RoPE table.
+  sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+  if (rope && thread256 < p.cache.layout.rope_dim / 2) rope_table[thread256] = rope_pair;
+  if (tracer) d512_trace_mark(p, kD512TraceMergeWritten);
+  sm90::cluster_sync();
+  if (tracer) d512_trace_mark(p, kD512TraceMergeSynced);
+  if (warp / 2 != split) {
+    const unsigned peer = unsigned(1 - split);
+    float* remote = reinterpret_cast<float*>(static_cast<float4*>(__cluster_map_shared_rank(received, peer)) + receiver);
+    uint64_t* remote_full = static_cast<uint64_t*>(__cluster_map_shared_rank(merge_full, peer));
+#pragma unroll
+    for (int i = 0; i < kPushVectors; ++i) {
+      const float v[4] = {o_acc[4 * i], o_acc[4 * i + 1], o_acc[4 * i + 2], o_acc[4 * i + 3]};
+      ::cuda::ptx::st_async(remote + i * kPushReceivers * 4, v, remote_full);
+    }
+    if (consumer == 0 && c == 0) {
+      float* remote_stats = static_cast<float*>(__cluster_map_shared_rank(
+          reinterpret_cast<float*>(received_stats + stats_row), peer));
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float v[2] = {row_max[r], row_sum[r]};
+        ::cuda::ptx::st_async(remote_stats + 16 * r, v, remote_full);
+      }
+    }
+    return;
+  }
+  sm90::mbarrier_wait(merge_full, 0);
+  if (tracer) d512_trace_mark(p, kD512TraceMergeFactors);
+  float factor[2][2];  // [row][split]
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float2 mine = make_float2(row_max[r], row_sum[r]), other = received_stats[stats_row + 8 * r];
+    const float2 split_stats[2] = {split == 0 ? mine : other, split == 0 ? other : mine};
+    merge_factors(split_stats, sink_log2[r], factor[r]);
+  }
+  d512_store_rows(
+      p, t, head, consumer * (kD512HeadDim / 2) + 2 * c,
+      [&](int n, float (&v)[4]) {
+        const float4 pushed = received[n * kPushReceivers + receiver];
+        const float other[4] = {pushed.x, pushed.y, pushed.z, pushed.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float mine = o_acc[4 * n + e];
+          float x = 0.0f;
+          x += factor[e / 2][0] * (split == 0 ? mine : other[e]);
+          x += factor[e / 2][1] * (split == 0 ? other[e] : mine);
+          v[e] = x;
+        }
+      },
+      rope, rope_table);
+  if (tracer) d512_trace_mark(p, kD512TraceMergeStored);
+}
+
 // L: the CTA's D512Layout (its entry format); kTrace: consumer 0's thread 0 marks its phases
-// (SparseAttentionTraceMark).
+// (SparseAttentionTraceMark), with a push merge that of the first warp the CTA keeps.
 template <class L, bool kTrace>
 __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, const CtaWork& work,
                                              bool cluster_merge) {
@@ -1117,7 +1221,8 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   const float sink_log2[2] = {head_sink_log2(p, head[0]), head_sink_log2(p, head[1])};
   const float merge_sink_log2 = thread256 < kD512Heads ? head_sink_log2(p, head_base + thread256) : -INFINITY;
   wait_for_prior_grids();
-  const bool tracer = kTrace && thread256 == 0;
+  const bool push_merge = d512_push_merge_call(p, cluster_merge);
+  const bool tracer = kTrace && thread256 == (push_merge ? 64 * split : 0);
   if (tracer) d512_trace_mark(p, kD512TraceConsumerWaited);
   const int64_t position = rope ? p.positions[t] : 0;
   const SlotRange range = split_slot_range(p, t, split);
@@ -1273,6 +1378,11 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 2);
   }
 
+  if (push_merge) {
+    d512_push_merge<L>(p, smem, t, split, consumer, head, sink_log2, row_max, row_sum, o_acc, rope_pair, tracer);
+    if (tracer) d512_trace_mark(p, kD512TraceEnd);
+    return;
+  }
   if (cluster_merge) {
     // Both consumers are done with Q, the KV stages and the exchange buffers: the partial and the tables overlay them.
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
@@ -1338,19 +1448,13 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     if (thread256 < layout.rope_dim / 2) rope_table[thread256] = rope_pair;
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
   }
-  const int dim0 = dim_base + 2 * c;
-  const bool last64 = layout.nope_dim >= kD512HeadDim - 64;  // rope dims only in steps 24-31
-  if (p.out_dtype == AttentionDtype::F32) {
-    if (last64)
-      d512_store_output<float, 24>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
-    else
-      d512_store_output<float, 0>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
-  } else {
-    if (last64)
-      d512_store_output<__nv_bfloat16, 24>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
-    else
-      d512_store_output<__nv_bfloat16, 0>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
-  }
+  d512_store_rows(
+      p, t, head, dim_base + 2 * c,
+      [&](int n, float (&v)[4]) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[e] = o_acc[4 * n + e] * inverse_denominator[e / 2];
+      },
+      rope, rope_table);
   if (tracer) d512_trace_mark(p, kD512TraceEnd);
 }
 
@@ -1410,6 +1514,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
       sm90::mbarrier_init(&barriers[L::kRawStages + s], (kFp8 ? 1 : 2) * kWarpgroupThreads);
       sm90::mbarrier_init(&barriers[L::kRawStages + L::kKvStages + s], 2);
     }
+    sm90::mbarrier_init(&barriers[L::kMergeFullBarrier], 1);  // merge_full: its expect_tx arrival, the pushed bytes
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
@@ -1422,9 +1527,9 @@ __global__ void __launch_bounds__(kD512Threads, 1)
       d512_produce_fp8(p, smem, work.t, split_slot_range(p, work.t, work.split));
     else
       d512_produce_bf16<kTrace>(p, smem, work.t, split_slot_range(p, work.t, work.split));
-    if (cluster_merge) {  // the producer warps take part in the consumers' two cluster barriers
+    if (cluster_merge) {  // the producer warps take part in the consumers' cluster barriers (a push merge's one)
       sm90::cluster_sync();
-      sm90::cluster_sync_relaxed();
+      if (!d512_push_merge_call(p, cluster_merge)) sm90::cluster_sync_relaxed();
     }
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
