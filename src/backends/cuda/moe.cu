@@ -110,6 +110,13 @@ bool items_known_switch() {
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
+// Round s23-1 A/B switch (removed after the round): DSV4_MOE_TWO_BANDS=1 turns MoeExpertGemmParams::two_bands on
+// in every call, the model's included.
+bool two_bands_switch() {
+  const char* v = std::getenv("DSV4_MOE_TWO_BANDS");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
 // The expert GEMMs' parameters of a call (workspace buffers at layout l, the routing's outputs in `routing`).
 MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const MoeRunParams& p,
                                        const WorkspaceLayout& l, const MoeRoutingBuffers& routing) {
@@ -142,6 +149,7 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
       .down_waits_per_item = p.down_waits_per_item,
       .items_known = items_known_switch(),
+      .two_bands = two_bands_switch(),
       .stream = p.stream,
   };
   if (fuses_combine(p)) {
