@@ -320,7 +320,7 @@ TEST(SparseAttention, D512TwoWavesSplitsAndEpilogues) {
 // Two splits merged by push (SparseAttentionParams::cluster_merge_push) give the same bytes as the merge by loads from
 // the peers' partials, and match the CPU: per-query counts (a split past a query's count: no tiles), a query with no
 // entries, a padded head block (48 heads), Pro's two head blocks with bf16 q and output, fp8 entries, rope 128 (rope
-// dims outside the last 64), a traced launch.
+// dims outside the last 64), a traced launch; untraced with the page-table prefetch (d512_page_table_prefetch) too.
 TEST(SparseAttention, D512PushMergeSameBits) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 170;
@@ -356,6 +356,7 @@ TEST(SparseAttention, D512PushMergeSameBits) {
       const std::vector<uint8_t> loaded = run_call(c, true, call, splits);
       SparseAttentionParams push = call;
       push.cluster_merge_push = true;
+      push.d512_page_table_prefetch = !traced;  // a prefetch only: the same bytes
       compare_with_cpu(c, true, push, data.expected, data.magnitude);
       const std::vector<uint8_t> pushed = run_call(c, true, push, splits);
       ASSERT_EQ(loaded.size(), pushed.size());
@@ -406,10 +407,14 @@ TEST(SparseAttention, D512TracedLaunchMatchesCpu) {
     for (int64_t cta = 0; cta < ctas; ++cta) {
       const uint64_t* m = &trace[size_t(cta) * kSparseAttentionTraceSlots];
       SCOPED_TRACE("CTA " + std::to_string(cta));
-      for (const int mark : {kD512TraceStart, kD512TraceProducerWaited, kD512TraceConsumerWaited, kD512TraceQReady,
+      for (const int mark : {kD512TraceStart, kD512TraceProducerWaited, kD512TraceRowsLoaded, kD512TracePagesLoaded,
+                             kD512TraceConsumerWaited, kD512TraceQReady,
                              kD512TraceLoopEnd, kD512TraceEnd})
         ASSERT_NE(m[mark], 0u) << "mark " << mark << " missing";
       EXPECT_LE(m[kD512TraceStart], m[kD512TraceProducerWaited]);
+      EXPECT_LE(m[kD512TraceProducerWaited], m[kD512TraceRowsLoaded]);
+      EXPECT_LE(m[kD512TraceRowsLoaded], m[kD512TracePagesLoaded]);
+      if (m[kD512TraceFirstIssued] != 0) EXPECT_LE(m[kD512TracePagesLoaded], m[kD512TraceFirstIssued]);
       EXPECT_LE(m[kD512TraceStart], m[kD512TraceConsumerWaited]);
       EXPECT_LE(m[kD512TraceConsumerWaited], m[kD512TraceQReady]);
       EXPECT_LE(m[kD512TraceQReady], m[kD512TraceLoopEnd]);

@@ -873,7 +873,10 @@ __device__ __forceinline__ void d512_produce_bf16(const SparseAttentionParams& p
   int32_t current, next;
   {
     const int32_t rows[2] = {load_row(0), load_row(1)};
+    // Marks after the loaded values (the test makes them wait for the loads).
+    if (kTrace && thread == 0 && (rows[0] & rows[1]) != INT32_MIN) d512_trace_mark(p, kD512TraceRowsLoaded);
     const int32_t pages[2] = {load_page(0, rows[0]), load_page(1, rows[1])};
+    if (kTrace && thread == 0 && (pages[0] & pages[1]) != INT32_MIN) d512_trace_mark(p, kD512TracePagesLoaded);
     current = slot_physical(p.cache, pages[0], rows[0]);
     next = slot_physical(p.cache, pages[1], rows[1]);
   }
@@ -1490,6 +1493,23 @@ __device__ __forceinline__ void d512_prefetch_inputs(const SparseAttentionParams
   }
 }
 
+// Before the grid-dependency wait (SparseAttentionParams::d512_page_table_prefetch; the producer's threads): asks L2
+// for the lines of the query's page-table rows that its lookups read, the window array's pages and the compressed
+// array's up to `position` (a row's index is below its query's position), at most kWarpgroupThreads lines each, through
+// `sequence_slot` and `position` as loaded at the CTA's start (host-copied step inputs, complete before the step).
+__device__ __forceinline__ void d512_prefetch_page_table(const SparseAttentionParams& p, int sequence_slot,
+                                                         int64_t position) {
+  constexpr int kLinePages = 32;
+  const KvCacheView& cache = p.cache;
+  const int line = int(threadIdx.x) * kLinePages;
+  const int64_t window_pages = ((cache.window_capacity - 1) >> cache.page_shift) + 1;
+  const int64_t compressed_pages = (position >> cache.page_shift) + 1;
+  if (p.window_slots > 0 && line < min(window_pages, int64_t(cache.max_pages_per_array)))
+    ptx::prefetch_l2(cache.pages_of(sequence_slot, p.layer, KvArray::Window) + line);
+  if (p.compressed_slots > 0 && line < min(compressed_pages, int64_t(cache.max_pages_per_array)))
+    ptx::prefetch_l2(cache.pages_of(sequence_slot, p.layer, KvArray::Compressed) + line);
+}
+
 // kTrace (bf16 entries only): the CTA's phases marked in p.d512_trace.
 template <bool kFp8, bool kTrace>
 __global__ void __launch_bounds__(kD512Threads, 1)
@@ -1504,6 +1524,12 @@ __global__ void __launch_bounds__(kD512Threads, 1)
   // same in every CTA of a cluster (same kernel, same static shared memory), so peers' partials sit at the same place.
   uint8_t* smem = smem_unaligned + ((1024 - shared_address(smem_unaligned) % 1024) % 1024);
   const CtaWork work = cta_work(p, head_blocks);
+  // d512_page_table_prefetch's inputs, loaded now so that their round trip overlaps the set-up below.
+  const bool page_prefetch = p.d512_page_table_prefetch && threadIdx.x < kWarpgroupThreads;
+  const int slot_hint = page_prefetch ? p.sequence_slots[work.t] : 0;
+  const int64_t position_hint =
+      page_prefetch && p.positions != nullptr ? p.positions[work.t] : int64_t(p.cache.max_pages_per_array)
+                                                                          << p.cache.page_shift;
   d512_prefetch_inputs(p, work);
 
   if (threadIdx.x == 0) {
@@ -1521,6 +1547,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
 
   if (threadIdx.x < kWarpgroupThreads) {
     sm90::setmaxnreg_decrease<kD512ProducerRegisters>();
+    if (page_prefetch) d512_prefetch_page_table(p, slot_hint, position_hint);
     wait_for_prior_grids();
     if (kTrace && threadIdx.x == 0) d512_trace_mark(p, kD512TraceProducerWaited);
     if constexpr (kFp8)

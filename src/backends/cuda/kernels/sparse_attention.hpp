@@ -52,7 +52,8 @@ inline constexpr int64_t kSparseAttentionPrefillDecodeSlots = 512;
 inline constexpr int64_t kSparseAttentionPrefillDecodeSlotsOneBlock = 2048;
 
 // The marks of a traced head_dim 512 launch (SparseAttentionParams::d512_trace), per CTA: its start (thread 0), the
-// producer's and consumer 0's grid-dependency waits returned, the producer's first and last tile's copies issued,
+// producer's and consumer 0's grid-dependency waits returned, the producer's first two chunks' index rows and then
+// their page-table entries loaded (bf16 entries), the producer's first and last tile's copies issued,
 // consumer 0's Q stored, its tiles 0, 1 and last arrived, its middle tile (tiles / 2) arrived, scored (QKᵀ done),
 // exchanged (partial scores summed), weighted (softmax done) and multiplied (PV issued), its loop's last MMAs done,
 // with a cluster merge its partial written, its partial published (first cluster barrier passed), the merge factors
@@ -62,6 +63,8 @@ inline constexpr int64_t kSparseAttentionPrefillDecodeSlotsOneBlock = 2048;
 enum SparseAttentionTraceMark : int {
   kD512TraceStart,
   kD512TraceProducerWaited,
+  kD512TraceRowsLoaded,
+  kD512TracePagesLoaded,
   kD512TraceFirstIssued,
   kD512TraceLastIssued,
   kD512TraceConsumerWaited,
@@ -119,6 +122,10 @@ struct SparseAttentionParams {
   // on an mbarrier there) and merges the rows it keeps from its registers and that area (same bits as the merge by
   // loads from the peers' partials, which is taken otherwise).
   bool cluster_merge_push = false;
+  // Head_dim 512 kernel (round s23-1 A/B): before the grid-dependency wait the producer asks L2 for the page-table rows
+  // its lookups read (the window array's pages, the compressed array's up to the query's position), through the
+  // sequence slot and position loaded at the CTA's start (host-copied step inputs, as head_split_early_entries reads).
+  bool d512_page_table_prefetch = false;
   // Small-batch decode (head_dim 512, more than 32 heads): CTAs over (query, 16-head group, split of at most
   // head_split_tiles · 32 entries) instead of (query, 64-head block, split), the splits merged in a cluster; used
   // where the grid is one wave on the device and the slot bound fits the largest cluster (else the kernels above).
