@@ -38,6 +38,7 @@
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/compressor.cuh"
 #include "backends/cuda/kernels/compressor.hpp"
+#include "backends/cuda/kernels/top_k.hpp"
 #include "backends/cuda/kv_cache.hpp"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
@@ -650,6 +651,242 @@ TEST(Compressor, IndexerPrepareInTheCompressorsLaunch) {
   prepare.stream = other;
   testing::expect_error([&] { run_compressors({&none, 1}, prepare); }, "needs their stream");
   ASSERT_EQ(cudaStreamDestroy(other), cudaSuccess);
+}
+
+// run_csa_branch's inputs and outputs for `positions.size()` sequences (sequence i at positions[i], slot slots[i]) of
+// one CSA layer (main c = 512, indexer c = 128 with 64 query heads): random shared inputs, and per side (the one
+// launch, the two launches) the states, keys and outputs, made equal before a step and compared after it.
+struct CsaBranchCase {
+  static constexpr int64_t kMain = 512, kIndex = 128, kHeads = 64, kRatio = 4, kRopeDim = 64, kKeys = 600, kTopK = 96;
+  bool fp8;  // the indexer's keys and queries as e4m3 + scales (reference rounding), scored by the mma.sync kernel
+  int sequences;
+  std::vector<int32_t> slots;
+  std::mt19937 rng;
+  DeviceBuffer main_kv, main_gate, index_kv, index_gate, main_ape, index_ape, main_norm, index_norm, frequencies;
+  DeviceBuffer q, head_weights;
+
+  struct Side {
+    DeviceCompressorState main, index;
+    DeviceBuffer keys, key_scales, entries, entry_rows, prepared, prepared_scales, scores, selected, counts,
+        nan_flag, workspace;
+  };
+  Side sides[2];  // [0]: one launch, [1]: two launches
+  DeviceBuffer ready{16, "csa branch ready"};
+
+  static std::vector<float> normal(std::mt19937& rng, size_t n, float sigma = 1.0f) {
+    std::normal_distribution<float> d(0.0f, sigma);
+    std::vector<float> v(n);
+    for (float& x : v) x = d(rng);
+    return v;
+  }
+
+  CsaBranchCase(bool fp8_keys, std::vector<int32_t> slot_of, uint32_t seed)
+      : fp8(fp8_keys), sequences(int(slot_of.size())), slots(std::move(slot_of)), rng(seed),
+        sides{{DeviceCompressorState(kRatio, kMain, true, sequences), DeviceCompressorState(kRatio, kIndex, true,
+                                                                                            sequences)},
+              {DeviceCompressorState(kRatio, kMain, true, sequences), DeviceCompressorState(kRatio, kIndex, true,
+                                                                                            sequences)}} {
+    const size_t S = size_t(sequences);
+    main_kv = to_device(normal(rng, S * 2 * kMain), "main kv");
+    main_gate = to_device(normal(rng, S * 2 * kMain), "main gate");
+    index_kv = to_device(normal(rng, S * 2 * kIndex), "index kv");
+    index_gate = to_device(normal(rng, S * 2 * kIndex), "index gate");
+    main_ape = to_device(normal(rng, size_t(kRatio) * 2 * kMain, 0.3f), "main ape");
+    index_ape = to_device(normal(rng, size_t(kRatio) * 2 * kIndex, 0.3f), "index ape");
+    main_norm = to_device(normal(rng, kMain, 0.2f), "main norm");
+    index_norm = to_device(normal(rng, kIndex, 0.2f), "index norm");
+    const cpu::RopeTable rope(160000.0, kRopeDim, cpu::YarnScaling{});
+    frequencies = to_device(rope.frequencies(), "rope frequencies");
+    q = to_device(normal(rng, S * kHeads * kIndex), "raw q");
+    head_weights = to_device(normal(rng, S * kHeads), "head weights");
+    // The states' windows and previous halves as earlier steps would have left them (any values pool), the keys of
+    // every slot (rows no query sees included), identical on both sides.
+    const CompressorStateView views[2] = {sides[0].main.view(), sides[0].index.view()};
+    std::vector<std::vector<float>> state_data;
+    for (const CompressorStateView& v : views)
+      for (const int64_t floats : {S * v.window_floats(), S * v.window_floats(), S * kRatio * v.head_dim,
+                                   S * kRatio * v.head_dim})
+        state_data.push_back(normal(rng, size_t(floats)));
+    std::vector<uint8_t> key_bytes(S * kKeys * kIndex * (fp8 ? 1 : 2));
+    std::vector<float> scale_values(S * kKeys);
+    if (fp8) {
+      for (uint8_t& b : key_bytes) b = float_to_e4m3(std::normal_distribution<float>(0.0f, 40.0f)(rng));
+      for (float& v : scale_values) v = std::ldexp(1.0f, int(rng() % 9) - 12);
+    } else {
+      const std::vector<float> values = normal(rng, S * kKeys * kIndex);
+      for (size_t i = 0; i < values.size(); ++i) {
+        const uint16_t bits = bf16_bits(values[i]);
+        std::memcpy(&key_bytes[2 * i], &bits, 2);
+      }
+    }
+    for (Side& side : sides) {
+      const CompressorStateView v[2] = {side.main.view(), side.index.view()};
+      for (int k = 0; k < 2; ++k) {
+        float* arrays[4] = {v[k].window_kv, v[k].window_score, v[k].previous_kv, v[k].previous_score};
+        for (int a = 0; a < 4; ++a)
+          EXPECT_EQ(cudaMemcpy(arrays[a], state_data[size_t(4 * k + a)].data(),
+                               state_data[size_t(4 * k + a)].size() * 4, cudaMemcpyHostToDevice),
+                    cudaSuccess);
+      }
+      side.keys = to_device(key_bytes, "index keys");
+      side.key_scales = to_device(scale_values, "key scales");
+      side.entries = poisoned(S * kMain, "main entries"), side.entry_rows = poisoned(S, "entry rows");
+      side.prepared = poisoned(S * kHeads * kIndex / 2, "prepared q");
+      side.prepared_scales = poisoned(S * kHeads, "prepared q scales");
+      side.scores = poisoned(S * kKeys, "scores"), side.selected = poisoned(S * kTopK, "selected");
+      side.counts = poisoned(S, "counts");
+      side.nan_flag = to_device(std::vector<int32_t>{0}, "nan flag");
+      side.workspace = DeviceBuffer(std::max<size_t>(top_k_workspace_bytes(sequences), 16), "top-k workspace");
+      side.workspace.fill_bytes(0);
+    }
+    ready.fill_bytes(0);
+  }
+
+  static uint16_t bf16_bits(float x) {
+    const __nv_bfloat16 b = __float2bfloat16_rn(x);
+    uint16_t bits;
+    std::memcpy(&bits, &b, 2);
+    return bits;
+  }
+
+  // Side `k`'s launch parameters for a step at `positions` (runs and positions on the device).
+  struct Step {
+    CompressorParams pools[2];
+    IndexerPrepareParams prepare;
+    IndexerScoresParams scores;
+    TopKParams top;
+  };
+  Step step(int k, const DeviceBuffer& runs, const DeviceBuffer& positions, const DeviceBuffer& slot_buffer) {
+    Side& side = sides[k];
+    Step st;
+    CompressorParams& m = st.pools[0];
+    m = CompressorParams{.head_dim = kMain, .ratio = kRatio, .overlapping = true, .kv = main_kv.as<float>(),
+                         .gate = main_gate.as<float>(), .runs = runs.as<CompressorRun>(), .run_count = sequences,
+                         .max_run_tokens = 1, .ape = main_ape.as<float>(), .norm_weight = main_norm.as<float>(),
+                         .rope_frequencies = frequencies.as<float>(), .rope_dim = kRopeDim,
+                         .state = side.main.view(), .entries = side.entries.as<float>(),
+                         .entry_rows = side.entry_rows.as<int32_t>()};
+    CompressorParams& x = st.pools[1];
+    x = CompressorParams{.head_dim = kIndex, .ratio = kRatio, .overlapping = true, .kv = index_kv.as<float>(),
+                         .gate = index_gate.as<float>(), .runs = runs.as<CompressorRun>(), .run_count = sequences,
+                         .max_run_tokens = 1, .ape = index_ape.as<float>(), .norm_weight = index_norm.as<float>(),
+                         .rope_frequencies = frequencies.as<float>(), .rope_dim = kRopeDim,
+                         .state = side.index.view()};
+    x.slot_entry_capacity = kKeys, x.slot_entry_stride = kKeys * kIndex;
+    if (fp8) {
+      x.round_pooled_to_bf16 = true, x.stored_rounding = CompressorStoredRounding::IndexerFp4;
+      x.slot_entries_fp8 = side.keys.as<uint8_t>(), x.slot_entry_scales = side.key_scales.as<float>();
+      x.slot_scale_stride = kKeys;
+    } else {
+      x.slot_entries_bf16 = side.keys.as<__nv_bfloat16>();
+    }
+    st.prepare = IndexerPrepareParams{.input = q.as<float>(), .tokens = sequences, .heads = kHeads,
+                                      .head_dim = kIndex, .positions = positions.as<int64_t>(),
+                                      .rope_frequencies = frequencies.as<float>(), .rope_dim = kRopeDim,
+                                      .reference_rounding = fp8};
+    IndexerScoresParams& s = st.scores;
+    if (fp8) {
+      st.prepare.output_fp8 = side.prepared.as<uint8_t>(), st.prepare.output_scales = side.prepared_scales.as<float>();
+      s.q_fp8 = side.prepared.as<uint8_t>(), s.q_scales = side.prepared_scales.as<float>();
+      s.keys_fp8 = side.keys.as<uint8_t>(), s.key_scales = side.key_scales.as<float>();
+      s.key_scales_slot_stride = kKeys;
+      s.kernel = IndexerScoresKernel::Warp;  // Auto would take the staged warpgroup kernel (two launches)
+    } else {
+      st.prepare.output = side.prepared.as<__nv_bfloat16>();
+      s.q = side.prepared.as<__nv_bfloat16>(), s.keys = side.keys.as<__nv_bfloat16>();
+    }
+    s.head_weights = head_weights.as<float>(), s.key_count = kKeys, s.sequence_slots = slot_buffer.as<int32_t>();
+    s.keys_slot_stride = kKeys * kIndex, s.slot_count = sequences, s.positions = positions.as<int64_t>();
+    s.tokens = sequences, s.heads = kHeads, s.head_dim = kIndex, s.ratio = kRatio, s.scores = side.scores.as<float>();
+    s.score_stride = kKeys;
+    TopKParams& t = st.top;
+    t.k = kTopK, t.selected = side.selected.as<int32_t>(), t.counts = side.counts.as<int32_t>();
+    t.nan_flag = side.nan_flag.as<int32_t>(), t.workspace = side.workspace.data();
+    t.workspace_bytes = top_k_workspace_bytes(sequences);
+    return st;
+  }
+
+  // One decode step at `positions` on both sides; whether the one launch was one; then every output compared.
+  bool run_step(const std::vector<int64_t>& positions) {
+    std::vector<CompressorRun> runs;
+    for (int i = 0; i < sequences; ++i)
+      runs.push_back({.start_position = positions[size_t(i)], .slot = slots[size_t(i)], .first_token = i, .tokens = 1});
+    const DeviceBuffer d_runs = to_device(runs, "runs"), d_positions = to_device(positions, "positions");
+    const DeviceBuffer d_slots = to_device(slots, "slots");
+    const Step fused = step(0, d_runs, d_positions, d_slots), apart = step(1, d_runs, d_positions, d_slots);
+    const bool one = run_csa_branch(fused.pools, fused.prepare, fused.scores, fused.top, ready.as<uint32_t>());
+    run_compressors(apart.pools, apart.prepare);
+    run_indexer_scores_top_k(apart.scores, apart.top);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    uint32_t count = 1;
+    ready.download(&count, 4);
+    EXPECT_EQ(count, 0u) << "the ready count after the launch";
+    const auto same = [](const DeviceBuffer& a, const DeviceBuffer& b, const char* what) {
+      std::vector<uint8_t> x(a.bytes()), y(b.bytes());
+      a.download(x.data(), x.size()), b.download(y.data(), y.size());
+      size_t first = 0;
+      while (first < x.size() && x[first] == y[first]) ++first;
+      EXPECT_EQ(first, x.size()) << what << ": first differing byte " << first << " of " << x.size();
+    };
+    const auto same_state = [&](const DeviceCompressorState& a, const DeviceCompressorState& b, const char* what) {
+      const CompressorStateView u = a.view(), v = b.view();
+      const size_t window = size_t(sequences * u.window_floats()), previous = size_t(sequences * kRatio * u.head_dim);
+      const std::pair<const float*, const float*> arrays[] = {{u.window_kv, v.window_kv},
+                                                              {u.window_score, v.window_score},
+                                                              {u.previous_kv, v.previous_kv},
+                                                              {u.previous_score, v.previous_score}};
+      for (size_t i = 0; i < 4; ++i) {
+        const size_t n = i < 2 ? window : previous;
+        std::vector<float> x(n), y(n);
+        EXPECT_EQ(cudaMemcpy(x.data(), arrays[i].first, n * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+        EXPECT_EQ(cudaMemcpy(y.data(), arrays[i].second, n * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+        EXPECT_EQ(std::memcmp(x.data(), y.data(), n * 4), 0) << what << " state array " << i;
+      }
+    };
+    const Side &a = sides[0], &b = sides[1];
+    same(a.entries, b.entries, "main entries"), same(a.entry_rows, b.entry_rows, "entry rows");
+    same(a.keys, b.keys, "indexer keys"), same(a.key_scales, b.key_scales, "indexer key scales");
+    same(a.prepared, b.prepared, "prepared q"), same(a.prepared_scales, b.prepared_scales, "prepared q scales");
+    same(a.scores, b.scores, "scores"), same(a.selected, b.selected, "selected"), same(a.counts, b.counts, "counts");
+    same(a.nan_flag, b.nan_flag, "nan flag");
+    same_state(a.main, b.main, "main"), same_state(a.index, b.index, "indexer");
+    // The selection is a real one: every query sees keys.
+    std::vector<int32_t> counts(static_cast<size_t>(sequences), -1);
+    a.counts.download(counts.data(), counts.size() * 4);
+    for (int i = 0; i < sequences; ++i)
+      EXPECT_EQ(counts[size_t(i)], std::min<int64_t>(kTopK, (positions[size_t(i)] + 1) / kRatio)) << "query " << i;
+    return one;
+  }
+};
+
+// run_csa_branch (a CSA layer's pools, the indexer's query preparation and its scores + top-k in one launch) against
+// the two launches (run_compressors with the preparation, then run_indexer_scores_top_k): the same bytes in every
+// output (main entries, indexer keys and scales, both states, prepared queries, scores, selections, counts, the NaN
+// flag) and the ready count back at zero. Four sequences of different lengths in permuted slots over three
+// consecutive decode steps: two complete a window in the first (position % 4 == 3), the other two in the second,
+// none in the third; bf16 keys (exact numerics) and fp8 keys (reference rounding, the mma.sync kernel). 32 sequences
+// make a grid that is not co-resident: the two launches then, with a warning naming the case.
+TEST(Compressor, CsaBranchInOneLaunchMatchesTwoLaunches) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 4100;
+  for (const bool fp8 : {false, true}) {
+    SCOPED_TRACE(fp8 ? "fp8 keys" : "bf16 keys");
+    CsaBranchCase branch(fp8, {2, 0, 3, 1}, seed++);
+    for (int64_t step = 0; step < 3; ++step) {
+      SCOPED_TRACE("step " + std::to_string(step));
+      EXPECT_TRUE(branch.run_step({3 + step, 1234 + step, 2395 + step, 514 + step})) << "not one launch";
+      ASSERT_FALSE(HasFailure());
+    }
+  }
+  std::vector<int32_t> slots(32);
+  std::vector<int64_t> positions;
+  for (int i = 0; i < 32; ++i) slots[size_t(i)] = (i * 7) % 32, positions.push_back(3 + 61 * i);
+  CsaBranchCase wide(false, slots, seed++);
+  ::testing::internal::CaptureStderr();
+  const bool one = wide.run_step(positions);
+  const std::string warnings = ::testing::internal::GetCapturedStderr();
+  EXPECT_FALSE(one);
+  EXPECT_NE(warnings.find("is not co-resident"), std::string::npos) << warnings;
 }
 
 // Every split of an entry over CTAs, forced (the launcher picks one per shape): CSA windows split up to 8 ways, HCA

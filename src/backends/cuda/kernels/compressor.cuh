@@ -43,6 +43,7 @@
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
+#include "backends/cuda/ptx/memory_order.cuh"
 #include "backends/cuda/ptx/warp_trace.cuh"
 #include "core/activation_block_scale.hpp"
 #include "core/bf16.hpp"
@@ -1251,6 +1252,77 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLea
   else
     compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged, kTrace>(
         a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem, launch.trace);
+}
+
+// ---- A CSA layer's branch in one launch (run_csa_branch) ----
+// The compressor kernel's decode CTAs (pools and the indexer's query preparation) first, then the indexer's mma.sync
+// score CTAs with the top-k in their last CTA. The scores read the prepared queries and the keys the indexer pool
+// stores: instead of the grid boundary between two launches, each CTA from the indexer pool's first on (the indexer
+// pool and the preparation, "producers") adds 1 to `ready` with a release after its stores, and each scores CTA
+// ("consumer") waits (thread 0, acquire) until the producers have all added; then it adds 1 itself, and the one that
+// makes the count producers + consumers zeroes it again for the next launch (the count is back at zero whenever a
+// launch of this kernel starts: the next one waits for this grid's completion through the programmatic chain).
+// The launcher makes sure the grid is co-resident, and the producers (lowest CTAs) never wait for anything of this
+// launch; a wait still open after 2 s traps instead of hanging the device.
+inline constexpr int kBranchIndexerHeadDim = 128;  // the indexer's head_dim the branch kernel is built for (DSV4's)
+
+struct BranchArgs {
+  LaunchArgs pools;            // pools[1] is the indexer's compressor; prepare set
+  indexer::ScoresArgs scores;  // top_k set (LastCta)
+  int64_t first_producer;      // the indexer pool's first CTA
+  int64_t first_scores;        // the scores CTAs from here, query group-major over scores_columns
+  int scores_columns;
+  uint32_t producers;          // first_scores − first_producer
+  uint32_t consumers;          // the scores CTAs
+  uint32_t* ready;
+};
+
+// A scores CTA's wait for the producers (every thread of its kScoreWarps warps calls it).
+__device__ __forceinline__ void wait_for_branch_producers(const BranchArgs& branch) {
+  if (threadIdx.x == 0) {
+    uint64_t start = 0;
+    for (uint32_t polls = 0; load_acquire(branch.ready) < branch.producers; ++polls) {
+      if (polls % 1024 != 0) continue;  // the clock read rarely: a short wait reads none
+      const uint64_t now = topk::global_nanoseconds();
+      if (polls == 0) start = now;
+      if (now - start > topk::kBarrierTimeoutNs) {
+        printf("csa_branch: scores CTA %d waited 2 s for the pools (%u of %u producers): CTAs not co-resident\n",
+               int(blockIdx.x), load_acquire(branch.ready), branch.producers);
+        __trap();
+      }
+    }
+    if (atomicAdd(branch.ready, 1u) == branch.producers + branch.consumers - 1) atomicExch(branch.ready, 0u);
+  }
+  __syncthreads();
+}
+
+template <bool kFp8>
+__global__ void __launch_bounds__(kMaxThreads, 1) csa_branch_kernel(const __grid_constant__ BranchArgs branch) {
+  extern __shared__ __align__(16) float smem[];
+  allow_dependents();  // the dependent's own wait still orders it after this grid's completion
+  const int64_t cta = blockIdx.x;
+  if (cta >= branch.first_scores) {
+    if (threadIdx.x >= indexer::kScoreWarps * 32) return;  // the scores' CTA is kScoreWarps warps
+    wait_for_prior_grids();  // the head weights and the step's positions and slots
+    const int64_t i = cta - branch.first_scores;
+    const indexer::ScoresCta place{unsigned(i % branch.scores_columns), unsigned(i / branch.scores_columns),
+                                   unsigned(branch.scores_columns)};
+    indexer::score_warp_tiles<kBranchIndexerHeadDim, kFp8, true, true, indexer::kScoreWarps * 32>(
+        branch.scores, place, [&] { wait_for_branch_producers(branch); });
+    return;
+  }
+  const LaunchArgs& launch = branch.pools;
+  if (cta >= launch.prepare_first_cta) {
+    prepare_vectors<false>(launch);
+  } else {
+    const int pool = cta >= launch.pools[1].first_cta ? 1 : 0;
+    const PoolArgs& a = launch.pools[pool];
+    compress<true, false, false>(a, cta - a.first_cta, 1, smem, nullptr);
+  }
+  if (cta >= branch.first_producer) {
+    __syncthreads();  // the CTA's stores, then its release
+    if (threadIdx.x == 0) add_release(branch.ready, 1u);
+  }
 }
 
 }  // namespace dsv4::cuda::compressor

@@ -299,6 +299,26 @@ struct ScoresArgs {
   topk::QueryWorkspace* tickets;  // the top-k's workspace: query group g's ticket is tickets[g].finished_ctas
 };
 
+// A scores CTA's place: key column x of `columns`, query group y. A score kernel's own grid, or a range of a wider
+// launch's CTAs (the CSA branch's launch, compressor.cuh: its scores CTAs after the compressors').
+struct ScoresCta {
+  unsigned x;
+  unsigned y;
+  unsigned columns;
+
+  __device__ static ScoresCta of_grid() { return {blockIdx.x, blockIdx.y, gridDim.x}; }
+};
+
+// The threads of a scores CTA that take part in its loops: kThreads, or where 0 every thread of the CTA (a wider
+// launch's scores CTAs are kScoreWarps warps of CTAs whose other warps have exited).
+template <int kThreads>
+__device__ __forceinline__ unsigned cta_threads() {
+  if constexpr (kThreads > 0)
+    return unsigned(kThreads);
+  else
+    return blockDim.x;
+}
+
 // Queries sharing one CTA's key loads (of one sequence); the warpgroup kernels' shared memory holds this many.
 inline constexpr int kMaxQueriesPerCta = 4;
 
@@ -389,10 +409,10 @@ __device__ __forceinline__ void store_fragment_bytes(unsigned char* address, con
 
 // Each query's head weights times the weight scale (fp8: times each head's q scale) for `heads` padded heads (zero
 // past args.heads), query-major.
-template <bool kFp8>
+template <bool kFp8, int kThreads = 0>
 __device__ __forceinline__ void load_head_weights(const ScoresArgs& args, int64_t first_query, int queries, int heads,
                                                   float* weights) {
-  for (int e = threadIdx.x; e < queries * heads; e += blockDim.x) {
+  for (int e = threadIdx.x; e < queries * heads; e += cta_threads<kThreads>()) {
     const int query = e / heads, head = e % heads;
     float weight = 0.0f;
     if (head < args.heads) {
@@ -405,8 +425,8 @@ __device__ __forceinline__ void load_head_weights(const ScoresArgs& args, int64_
 
 // The query operands of a CTA's queries in shared memory: fragments and the scaled head weights (fp8: times each
 // head's q scale). 8 consecutive dims of a head row (16 bytes bf16, 8 fp8) are one whole fragment word pair at
-// query_fragment_offset of their first dim; consecutive threads read consecutive chunks of the rows.
-template <int kHeadDim, bool kFp8>
+// query_fragment_offset of their first dim; consecutive threads (cta_threads) read consecutive chunks of the rows.
+template <int kHeadDim, bool kFp8, int kThreads = 0>
 __device__ __forceinline__ void load_query_operands(const ScoresArgs& args, int64_t first_query, int queries,
                                                     unsigned char* q_frag, float* weights) {
   const int heads = padded_heads(args.heads), n_tiles = heads / 8;
@@ -414,7 +434,7 @@ __device__ __forceinline__ void load_query_operands(const ScoresArgs& args, int6
   constexpr int kChunks = kHeadDim / 8;
   const unsigned char* source = kFp8 ? args.q_fp8 : reinterpret_cast<const unsigned char*>(args.q);
   constexpr int64_t kElementBytes = sizeof(Chunk) / 8;
-  for (int e = threadIdx.x; e < queries * heads * kChunks; e += blockDim.x) {
+  for (int e = threadIdx.x; e < queries * heads * kChunks; e += cta_threads<kThreads>()) {
     const int chunk = e % kChunks, head = e / kChunks % heads, query = e / kChunks / heads;
     Chunk value{};
     if (head < args.heads)
@@ -423,11 +443,29 @@ __device__ __forceinline__ void load_query_operands(const ScoresArgs& args, int6
     *reinterpret_cast<Chunk*>(q_frag + query_fragment_offset<kHeadDim, kFp8>(query, n_tiles, head, 8 * chunk)) =
         value;
   }
-  load_head_weights<kFp8>(args, first_query, queries, heads, weights);
+  load_head_weights<kFp8, kThreads>(args, first_query, queries, heads, weights);
+}
+
+// A key load: read-only (ld.global.nc), or where kKeysWritten (keys written by the same launch, the CSA branch's)
+// through L2 (ld.global.cg): the read-only path may hold lines the launch has since written.
+template <bool kKeysWritten, class T>
+__device__ __forceinline__ T load_key(const T* address) {
+  if constexpr (kKeysWritten)
+    return __ldcg(address);
+  else
+    return __ldg(address);
+}
+template <bool kKeysWritten>
+__device__ __forceinline__ uint4 load_key_streaming_16B(const void* address) {
+  if constexpr (kKeysWritten)
+    return __ldcg(static_cast<const uint4*>(address));
+  else
+    return ptx::load_streaming_16B(address);
 }
 
 // Rows key0 + half·8 + group of a 16-key tile, dims 32·pair + 8·quad .. +8: the lane's A fragments (see NOTES).
-template <int kDimPairs>
+// kKeysWritten: as load_key's.
+template <int kDimPairs, bool kKeysWritten = false>
 __device__ __forceinline__ void load_key_tile(uint4 (&a)[2][kDimPairs], const __nv_bfloat16* keys, int64_t key0,
                                               int64_t rows, int group, int quad) {
 #pragma unroll
@@ -435,8 +473,8 @@ __device__ __forceinline__ void load_key_tile(uint4 (&a)[2][kDimPairs], const __
     const int64_t row = key0 + 8 * half + group;
 #pragma unroll
     for (int pair = 0; pair < kDimPairs; ++pair)
-      a[half][pair] = row < rows ? __ldg(reinterpret_cast<const uint4*>(keys + row * (kDimPairs * 32) + 32 * pair +
-                                                                         8 * quad))
+      a[half][pair] = row < rows ? load_key<kKeysWritten>(reinterpret_cast<const uint4*>(
+                                       keys + row * (kDimPairs * 32) + 32 * pair + 8 * quad))
                                  : make_uint4(0, 0, 0, 0);
   }
 }
@@ -482,16 +520,19 @@ __device__ __forceinline__ void bf16_tile_sums(float (&sum)[2], const uint4 (&a)
 // (a ticket per group; none when one CTA spans the keys) selects each of the group's queries from its finished score
 // row, which it reads back through L2: every visible key (≤ kIndexerLastCtaMaxKeys) as run_top_k's 64-bit key, one
 // bitonic sort, the first k written. run_top_k sorts the same keys without a radix pass at these counts, so the
-// selection, its order and the NaN flag are its own. sort_keys: kIndexerLastCtaMaxKeys keys of shared memory.
+// selection, its order and the NaN flag are its own. sort_keys: kIndexerLastCtaMaxKeys keys of shared memory. The
+// CTA's threads take part (cta_threads: kThreads, a wider CTA's first kScoreWarps warps, or all).
+template <int kThreads = 0>
 __device__ __forceinline__ void select_top_k_in_last_cta(const ScoresArgs& args, int64_t first_query, int queries,
-                                                         const int64_t* visible, uint64_t* sort_keys) {
+                                                         const int64_t* visible, uint64_t* sort_keys,
+                                                         const ScoresCta& cta) {
   __shared__ bool is_last;
   __threadfence();  // this thread's scores, before the ticket (or the reads below) of any thread
   __syncthreads();
-  if (gridDim.x > 1) {
+  if (cta.columns > 1) {
     if (threadIdx.x == 0) {
-      uint32_t* ticket = &args.tickets[blockIdx.y].finished_ctas;
-      is_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+      uint32_t* ticket = &args.tickets[cta.y].finished_ctas;
+      is_last = atomicAdd(ticket, 1u) == cta.columns - 1;
       if (is_last) *ticket = 0;  // every CTA of the group has taken its ticket: zero again for the next launch
     }
     __syncthreads();
@@ -509,7 +550,7 @@ __device__ __forceinline__ void select_top_k_in_last_cta(const ScoresArgs& args,
     while (padded < n) padded *= 2;
     const float* row = args.scores + t * args.score_stride;
     bool saw_nan = false;
-    for (int i = threadIdx.x; i < padded; i += blockDim.x) {
+    for (int i = threadIdx.x; i < padded; i += cta_threads<kThreads>()) {
       uint64_t key = 0;  // below every real key
       if (i < n) {
         const float x = __ldcg(row + i);  // other CTAs' stores: read through L2
@@ -522,7 +563,8 @@ __device__ __forceinline__ void select_top_k_in_last_cta(const ScoresArgs& args,
     topk::bitonic_sort_descending<kScoreWarps * 32>(sort_keys, padded);
     const int count = min(k, n);
     int32_t* out = args.selected + t * k;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) out[i] = i < count ? int32_t(~uint32_t(sort_keys[i])) : -1;
+    for (int i = threadIdx.x; i < k; i += cta_threads<kThreads>())
+      out[i] = i < count ? int32_t(~uint32_t(sort_keys[i])) : -1;
     if (threadIdx.x == 0) args.counts[t] = count;
     __syncthreads();  // the sort buffer is the next query's
   }
@@ -561,7 +603,7 @@ struct Fp8KeyTile {
   float scale;
 };
 
-template <int kHeadDim>
+template <int kHeadDim, bool kKeysWritten = false>
 __device__ __forceinline__ void load_fp8_key_tile(Fp8KeyTile<kHeadDim>& tile, const uint8_t* keys, const float* scales,
                                                   int key0, int rows, int group, int quad) {
 #pragma unroll
@@ -570,20 +612,21 @@ __device__ __forceinline__ void load_fp8_key_tile(Fp8KeyTile<kHeadDim>& tile, co
     if constexpr (kHeadDim >= 64) {
 #pragma unroll
       for (int unit = 0; unit < kHeadDim / 64; ++unit) {
-        const uint4 v = row < rows ? ptx::load_streaming_16B(keys + size_t(row) * kHeadDim + 64 * unit + 16 * quad)
+        const uint4 v = row < rows ? load_key_streaming_16B<kKeysWritten>(keys + size_t(row) * kHeadDim + 64 * unit +
+                                                                          16 * quad)
                                    : make_uint4(0, 0, 0, 0);
         tile.words[half][4 * unit] = v.x, tile.words[half][4 * unit + 1] = v.y;
         tile.words[half][4 * unit + 2] = v.z, tile.words[half][4 * unit + 3] = v.w;
       }
     } else {
       const uint2 v =
-          row < rows ? __ldg(reinterpret_cast<const uint2*>(keys + size_t(row) * kHeadDim + 8 * quad))
+          row < rows ? load_key<kKeysWritten>(reinterpret_cast<const uint2*>(keys + size_t(row) * kHeadDim + 8 * quad))
                      : make_uint2(0, 0);
       tile.words[half][0] = v.x, tile.words[half][1] = v.y;
     }
   }
   const int out_row = key0 + 8 * (quad & 1) + group;
-  tile.scale = out_row < rows ? __ldg(scales + out_row) : 0.0f;
+  tile.scale = out_row < rows ? load_key<kKeysWritten>(scales + out_row) : 0.0f;
 }
 
 // The same for an fp8 key tile, before the key's scale: sum[0] for row group, sum[1] for row 8 + group.
@@ -618,13 +661,17 @@ template <int kHeadDim, bool kFp8>
 struct WarpKeyTile {
   std::conditional_t<kFp8, Fp8KeyTile<kHeadDim>, Bf16KeyTile<kHeadDim>> tile;
 
-  // Rows key0 .. key0 + 15 of `keys` (bf16, or fp8 with their `scales`), those from `rows` on zero.
+  // Rows key0 .. key0 + 15 of `keys` (bf16, or fp8 with their `scales`), those from `rows` on zero. kKeysWritten:
+  // keys the same launch wrote (load_fp8_key_tile).
+  template <bool kKeysWritten = false>
   __device__ __forceinline__ void load(const void* keys, const float* scales, int key0, int rows, int group,
                                        int quad) {
     if constexpr (kFp8)
-      load_fp8_key_tile<kHeadDim>(tile, static_cast<const uint8_t*>(keys), scales, key0, rows, group, quad);
+      load_fp8_key_tile<kHeadDim, kKeysWritten>(tile, static_cast<const uint8_t*>(keys), scales, key0, rows, group,
+                                                quad);
     else
-      load_key_tile<kHeadDim / 32>(tile.a, static_cast<const __nv_bfloat16*>(keys), key0, rows, group, quad);
+      load_key_tile<kHeadDim / 32, kKeysWritten>(tile.a, static_cast<const __nv_bfloat16*>(keys), key0, rows, group,
+                                                 quad);
   }
 
   // Query `query`'s score of the row the lane stores (key0 + 8·(quad % 2) + group), quad-reduced; q_frag: the query
@@ -646,14 +693,15 @@ struct WarpKeyTile {
 // The mma.sync score kernels (see NOTES), bf16 or fp8 keys. fp8: q·K on e4m3 tensor cores with the scales factored
 // out of the ReLU (both positive): score_j = s_j · Σ_h (w_h · s_h) · ReLU(q8_h · K8_j), the dot products accumulated
 // in fp32 by the tensor core; its m16 key tile is half the bf16 one's bytes, so a warp keeps two tiles ahead in flight
-// instead of one (the same 128 bytes per lane). A programmatic dependent: q, the head weights and the newest key are
-// this step's outputs, so it waits at entry.
-template <int kHeadDim, bool kFp8, bool kSelect>
-__global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
-    indexer_scores_kernel(ScoresArgs args) {
+// instead of one (the same 128 bytes per lane).
+// One CTA's part (its first kScoreWarps warps; the caller has passed the grid-dependency wait): `cta` its place, and
+// inputs_ready() (every thread of those warps calls it) returns once the queries and keys this launch's other CTAs
+// write are visible, before the first key or query load; kKeysWritten: keys may be such (coherent loads); kThreads:
+// cta_threads' (0: the CTA is the kScoreWarps warps).
+template <int kHeadDim, bool kFp8, bool kSelect, bool kKeysWritten, int kThreads, class InputsReady>
+__device__ __forceinline__ void score_warp_tiles(const ScoresArgs& args, const ScoresCta& cta,
+                                                 InputsReady&& inputs_ready) {
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 128, "head_dim must be 32, 64 or 128");
-  allow_dependents();
-  wait_for_prior_grids();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int heads = padded_heads(args.heads);
   const int n_tiles = heads / 8;
@@ -662,7 +710,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   float* weights = reinterpret_cast<float*>(smem_raw + layout.weights_offset);
   int64_t* visible = reinterpret_cast<int64_t*>(smem_raw + layout.visible_offset);
 
-  const int64_t first_query = int64_t(blockIdx.y) * group_size;
+  const int64_t first_query = int64_t(cta.y) * group_size;
   const int queries = int(min(int64_t(group_size), args.tokens - first_query));
   const int64_t slot = key_slot_of(args, first_query);
   const void* keys = kFp8 ? static_cast<const void*>(args.keys_fp8 + slot * args.keys_slot_stride)
@@ -671,18 +719,20 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
   // 32-bit key arithmetic (key_count < 2^30, checked by the launcher): fewer registers in the main loop.
   const int key_count = int(args.key_count);
-  const int step = int(gridDim.x) * kScoreWarps;
-  int tile = int(blockIdx.x) * kScoreWarps + (threadIdx.x >> 5);
+  const int step = int(cta.columns) * kScoreWarps;
+  int tile = int(cta.x) * kScoreWarps + (threadIdx.x >> 5);
   // The first tiles' keys are in flight while the query operands are stored (rows up to the most any query sees: a
   // row past one query's visible keys only feeds outputs that are never written).
   const int max_visible = cta_visible_keys(args, first_query, queries, visible);
+  inputs_ready();
   constexpr int kAhead = kFp8 ? 2 : 1;
   WarpKeyTile<kHeadDim, kFp8> tiles[kAhead + 1];
 #pragma unroll
   for (int i = 0; i < kAhead; ++i)
-    tiles[i].load(keys, key_scales, (tile + i * step) * kKeysPerWarpTile, max_visible, group, quad);
+    tiles[i].template load<kKeysWritten>(keys, key_scales, (tile + i * step) * kKeysPerWarpTile, max_visible, group,
+                                         quad);
 
-  load_query_operands<kHeadDim, kFp8>(args, first_query, queries, smem_raw, weights);
+  load_query_operands<kHeadDim, kFp8, kThreads>(args, first_query, queries, smem_raw, weights);
   __syncthreads();
 
   // Tiles past every query's visible keys hold nothing to write (the contract leaves those columns unwritten).
@@ -690,7 +740,8 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   // Software pipeline: the tiles ahead are in flight while the current one is multiplied.
   for (; tile < tile_count; tile += step) {
     const int key0 = tile * kKeysPerWarpTile;
-    tiles[kAhead].load(keys, key_scales, (tile + kAhead * step) * kKeysPerWarpTile, max_visible, group, quad);
+    tiles[kAhead].template load<kKeysWritten>(keys, key_scales, (tile + kAhead * step) * kKeysPerWarpTile,
+                                              max_visible, group, quad);
     // Quad lanes 0 and 1 store rows key0 + group and key0 + 8 + group after the quad reduction.
     const int out_row = key0 + 8 * (quad & 1) + group;
     for (int query = 0; query < queries; ++query) {
@@ -707,8 +758,29 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
     for (int i = 0; i < kAhead; ++i) tiles[i] = tiles[i + 1];
   }
   if constexpr (kSelect)
-    select_top_k_in_last_cta(args, first_query, queries, visible,
-                             reinterpret_cast<uint64_t*>(smem_raw + selection_offset(layout.bytes)));
+    select_top_k_in_last_cta<kThreads>(args, first_query, queries, visible,
+                                       reinterpret_cast<uint64_t*>(smem_raw + selection_offset(layout.bytes)), cta);
+}
+
+// Host side (indexer.cu): run_indexer_scores_top_k's launch where it is one launch of the mma.sync kernel with the
+// top-k in its last CTA, for a wider launch to run its CTAs (the CSA branch's, compressor.cu); refusal names why not.
+struct WarpSelectLaunch {
+  ScoresArgs args{};  // the top-k's outputs and tickets set
+  dim3 grid;          // x: CTAs across the keys (ScoresCta::columns), y: query groups
+  size_t smem_bytes = 0;
+  bool fp8 = false;
+  const char* refusal = nullptr;
+};
+WarpSelectLaunch plan_warp_select_launch(const IndexerScoresParams& scores, const TopKParams& top_k);
+
+// The mma.sync score kernel: score_warp_tiles over its grid. A programmatic dependent: q, the head weights and the
+// newest key are this step's outputs, so it waits at entry.
+template <int kHeadDim, bool kFp8, bool kSelect>
+__global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
+    indexer_scores_kernel(ScoresArgs args) {
+  allow_dependents();
+  wait_for_prior_grids();
+  score_warp_tiles<kHeadDim, kFp8, kSelect, false, 0>(args, ScoresCta::of_grid(), [] {});
 }
 
 // ---- Warpgroup MMA scores (head_dim 128, up to 64 heads) ----
@@ -993,7 +1065,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   }
   if constexpr (kSelect)
     select_top_k_in_last_cta(args, first_query, queries, visible,
-                             reinterpret_cast<uint64_t*>(smem + layout.selection_offset));
+                             reinterpret_cast<uint64_t*>(smem + layout.selection_offset), ScoresCta::of_grid());
 }
 
 // ---- Streamed warpgroup scores (head_dim 128, up to 64 heads; see NOTES) ----
@@ -1123,7 +1195,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm)
   ptx::cp_async_wait<0>();  // no copy may land in shared memory after the CTA's exit
   if constexpr (kSelect)
     select_top_k_in_last_cta(args, first_query, queries, visible,
-                             reinterpret_cast<uint64_t*>(smem + layout.selection_offset));
+                             reinterpret_cast<uint64_t*>(smem + layout.selection_offset), ScoresCta::of_grid());
 }
 
 // ---- Staged fp8 warpgroup scores (head_dim 128, up to 64 heads, one sequence or slots; see NOTES) ----
@@ -1269,7 +1341,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   }
   if constexpr (kSelect)
     select_top_k_in_last_cta(args, first_query, queries, visible,
-                             reinterpret_cast<uint64_t*>(smem + layout.selection_offset));
+                             reinterpret_cast<uint64_t*>(smem + layout.selection_offset), ScoresCta::of_grid());
 }
 
 // The fused scores + top-k (run_indexer_scores_top_k): topk::top_k_kernel with this score source. Each top-k CTA
