@@ -12,9 +12,9 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
-template <bool kFp8, bool kTrace, bool kEarlyWeights, bool kOwnHalfStores>
+template <bool kFp8, bool kTrace, int kSchedule>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace, kEarlyWeights, kOwnHalfStores>;
+  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace, kSchedule>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
@@ -62,18 +62,27 @@ void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAt
   if (p.tokens == 0) return;
   const int head_blocks = (p.heads + kHeads - 1) / kHeads;
   const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
-  const auto dispatch = [&]<bool kEarlyWeights, bool kOwnHalfStores>() {
+  const auto dispatch = [&]<int kSchedule>() {
     if (options.trace != nullptr)
-      fp8 ? launch<true, true, kEarlyWeights, kOwnHalfStores>(p, head_blocks, options)
-          : launch<false, true, kEarlyWeights, kOwnHalfStores>(p, head_blocks, options);
+      fp8 ? launch<true, true, kSchedule>(p, head_blocks, options) : launch<false, true, kSchedule>(p, head_blocks, options);
     else
-      fp8 ? launch<true, false, kEarlyWeights, kOwnHalfStores>(p, head_blocks, options)
-          : launch<false, false, kEarlyWeights, kOwnHalfStores>(p, head_blocks, options);
+      fp8 ? launch<true, false, kSchedule>(p, head_blocks, options)
+          : launch<false, false, kSchedule>(p, head_blocks, options);
   };
-  if (options.own_half_stores)
-    options.early_weights ? dispatch.template operator()<true, true>() : dispatch.template operator()<false, true>();
-  else
-    options.early_weights ? dispatch.template operator()<true, false>() : dispatch.template operator()<false, false>();
+  const int schedule = (options.early_weights ? kScheduleEarlyWeights : 0) |
+                       (options.own_half_stores ? kScheduleOwnHalfStores : 0) |
+                       (options.other_pv_first ? kScheduleOtherPvFirst : 0);
+  switch (schedule) {
+    case 0: return dispatch.template operator()<0>();
+    case kScheduleEarlyWeights: return dispatch.template operator()<kScheduleEarlyWeights>();
+    case kScheduleOwnHalfStores: return dispatch.template operator()<kScheduleOwnHalfStores>();
+    case kScheduleEarlyWeights | kScheduleOwnHalfStores:
+      return dispatch.template operator()<kScheduleEarlyWeights | kScheduleOwnHalfStores>();
+    case kScheduleEarlyWeights | kScheduleOtherPvFirst:
+      return dispatch.template operator()<kScheduleEarlyWeights | kScheduleOtherPvFirst>();
+    default:
+      fail("sparse_attention_prefill: other_pv_first is built with early_weights (and without own_half_stores) only");
+  }
 }
 
 }  // namespace dsv4::cuda

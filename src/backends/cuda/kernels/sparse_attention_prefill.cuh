@@ -130,6 +130,9 @@ static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
 inline constexpr int kBarrierMax0 = 1, kBarrierMax1 = 2, kBarrierP0 = 3, kBarrierP1 = 4, kBarrierConsumers = 5,
                      kBarrierSum0 = 6, kBarrierStaged0 = 8;
 
+// Round s23-1's A/B schedules of the consumers (SparseAttentionPrefillOptions), flags of the kernel's kSchedule.
+inline constexpr int kScheduleEarlyWeights = 1, kScheduleOwnHalfStores = 2, kScheduleOtherPvFirst = 4;
+
 // The CTA's mbarriers: full and empty per (buffer, half), valid per buffer, tile_full per (buffer, half, tile) for
 // every tile of a half but its last (whose arrival is full's; bf16 entries only).
 struct Barriers {
@@ -537,9 +540,12 @@ __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
   return row * row_bytes + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
-template <bool kFp8, bool kTrace, bool kEarlyWeights, bool kOwnHalfStores>
+template <bool kFp8, bool kTrace, int kSchedule>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
                                         const Barriers& barriers, uint64_t* trace) {
+  constexpr bool kEarlyWeights = (kSchedule & kScheduleEarlyWeights) != 0;
+  constexpr bool kOwnHalfStores = (kSchedule & kScheduleOwnHalfStores) != 0;
+  constexpr bool kOtherPvFirst = (kSchedule & kScheduleOtherPvFirst) != 0;
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
   const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroup, 0);
   const int thread256 = int(threadIdx.x);
@@ -733,24 +739,42 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax1);
       pair_point<kTrace>(trace, i, prefill_trace::kC1MaxSent);
       if (kOwnHalfStores && i + 1 == pairs) publish_final_row_sums();
-      pv_registers(o, pf, smem, 1, 1);
+      if constexpr (!kOtherPvFirst) pv_registers(o, pf, smem, 1, 1);
       store_weights(own_p, pf, warp, g, c);
       sm90::fence_proxy_async_shared();
+      // early_weights: handed over before waiting for consumer 0's (no round trip through that wait).
+      if constexpr (kEarlyWeights) sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP0);
       pair_point<kTrace>(trace, i, prefill_trace::kC1OtherP);
       wait_full<kFp8>(barriers.full(0, 1), parity);
       pair_point<kTrace>(trace, i, prefill_trace::kC1Half);
       pv_shared(o, other_p, smem, 0, 1);
-      sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
-      sm90::wgmma_wait_group<1>();
-      sm90::fence_operand(o);
-      fence_fragments(pf);
-      sm90::mbarrier_arrive(barriers.empty(1, 1));
-      pair_point<kTrace>(trace, i, prefill_trace::kC1OwnPv);
-      sm90::wgmma_wait_group<0>();
-      sm90::fence_operand(o);
-      sm90::mbarrier_arrive(barriers.empty(0, 1));
-      pair_point<kTrace>(trace, i, prefill_trace::kC1OtherPv);
+      if constexpr (!kEarlyWeights) sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
+      const auto own_pv_done = [&] {
+        sm90::fence_operand(o);
+        fence_fragments(pf);
+        sm90::mbarrier_arrive(barriers.empty(1, 1));
+        pair_point<kTrace>(trace, i, prefill_trace::kC1OwnPv);
+      };
+      const auto other_pv_done = [&] {
+        sm90::fence_operand(o);
+        sm90::mbarrier_arrive(barriers.empty(0, 1));
+        pair_point<kTrace>(trace, i, prefill_trace::kC1OtherPv);
+      };
+      if constexpr (kOtherPvFirst) {
+        // Buffer 0's half 1, which consumer 0's next scores wait for, released first (other bits: O's two blocks
+        // added in the other order).
+        pv_registers(o, pf, smem, 1, 1);
+        sm90::wgmma_wait_group<1>();
+        other_pv_done();
+        sm90::wgmma_wait_group<0>();
+        own_pv_done();
+      } else {
+        sm90::wgmma_wait_group<1>();
+        own_pv_done();
+        sm90::wgmma_wait_group<0>();
+        other_pv_done();
+      }
     }
   }
 
@@ -844,7 +868,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
 
-template <bool kFp8, bool kTrace, bool kEarlyWeights, bool kOwnHalfStores>
+template <bool kFp8, bool kTrace, int kSchedule>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                     const int resident_ctas, const bool prefetch_resolved, uint64_t* trace) {
@@ -873,7 +897,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                           ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8, kTrace, kEarlyWeights, kOwnHalfStores>(p, smem, t, head_block * kHeads, barriers, trace);
+    consume<kFp8, kTrace, kSchedule>(p, smem, t, head_block * kHeads, barriers, trace);
   }
 }
 
