@@ -628,10 +628,10 @@ inline constexpr int kMergeRowBf16 = kD512HeadDim + 8;       // the same for bf1
 // read, this CTA's merge factors [head][split] (up to kSparseAttentionMaxClusterSplits per head) and its inverse-RoPE
 // table.
 inline constexpr int kMergeStatsOffset = 0, kMergeScaleOffset = 512, kMergeRopeOffset = 8192;
-// Push merge (two splits): the consumer threads of the 32 heads a CTA keeps (warps 2·split, 2·split + 1 of each
-// consumer) receive their peer counterparts' 32 accumulator vectors each, [vector][receiver] float4s over Q, and the
-// peer's (max, sum) of each kept head at kMergeStatsOffset.
-inline constexpr int kPushReceivers = kWarpgroupThreads, kPushVectors = 32;
+// Push merge (two splits): CTA `split` keeps fragment row `split` of every consumer thread (heads warp · 16 + g +
+// 8 · split); each consumer thread receives its peer counterpart's 16 vectors of that row, [vector][thread] float4s over
+// Q, and the peer's (max, sum) of each kept head at kMergeStatsOffset.
+inline constexpr int kPushReceivers = 2 * kWarpgroupThreads, kPushVectors = 16;
 inline constexpr uint32_t kPushBytes = kPushReceivers * kPushVectors * 16 + kD512Heads / 2 * 8;
 static_assert(kD512ProducerRegisters * kWarpgroupThreads + 2 * kD512ConsumerRegisters * kWarpgroupThreads <= 65536,
               "register budget of one SM");
@@ -1126,13 +1126,13 @@ __device__ __forceinline__ bool d512_push_merge_call(const SparseAttentionParams
   return cluster_merge && p.cluster_merge_push && p.splits == 2 && !p.cluster_merge_bf16_partials;
 }
 
-// The push merge of two splits (consumer threads, after the loop; see kPushReceivers): CTA `split` keeps heads
-// [32 · split, +32) of the block, which warps 2 · split and 2 · split + 1 of both consumers hold. After one cluster
-// barrier (every peer's Q is free) a thread of the other warps stores its 32 accumulator vectors, and its rows'
-// (max, sum), into the peer thread of the same index, which holds the same heads and dims: st.async, completing on
-// the peer's merge_full, no remote loads and no second barrier (the senders exit). A keeping thread waits for its
-// CTA's merge_full, weighs its own and the peer's values with the factors of the loads' merge (merge_factors over the
-// splits in order, x = 0 + f0 · o0 + f1 · o1: the same bits) and stores them through d512_store_output.
+// The push merge of two splits (consumer threads, after the loop; see kPushReceivers): CTA `split` keeps fragment row
+// `split` of every thread, heads 8 · split + [0, 8) of each 16. After one cluster barrier (every peer's Q is free) each
+// thread stores the values of its other row, and that row's (max, sum), into the peer thread of the same index, which
+// holds the same heads and dims: st.async, completing on the peer's merge_full; no remote loads and no second barrier.
+// Then it waits for its CTA's merge_full, weighs its own and the peer's values of its kept row with the factors of the
+// loads' merge (merge_factors over the splits in order, x = 0 + f0 · o0 + f1 · o1: the same bits) and stores them
+// through d512_store_output.
 template <class L>
 __device__ __forceinline__ void d512_push_merge(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int split,
                                                 int consumer, const int (&head)[2], const float (&sink_log2)[2],
@@ -1144,8 +1144,7 @@ __device__ __forceinline__ void d512_push_merge(const SparseAttentionParams& p, 
   float4* received = reinterpret_cast<float4*>(smem + L::kMergePartial);
   float2* received_stats = reinterpret_cast<float2*>(smem + L::kExchange + kMergeStatsOffset);
   RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + L::kExchange + kMergeRopeOffset);
-  // This thread's slot in the receive area (the same in both CTAs) and its rows' among the 32 kept heads.
-  const int receiver = consumer * 64 + (warp % 2) * 32 + lane, stats_row = (warp % 2) * 16 + g;
+  const int sent = 1 - split, stats_row = warp * 8 + g;
   const bool rope = p.rope_frequencies != nullptr;
   if (thread256 == 0) sm90::mbarrier_arrive_expect_tx(merge_full, kPushBytes);
   // Both consumers are out of the loop: the exchange region takes the inverse-RoPE table.
@@ -1154,47 +1153,54 @@ __device__ __forceinline__ void d512_push_merge(const SparseAttentionParams& p, 
   if (tracer) d512_trace_mark(p, kD512TraceMergeWritten);
   sm90::cluster_sync();
   if (tracer) d512_trace_mark(p, kD512TraceMergeSynced);
-  if (warp / 2 != split) {
-    const unsigned peer = unsigned(1 - split);
-    float* remote = reinterpret_cast<float*>(static_cast<float4*>(__cluster_map_shared_rank(received, peer)) + receiver);
+  {
+    const unsigned peer = unsigned(sent);
+    float* remote = reinterpret_cast<float*>(static_cast<float4*>(__cluster_map_shared_rank(received, peer)) + thread256);
     uint64_t* remote_full = static_cast<uint64_t*>(__cluster_map_shared_rank(merge_full, peer));
+    // Vector i: the sent row's dims of steps 2i and 2i + 1 (o_acc[4n + 2 · sent + {0, 1}]; selected, not indexed by
+    // `sent`, which would move the accumulators to local memory).
 #pragma unroll
     for (int i = 0; i < kPushVectors; ++i) {
-      const float v[4] = {o_acc[4 * i], o_acc[4 * i + 1], o_acc[4 * i + 2], o_acc[4 * i + 3]};
+      float v[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int k = 8 * i + 4 * (e / 2) + e % 2;
+        v[e] = sent == 0 ? o_acc[k] : o_acc[k + 2];
+      }
       ::cuda::ptx::st_async(remote + i * kPushReceivers * 4, v, remote_full);
     }
     if (consumer == 0 && c == 0) {
-      float* remote_stats = static_cast<float*>(__cluster_map_shared_rank(
-          reinterpret_cast<float*>(received_stats + stats_row), peer));
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float v[2] = {row_max[r], row_sum[r]};
-        ::cuda::ptx::st_async(remote_stats + 16 * r, v, remote_full);
-      }
+      const float v[2] = {sent == 0 ? row_max[0] : row_max[1], sent == 0 ? row_sum[0] : row_sum[1]};
+      ::cuda::ptx::st_async(
+          static_cast<float*>(__cluster_map_shared_rank(reinterpret_cast<float*>(received_stats + stats_row), peer)),
+          v, remote_full);
     }
-    return;
   }
   sm90::mbarrier_wait(merge_full, 0);
   if (tracer) d512_trace_mark(p, kD512TraceMergeFactors);
-  float factor[2][2];  // [row][split]
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float2 mine = make_float2(row_max[r], row_sum[r]), other = received_stats[stats_row + 8 * r];
+  float factor[2];
+  {
+    const float2 mine = split == 0 ? make_float2(row_max[0], row_sum[0]) : make_float2(row_max[1], row_sum[1]);
+    const float2 other = received_stats[stats_row];
     const float2 split_stats[2] = {split == 0 ? mine : other, split == 0 ? other : mine};
-    merge_factors(split_stats, sink_log2[r], factor[r]);
+    merge_factors(split_stats, split == 0 ? sink_log2[0] : sink_log2[1], factor);
   }
+  // Only the kept row is stored (the other's head is marked past the last).
+  const int stored_head[2] = {split == 0 ? head[0] : INT32_MAX, split == 1 ? head[1] : INT32_MAX};
+  const float2* pushed = reinterpret_cast<const float2*>(received);
   d512_store_rows(
-      p, t, head, consumer * (kD512HeadDim / 2) + 2 * c,
+      p, t, stored_head, consumer * (kD512HeadDim / 2) + 2 * c,
       [&](int n, float (&v)[4]) {
-        const float4 pushed = received[n * kPushReceivers + receiver];
-        const float other[4] = {pushed.x, pushed.y, pushed.z, pushed.w};
+        const float2 q = pushed[((n / 2) * kPushReceivers + thread256) * 2 + n % 2];
+        const float other[2] = {q.x, q.y};
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float mine = o_acc[4 * n + e];
+        for (int e = 0; e < 2; ++e) {
+          const float mine = split == 0 ? o_acc[4 * n + e] : o_acc[4 * n + 2 + e];
           float x = 0.0f;
-          x += factor[e / 2][0] * (split == 0 ? mine : other[e]);
-          x += factor[e / 2][1] * (split == 0 ? other[e] : mine);
-          v[e] = x;
+          x += factor[0] * (split == 0 ? mine : other[e]);
+          x += factor[1] * (split == 0 ? other[e] : mine);
+          v[e] = split == 0 ? x : 0.0f;
+          v[2 + e] = split == 0 ? 0.0f : x;
         }
       },
       rope, rope_table);
@@ -1202,7 +1208,7 @@ __device__ __forceinline__ void d512_push_merge(const SparseAttentionParams& p, 
 }
 
 // L: the CTA's D512Layout (its entry format); kTrace: consumer 0's thread 0 marks its phases
-// (SparseAttentionTraceMark), with a push merge that of the first warp the CTA keeps.
+// (SparseAttentionTraceMark).
 template <class L, bool kTrace>
 __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, const CtaWork& work,
                                              bool cluster_merge) {
@@ -1225,7 +1231,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   const float merge_sink_log2 = thread256 < kD512Heads ? head_sink_log2(p, head_base + thread256) : -INFINITY;
   wait_for_prior_grids();
   const bool push_merge = d512_push_merge_call(p, cluster_merge);
-  const bool tracer = kTrace && thread256 == (push_merge ? 64 * split : 0);
+  const bool tracer = kTrace && thread256 == 0;
   if (tracer) d512_trace_mark(p, kD512TraceConsumerWaited);
   const int64_t position = rope ? p.positions[t] : 0;
   const SlotRange range = split_slot_range(p, t, split);

@@ -117,10 +117,10 @@ struct SparseAttentionParams {
   // bytes of the merge, which the SM-to-SM network bounds at batch 1 (ncu, Flash SWA: 40 % of the consumers' time);
   // each split's unnormalised partial is rounded once (2^-9 of its share of the output).
   bool cluster_merge_bf16_partials = false;
-  // Cluster merge of exactly two splits (fp32 partials; the batch-64 shapes): after one cluster barrier each CTA stores
-  // the accumulator rows its peer merges straight from registers into the peer's shared memory (st.async, completing
-  // on an mbarrier there) and merges the rows it keeps from its registers and that area (same bits as the merge by
-  // loads from the peers' partials, which is taken otherwise).
+  // Cluster merge of exactly two splits (fp32 partials; the batch-64 shapes): after one cluster barrier each consumer
+  // thread stores the one of its two accumulator rows that the peer CTA merges straight from registers into the peer's
+  // shared memory (st.async, completing on an mbarrier there) and merges the row it keeps with the peer's from that
+  // area (same bits as the merge by loads from the peers' partials, which is taken otherwise).
   bool cluster_merge_push = false;
   // Head_dim 512 kernel (round s23-1 A/B): before the grid-dependency wait the producer asks L2 for the page-table rows
   // its lookups read (the window array's pages, the compressed array's up to the query's position), through the
