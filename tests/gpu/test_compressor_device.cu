@@ -658,7 +658,8 @@ TEST(Compressor, IndexerPrepareInTheCompressorsLaunch) {
 // launch, the two launches) the states, keys and outputs, made equal before a step and compared after it.
 struct CsaBranchCase {
   static constexpr int64_t kMain = 512, kIndex = 128, kHeads = 64, kRatio = 4, kRopeDim = 64, kKeys = 600, kTopK = 96;
-  bool fp8;  // the indexer's keys and queries as e4m3 + scales (reference rounding), scored by the mma.sync kernel
+  bool fp8;  // the indexer's keys and queries as e4m3 + scales (reference rounding)
+  IndexerScoresKernel kernel;  // fp8: Warp (mma.sync) or Auto (the staged warpgroup kernel)
   int sequences;
   std::vector<int32_t> slots;
   std::mt19937 rng;
@@ -680,8 +681,8 @@ struct CsaBranchCase {
     return v;
   }
 
-  CsaBranchCase(bool fp8_keys, std::vector<int32_t> slot_of, uint32_t seed)
-      : fp8(fp8_keys), sequences(int(slot_of.size())), slots(std::move(slot_of)), rng(seed),
+  CsaBranchCase(bool fp8_keys, IndexerScoresKernel scores_kernel, std::vector<int32_t> slot_of, uint32_t seed)
+      : fp8(fp8_keys), kernel(scores_kernel), sequences(int(slot_of.size())), slots(std::move(slot_of)), rng(seed),
         sides{{DeviceCompressorState(kRatio, kMain, true, sequences), DeviceCompressorState(kRatio, kIndex, true,
                                                                                             sequences)},
               {DeviceCompressorState(kRatio, kMain, true, sequences), DeviceCompressorState(kRatio, kIndex, true,
@@ -790,7 +791,7 @@ struct CsaBranchCase {
       s.q_fp8 = side.prepared.as<uint8_t>(), s.q_scales = side.prepared_scales.as<float>();
       s.keys_fp8 = side.keys.as<uint8_t>(), s.key_scales = side.key_scales.as<float>();
       s.key_scales_slot_stride = kKeys;
-      s.kernel = IndexerScoresKernel::Warp;  // Auto would take the staged warpgroup kernel (two launches)
+      s.kernel = kernel;
     } else {
       st.prepare.output = side.prepared.as<__nv_bfloat16>();
       s.q = side.prepared.as<__nv_bfloat16>(), s.keys = side.keys.as<__nv_bfloat16>();
@@ -864,14 +865,18 @@ struct CsaBranchCase {
 // output (main entries, indexer keys and scales, both states, prepared queries, scores, selections, counts, the NaN
 // flag) and the ready count back at zero. Four sequences of different lengths in permuted slots over three
 // consecutive decode steps: two complete a window in the first (position % 4 == 3), the other two in the second,
-// none in the third; bf16 keys (exact numerics) and fp8 keys (reference rounding, the mma.sync kernel). 32 sequences
-// make a grid that is not co-resident: the two launches then, with a warning naming the case.
+// none in the third; bf16 keys (exact numerics, the mma.sync kernel) and fp8 keys (reference rounding, the mma.sync
+// and the staged kernel). 32 sequences make a grid that is not co-resident: the two launches then, with a warning
+// naming the case.
 TEST(Compressor, CsaBranchInOneLaunchMatchesTwoLaunches) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 4100;
-  for (const bool fp8 : {false, true}) {
-    SCOPED_TRACE(fp8 ? "fp8 keys" : "bf16 keys");
-    CsaBranchCase branch(fp8, {2, 0, 3, 1}, seed++);
+  for (const auto& [fp8, kernel] : {std::pair{false, IndexerScoresKernel::Auto},
+                                    std::pair{true, IndexerScoresKernel::Warp},
+                                    std::pair{true, IndexerScoresKernel::Auto}}) {
+    SCOPED_TRACE(fp8 ? (kernel == IndexerScoresKernel::Warp ? "fp8 keys, mma.sync" : "fp8 keys, staged")
+                     : "bf16 keys");
+    CsaBranchCase branch(fp8, kernel, {2, 0, 3, 1}, seed++);
     for (int64_t step = 0; step < 3; ++step) {
       SCOPED_TRACE("step " + std::to_string(step));
       EXPECT_TRUE(branch.run_step({3 + step, 1234 + step, 2395 + step, 514 + step})) << "not one launch";
@@ -881,7 +886,7 @@ TEST(Compressor, CsaBranchInOneLaunchMatchesTwoLaunches) {
   std::vector<int32_t> slots(32);
   std::vector<int64_t> positions;
   for (int i = 0; i < 32; ++i) slots[size_t(i)] = (i * 7) % 32, positions.push_back(3 + 61 * i);
-  CsaBranchCase wide(false, slots, seed++);
+  CsaBranchCase wide(false, IndexerScoresKernel::Auto, slots, seed++);
   ::testing::internal::CaptureStderr();
   const bool one = wide.run_step(positions);
   const std::string warnings = ::testing::internal::GetCapturedStderr();

@@ -419,7 +419,8 @@ void run_compressors(std::span<const CompressorParams> params, const IndexerPrep
 namespace {
 
 // The branch kernel's shared memory bound (its residency is queried at it): the scores' query operands and sort
-// buffer (64 heads × 128 dims bf16: 33 KB) or a decode pool's partials (c = 512: 14 KB).
+// buffer (64 heads × 128 dims bf16: 33 KB; the staged kernel's rings 32 KB more) or a decode pool's partials
+// (c = 512: 14 KB).
 constexpr size_t kBranchSmemBound = 96 * 1024;
 
 // `message` once per process (each distinct message).
@@ -453,9 +454,11 @@ bool run_csa_branch(std::span<const CompressorParams> params, const IndexerPrepa
   check(ready != nullptr, "csa_branch: the ready count is required");
   check(params[0].trace == nullptr, "csa_branch: traced launches are run_compressors' only");
   const LaunchPlan plan = plan_launch(params, &prepare);
-  const indexer::WarpSelectLaunch select = indexer::plan_warp_select_launch(scores, top_k);
+  const indexer::SelectLaunch select = indexer::plan_select_launch(scores, top_k);
   const int64_t scores_ctas = int64_t(select.grid.x) * select.grid.y;
-  const auto kernel = select.fp8 ? compressor::csa_branch_kernel<true> : compressor::csa_branch_kernel<false>;
+  const auto kernel = select.staged_kernel ? compressor::csa_branch_kernel<true, true>
+                      : select.fp8         ? compressor::csa_branch_kernel<true, false>
+                                           : compressor::csa_branch_kernel<false, false>;
   std::string refusal;
   if (select.refusal != nullptr) {
     refusal = select.refusal;
@@ -484,7 +487,7 @@ bool run_csa_branch(std::span<const CompressorParams> params, const IndexerPrepa
   }
   compressor::BranchArgs branch{};
   branch.pools = plan.launch;
-  branch.scores = select.args;
+  branch.staged = select.staged;
   branch.first_producer = plan.launch.pools[1].first_cta;
   branch.first_scores = plan.ctas;
   branch.scores_columns = int(select.grid.x);

@@ -1255,8 +1255,8 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLea
 }
 
 // ---- A CSA layer's branch in one launch (run_csa_branch) ----
-// The compressor kernel's decode CTAs (pools and the indexer's query preparation) first, then the indexer's mma.sync
-// score CTAs with the top-k in their last CTA. The scores read the prepared queries and the keys the indexer pool
+// The compressor kernel's decode CTAs (pools and the indexer's query preparation) first, then the indexer's score
+// CTAs (mma.sync, or the staged fp8 kernel's) with the top-k in their last CTA. The scores read the prepared queries and the keys the indexer pool
 // stores: instead of the grid boundary between two launches, each CTA from the indexer pool's first on (the indexer
 // pool and the preparation, "producers") adds 1 to `ready` with a release after its stores, and each scores CTA
 // ("consumer") waits (thread 0, acquire) until the producers have all added; then it adds 1 itself, and the one that
@@ -1267,8 +1267,8 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLea
 inline constexpr int kBranchIndexerHeadDim = 128;  // the indexer's head_dim the branch kernel is built for (DSV4's)
 
 struct BranchArgs {
-  LaunchArgs pools;            // pools[1] is the indexer's compressor; prepare set
-  indexer::ScoresArgs scores;  // top_k set (LastCta)
+  indexer::StagedScoresArgs staged;  // .scores with top_k set (LastCta); the keys' tensor map for the staged kernel
+  LaunchArgs pools;                  // pools[1] is the indexer's compressor; prepare set
   int64_t first_producer;      // the indexer pool's first CTA
   int64_t first_scores;        // the scores CTAs from here, query group-major over scores_columns
   int scores_columns;
@@ -1296,19 +1296,28 @@ __device__ __forceinline__ void wait_for_branch_producers(const BranchArgs& bran
   __syncthreads();
 }
 
-template <bool kFp8>
+// kFp8: fp8 keys; kStaged: the staged fp8 scores (else mma.sync).
+template <bool kFp8, bool kStaged>
 __global__ void __launch_bounds__(kMaxThreads, 1) csa_branch_kernel(const __grid_constant__ BranchArgs branch) {
+  static_assert(kFp8 || !kStaged, "the staged scores take fp8 keys");
   extern __shared__ __align__(16) float smem[];
   allow_dependents();  // the dependent's own wait still orders it after this grid's completion
   const int64_t cta = blockIdx.x;
   if (cta >= branch.first_scores) {
-    if (threadIdx.x >= indexer::kScoreWarps * 32) return;  // the scores' CTA is kScoreWarps warps
-    wait_for_prior_grids();  // the head weights and the step's positions and slots
+    constexpr int kThreads = indexer::kScoreWarps * 32;
+    if (threadIdx.x >= kThreads) return;  // the scores' CTA is kScoreWarps warps
     const int64_t i = cta - branch.first_scores;
     const indexer::ScoresCta place{unsigned(i % branch.scores_columns), unsigned(i / branch.scores_columns),
                                    unsigned(branch.scores_columns)};
-    indexer::score_warp_tiles<kBranchIndexerHeadDim, kFp8, true, true, indexer::kScoreWarps * 32>(
-        branch.scores, place, [&] { wait_for_branch_producers(branch); });
+    const auto producers_done = [&] { wait_for_branch_producers(branch); };
+    if constexpr (kStaged) {
+      indexer::score_staged_tiles<true, false, true, kThreads>(
+          branch.staged, place, [](int) {}, [] { wait_for_prior_grids(); }, producers_done);
+    } else {
+      wait_for_prior_grids();  // the head weights and the step's positions and slots
+      indexer::score_warp_tiles<kBranchIndexerHeadDim, kFp8, true, true, kThreads>(branch.staged.scores, place,
+                                                                                   producers_done);
+    }
     return;
   }
   const LaunchArgs& launch = branch.pools;

@@ -197,10 +197,10 @@ void run_compressors(std::span<const CompressorParams> params, const IndexerPrep
 // scores' CTAs after the pools' and the preparation's in the grid; instead of the grid boundary each scores CTA waits
 // for the indexer pool's and the preparation's CTAs, which count themselves in `ready` (device, one word, zero before
 // the first launch; each launch leaves it zero) after their stores. params = {main, indexer} compressors of a decode
-// step (the indexer's writes the keys the scores read). Where the scores would not be the mma.sync kernel with the
-// top-k in its last CTA (IndexerTopKMethod's LastCta; not fp8 keys on warpgroups), the pools not a decode step's
-// register-loaded launch without clusters, or the grid not co-resident, the two launches run instead, with a warning
-// naming the case (once per process). Returns whether it was one launch.
+// step (the indexer's writes the keys the scores read). Where the scores would not be the mma.sync or the staged fp8
+// kernel with the top-k in its last CTA (IndexerTopKMethod's LastCta), the pools not a decode step's register-loaded
+// launch without clusters, or the grid not co-resident, the two launches run instead, with a warning naming the case
+// (once per process). Returns whether it was one launch.
 bool run_csa_branch(std::span<const CompressorParams> params, const IndexerPrepareParams& prepare,
                     const IndexerScoresParams& scores, const TopKParams& top_k, uint32_t* ready);
 

@@ -205,11 +205,9 @@ void launch_scores_streamed(const indexer::ScoresArgs& args, dim3 grid, cudaStre
 
 // The staged warpgroup kernels (fp8 keys): the keys' tensor map over key_count rows of 128 bytes (slot_count ·
 // the slot stride's rows through sequence_slots), boxes of one 64-key tile in the 128B swizzle.
-template <bool kSelect, bool kTrace = false>
-void launch_scores_staged(const indexer::ScoresArgs& args, int64_t slot_count, uint64_t* trace, dim3 grid,
-                          cudaStream_t stream) {
+indexer::StagedScoresArgs staged_args(const indexer::ScoresArgs& args, int64_t slot_count, uint64_t* trace) {
   const int64_t slot_rows = args.sequence_slots != nullptr ? args.keys_slot_stride / indexer::kWgmmaHeadDim : 0;
-  const indexer::StagedScoresArgs staged{
+  return indexer::StagedScoresArgs{
       .keys = sm90::encode_tensor_map_2d({.type = CU_TENSOR_MAP_DATA_TYPE_UINT8,
                                           .base = args.keys_fp8,
                                           .cols = uint64_t(indexer::kWgmmaHeadDim),
@@ -222,6 +220,12 @@ void launch_scores_staged(const indexer::ScoresArgs& args, int64_t slot_count, u
       .scores = args,
       .slot_rows = int(slot_rows),
       .trace = trace};
+}
+
+template <bool kSelect, bool kTrace = false>
+void launch_scores_staged(const indexer::ScoresArgs& args, int64_t slot_count, uint64_t* trace, dim3 grid,
+                          cudaStream_t stream) {
+  const indexer::StagedScoresArgs staged = staged_args(args, slot_count, trace);
   const size_t smem = indexer::staged_smem_layout(args.queries_per_cta, kSelect).bytes;
   launch_chained(indexer::indexer_scores_staged_kernel<kSelect, kTrace>, grid, dim3(indexer::kScoreWarps * 32), smem,
                  stream, dim3(1, 1, 1), "indexer_scores_staged_kernel (fp8)", staged);
@@ -510,21 +514,27 @@ ScoresTopK plan_scores_top_k(const IndexerScoresParams& s, const TopKParams& t) 
 
 namespace indexer {
 
-WarpSelectLaunch plan_warp_select_launch(const IndexerScoresParams& scores, const TopKParams& top_k) {
+SelectLaunch plan_select_launch(const IndexerScoresParams& scores, const TopKParams& top_k) {
   const ScoresTopK planned = plan_scores_top_k(scores, top_k);
-  WarpSelectLaunch launch;
+  SelectLaunch launch;
+  const bool staged = planned.plan.streamed && fp8_keys(scores);
   if (planned.kind != ScoresTopK::LastCta) {
     launch.refusal = "the indexer's scores and top-k are not one launch with the top-k in the last CTA";
-  } else if (planned.plan.warpgroup) {
-    launch.refusal = "the indexer's scores take a warpgroup kernel (fp8 keys in reference numerics), not mma.sync";
+  } else if (planned.plan.warpgroup && !staged) {
+    launch.refusal = "the indexer's scores take a register-fed warpgroup kernel (not mma.sync or the staged one)";
   } else {
-    launch.args = planned.args;
+    if (staged)
+      launch.staged = staged_args(planned.args, scores.slot_count, nullptr);
+    else
+      launch.staged.scores = planned.args;
     launch.grid = planned.plan.grid;
-    launch.smem_bytes = selection_offset(scores_smem_layout(planned.args.queries_per_cta, planned.args.heads,
-                                                            int(scores.head_dim), fp8_keys(scores))
-                                             .bytes) +
-                        kSelectionSmemBytes;
+    launch.smem_bytes = staged ? staged_smem_layout(planned.args.queries_per_cta, true).bytes
+                               : selection_offset(scores_smem_layout(planned.args.queries_per_cta, planned.args.heads,
+                                                                     int(scores.head_dim), fp8_keys(scores))
+                                                      .bytes) +
+                                     kSelectionSmemBytes;
     launch.fp8 = fp8_keys(scores);
+    launch.staged_kernel = staged;
   }
   return launch;
 }

@@ -762,16 +762,6 @@ __device__ __forceinline__ void score_warp_tiles(const ScoresArgs& args, const S
                                        reinterpret_cast<uint64_t*>(smem_raw + selection_offset(layout.bytes)), cta);
 }
 
-// Host side (indexer.cu): run_indexer_scores_top_k's launch where it is one launch of the mma.sync kernel with the
-// top-k in its last CTA, for a wider launch to run its CTAs (the CSA branch's, compressor.cu); refusal names why not.
-struct WarpSelectLaunch {
-  ScoresArgs args{};  // the top-k's outputs and tickets set
-  dim3 grid;          // x: CTAs across the keys (ScoresCta::columns), y: query groups
-  size_t smem_bytes = 0;
-  bool fp8 = false;
-  const char* refusal = nullptr;
-};
-WarpSelectLaunch plan_warp_select_launch(const IndexerScoresParams& scores, const TopKParams& top_k);
 
 // The mma.sync score kernel: score_warp_tiles over its grid. A programmatic dependent: q, the head weights and the
 // newest key are this step's outputs, so it waits at entry.
@@ -828,12 +818,13 @@ struct WarpgroupCta {
   int queries;
 };
 
-__device__ __forceinline__ WarpgroupCta warpgroup_cta(const ScoresArgs& args, const WarpgroupSmemLayout& layout) {
+__device__ __forceinline__ WarpgroupCta warpgroup_cta(const ScoresArgs& args, const WarpgroupSmemLayout& layout,
+                                                   unsigned query_group = blockIdx.y) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - sm90::shared_address(smem_raw) % 1024) % 1024);
   float* weights = reinterpret_cast<float*>(smem + layout.weights_offset);
   int64_t* visible = reinterpret_cast<int64_t*>(smem + layout.visible_offset);
-  const int64_t first_query = int64_t(blockIdx.y) * args.queries_per_cta;
+  const int64_t first_query = int64_t(query_group) * args.queries_per_cta;
   const int queries = int(min(int64_t(args.queries_per_cta), args.tokens - first_query));
   return WarpgroupCta{
       .smem = smem, .weights = weights, .visible = visible, .first_query = first_query, .queries = queries};
@@ -1223,6 +1214,10 @@ struct StagedScoresArgs {
   uint64_t* trace;     // kTrace: IndexerScoresParams::trace
 };
 
+// Global memory that other threads stored (the generic proxy), seen through an acquire, before this thread's TMA
+// copies (the async proxy) read it (PTX ISA: proxy fences).
+__device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;\n" ::: "memory"); }
+
 // One query's D[64 keys × 64 heads] of a staged fp8 key tile: four k32 steps of 32 bytes, committed (not waited for).
 __device__ __forceinline__ void issue_staged_scores(float (&d)[32], const unsigned char* stage,
                                                     const unsigned char* query_tile) {
@@ -1234,42 +1229,38 @@ __device__ __forceinline__ void issue_staged_scores(float (&d)[32], const unsign
   sm90::wgmma_commit_group();
 }
 
-// Scores of fp8 keys on warpgroup MMAs with A in shared memory, the key tiles staged by TMA (see NOTES). A
-// programmatic dependent, as the other score kernels.
-template <bool kSelect, bool kTrace = false>
-__global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
-    indexer_scores_staged_kernel(const __grid_constant__ StagedScoresArgs staged) {
+// Scores of fp8 keys on warpgroup MMAs with A in shared memory, the key tiles staged by TMA (see NOTES): one CTA's
+// part (its first kScoreWarps warps), as score_warp_tiles' (`cta`, inputs_ready, kKeysWritten: the key tiles then
+// copied after a proxy fence, the scales through L2, kThreads); mark(point) records the kTrace timeline, wait() the
+// grid-dependency wait (after the tensor map's prefetch).
+template <bool kSelect, bool kTrace, bool kKeysWritten, int kThreads, class Mark, class Wait, class InputsReady>
+__device__ __forceinline__ void score_staged_tiles(const StagedScoresArgs& staged, const ScoresCta& cta, Mark&& mark,
+                                                   Wait&& wait, InputsReady&& inputs_ready) {
   constexpr int kStages = kStagedStages;
   constexpr uint32_t kTileBytes = uint32_t(kStagedKeyTileBytes);
   const ScoresArgs& args = staged.scores;
-  // kTrace: thread 0 of each warpgroup marks its timeline (IndexerTracePoint).
-  const auto mark = [&](int point) {
-    if constexpr (kTrace)
-      if ((threadIdx.x & 127) == 0)
-        sm90::record_warp_trace_point(staged.trace, kScoreWarps, kIndexerTracePoints, point, kIndexerTraceStart,
-                                      kIndexerTraceSm);
-  };
-  mark(kIndexerTraceStart);
-  allow_dependents();
   if (threadIdx.x == 0) sm90::prefetch_tensor_map(&staged.keys);
-  wait_for_prior_grids();
+  wait();
   mark(kIndexerTraceWaited);
   const WarpgroupSmemLayout layout = staged_smem_layout(args.queries_per_cta, kSelect);
-  const auto [smem, weights, visible, first_query, queries] = warpgroup_cta(args, layout);
+  const auto [smem, weights, visible, first_query, queries] = warpgroup_cta(args, layout, cta.y);
   unsigned char* query_tiles = smem;
   const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3, warp = threadIdx.x >> 5;
   const int warpgroup = warp >> 2, t = threadIdx.x & 127;
   unsigned char* ring = smem + layout.ring_offset + warpgroup * kStages * kTileBytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.barrier_offset) + warpgroup * kStages;
-  const int step = int(gridDim.x) * kWgmmaWarpgroups;
-  const int first_tile = int(blockIdx.x) * kWgmmaWarpgroups + warpgroup;
+  const int step = int(cta.columns) * kWgmmaWarpgroups;
+  const int first_tile = int(cta.x) * kWgmmaWarpgroups + warpgroup;
   const int64_t slot = key_slot_of(args, first_query);
   const int slot_row0 = int(slot) * staged.slot_rows;
   const float* key_scales = args.key_scales + slot * args.key_scales_slot_stride;
   const int max_visible = cta_visible_keys(args, first_query, queries, visible);
   const int tiles = (max_visible + kWgmmaKeysPerTile - 1) / kWgmmaKeysPerTile;
+  inputs_ready();
   // The warpgroup's first kStages − 1 tiles are in flight while the query operands are stored.
   if (t == 0) {
+    // Keys other CTAs of the launch stored (the generic proxy), before the TMA copies (the async proxy) read them.
+    if constexpr (kKeysWritten) fence_proxy_async_global();
     for (int i = 0; i < kStages; ++i) sm90::mbarrier_init(&full[i], 1);
     sm90::fence_mbarrier_init();
     for (int i = 0; i < kStages - 1 && first_tile + i * step < tiles; ++i) {
@@ -1283,7 +1274,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   const int stored_row = 16 * (warp & 3) + 8 * (quad & 1) + group;
   const auto key_scale = [&](int tile) {
     const int key = tile * kWgmmaKeysPerTile + stored_row;
-    return key < max_visible ? __ldg(key_scales + key) : 0.0f;
+    return key < max_visible ? load_key<kKeysWritten>(key_scales + key) : 0.0f;
   };
   float scale = key_scale(first_tile);
   load_query_operand_tiles<true, uint2, true>(args, first_query, queries, query_tiles, weights, [](int head, int unit) {
@@ -1334,15 +1325,45 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   if constexpr (kTrace) {
     mark(kIndexerTraceEnd);
     if (t == 0) {
-      const uint64_t warp = (uint64_t(blockIdx.y) * gridDim.x + blockIdx.x) * kScoreWarps + (threadIdx.x >> 5);
+      const uint64_t warp = (uint64_t(cta.y) * cta.columns + cta.x) * kScoreWarps + (threadIdx.x >> 5);
       staged.trace[warp * kIndexerTracePoints + kIndexerTraceTiles] =
           first_tile < tiles ? uint64_t((tiles - 1 - first_tile) / step + 1) : 0;
     }
   }
   if constexpr (kSelect)
-    select_top_k_in_last_cta(args, first_query, queries, visible,
-                             reinterpret_cast<uint64_t*>(smem + layout.selection_offset), ScoresCta::of_grid());
+    select_top_k_in_last_cta<kThreads>(args, first_query, queries, visible,
+                                       reinterpret_cast<uint64_t*>(smem + layout.selection_offset), cta);
 }
+
+// The staged kernel: score_staged_tiles over its grid. A programmatic dependent, as the other score kernels.
+template <bool kSelect, bool kTrace = false>
+__global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
+    indexer_scores_staged_kernel(const __grid_constant__ StagedScoresArgs staged) {
+  // kTrace: thread 0 of each warpgroup marks its timeline (IndexerTracePoint).
+  const auto mark = [&](int point) {
+    if constexpr (kTrace)
+      if ((threadIdx.x & 127) == 0)
+        sm90::record_warp_trace_point(staged.trace, kScoreWarps, kIndexerTracePoints, point, kIndexerTraceStart,
+                                      kIndexerTraceSm);
+  };
+  mark(kIndexerTraceStart);
+  allow_dependents();
+  score_staged_tiles<kSelect, kTrace, false, 0>(staged, ScoresCta::of_grid(), mark, [] { wait_for_prior_grids(); },
+                                                [] {});
+}
+
+// Host side (indexer.cu): run_indexer_scores_top_k's launch where it is one launch with the top-k in the last CTA of
+// the mma.sync kernel (score_warp_tiles) or the staged one (score_staged_tiles), for a wider launch to run its CTAs
+// (the CSA branch's, compressor.cu); refusal names why not.
+struct SelectLaunch {
+  StagedScoresArgs staged{};  // .scores with the top-k's outputs and tickets; the keys' tensor map where staged_kernel
+  dim3 grid;                  // x: CTAs across the keys (ScoresCta::columns), y: query groups
+  size_t smem_bytes = 0;
+  bool fp8 = false;
+  bool staged_kernel = false;
+  const char* refusal = nullptr;
+};
+SelectLaunch plan_select_launch(const IndexerScoresParams& scores, const TopKParams& top_k);
 
 // The fused scores + top-k (run_indexer_scores_top_k): topk::top_k_kernel with this score source. Each top-k CTA
 // scores its own range [begin, begin + n) of one query's visible keys with the score kernels' tile code (the same
