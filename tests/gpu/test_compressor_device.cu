@@ -13,7 +13,9 @@
 // (run_compressors), also with the indexer's query preparation, and every split of an entry over CTAs, forced; every
 // case again with the slot loads forced to shared-memory staging and to registers (CompressorParams::slot_loads; the
 // other tests run the default, Auto: lean or staged prefill chunks, register decode steps), alone and in pairs, and
-// the lean slot loads forced on every case that takes them (one-pass softmax: the CPU's tolerance).
+// the lean slot loads forced on every case that takes them (one-pass softmax: the CPU's tolerance). A CSA layer's
+// decode branch in one launch (run_csa_branch: the pair, the indexer's query preparation and its scores + top-k)
+// against the same work in two launches, byte for byte.
 #include <gtest/gtest.h>
 
 #include <cuda_bf16.h>
