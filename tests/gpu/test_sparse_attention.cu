@@ -321,6 +321,7 @@ TEST(SparseAttention, D512TwoWavesSplitsAndEpilogues) {
 // the peers' partials, and match the CPU: per-query counts (a split past a query's count: no tiles), a query with no
 // entries, a padded head block (48 heads), Pro's two head blocks with bf16 q and output, fp8 entries, rope 128 (rope
 // dims outside the last 64), a traced launch; untraced with the page-table prefetch (d512_page_table_prefetch) too.
+// The producer-first instance (d512_producer_first) gives the same bytes as well.
 TEST(SparseAttention, D512PushMergeSameBits) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 170;
@@ -354,21 +355,27 @@ TEST(SparseAttention, D512PushMergeSameBits) {
       if (traced) call.d512_trace = d_trace.as<uint64_t>();
       int splits = 0;
       const std::vector<uint8_t> loaded = run_call(c, true, call, splits);
-      SparseAttentionParams push = call;
-      push.cluster_merge_push = true;
-      push.d512_page_table_prefetch = !traced;  // a prefetch only: the same bytes
-      compare_with_cpu(c, true, push, data.expected, data.magnitude);
-      const std::vector<uint8_t> pushed = run_call(c, true, push, splits);
-      ASSERT_EQ(loaded.size(), pushed.size());
-      size_t differing = 0, first = loaded.size();
-      for (size_t b = 0; b < loaded.size(); ++b)
-        if (loaded[b] != pushed[b]) {
-          ++differing;
-          first = std::min(first, b);
-        }
-      EXPECT_EQ(differing, 0u) << "bytes differ (splits " << splits << "), the first at byte " << first;
-      std::printf("  %-28s splits=%d%s push merge: %zu of %zu bytes differ from the loads' merge\n", c.name, splits,
-                  traced ? " traced" : "", differing, loaded.size());
+      // The push merge (untraced with the page-table prefetch, a prefetch only), and untraced the producer-first
+      // instance (bf16 entries; the loads' merge).
+      for (const bool push_merge : {true, false}) {
+        if (!push_merge && traced) continue;
+        SparseAttentionParams variant = call;
+        variant.cluster_merge_push = push_merge;
+        variant.d512_page_table_prefetch = push_merge && !traced;
+        variant.d512_producer_first = !push_merge;
+        compare_with_cpu(c, true, variant, data.expected, data.magnitude);
+        const std::vector<uint8_t> bytes = run_call(c, true, variant, splits);
+        ASSERT_EQ(loaded.size(), bytes.size());
+        size_t differing = 0, first = loaded.size();
+        for (size_t b = 0; b < loaded.size(); ++b)
+          if (loaded[b] != bytes[b]) {
+            ++differing;
+            first = std::min(first, b);
+          }
+        EXPECT_EQ(differing, 0u) << "bytes differ (splits " << splits << "), the first at byte " << first;
+        std::printf("  %-28s splits=%d%s %s: %zu of %zu bytes differ from the loads' merge\n", c.name, splits,
+                    traced ? " traced" : "", push_merge ? "push merge" : "producer first", differing, loaded.size());
+      }
     }
   }
 }

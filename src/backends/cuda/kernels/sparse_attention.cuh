@@ -1516,8 +1516,10 @@ __device__ __forceinline__ void d512_prefetch_page_table(const SparseAttentionPa
     ptx::prefetch_l2(cache.pages_of(sequence_slot, p.layer, KvArray::Compressed) + line);
 }
 
-// kTrace (bf16 entries only): the CTA's phases marked in p.d512_trace.
-template <bool kFp8, bool kTrace>
+// kTrace (bf16 entries only): the CTA's phases marked in p.d512_trace. kProducerFirst
+// (SparseAttentionParams::d512_producer_first): the producer's code laid out right after the set-up (ptxas places the
+// role tested second there), so that the critical path's instructions follow the prologue's in memory.
+template <bool kFp8, bool kTrace, bool kProducerFirst = false>
 __global__ void __launch_bounds__(kD512Threads, 1)
     sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                  const bool cluster_merge) {
@@ -1551,7 +1553,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
   }
   __syncthreads();
 
-  if (threadIdx.x < kWarpgroupThreads) {
+  const auto produce = [&] {
     sm90::setmaxnreg_decrease<kD512ProducerRegisters>();
     if (page_prefetch) d512_prefetch_page_table(p, slot_hint, position_hint);
     wait_for_prior_grids();
@@ -1564,9 +1566,21 @@ __global__ void __launch_bounds__(kD512Threads, 1)
       sm90::cluster_sync();
       if (!d512_push_merge_call(p, cluster_merge)) sm90::cluster_sync_relaxed();
     }
-  } else {
+  };
+  const auto consume = [&] {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
     d512_consume<L, kTrace>(p, smem, work, cluster_merge);
+  };
+  if constexpr (kProducerFirst) {
+    if (threadIdx.x >= kWarpgroupThreads)
+      consume();
+    else
+      produce();
+  } else {
+    if (threadIdx.x < kWarpgroupThreads)
+      produce();
+    else
+      consume();
   }
 }
 

@@ -126,6 +126,9 @@ struct SparseAttentionParams {
   // its lookups read (the window array's pages, the compressed array's up to the query's position), through the
   // sequence slot and position loaded at the CTA's start (host-copied step inputs, as head_split_early_entries reads).
   bool d512_page_table_prefetch = false;
+  // Head_dim 512 kernel, bf16 entries, untraced (round s23-1 A/B): the instance whose producer code follows the
+  // CTA's set-up in memory (its first instructions after the wait not a far, cold instruction fetch).
+  bool d512_producer_first = false;
   // Small-batch decode (head_dim 512, more than 32 heads): CTAs over (query, 16-head group, split of at most
   // head_split_tiles · 32 entries) instead of (query, 64-head block, split), the splits merged in a cluster; used
   // where the grid is one wave on the device and the slot bound fits the largest cluster (else the kernels above).
