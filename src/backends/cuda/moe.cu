@@ -110,11 +110,11 @@ bool items_known_switch() {
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
-// Round s23-1 A/B switch (removed after the round): DSV4_MOE_TWO_BANDS=1 turns MoeExpertGemmParams::two_bands on
-// in every call, the model's included.
-bool two_bands_switch() {
-  const char* v = std::getenv("DSV4_MOE_TWO_BANDS");
-  return v != nullptr && std::strcmp(v, "1") == 0;
+// Round s23-1 A/B switch (removed after the round): DSV4_MOE_CTA_BANDS=2 | 4 sets MoeExpertGemmParams::cta_bands in
+// every call, the model's included (default 1).
+int cta_bands_switch() {
+  const char* v = std::getenv("DSV4_MOE_CTA_BANDS");
+  return v == nullptr ? 1 : std::atoi(v);
 }
 
 // The expert GEMMs' parameters of a call (workspace buffers at layout l, the routing's outputs in `routing`).
@@ -149,7 +149,7 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
       .down_waits_per_item = p.down_waits_per_item,
       .items_known = items_known_switch(),
-      .two_bands = two_bands_switch(),
+      .cta_bands = cta_bands_switch(),
       .stream = p.stream,
   };
   if (fuses_combine(p)) {

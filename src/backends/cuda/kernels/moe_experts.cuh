@@ -958,7 +958,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
 // (MoeExpertGemmParams::down_waits_per_item) the wait is for the item's own gate/up CTAs (wait_for_item_rows), which
 // the one-tile gate/up kernel then publishes. kColumns (one-tile kernels of T <= 2 launches;
 // MoeExpertGemmParams::column_stages): fp4 items by columns::multiply_stage. kBands > 1 (one-tile kernels without
-// the split; round s23-1's MoeExpertGemmParams::two_bands): gridDim.x = bands / kBands; a routed item's CTA takes
+// the split; round s23-1's MoeExpertGemmParams::cta_bands): gridDim.x = bands / kBands; a routed item's CTA takes
 // bands x + r·gridDim.x (r < kBands) in a row, its ring streaming on from band to band (the next band's first
 // stages issued by this band's last refills) and its x staged once; the shared expert's item has kBands grid rows of
 // one band each (x + y·gridDim.x): the FP8 shared expert's band is about two routed fp4 bands' bytes. Per band the
