@@ -24,7 +24,8 @@
 // empty kernel on the same grid in its clusters, without clusters and as one CTA per (query, head group) (a call's
 // launch floor in each shape). The decode cases' set-up is make_decode_step (tests/support/sparse_attention_cases.hpp).
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
-//                             [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab push|pages|first]
+//                             [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace]
+//                             [--ab push|pages|early|first]
 //   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
 //   flash:swa:1,pro:csa:1:65536; flash:csa:256:65536 for one case under a profiler) and no prefill; --prefill-only
 //   skips the decode cases. --warm times without the L2 flush (what is left is not memory latency). --sweep times every
@@ -717,14 +718,15 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
   std::printf("%s %s batch %d context %lld: %d slots, %d splits, %d tiles per CTA, %d CTAs\n", model,
               to_string(kind), batch, static_cast<long long>(context), step->slots_per_query(), call.splits, tiles,
               ctas);
-  // As it is, with the push merge (cluster_merge_push; two splits) and with the page-table prefetch
-  // (d512_page_table_prefetch): one cold call each.
-  for (const char* label : {"traced", "push", "pages"}) {
-    const bool push = label[1] == 'u', pages = label[1] == 'a';
+  // As it is, with the push merge (cluster_merge_push; two splits), the page-table prefetch (d512_page_table_prefetch)
+  // and the early entries (d512_early_entries): one cold call each.
+  for (const char* label : {"traced", "push", "pages", "early"}) {
+    const bool push = label[1] == 'u', pages = label[1] == 'a', early = label[0] == 'e';
     if (push && call.splits != 2) continue;
     SparseAttentionParams traced = call;
     traced.cluster_merge_push = push;
     traced.d512_page_table_prefetch = pages;
+    traced.d512_early_entries = early;
     run_sparse_attention(traced);  // warm-up, untraced
     traced.d512_trace = d_trace.as<uint64_t>();
     d_trace.fill_bytes(0);
@@ -741,9 +743,10 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
 
 // --ab VARIANT: the route's decode call (bf16 q, fp32 out; the decode kernels, splits as the model chooses them) as it
 // is and with the variant's option on (push: cluster_merge_push, calls of two cluster-merged splits; pages:
-// d512_page_table_prefetch; first: d512_producer_first, bf16 entries; calls on the head_dim 512 kernel), timed
+// d512_page_table_prefetch; early: d512_early_entries; first: d512_producer_first, bf16 entries; calls on the
+// head_dim 512 kernel), timed
 // alternately (median of 20 L2-flushed calls each, twice), both checked against the CPU and compared byte for byte.
-enum class AbVariant { Push, Pages, First };
+enum class AbVariant { Push, Pages, Early, First };
 
 void run_ab_case(AbVariant variant, const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch,
                  int64_t context, double copy_gbps, double cublas_tflops, int sms, void* flush, size_t flush_bytes,
@@ -766,6 +769,7 @@ void run_ab_case(AbVariant variant, const char* model, int heads, DecodeLayout k
   b.out = out_b.data();
   (variant == AbVariant::Push    ? b.cluster_merge_push
    : variant == AbVariant::Pages ? b.d512_page_table_prefetch
+   : variant == AbVariant::Early ? b.d512_early_entries
                                  : b.d512_producer_first) = true;
   double us[2][2];
   for (int round = 0; round < 2; ++round) {
@@ -891,17 +895,18 @@ int run(int argc, char** argv) {
       trace = true;
     else if (std::strcmp(argv[i], "--ab") == 0 && i + 1 < argc &&
              (std::strcmp(argv[i + 1], "push") == 0 || std::strcmp(argv[i + 1], "pages") == 0 ||
-              std::strcmp(argv[i + 1], "first") == 0)) {
+              std::strcmp(argv[i + 1], "early") == 0 || std::strcmp(argv[i + 1], "first") == 0)) {
       ab = true;
       ++i;
       ab_variant = std::strcmp(argv[i], "push") == 0    ? AbVariant::Push
                    : std::strcmp(argv[i], "pages") == 0 ? AbVariant::Pages
+                   : std::strcmp(argv[i], "early") == 0 ? AbVariant::Early
                                                         : AbVariant::First;
     }
     else
       fail("unknown argument ", argv[i],
            " (usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] "
-           "[--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab push|pages|first])");
+           "[--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab push|pages|early|first])");
   }
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
@@ -958,9 +963,11 @@ int run(int argc, char** argv) {
                 "bf16 q, fp32 out; slots per query, splits\n",
                 ab_variant == AbVariant::Push    ? "push"
                 : ab_variant == AbVariant::Pages ? "pages"
+                : ab_variant == AbVariant::Early ? "early"
                                                  : "first",
                 ab_variant == AbVariant::Push    ? "cluster_merge_push"
                 : ab_variant == AbVariant::Pages ? "d512_page_table_prefetch"
+                : ab_variant == AbVariant::Early ? "d512_early_entries"
                                                  : "d512_producer_first");
   else if (route)
     std::printf("--route: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "

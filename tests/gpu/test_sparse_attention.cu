@@ -320,7 +320,8 @@ TEST(SparseAttention, D512TwoWavesSplitsAndEpilogues) {
 // Two splits merged by push (SparseAttentionParams::cluster_merge_push) give the same bytes as the merge by loads from
 // the peers' partials, and match the CPU: per-query counts (a split past a query's count: no tiles), a query with no
 // entries, a padded head block (48 heads), Pro's two head blocks with bf16 q and output, fp8 entries, rope 128 (rope
-// dims outside the last 64), a traced launch; untraced with the page-table prefetch (d512_page_table_prefetch) too.
+// dims outside the last 64), a traced launch; untraced with the page-table prefetch (d512_page_table_prefetch) and the
+// early entries (d512_early_entries) too.
 // The producer-first instance (d512_producer_first) gives the same bytes as well.
 TEST(SparseAttention, D512PushMergeSameBits) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
@@ -355,13 +356,14 @@ TEST(SparseAttention, D512PushMergeSameBits) {
       if (traced) call.d512_trace = d_trace.as<uint64_t>();
       int splits = 0;
       const std::vector<uint8_t> loaded = run_call(c, true, call, splits);
-      // The push merge (untraced with the page-table prefetch, a prefetch only), and untraced the producer-first
-      // instance (bf16 entries; the loads' merge).
+      // The push merge (untraced with the page-table prefetch and the early entries, prefetches only), and untraced the
+      // producer-first instance (bf16 entries; the loads' merge).
       for (const bool push_merge : {true, false}) {
         if (!push_merge && traced) continue;
         SparseAttentionParams variant = call;
         variant.cluster_merge_push = push_merge;
         variant.d512_page_table_prefetch = push_merge && !traced;
+        variant.d512_early_entries = push_merge && !traced;
         variant.d512_producer_first = !push_merge;
         compare_with_cpu(c, true, variant, data.expected, data.magnitude);
         const std::vector<uint8_t> bytes = run_call(c, true, variant, splits);

@@ -126,6 +126,10 @@ struct SparseAttentionParams {
   // its lookups read (the window array's pages, the compressed array's up to the query's position), through the
   // sequence slot and position loaded at the CTA's start (host-copied step inputs, as head_split_early_entries reads).
   bool d512_page_table_prefetch = false;
+  // Head_dim 512 kernel (round s23-1 A/B): before the grid-dependency wait the producer asks L2 for the entries of its
+  // split's first two tiles, through the index as it stands then, the page table and the sequence slot (a hint, as
+  // head_split_early_entries; the lists are read again after the wait).
+  bool d512_early_entries = false;
   // Head_dim 512 kernel, bf16 entries, untraced (round s23-1 A/B): the instance whose producer code follows the
   // CTA's set-up in memory (its first instructions after the wait not a far, cold instruction fetch).
   bool d512_producer_first = false;
