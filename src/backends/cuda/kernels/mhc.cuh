@@ -710,21 +710,19 @@ static __device__ __noinline__ float sum_slice_words_slowly(const unsigned long 
   return sum;
 }
 
-template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared,
-          bool kOtherWordAddress = false>
+template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared>
 __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const __grid_constant__ ProjectionArgs args) {
   constexpr bool kRoles = kVariant == ProjectionVariant::kRoles;
-  // kShared's slice sums read their words through one pointer and stride per lane and run their butterfly without a
-  // branch per level (same bits). H200, 4096 tokens, session 22, same process against the session start's kernels:
-  // V4-Flash hc_pre 195.2 -> 189.2 µs, hc_head 127.2 -> 122.6; V4-Pro hc_pre 373.0 -> 369.4 / 372.4, hc_head 242.9 ->
-  // 233.4. On kRoles, at its 128-register cap, slower (hc_post_pre 316.1 / 317.4 -> 321.0, V4-Pro 581.7 / 577.8 ->
-  // 587.0): it keeps the plain sums.
+  // kShared's slice sums run their butterfly without a branch per level (same bits). H200, 4096 tokens, session 22,
+  // same process against the session start's kernels, together with the words read through one pointer and stride
+  // per lane: V4-Flash hc_pre 195.2 -> 189.2 µs, hc_head 127.2 -> 122.6; V4-Pro hc_pre 373.0 -> 369.4 / 372.4, hc_head
+  // 242.9 -> 233.4. On kRoles, at its 128-register cap, slower (hc_post_pre 316.1 / 317.4 -> 321.0, V4-Pro 581.7 /
+  // 577.8 -> 587.0): it keeps the branching butterfly. The two word-address forms alone measured level (session 23,
+  // same process, V4-Flash 4096 tokens, default / other form / default: hc_pre 187.6 / 187.7 / 187.8 µs, hc_head 122.0
+  // / 121.1 / 121.9, the warp-specialised hc_post_pre 314.3 / 314.0 / 314.9): both variants take the pointer form.
   constexpr bool kLean = !kRoles;
-  // Round s23-1 A/B only (DSV4_MHC_OTHER_WORD_ADDRESS, mhc.cu): the slice words read through the other address form
-  // than the variant's own (the butterfly unchanged).
-  constexpr bool kWordPointer = kLean != kOtherWordAddress;
   constexpr int kThreads = projection_threads(kSliceDims);  // kRoles: per warp group
   constexpr int kWarps = kThreads / 32;
   constexpr int kCtaThreads = projection_cta_threads(kSliceDims, kVariant);
@@ -882,18 +880,11 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   const auto load_slice_words = [&](int j, int pass, unsigned long long (&words)[kMaxSliceWords]) {
     const int m = sum_item_of(pass), item = slice + m * slices;
     if (m >= my_items || (item & (kTileTokens - 1)) >= valid_of(j)) return;
-    const unsigned long long* source = partials_of(j) + item;
-    if constexpr (kWordPointer) {
-      const unsigned long long* const first = source + part * kPartialFloats;
-      const int stride = lanes * kPartialFloats;
+    const unsigned long long* const first = partials_of(j) + item + part * kPartialFloats;
+    const int stride = lanes * kPartialFloats;
 #pragma unroll
-      for (int w = 0; w < kMaxSliceWords; ++w)
-        if (part + w * lanes < slices) words[w] = load_relaxed_u64(first + w * stride);
-    } else {
-#pragma unroll
-      for (int w = 0; w < kMaxSliceWords; ++w)
-        if (part + w * lanes < slices) words[w] = load_relaxed_u64(source + (part + w * lanes) * kPartialFloats);
-    }
+    for (int w = 0; w < kMaxSliceWords; ++w)
+      if (part + w * lanes < slices) words[w] = load_relaxed_u64(first + w * stride);
   };
   const auto sum_slices = [&](int j, int pass, const unsigned long long (&words)[kMaxSliceWords], bool early) {
     const int m = sum_item_of(pass), item = slice + m * slices;
