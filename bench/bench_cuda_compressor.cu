@@ -560,8 +560,10 @@ void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, cons
                          run_compressors(both);
                        });
     if (s.start_in_window != -1) bench_with_prepare(main, index, s, runs, fused_us, only, stream, rows);
-    if (s.start_in_window != -1) bench_csa_branch(main, index, s, runs, only, stream, rows);
   }
+  for (const Step& s : kSteps)
+    if (s.start_in_window != -1)
+      bench_csa_branch(main, index, s, runs_of(start_of(s, main), s.tokens, s.sequences), only, stream, rows);
 }
 
 // The indexer compressor's key outputs as the model stores them, per slot: bf16 (the baseline) against e4m3 codes

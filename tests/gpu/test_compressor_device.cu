@@ -821,9 +821,10 @@ struct CsaBranchCase {
     run_compressors(apart.pools, apart.prepare);
     run_indexer_scores_top_k(apart.scores, apart.top);
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    uint32_t count = 1;
-    ready.download(&count, 4);
-    EXPECT_EQ(count, 0u) << "the ready count after the launch";
+    uint32_t counts_left[2] = {1, 1};
+    ready.download(counts_left, 8);
+    EXPECT_EQ(counts_left[0], 0u) << "the producers' count after the launch";
+    EXPECT_EQ(counts_left[1], 0u) << "the consumers' count after the launch";
     const auto same = [](const DeviceBuffer& a, const DeviceBuffer& b, const char* what) {
       std::vector<uint8_t> x(a.bytes()), y(b.bytes());
       a.download(x.data(), x.size()), b.download(y.data(), y.size());

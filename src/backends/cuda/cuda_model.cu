@@ -424,7 +424,7 @@ struct CudaModel::Impl {
     void* hc_workspace;
     void* moe_workspace;
     void* top_k_workspace;
-    uint32_t* csa_branch_ready;  // run_csa_branch's count (left zero by every launch)
+    uint32_t* csa_branch_ready;  // run_csa_branch's two counts (left zero by every launch)
   };
 
   // The visible compressed entries of every token of a step, for the HCA layers of one ratio.
@@ -821,7 +821,7 @@ struct CudaModel::Impl {
     s.hc_workspace = k.take<uint8_t>(int64_t(hc_workspace_bytes));
     s.moe_workspace = k.take<uint8_t>(int64_t(moe_workspace_size));
     s.top_k_workspace = k.take<uint8_t>(int64_t(top_k_workspace_size));
-    s.csa_branch_ready = k.take<uint32_t>(1);
+    s.csa_branch_ready = k.take<uint32_t>(2);
     return k.bytes();
   }
 

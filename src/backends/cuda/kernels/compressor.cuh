@@ -1256,14 +1256,15 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLea
 
 // ---- A CSA layer's branch in one launch (run_csa_branch) ----
 // The compressor kernel's decode CTAs (pools and the indexer's query preparation) first, then the indexer's score
-// CTAs (mma.sync, or the staged fp8 kernel's) with the top-k in their last CTA. The scores read the prepared queries and the keys the indexer pool
-// stores: instead of the grid boundary between two launches, each CTA from the indexer pool's first on (the indexer
-// pool and the preparation, "producers") adds 1 to `ready` with a release after its stores, and each scores CTA
-// ("consumer") waits (thread 0, acquire) until the producers have all added; then it adds 1 itself, and the one that
-// makes the count producers + consumers zeroes it again for the next launch (the count is back at zero whenever a
-// launch of this kernel starts: the next one waits for this grid's completion through the programmatic chain).
-// The launcher makes sure the grid is co-resident, and the producers (lowest CTAs) never wait for anything of this
-// launch; a wait still open after 2 s traps instead of hanging the device.
+// CTAs (mma.sync, or the staged fp8 kernel's) with the top-k in their last CTA. The scores read the prepared queries
+// and the keys the indexer pool stores: instead of the grid boundary between two launches, each CTA from the indexer
+// pool's first on (the indexer pool and the preparation, "producers") adds 1 to ready[0] with a release after its
+// stores, and each scores CTA ("consumer") waits (thread 0, acquire) until the producers have all added, then adds 1
+// to ready[1] without waiting for the answer (nothing on its path but the poll). The main pool's first CTA, which
+// the scores never wait for, zeroes both counts at its end once every consumer has passed (the counts are back at zero
+// whenever a launch of this kernel starts: the next one waits for this grid's completion through the programmatic
+// chain). The launcher makes sure the grid is co-resident, and the producers (lowest CTAs) never wait for anything of
+// this launch; a wait still open after 2 s traps instead of hanging the device.
 inline constexpr int kBranchIndexerHeadDim = 128;  // the indexer's head_dim the branch kernel is built for (DSV4's)
 
 struct BranchArgs {
@@ -1274,24 +1275,29 @@ struct BranchArgs {
   int scores_columns;
   uint32_t producers;          // first_scores − first_producer
   uint32_t consumers;          // the scores CTAs
-  uint32_t* ready;
+  uint32_t* ready;              // [0]: producers done, [1]: consumers passed
 };
+
+// Thread 0 waits until `count` reaches `target` (acquire); a wait of 2 s traps (CTAs not co-resident).
+__device__ __forceinline__ void wait_for_branch_count(const uint32_t* count, uint32_t target, const char* what) {
+  uint64_t start = 0;
+  for (uint32_t polls = 0; load_acquire(count) < target; ++polls) {
+    if (polls % 1024 != 0) continue;  // the clock read rarely: a short wait reads none
+    const uint64_t now = topk::global_nanoseconds();
+    if (polls == 0) start = now;
+    if (now - start > topk::kBarrierTimeoutNs) {
+      printf("csa_branch: CTA %d waited 2 s for %s (%u of %u): CTAs not co-resident\n", int(blockIdx.x), what,
+             load_acquire(count), target);
+      __trap();
+    }
+  }
+}
 
 // A scores CTA's wait for the producers (every thread of its kScoreWarps warps calls it).
 __device__ __forceinline__ void wait_for_branch_producers(const BranchArgs& branch) {
   if (threadIdx.x == 0) {
-    uint64_t start = 0;
-    for (uint32_t polls = 0; load_acquire(branch.ready) < branch.producers; ++polls) {
-      if (polls % 1024 != 0) continue;  // the clock read rarely: a short wait reads none
-      const uint64_t now = topk::global_nanoseconds();
-      if (polls == 0) start = now;
-      if (now - start > topk::kBarrierTimeoutNs) {
-        printf("csa_branch: scores CTA %d waited 2 s for the pools (%u of %u producers): CTAs not co-resident\n",
-               int(blockIdx.x), load_acquire(branch.ready), branch.producers);
-        __trap();
-      }
-    }
-    if (atomicAdd(branch.ready, 1u) == branch.producers + branch.consumers - 1) atomicExch(branch.ready, 0u);
+    wait_for_branch_count(branch.ready, branch.producers, "the indexer pool and the query preparation");
+    atomicAdd(branch.ready + 1, 1u);  // no answer awaited: a reduction
   }
   __syncthreads();
 }
@@ -1331,6 +1337,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) csa_branch_kernel(const __grid
   if (cta >= branch.first_producer) {
     __syncthreads();  // the CTA's stores, then its release
     if (threadIdx.x == 0) add_release(branch.ready, 1u);
+  } else if (cta == 0 && threadIdx.x == 0) {
+    wait_for_branch_count(branch.ready + 1, branch.consumers, "the scores CTAs");
+    branch.ready[0] = 0, branch.ready[1] = 0;
   }
 }
 
