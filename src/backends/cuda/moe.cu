@@ -110,13 +110,6 @@ bool items_known_switch() {
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
-// Round s23-1 A/B switch (removed after the round): DSV4_MOE_CTA_BANDS=2 | 4 sets MoeExpertGemmParams::cta_bands in
-// every call, the model's included (default 1).
-int cta_bands_switch() {
-  const char* v = std::getenv("DSV4_MOE_CTA_BANDS");
-  return v == nullptr ? 1 : std::atoi(v);
-}
-
 // The expert GEMMs' parameters of a call (workspace buffers at layout l, the routing's outputs in `routing`).
 MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const MoeRunParams& p,
                                        const WorkspaceLayout& l, const MoeRoutingBuffers& routing) {
@@ -149,7 +142,6 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
       .down_waits_per_item = p.down_waits_per_item,
       .items_known = items_known_switch(),
-      .cta_bands = cta_bands_switch(),
       .stream = p.stream,
   };
   if (fuses_combine(p)) {

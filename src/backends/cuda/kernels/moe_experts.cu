@@ -57,22 +57,6 @@ int streamed_x_bytes_of(const MoeExpertGemmParams& p, int k_total) {
   return std::max(bytes, (moe::columns::x_bytes(k_total, std::min(p.tokens, moe::columns::kMaxRows)) + 15) / 16 * 16);
 }
 
-// Round s23-1 A/B (MoeExpertGemmParams::cta_bands): the one-tile kernel with 2 or 4 bands per routed CTA, where it
-// applies (unsplit, untraced, the lean decode, the down head start; a band count it divides), else none.
-template <moe::ExpertGemm G>
-auto* band_kernel(const MoeExpertGemmParams& p, int bands, bool split, bool columns) {
-  using Kernel = decltype(&moe::moe_expert_streamed_kernel<G, false, true>);
-  if ((p.cta_bands != 2 && p.cta_bands != 4) || split || p.trace != nullptr || !p.lean_decode ||
-      bands % p.cta_bands != 0 || p.tokens > tile::kTokensPerMma || (G == moe::ExpertGemm::DOWN && !p.down_head_start))
-    return Kernel(nullptr);
-  constexpr bool kHead = G == moe::ExpertGemm::DOWN;
-  if (p.cta_bands == 4)
-    return columns ? Kernel(moe::moe_expert_streamed_kernel<G, false, true, false, kHead, true, false, 4>)
-                   : Kernel(moe::moe_expert_streamed_kernel<G, false, true, false, kHead, false, false, 4>);
-  return columns ? Kernel(moe::moe_expert_streamed_kernel<G, false, true, false, kHead, true, false, 2>)
-                 : Kernel(moe::moe_expert_streamed_kernel<G, false, true, false, kHead, false, false, 2>);
-}
-
 // One streamed launch. The kernel's shared-memory limit is set once per device, to the most any launch asks (the x
 // region at its cap).
 template <moe::ExpertGemm G>
@@ -85,16 +69,12 @@ void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, con
   const bool multi_tile = p.tokens > tile::kTokensPerMma;
   // One grid row more: the shared expert's second CTAs.
   const bool split = moe_shared_expert_splits(p, device_multiprocessors());
-  const int bands = (args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>;
-  auto* banded = band_kernel<G>(p, bands, split, columns);
-  // R bands per CTA: bands / R columns, the shared expert's item on R grid rows.
-  const int cta_bands = banded != nullptr ? p.cta_bands : 1;
-  const dim3 grid(unsigned(bands / cta_bands), unsigned(p.max_work_items + (split ? 1 : cta_bands - 1)));
-  auto* kernel = banded != nullptr      ? banded
-                 : multi_tile         ? (p.lean_decode ? moe::moe_expert_streamed_kernel<G, true, true>
-                                                       : moe::moe_expert_streamed_kernel<G, true, false>)
-                 : p.trace != nullptr ? one_tile_kernel<G, true>(true, split, p.down_head_start, columns)
-                                      : one_tile_kernel<G>(p.lean_decode, split, p.down_head_start, columns);
+  const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>),
+                  unsigned(p.max_work_items + (split ? 1 : 0)));
+  auto* kernel = multi_tile ? (p.lean_decode ? moe::moe_expert_streamed_kernel<G, true, true>
+                                             : moe::moe_expert_streamed_kernel<G, true, false>)
+                            : p.trace != nullptr ? one_tile_kernel<G, true>(true, split, p.down_head_start, columns)
+                                                 : one_tile_kernel<G>(p.lean_decode, split, p.down_head_start, columns);
   static PerDeviceCache<bool> configured;
   configured.get(reinterpret_cast<const void*>(kernel), [&] {
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -808,16 +808,12 @@ __device__ __forceinline__ void finish(const float (&columns)[4], float (&acc)[1
 // One work item in passes of 8·NT rows (see above); kLean: fp4 stages by lean::multiply_stage; kColumns (items of
 // at most columns::kMaxRows rows): fp4 stages by columns::multiply_stage instead. kParts = 2: the warp's slice of CTA
 // part `part` (warp_slice; one pass only, its stages >= kStreamedSlots per warp). kCoherentX: x is read through L2
-// (h written by gate/up CTAs that may still run: MoeExpertGemmParams::down_waits_per_item). Several bands of one
-// item in a row (moe_expert_streamed_kernel's kBands): next_band >= 0 is the CTA's next band of this item, whose
-// first stages the ring's last refills of this band issue; ring_pos carries the warp's ring position from band to
-// band; later_band: the item's x tile is already staged where it holds the whole K in one chunk of one pass.
+// (h written by gate/up CTAs that may still run: MoeExpertGemmParams::down_waits_per_item).
 template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false,
           bool kCoherentX = false, bool kTrace = false>
 __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
                                                   const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
-                                                  bool started, int part = 0, int next_band = -1,
-                                                  bool later_band = false, int* ring_pos = nullptr) {
+                                                  bool started, int part = 0) {
   namespace st = tile::stream;
   static_assert(kParts == 1 || NT == 1, "split CTAs serve items of one token tile");
   static_assert(!kColumns || NT == 1, "the column stages serve items of one token tile");
@@ -840,8 +836,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
     trace_point<kTrace>(a, MOE_TRACE_ISSUED);
   }
 
-  const int j0 = ring_pos != nullptr ? *ring_pos : 0;          // the ring position of the item's first stage
-  int j = j0;                                                   // the ring position of the warp's next stage
+  int j = 0;                                                    // stages consumed by this warp over the item
   int refill = pass_stages == kStreamedSlots ? 0 : kStreamedSlots;  // stage within its pass of stage j + slots
   for (int pass = 0; pass < passes; ++pass) {
     const int row_begin = item.row_begin + pass * kPassRows;
@@ -857,9 +852,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
     float column_sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int chunk_begin = 0; chunk_begin < a.k_total; chunk_begin += chunk_k) {
       const int chunk_end = min(a.k_total, chunk_begin + chunk_k);
-      const bool keep_x = later_band && passes == 1 && chunk_k == a.k_total;  // the previous band's x tile is this one
-      if (!keep_x && (later_band || pass != 0 || chunk_begin != 0))
-        __syncthreads();  // the previous chunk's x (and exchange) are read
+      if (pass != 0 || chunk_begin != 0) __syncthreads();  // the previous chunk's x (and exchange) are read
       auto row_of = [&](int t) {
         const int row = row_begin + t;
         // items_known: the token of a row without a load where the layout gives it (the shared expert's rows follow
@@ -871,15 +864,13 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
                                                           : __ldg(a.row_tokens + row);
         return a.x + source_row * a.k_total + chunk_begin;
       };
-      if (!keep_x) {
-        if constexpr (kColumnStages) {
-          columns::stage_x<kCoherentX>(row_of, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
-        } else {
-          tile::stage_x_tile<F, kCoherentX>(row_of, rows, rows, chunk_end - chunk_begin, x_tile, threadIdx.x,
-                                            kExpertThreads);
-        }
-        __syncthreads();
+      if constexpr (kColumnStages) {
+        columns::stage_x<kCoherentX>(row_of, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
+      } else {
+        tile::stage_x_tile<F, kCoherentX>(row_of, rows, rows, chunk_end - chunk_begin, x_tile, threadIdx.x,
+                                          kExpertThreads);
       }
+      __syncthreads();
       if (pass == 0 && chunk_begin == 0) trace_point<kTrace>(a, MOE_TRACE_X_STAGED);
       [[maybe_unused]] const columns::LaneX column_x = columns::lane_x(x_tile, rows, chunk_end - chunk_begin);
       const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);
@@ -905,7 +896,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         float block_scales[st::kMaxBlocksPerStage];
         st::load_stage_block_scales<F>(w, row0, k0, block_scales);
         sm90::mbarrier_wait(full + slot, uint32_t(j / kStreamedSlots) & 1u);
-        if (j - j0 < kMoeTraceStages) trace_point<kTrace>(a, MOE_TRACE_STAGE + 2 * (j - j0));
+        if (j < kMoeTraceStages) trace_point<kTrace>(a, MOE_TRACE_STAGE + 2 * j);
         if constexpr (kColumnStages) {
           const int step = (k0 - chunk_begin) / columns::kStepElements;
           const columns::LaneX x_stage{column_x.x + step * column_x.stride, column_x.stride};
@@ -920,16 +911,11 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
                                                           row_stride, lane_tiles, block_scales, sums, acc);
         }
         __syncwarp();  // every lane's reads of the slot precede the copy that refills it
-        if (j - j0 < kMoeTraceStages) trace_point<kTrace>(a, MOE_TRACE_STAGE + 2 * (j - j0) + 1);
-        if (j - j0 + kStreamedSlots < stages) {
+        if (j < kMoeTraceStages) trace_point<kTrace>(a, MOE_TRACE_STAGE + 2 * j + 1);
+        if (j + kStreamedSlots < stages) {
           st::issue_stage<F>(maps, row0, (slice.k_part + refill * kParts) * kStageK, ring + slot * st::kSlotBytes,
                              full + slot);
           if (++refill == pass_stages) refill = 0;
-        } else if (next_band >= 0) {
-          // The next band's stage j + slots - stages (its first kStreamedSlots: stages >= kStreamedSlots).
-          st::issue_stage<F>(maps, warp_slice<G, kParts>(next_band, part).row0,
-                             (slice.k_part + (j - j0 + kStreamedSlots - stages) * kParts) * kStageK,
-                             ring + slot * st::kSlotBytes, full + slot);
         }
       }
     }
@@ -942,7 +928,6 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
     // no warp reads there).
     write_rows<F, G, NT, kPassRows, true>(a, w, acc, row0, row_begin, slice.k_part == 0 ? rows : 0, exchange);
   }
-  if (ring_pos != nullptr) *ring_pos = j;
   trace_point<kTrace>(a, MOE_TRACE_WRITTEN);
 }
 
@@ -957,35 +942,25 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
 // after the wait, read through L2). With item counters
 // (MoeExpertGemmParams::down_waits_per_item) the wait is for the item's own gate/up CTAs (wait_for_item_rows), which
 // the one-tile gate/up kernel then publishes. kColumns (one-tile kernels of T <= 2 launches;
-// MoeExpertGemmParams::column_stages): fp4 items by columns::multiply_stage. kBands > 1 (one-tile kernels without
-// the split; round s23-1's MoeExpertGemmParams::cta_bands): gridDim.x = bands / kBands; a routed item's CTA takes
-// bands x + r·gridDim.x (r < kBands) in a row, its ring streaming on from band to band (the next band's first
-// stages issued by this band's last refills) and its x staged once; the shared expert's item has kBands grid rows of
-// one band each (x + y·gridDim.x): the FP8 shared expert's band is about two routed fp4 bands' bytes. Per band the
-// gate/up CTAs publish their rows and the down CTAs take their combine ticket, so the counts are unchanged.
+// MoeExpertGemmParams::column_stages): fp4 items by columns::multiply_stage.
 template <ExpertGemm G, bool kMultiTile, bool kLean, bool kSplitShared = false, bool kHeadStart = false,
-          bool kColumns = false, bool kTrace = false, int kBands = 1>
+          bool kColumns = false, bool kTrace = false>
 __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(const ExpertGemmArgs a) {
   static_assert(!(kSplitShared && kMultiTile), "the split shared expert is a one-tile kernel");
-  static_assert(kBands == 1 || !(kSplitShared || kMultiTile || kTrace), "several bands per CTA: one-tile, unsplit, "
-                "untraced kernels");
   static_assert(!(kColumns && kMultiTile), "the column stages serve items of at most two rows");
   static_assert(!kHeadStart || (G == ExpertGemm::DOWN && !kMultiTile), "the head start is a one-tile down kernel");
   static_assert(!(kTrace && kMultiTile), "traced launches are one-tile kernels");
   trace_point<kTrace>(a, MOE_TRACE_START);
   constexpr int kSharedParts = kSplitShared ? 2 : 1;
-  constexpr int kSharedRows = kSplitShared ? 2 : kBands;  // grid rows of the shared expert's (first) item
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ uint64_t full_barriers[kExpertWarps][kStreamedSlots];
   uint64_t* full = full_barriers[threadIdx.x / tile::kWarpSize];
   uint8_t* ring = tile::stream::align_slots(smem) +
                   size_t(threadIdx.x / tile::kWarpSize) * kStreamedSlots * tile::stream::kSlotBytes;
-  const bool shared_item = int(blockIdx.y) < kSharedRows;  // work item 0 is always the shared expert's
-  const int part = kSplitShared && shared_item ? int(blockIdx.y) : 0;
-  const int item_index = shared_item ? 0 : int(blockIdx.y) - (kSharedRows - 1);
-  // The CTA's first band and its bands (kBands: see above).
-  const int band = kBands > 1 && shared_item ? int(blockIdx.x + blockIdx.y * gridDim.x) : int(blockIdx.x);
-  const int cta_bands = kBands > 1 && !shared_item ? kBands : 1;
+  const int band = int(blockIdx.x);
+  const bool shared_item = int(blockIdx.y) < kSharedParts;  // work item 0 is always the shared expert's
+  const int part = shared_item ? int(blockIdx.y) : 0;
+  const int item_index = shared_item ? 0 : int(blockIdx.y) - (kSharedParts - 1);
   // The item and whether it exists. kHeadStart: the count and the item read before the wait (the slot exists; past
   // the count it is dropped unread). items_known: item 0, the shared expert's first, from the arguments (its rows
   // follow the routed ones; it always exists), every other item read with the count in one round trip after the
@@ -1040,24 +1015,6 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
       run_streamed_item<F, G, 1, kLean, kSharedParts, kColumns, kHeadStart, kTrace>(a, expert, item, band, smem, full,
                                                                                     true, part);
     });
-  } else if constexpr (kBands > 1) {
-    with_tile_format(format, [&]<tile::TileFormat F>() {
-      int ring_pos = 0;
-      for (int r = 0; r < cta_bands; ++r) {
-        const int next_band = r + 1 < cta_bands ? band + (r + 1) * int(gridDim.x) : -1;
-        run_streamed_item<F, G, 1, kLean, 1, kColumns, kHeadStart>(a, expert, item, band + r * int(gridDim.x), smem,
-                                                                   full, started || r > 0, 0, next_band, r > 0,
-                                                                   &ring_pos);
-        // Each band's rows published (a barrier: the w1 warps are done with the exchange before the next band's
-        // w3 warps write it).
-        if (G == ExpertGemm::GATE_UP) {
-          if (a.item_counters != nullptr)
-            publish_item_rows(a.item_counters, item_index);
-          else
-            __syncthreads();
-        }
-      }
-    });
   } else {
     with_tile_format(format, [&]<tile::TileFormat F>() {
       if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
@@ -1067,15 +1024,12 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
         run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, band, smem, full, started);
     });
   }
-  if (G == ExpertGemm::GATE_UP && !kMultiTile && a.item_counters != nullptr && kBands == 1)
+  if (G == ExpertGemm::GATE_UP && !kMultiTile && a.item_counters != nullptr)
     publish_item_rows(a.item_counters, item_index);
-  // The item's CTAs: gridDim.x per grid row.
   if (kHeadStart && a.item_counters != nullptr)
-    reset_item_counters_if_last(a.item_counters, item_index, seen_ticket,
-                                int(gridDim.x) * (shared_item ? kSharedRows : 1));
+    reset_item_counters_if_last(a.item_counters, item_index, seen_ticket, gemm_bands<G>(a) * parts);
   if (G == ExpertGemm::DOWN && a.combine.out != nullptr)
-    for (int r = 0; r < cta_bands; ++r)  // the ring is idle: its first bytes hold the combine's slots
-      combine_band_if_last<true>(a, band + r * int(gridDim.x), kSharedParts - 1, tile::stream::align_slots(smem));
+    combine_band_if_last<true>(a, band, kSharedParts - 1, tile::stream::align_slots(smem));
   trace_point<kTrace>(a, MOE_TRACE_END);
 }
 

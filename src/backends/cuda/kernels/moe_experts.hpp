@@ -116,11 +116,6 @@ struct MoeExpertGemmParams {
   // from T and top_k and read every other item with the count in one round trip, and the gate/up x rows of the
   // shared expert (token = row - T·top_k) and of every row at T = 1 (token 0) without a row_tokens load.
   bool items_known = false;
-  // Round s23-1 A/B (removed after the round): 2 or 4: the one-tile kernels at 2 <= T <= 8 (unsplit, untraced, lean,
-  // with the down head start, band counts it divides) give each routed CTA that many bands of its item in a row (the
-  // ring streams on, x staged once), the shared expert's item as many grid rows of one band each (moe_experts.cuh
-  // kBands); else 1 band per CTA.
-  int cta_bands = 1;
   // Traced launch (benchmarks; the one-tile streamed kernels with the lean decode, T <= 8): lane 0 of every warp stores
   // %globaltimer (ns) at the MoeTraceSlot points into trace[warp · kMoeTraceSlots + slot], warp = (blockIdx.y ·
   // gridDim.x + blockIdx.x) · 8 + warp in the CTA (null: not traced; the untraced kernels carry nothing of it).
