@@ -710,7 +710,8 @@ static __device__ __noinline__ float sum_slice_words_slowly(const unsigned long 
   return sum;
 }
 
-template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared>
+template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared,
+          bool kRereadPre = false>
 __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const __grid_constant__ ProjectionArgs args) {
@@ -723,6 +724,11 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // same process, V4-Flash 4096 tokens, default / other form / default: hc_pre 187.6 / 187.7 / 187.8 µs, hc_head 122.0
   // / 121.1 / 121.9, the warp-specialised hc_post_pre 314.3 / 314.0 / 314.9): both variants take the pointer form.
   constexpr bool kLean = !kRoles;
+  // Round s23-2 A/B only (DSV4_MHC_REREAD_PRE, mhc.cu): a pre word read stale early is read again once more before
+  // the collapse (kShared: past the projection's barrier, its latency behind the publication; kRoles: at the top of
+  // the finisher's iteration, behind its slice sums). Round s23-1's trace (hc_pre, 4096 tokens): the first CTA of a
+  // tile group reads the sums 384 ns before the last one is stored (median; 85 % of the tiles), 2.3 stale words per
+  // CTA and tile, each re-read only at the collapse (its barrier p90 2870 cycles against a median of 506).
   constexpr int kThreads = projection_threads(kSliceDims);  // kRoles: per warp group
   constexpr int kWarps = kThreads / 32;
   constexpr int kCtaThreads = projection_cta_threads(kSliceDims, kVariant);
@@ -925,6 +931,11 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     squares_word = load_relaxed_u64(sums_of(jc) + pre_squares_word);
     mix_word = load_relaxed_u64(sums_of(jc) + pre_mix_word);
   };
+  // kRereadPre: the second read of a word that was stale.
+  const auto reread_stale_pre_words = [&](int jc, unsigned long long& squares_word, unsigned long long& mix_word) {
+    if (unsigned(squares_word >> 32) != tag) squares_word = load_relaxed_u64(sums_of(jc) + pre_squares_word);
+    if (unsigned(mix_word >> 32) != tag) mix_word = load_relaxed_u64(sums_of(jc) + pre_mix_word);
+  };
 
   // kPost: X ← post·out + combᵀ·X on tile j's staged slice (stage b), written back to X_out; the projection then sees
   // the update.
@@ -953,7 +964,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // the projecting threads; past it the loader refills the stage of tile `refill` - kStages (≥ 0: its collapse, by
   // these threads, is done). `publication_sync`: a barrier after the publication, where no other barrier of these
   // threads comes before the next projection overwrites warp_sums (a collapse's, or the fused update's).
-  const auto project_and_publish = [&](int j, int b, auto sync, int refill, bool publication_sync) {
+  const auto project_and_publish = [&](int j, int b, auto sync, int refill, bool publication_sync, auto after_sync) {
     const float* const stage = stages + b * kStageFloats;
     const float* const x_lo[2] = {stage + projected[0], stage + projected[1]};
     float* const mine = warp_sums + warp * kPartialFloats;
@@ -962,6 +973,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     DSV4_MHC_PROJECTION_MARK(ProjectionPhase::kProjected, j);
     sync();
     if (refill >= 0) load_tile(refill);
+    after_sync();
     unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
     // Every item's loads before the first sum's adds (a loop over the items waited for each item's loads).
     constexpr int kItemsPerThread = (kPartialFloats + kThreads - 1) / kThreads;
@@ -1021,7 +1033,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         sm90::named_barrier_sync<kThreads>(1);  // the tile is updated, and its ring slot free for j + kPostSlots
         if (j + kPostSlots < count) load_post_inputs(j + kPostSlots);
         // The next iteration's barrier after its update orders this publication before the next projection.
-        project_and_publish(j, b, [] { sm90::named_barrier_sync<kThreads>(1); }, -1, false);
+        project_and_publish(j, b, [] { sm90::named_barrier_sync<kThreads>(1); }, -1, false, [] {});
       }
     } else {
       // Iteration i: sum this CTA's items of tile i, collapse tile i − kFinisherLag. The words both read are loaded
@@ -1041,6 +1053,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         Words now = next;
         read_words(i + 1, next);
         const int jc = i - kFinisherLag;
+        if constexpr (kRereadPre)
+          if (is_pre_reader(jc)) reread_stale_pre_words(jc, now.squares, now.mix);
         const int passes = i < count ? my_passes : 0;
         for (int pass = 0; pass < passes; ++pass) sum_slices(i, pass, now.slices, pass == 0);
         if (jc >= 0) {
@@ -1082,7 +1096,10 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         // where neither a collapse nor the fused update's barrier follows it.
         const int jc_before = jc - 1;
         project_and_publish(j, b, block_sync, jc_before >= 0 && jc_before + kStages < count ? jc_before + kStages : -1,
-                            !kPost && jc < 0);
+                            !kPost && jc < 0, [&] {
+                              if constexpr (kRereadPre)
+                                if (pre_reader) reread_stale_pre_words(jc, squares_word, mix_word);
+                            });
       }
 
       // The collapse, then the slice sums: half an iteration more for the partials' hop (session 21: hc_pre 199.8 ->
