@@ -169,22 +169,16 @@ TEST(SparseAttentionPrefill, DecodeBatchesMatchCpu) {
                   prefetch);
 }
 
-// Round s23-1's A/B variants: the weights handed over earlier (early_weights), each consumer staging and storing its
-// own output dims (own_half_stores), both, and consumer 1 adding consumer 0's block first (other_pv_first; an unbuilt
-// combination is refused: RefusesUnsupportedCalls).
+// Round s23-2's A/B variants: the row maxima handed on before the weights (max_first), buffer 0's half 1 refilled
+// before buffer 1's (late_half_first), both.
 TEST(SparseAttentionPrefill, RoundVariantsMatchCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 600;
-  struct Variant {
-    bool early, own, other_first;
-  };
-  for (const Variant& v : {Variant{true, false, false}, {false, true, false}, {true, true, false}, {true, false, true}}) {
-    SCOPED_TRACE(std::string(v.early ? "early_weights " : "") + (v.own ? "own_half_stores " : "") +
-                 (v.other_first ? "other_pv_first" : ""));
+  for (const auto& [max_first, late_half_first] : {std::pair{true, false}, {false, true}, {true, true}}) {
+    SCOPED_TRACE(std::string(max_first ? "max_first " : "") + (late_half_first ? "late_half_first" : ""));
     const SparseAttentionPrefillOptions options{.prefetch_resolved = PrefetchResolved::Off,
-                                                .early_weights = v.early,
-                                                .own_half_stores = v.own,
-                                                .other_pv_first = v.other_first};
+                                                .max_first = max_first,
+                                                .late_half_first = late_half_first};
     for (const KvEntryFormat format : kFormats) {
       check_attention({"flash csa chunk", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12}, seed++, options);
       check_attention({"pro csa chunk bf16 io", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 6,
@@ -255,8 +249,6 @@ TEST(SparseAttentionPrefill, RefusesUnsupportedCalls) {
   p = good;
   p.layer = 1;
   testing::expect_error([&] { run_sparse_attention_prefill(p); }, "layer 1");
-  testing::expect_error([&] { run_sparse_attention_prefill(good, {.other_pv_first = true}); },
-                        "other_pv_first is built with");
 }
 
 }  // namespace

@@ -69,20 +69,11 @@ void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAt
       fp8 ? launch<true, false, kSchedule>(p, head_blocks, options)
           : launch<false, false, kSchedule>(p, head_blocks, options);
   };
-  const int schedule = (options.early_weights ? kScheduleEarlyWeights : 0) |
-                       (options.own_half_stores ? kScheduleOwnHalfStores : 0) |
-                       (options.other_pv_first ? kScheduleOtherPvFirst : 0);
-  switch (schedule) {
-    case 0: return dispatch.template operator()<0>();
-    case kScheduleEarlyWeights: return dispatch.template operator()<kScheduleEarlyWeights>();
-    case kScheduleOwnHalfStores: return dispatch.template operator()<kScheduleOwnHalfStores>();
-    case kScheduleEarlyWeights | kScheduleOwnHalfStores:
-      return dispatch.template operator()<kScheduleEarlyWeights | kScheduleOwnHalfStores>();
-    case kScheduleEarlyWeights | kScheduleOtherPvFirst:
-      return dispatch.template operator()<kScheduleEarlyWeights | kScheduleOtherPvFirst>();
-    default:
-      fail("sparse_attention_prefill: other_pv_first is built with early_weights (and without own_half_stores) only");
-  }
+  if (options.max_first)
+    options.late_half_first ? dispatch.template operator()<kScheduleMaxFirst | kScheduleLateHalfFirst>()
+                            : dispatch.template operator()<kScheduleMaxFirst>();
+  else
+    options.late_half_first ? dispatch.template operator()<kScheduleLateHalfFirst>() : dispatch.template operator()<0>();
 }
 
 }  // namespace dsv4::cuda

@@ -126,12 +126,12 @@ inline constexpr int kAllocationBytes = kBytes + 1024;       // room to align th
 static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
 
 // Named barriers of the consumers (0 is __syncthreads); Sum0 + w: consumer w's row sums published, Staged0 + w:
-// consumer w's output rows staged (own_half_stores).
+// consumer w's output rows staged.
 inline constexpr int kBarrierMax0 = 1, kBarrierMax1 = 2, kBarrierP0 = 3, kBarrierP1 = 4, kBarrierConsumers = 5,
                      kBarrierSum0 = 6, kBarrierStaged0 = 8;
 
-// Round s23-1's A/B schedules of the consumers (SparseAttentionPrefillOptions), flags of the kernel's kSchedule.
-inline constexpr int kScheduleEarlyWeights = 1, kScheduleOwnHalfStores = 2, kScheduleOtherPvFirst = 4;
+// Round s23-2's A/B schedules (SparseAttentionPrefillOptions), flags of the kernel's kSchedule.
+inline constexpr int kScheduleMaxFirst = 1, kScheduleLateHalfFirst = 2;
 
 // The CTA's mbarriers: full and empty per (buffer, half), valid per buffer, tile_full per (buffer, half, tile) for
 // every tile of a half but its last (whose arrival is full's; bf16 entries only).
@@ -198,7 +198,7 @@ __device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
 
 // Thread (row0, chunk) of the producer warpgroup moves the 16-byte chunk `chunk` (8 dims) of every 64-dim tile of
 // entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row.
-template <bool kFp8, bool kTrace>
+template <bool kFp8, bool kTrace, int kSchedule>
 __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int pairs,
                                         bool prefetch_resolved, const Barriers& barriers, int64_t ahead_t,
                                         int ahead_head_base, uint64_t* trace) {
@@ -364,15 +364,21 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     load_half(0, 0);
     publish_half(0, 0);
     if (i == 0) trace_point<kTrace>(trace, prefill_trace::kFirstIssued);
-    sm90::mbarrier_wait(barriers.empty(1, 1), parity);
-    pair_point<kTrace>(trace, i, prefill_trace::kEmpty11);
-    publish_valid(1);
-    load_half(1, 1);
-    publish_half(1, 1);
+    const auto load_buffer_1_half_1 = [&] {
+      sm90::mbarrier_wait(barriers.empty(1, 1), parity);
+      pair_point<kTrace>(trace, i, prefill_trace::kEmpty11);
+      publish_valid(1);
+      load_half(1, 1);
+      publish_half(1, 1);
+    };
+    // late_half_first: buffer 0's half 1 (consumer 0's next scores wait for it) before buffer 1's half 1, although
+    // that is released first.
+    if constexpr ((kSchedule & kScheduleLateHalfFirst) == 0) load_buffer_1_half_1();
     sm90::mbarrier_wait(barriers.empty(0, 1), parity);
     pair_point<kTrace>(trace, i, prefill_trace::kEmpty01);
     load_half(0, 1);
     publish_half(0, 1);
+    if constexpr ((kSchedule & kScheduleLateHalfFirst) != 0) load_buffer_1_half_1();
     sm90::mbarrier_wait(barriers.empty(1, 0), parity);
     pair_point<kTrace>(trace, i, prefill_trace::kEmpty10);
     if (i < prefill_trace::kPairs) trace_point<kTrace>(trace, prefill_trace::kLastHalfReleased + i);
@@ -476,9 +482,15 @@ __device__ __forceinline__ void scale_rows(float (&o)[128], const float (&factor
 // entries score −inf; the rows' reference becomes max(base_max, the block's maxima) (log2 units), o and row_sum are
 // rescaled from row_max to it; s becomes the fp32 weights and pf their bf16 A fragments (PV's k16 steps); row_sum adds
 // the rounded weights.
-__device__ __forceinline__ void block_softmax(float (&s)[32], const int32_t* valid, int c, float scale_log2,
-                                              const float (&base_max)[2], float (&row_max)[2], float (&row_sum)[2],
-                                              float (&o)[128], uint32_t (&pf)[4][4]) {
+// In two steps: block_reference (the masked scores, the new maxima, row_sum rescaled; returns the rescale of o and
+// the exponent reference) and block_weights (the weights and o's rescale).
+struct BlockReference {
+  float alpha[2], reference[2];
+};
+
+__device__ __forceinline__ BlockReference block_reference(float (&s)[32], const int32_t* valid, int c,
+                                                          float scale_log2, const float (&base_max)[2],
+                                                          float (&row_max)[2], float (&row_sum)[2]) {
   float block_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int n = 0; n < 8; ++n)
@@ -487,19 +499,25 @@ __device__ __forceinline__ void block_softmax(float (&s)[32], const int32_t* val
       s[4 * n + e] = valid[8 * n + 2 * c + (e % 2)] != 0 ? s[4 * n + e] * scale_log2 : -INFINITY;
       block_max[e / 2] = fmaxf(block_max[e / 2], s[4 * n + e]);
     }
-  float alpha[2], reference[2];
+  BlockReference b;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     block_max[r] = fmaxf(block_max[r], __shfl_xor_sync(0xFFFFFFFFu, block_max[r], 1));
     block_max[r] = fmaxf(block_max[r], __shfl_xor_sync(0xFFFFFFFFu, block_max[r], 2));
     const float new_max = fmaxf(base_max[r], block_max[r]);
-    alpha[r] = rescale_factor(row_max[r], new_max);
+    b.alpha[r] = rescale_factor(row_max[r], new_max);
     row_max[r] = new_max;
-    row_sum[r] *= alpha[r];
+    row_sum[r] *= b.alpha[r];
     // A row without a used entry yet keeps −inf; subtracting 0 keeps exp2(−inf) = 0 instead of NaN.
-    reference[r] = new_max == -INFINITY ? 0.0f : new_max;
+    b.reference[r] = new_max == -INFINITY ? 0.0f : new_max;
   }
-  if (__any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) scale_rows(o, alpha);
+  return b;
+}
+
+__device__ __forceinline__ void block_weights(float (&s)[32], const BlockReference& b, float (&row_sum)[2],
+                                              float (&o)[128], uint32_t (&pf)[4][4]) {
+  const float(&reference)[2] = b.reference;
+  if (__any_sync(0xFFFFFFFFu, b.alpha[0] != 1.0f || b.alpha[1] != 1.0f)) scale_rows(o, b.alpha);
 #pragma unroll
   for (int n = 0; n < 8; ++n)
 #pragma unroll
@@ -543,9 +561,7 @@ __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
 template <bool kFp8, bool kTrace, int kSchedule>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
                                         const Barriers& barriers, uint64_t* trace) {
-  constexpr bool kEarlyWeights = (kSchedule & kScheduleEarlyWeights) != 0;
-  constexpr bool kOwnHalfStores = (kSchedule & kScheduleOwnHalfStores) != 0;
-  constexpr bool kOtherPvFirst = (kSchedule & kScheduleOtherPvFirst) != 0;
+  constexpr bool kMaxFirst = (kSchedule & kScheduleMaxFirst) != 0;
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
   const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroup, 0);
   const int thread256 = int(threadIdx.x);
@@ -612,8 +628,10 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     }
     if (c == 0) shared_sum[consumer * 32 + warp * 8 + g] = make_float2(row_sum[0], row_sum[1]);
   };
-  // own_half_stores: each consumer's row sums are final at its last pair's max (consumer 0 after the pair's max
-  // arrives, consumer 1 after its softmax) and go to the other at once, so that neither waits for the other's last PV.
+  // Each consumer's row sums are final at its last pair's max (consumer 0 after the pair's max arrives, consumer 1
+  // after its softmax) and go to the other at once, so that neither waits for the other's last PV (round s23-1, same
+  // runs, bf16 q: Flash 8K 878.9 → 862.9 µs, Pro 8K 1729.0 → 1695.2, Flash 64K 897.8 → 885.4, with the own-half
+  // stores below).
   const auto publish_final_row_sums = [&] {
     publish_row_sums();
     sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierSum0 + consumer);
@@ -637,19 +655,19 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       const uint32_t parity = i & 1;
       sm90::mbarrier_wait(barriers.valid(0), parity);
       pair_point<kTrace>(trace, i, prefill_trace::kC0Valid);
-      block_softmax(s, valid, c, scale_log2, row_max, row_max, row_sum, o, pf);
+      const BlockReference reference = block_reference(s, valid, c, scale_log2, row_max, row_max, row_sum);
+      // max_first: the running max goes to consumer 1 before this block's weights are computed.
+      if constexpr (!kMaxFirst) block_weights(s, reference, row_sum, o, pf);
       if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax0);
       pair_point<kTrace>(trace, i, prefill_trace::kC0MaxSent);
+      if constexpr (kMaxFirst) block_weights(s, reference, row_sum, o, pf);
       pv_registers(o, pf, smem, 0, 0);
-      const auto own_pv_done = [&] {
-        sm90::wgmma_wait_group<0>();
-        sm90::fence_operand(o);
-        fence_fragments(pf);
-        sm90::mbarrier_arrive(barriers.empty(0, 0));
-        pair_point<kTrace>(trace, i, prefill_trace::kC0OwnPv);
-      };
-      if constexpr (!kEarlyWeights) own_pv_done();
+      sm90::wgmma_wait_group<0>();
+      sm90::fence_operand(o);
+      fence_fragments(pf);
+      sm90::mbarrier_arrive(barriers.empty(0, 0));
+      pair_point<kTrace>(trace, i, prefill_trace::kC0OwnPv);
       // The pair's max from consumer 1; this block's weights and everything accumulated so far move to it.
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax1);
       pair_point<kTrace>(trace, i, prefill_trace::kC0PairMax);
@@ -659,30 +677,15 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       row_max[1] = pair_max.y;
       row_sum[0] *= factor[0];
       row_sum[1] *= factor[1];
-      if (kOwnHalfStores && i + 1 == pairs) publish_final_row_sums();
+      if (i + 1 == pairs) publish_final_row_sums();
       const bool rescale = __any_sync(0xFFFFFFFFu, factor[0] != 1.0f || factor[1] != 1.0f);
-      if constexpr (kEarlyWeights) {
-        // Handed over while the own PV may still read pf: the rescaled weights go to their own registers.
-        uint32_t handed[4][4];
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) handed[ks][e] = pf[ks][e];
-        if (rescale) rescale_weights(s, factor, handed);
-        store_weights(own_p, handed, warp, g, c);
-      } else {
-        if (rescale) rescale_weights(s, factor, pf);
-        store_weights(own_p, pf, warp, g, c);
-      }
+      if (rescale) rescale_weights(s, factor, pf);
+      store_weights(own_p, pf, warp, g, c);
       sm90::fence_proxy_async_shared();
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP0);
-      if constexpr (kEarlyWeights) {
-        own_pv_done();
-        if (rescale) scale_rows(o, factor);
-      }
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
       pair_point<kTrace>(trace, i, prefill_trace::kC0OtherP);
-      if (!kEarlyWeights && rescale) scale_rows(o, factor);
+      if (rescale) scale_rows(o, factor);
       wait_full<kFp8>(barriers.full(1, 0), parity);  // consumer 1 waited for it too; this orders the data for our reads
       pair_point<kTrace>(trace, i, prefill_trace::kC0LateHalf);
       pv_shared(o, other_p, smem, 1, 0);
@@ -734,58 +737,38 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       const float2 base = *shared_max;
       const float base_max[2] = {base.x, base.y};
       __syncwarp();  // every lane of the row's quad has read it before lane c = 0 overwrites it
-      block_softmax(s, valid, c, scale_log2, base_max, row_max, row_sum, o, pf);
+      const BlockReference reference = block_reference(s, valid, c, scale_log2, base_max, row_max, row_sum);
+      // max_first: the pair's max goes back before this block's weights are computed.
+      if constexpr (!kMaxFirst) block_weights(s, reference, row_sum, o, pf);
       if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax1);
       pair_point<kTrace>(trace, i, prefill_trace::kC1MaxSent);
-      if (kOwnHalfStores && i + 1 == pairs) publish_final_row_sums();
-      if constexpr (!kOtherPvFirst) pv_registers(o, pf, smem, 1, 1);
+      if constexpr (kMaxFirst) block_weights(s, reference, row_sum, o, pf);
+      if (i + 1 == pairs) publish_final_row_sums();
+      pv_registers(o, pf, smem, 1, 1);
       store_weights(own_p, pf, warp, g, c);
       sm90::fence_proxy_async_shared();
-      // early_weights: handed over before waiting for consumer 0's (no round trip through that wait).
-      if constexpr (kEarlyWeights) sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP0);
       pair_point<kTrace>(trace, i, prefill_trace::kC1OtherP);
       wait_full<kFp8>(barriers.full(0, 1), parity);
       pair_point<kTrace>(trace, i, prefill_trace::kC1Half);
       pv_shared(o, other_p, smem, 0, 1);
-      if constexpr (!kEarlyWeights) sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
-      const auto own_pv_done = [&] {
-        sm90::fence_operand(o);
-        fence_fragments(pf);
-        sm90::mbarrier_arrive(barriers.empty(1, 1));
-        pair_point<kTrace>(trace, i, prefill_trace::kC1OwnPv);
-      };
-      const auto other_pv_done = [&] {
-        sm90::fence_operand(o);
-        sm90::mbarrier_arrive(barriers.empty(0, 1));
-        pair_point<kTrace>(trace, i, prefill_trace::kC1OtherPv);
-      };
-      if constexpr (kOtherPvFirst) {
-        // Buffer 0's half 1, which consumer 0's next scores wait for, released first (other bits: O's two blocks
-        // added in the other order).
-        pv_registers(o, pf, smem, 1, 1);
-        sm90::wgmma_wait_group<1>();
-        other_pv_done();
-        sm90::wgmma_wait_group<0>();
-        own_pv_done();
-      } else {
-        sm90::wgmma_wait_group<1>();
-        own_pv_done();
-        sm90::wgmma_wait_group<0>();
-        other_pv_done();
-      }
+      sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
+      sm90::wgmma_wait_group<1>();
+      sm90::fence_operand(o);
+      fence_fragments(pf);
+      sm90::mbarrier_arrive(barriers.empty(1, 1));
+      pair_point<kTrace>(trace, i, prefill_trace::kC1OwnPv);
+      sm90::wgmma_wait_group<0>();
+      sm90::fence_operand(o);
+      sm90::mbarrier_arrive(barriers.empty(0, 1));
+      pair_point<kTrace>(trace, i, prefill_trace::kC1OtherPv);
     }
   }
 
   // Both consumers end on the last pair's max; their row sums add up.
-  if constexpr (kOwnHalfStores) {
-    if (pairs == 0) publish_final_row_sums();
-    sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierSum0 + (consumer ^ 1));
-  } else {
-    publish_row_sums();
-    sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
-  }
+  if (pairs == 0) publish_final_row_sums();
+  sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierSum0 + (consumer ^ 1));
   const float2 peer = shared_sum[(consumer ^ 1) * 32 + warp * 8 + g];
   row_sum[0] += peer.x;
   row_sum[1] += peer.y;
@@ -809,22 +792,19 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     trace_point<kTrace>(trace, prefill_trace::kEnd);
     return;
   }
-  // bf16 rows staged (a quad's 4-byte fragment stores would fill half a sector): 64 heads × 512 dims into the KV
-  // buffers, which no wgmma reads any more (both consumers passed the barrier above after their last wait), then
-  // copied out in 16-byte chunks, consecutive threads on consecutive chunks of a row (H200, 4096 × 640 Flash
+  // bf16 rows staged (a quad's 4-byte fragment stores would fill half a sector): each consumer's 64 heads × 256 dims
+  // in the buffer half that only it read last ((0, 0) for consumer 0, (1, 1) for consumer 1; no wgmma reads it after
+  // its last wait) and stored by its own warpgroup without waiting for the other (round s23-1, with the early row-sum
+  // exchange above), in 16-byte chunks, consecutive threads on consecutive chunks of a row (H200, 4096 × 640 Flash
   // prefill, bf16 q and out: 976 → 935 µs; staging fp32 rows was slower on decode batches, 84.0 → 86.1 µs), with
   // the streaming (evict-first) policy: the 64 KB a CTA writes then leaves the entries and q rows that later CTAs
   // read in L2 (round s22-1, same runs: Flash 8K 915.2 → 895.5 µs, Pro 8K 1796.3 → 1757.6, Flash 64K 939.7 →
   // 917.8; one TMA bulk copy per row instead: 905.0 / 1772.5 / 925.4, in round s22-2 with an L2 evict-first hint
   // against the streaming stores: 911.8 / 1789.7 / 937.1 vs 905.2 / 1778.8 / 929.5).
-  // own_half_stores: each consumer stages its own 256 dims in the buffer half that only it read last ((0, 0) for
-  // consumer 0, (1, 1) for consumer 1) and stores them itself, without waiting for the other.
-  uint8_t* staging = smem + kKv + (kOwnHalfStores ? consumer * (kBufferBytes + kHalfTiles * kTileBytes) : 0);
-  static_assert(kHeads * kHeadDim * 2 <= 2 * kBufferBytes, "bf16 output rows fit the two KV buffers");
+  uint8_t* staging = smem + kKv + consumer * (kBufferBytes + kHalfTiles * kTileBytes);
   static_assert(kHeads * kHeadDim <= kHalfTiles * kTileBytes, "a consumer's bf16 output rows fit a buffer half");
   constexpr int row_bytes = kHeadDim * 2;
-  constexpr int staged_row_bytes = kOwnHalfStores ? row_bytes / 2 : row_bytes, row_chunks = staged_row_bytes / 16;
-  const int staged_dim_base = kOwnHalfStores ? dim_base : 0;
+  constexpr int staged_row_bytes = row_bytes / 2, row_chunks = staged_row_bytes / 16;
 #pragma unroll
   for (int n = 0; n < 32; ++n) {
     const int dim = dim_base + 8 * n + 2 * c;
@@ -840,21 +820,15 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     for (int r = 0; r < 2; ++r) {
       const int row = 16 * warp + g + 8 * r;
       const uint32_t packed = pack_bf16x2(v[2 * r], v[2 * r + 1]);
-      *reinterpret_cast<uint32_t*>(staging + staged_offset(row, staged_row_bytes, (dim - staged_dim_base) * 2)) =
-          packed;
+      *reinterpret_cast<uint32_t*>(staging + staged_offset(row, staged_row_bytes, (dim - dim_base) * 2)) = packed;
     }
   }
-  if constexpr (kOwnHalfStores)
-    sm90::named_barrier_sync<kWarpgroup>(kBarrierStaged0 + consumer);
-  else
-    sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
+  sm90::named_barrier_sync<kWarpgroup>(kBarrierStaged0 + consumer);
   trace_point<kTrace>(trace, prefill_trace::kStaged);
-  uint8_t* out = static_cast<uint8_t*>(p.out) + (t * p.heads + head_base) * int64_t(row_bytes) +
-                 (kOwnHalfStores ? consumer * staged_row_bytes : 0);
+  uint8_t* out = static_cast<uint8_t*>(p.out) + (t * p.heads + head_base) * int64_t(row_bytes) + dim_base * 2;
   const bool aligned16 = (reinterpret_cast<uintptr_t>(p.out) & 15) == 0;
   const int rows = min(kHeads, p.heads - head_base);
-  const int storing_threads = kOwnHalfStores ? kWarpgroup : 2 * kWarpgroup;
-  for (int i = kOwnHalfStores ? thread : thread256; i < rows * row_chunks; i += storing_threads) {
+  for (int i = thread; i < rows * row_chunks; i += kWarpgroup) {
     const int row = i / row_chunks, byte = (i % row_chunks) * 16;
     const uint4 value = *reinterpret_cast<const uint4*>(staging + staged_offset(row, staged_row_bytes, byte));
     uint8_t* destination = out + int64_t(row) * row_bytes + byte;
@@ -893,7 +867,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The CTA that starts about when this one ends: one per SM is resident (resident_ctas), launched in order.
     const int64_t ahead = int64_t(blockIdx.x) + resident_ctas;
     const bool ahead_exists = ahead < p.tokens * head_blocks;
-    produce<kFp8, kTrace>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers,
+    produce<kFp8, kTrace, kSchedule>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers,
                           ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();

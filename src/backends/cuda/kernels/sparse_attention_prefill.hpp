@@ -77,16 +77,13 @@ struct SparseAttentionPrefillOptions {
   PrefetchResolved prefetch_resolved = PrefetchResolved::Auto;
   // Traced launch: tokens × head blocks × kPrefillTraceWarps × kPrefillTraceSlots words (nullptr: untraced kernel).
   uint64_t* trace = nullptr;
-  // Round s23-1 A/B (same bits): consumer 0 hands its block's weights to consumer 1 while its own PV still runs (the
-  // rescaled weights in their own registers) instead of after it; consumer 1 hands its weights over before it waits
-  // for consumer 0's.
-  bool early_weights = false;
-  // Round s23-1 A/B (same bits): the row sums exchanged at each consumer's last pair's max, and each consumer stages
-  // and stores its own 256 output dims as soon as its last PV is done (bf16 out) instead of both after both.
-  bool own_half_stores = false;
-  // Round s23-1 A/B (with early_weights only; other bits): consumer 1 adds consumer 0's block to its accumulator before
-  // its own, so that buffer 0's half 1 (the next pair's late scores on consumer 0) is released first.
-  bool other_pv_first = false;
+  // Round s23-2 A/B (same bits): each consumer hands its row maxima on before it computes its block's weights
+  // (consumer 1's softmax and consumer 0's weight rescale no longer wait for the other's exponentials).
+  bool max_first = false;
+  // Round s23-2 A/B (same bits): the producer refills buffer 0's half 1 (consumer 0's next scores wait for it) before
+  // buffer 1's half 1 (released earlier; round s23-1's trace: the producer reached half (0, 1) 0.4 us after its release,
+  // still issuing (1, 1)).
+  bool late_half_first = false;
 };
 
 void run_sparse_attention_prefill(const SparseAttentionParams& params,
