@@ -30,6 +30,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <utility>
 #include <random>
 #include <string>
 #include <string_view>
@@ -702,22 +703,32 @@ int main(int argc, char** argv) {
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
         // Round s23-2 A/B at the persistent kernel's sizes: `body` with stale pre words read again before the collapse
-        // (DSV4_MHC_REREAD_PRE), then the default once more; and the two's outputs of set 0 byte for byte (set 0's X
-        // restored before each run: hc_post_pre updates it in place).
+        // (DSV4_MHC_REREAD_PRE), with the slice sums before the collapse (DSV4_MHC_SUMS_FIRST), with both, then the
+        // default once more; and each one's outputs of set 0 against the default's, byte for byte (set 0's X restored
+        // before each run: hc_post_pre updates it in place).
         const bool persistent_sized = T > kAutoClusterPerTileMaxTokens;
+        const auto set_switches = [](int which) {
+          for (const auto& [bit, name] : {std::pair{1, "DSV4_MHC_REREAD_PRE"}, std::pair{2, "DSV4_MHC_SUMS_FIRST"}})
+            (which & bit) != 0 ? setenv(name, "1", 1) : unsetenv(name);
+        };
+        const char* const switch_names[] = {"default again", "DSV4_MHC_REREAD_PRE=1", "DSV4_MHC_SUMS_FIRST=1",
+                                            "DSV4_MHC_REREAD_PRE=1 DSV4_MHC_SUMS_FIRST=1"};
         const auto switch_rows = [&](const char* op, const auto& body, double bytes,
                                      std::initializer_list<const DeviceBuffer*> outputs) {
           if (!persistent_sized || std::string_view(op).find(only) == std::string_view::npos) return;
-          setenv("DSV4_MHC_REREAD_PRE", "1", 1);
-          record((std::string(op) + " (DSV4_MHC_REREAD_PRE=1)").c_str(), body, bytes, 0.0);
-          unsetenv("DSV4_MHC_REREAD_PRE");
-          record((std::string(op) + " (default again)").c_str(), body, bytes, 0.0);
+          for (const int which : {1, 2, 3, 0}) {
+            set_switches(which);
+            record((std::string(op) + " (" + switch_names[which] + ")").c_str(), body, bytes, 0.0);
+          }
+          set_switches(0);
           std::vector<unsigned char> x0(set(0).X.bytes());
           set(0).X.download(x0.data(), x0.size());
-          const auto output_bytes = [&] {
+          const auto output_bytes = [&](int which) {
+            set_switches(which);
             set(0).X.upload(x0.data(), x0.size());
             body(0);
             DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+            set_switches(0);
             std::vector<unsigned char> all;
             for (const DeviceBuffer* buffer : outputs) {
               const size_t at = all.size();
@@ -726,12 +737,10 @@ int main(int argc, char** argv) {
             }
             return all;
           };
-          const std::vector<unsigned char> default_bytes = output_bytes();
-          setenv("DSV4_MHC_REREAD_PRE", "1", 1);
-          const std::vector<unsigned char> switched_bytes = output_bytes();
-          unsetenv("DSV4_MHC_REREAD_PRE");
-          std::printf("%s T=%lld: %s outputs with DSV4_MHC_REREAD_PRE against the default's: %s\n", model,
-                      (long long)T, op, switched_bytes == default_bytes ? "byte-identical" : "DIFFERENT BYTES");
+          const std::vector<unsigned char> default_bytes = output_bytes(0);
+          for (const int which : {1, 2, 3})
+            std::printf("%s T=%lld: %s outputs with %s against the default's: %s\n", model, (long long)T, op,
+                        switch_names[which], output_bytes(which) == default_bytes ? "byte-identical" : "DIFFERENT BYTES");
         };
         switch_rows("hc_pre", hc_pre, pre_bytes, {&set(0).y, &set(0).post, &set(0).comb});
         const bool tile_clusters_sized = !decode_sized && T <= 1024;

@@ -711,7 +711,7 @@ static __device__ __noinline__ float sum_slice_words_slowly(const unsigned long 
 }
 
 template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared,
-          bool kRereadPre = false>
+          bool kRereadPre = false, bool kSumsFirst = false>
 __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const __grid_constant__ ProjectionArgs args) {
@@ -729,6 +729,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // the finisher's iteration, behind its slice sums). Round s23-1's trace (hc_pre, 4096 tokens): the first CTA of a
   // tile group reads the sums 384 ns before the last one is stored (median; 85 % of the tiles), 2.3 stale words per
   // CTA and tile, each re-read only at the collapse (its barrier p90 2870 cycles against a median of 506).
+  // DSV4_MHC_SUMS_FIRST (kShared): the slice sums before the collapse again (session 21 put them after it for the
+  // partials' hop; round s23-1's trace: the partials' hop has 768 ns to spare, median, the sums' hop -384).
   constexpr int kThreads = projection_threads(kSliceDims);  // kRoles: per warp group
   constexpr int kWarps = kThreads / 32;
   constexpr int kCtaThreads = projection_cta_threads(kSliceDims, kVariant);
@@ -1105,12 +1107,16 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       // The collapse, then the slice sums: half an iteration more for the partials' hop (session 21: hc_pre 199.8 ->
       // 193.4 µs, hc_head 128.8 -> 126.7, H200). Later passes reload their words here (out of line, as in kRoles, was
       // measured only beside the out-of-line rounding).
+      const auto slice_sums = [&] {
+        for (int pass = 0; pass < passes; ++pass) {
+          if (pass > 0) load_slice_words(jr, pass, words);
+          sum_slices(jr, pass, words, true);
+        }
+        DSV4_MHC_PROJECTION_MARK(ProjectionPhase::kSummed, j);
+      };
+      if constexpr (kSumsFirst) slice_sums();
       if (jc >= 0) collapse_and_refill(jc, pre_reader, squares_word, mix_word, block_sync, j + 1 >= count);
-      for (int pass = 0; pass < passes; ++pass) {
-        if (pass > 0) load_slice_words(jr, pass, words);
-        sum_slices(jr, pass, words, true);
-      }
-      DSV4_MHC_PROJECTION_MARK(ProjectionPhase::kSummed, j);
+      if constexpr (!kSumsFirst) slice_sums();
     }
   }
 
