@@ -69,11 +69,25 @@ void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAt
       fp8 ? launch<true, false, kSchedule>(p, head_blocks, options)
           : launch<false, false, kSchedule>(p, head_blocks, options);
   };
-  if (options.max_first)
-    options.late_half_first ? dispatch.template operator()<kScheduleMaxFirst | kScheduleLateHalfFirst>()
-                            : dispatch.template operator()<kScheduleMaxFirst>();
-  else
-    options.late_half_first ? dispatch.template operator()<kScheduleLateHalfFirst>() : dispatch.template operator()<0>();
+  check(!(options.entry_registers && fp8), "sparse_attention_prefill: entry_registers is built for bf16 entries only");
+  constexpr int kMax = kScheduleMaxFirst, kLate = kScheduleLateHalfFirst, kRegisters = kScheduleEntryRegisters;
+  if (options.entry_registers) {
+    // bf16 entries only (checked above): the fp8 instances of these schedules are not built.
+    const auto dispatch_bf16 = [&]<int kSchedule>() {
+      options.trace != nullptr ? launch<false, true, kSchedule>(p, head_blocks, options)
+                               : launch<false, false, kSchedule>(p, head_blocks, options);
+    };
+    if (options.max_first)
+      options.late_half_first ? dispatch_bf16.template operator()<kMax | kLate | kRegisters>()
+                              : dispatch_bf16.template operator()<kMax | kRegisters>();
+    else
+      options.late_half_first ? dispatch_bf16.template operator()<kLate | kRegisters>()
+                              : dispatch_bf16.template operator()<kRegisters>();
+  } else if (options.max_first) {
+    options.late_half_first ? dispatch.template operator()<kMax | kLate>() : dispatch.template operator()<kMax>();
+  } else {
+    options.late_half_first ? dispatch.template operator()<kLate>() : dispatch.template operator()<0>();
+  }
 }
 
 }  // namespace dsv4::cuda

@@ -131,7 +131,7 @@ inline constexpr int kBarrierMax0 = 1, kBarrierMax1 = 2, kBarrierP0 = 3, kBarrie
                      kBarrierSum0 = 6, kBarrierStaged0 = 8;
 
 // Round s23-2's A/B schedules (SparseAttentionPrefillOptions), flags of the kernel's kSchedule.
-inline constexpr int kScheduleMaxFirst = 1, kScheduleLateHalfFirst = 2;
+inline constexpr int kScheduleMaxFirst = 1, kScheduleLateHalfFirst = 2, kScheduleEntryRegisters = 4;
 
 // The CTA's mbarriers: full and empty per (buffer, half), valid per buffer, tile_full per (buffer, half, tile) for
 // every tile of a half but its last (whose arrival is full's; bf16 entries only).
@@ -209,8 +209,17 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   int32_t* valid = reinterpret_cast<int32_t*>(smem + kValid);
   // The physical entries of this thread's slots of the current pair, [buffer][k], in shared memory (thread-major
   // columns, conflict-free): in registers they pushed the fp8 path's loads past the producer's register budget.
+  // entry_registers (bf16 entries only): in registers, no shared-memory round trip before a half's copies.
+  constexpr bool kEntryRegisters = (kSchedule & kScheduleEntryRegisters) != 0;
+  static_assert(!(kFp8 && kEntryRegisters), "entry_registers: bf16 entries only");
   int32_t* physical_entries = reinterpret_cast<int32_t*>(smem + kPhysical) + thread;
-  const auto physical = [&](int buffer, int k) { return physical_entries[(buffer * 4 + k) * kWarpgroup]; };
+  int32_t entries[2][4];
+  const auto physical = [&](int buffer, int k) {
+    if constexpr (kEntryRegisters)
+      return entries[buffer][k];
+    else
+      return physical_entries[(buffer * 4 + k) * kWarpgroup];
+  };
   // Slot → logical row → page → physical entry for both blocks of a pair: load_rows(pair) issues the index loads
   // into `rows` (all before any use), resolve_pages(pair) the page-table loads that turn them into physical entries.
   // A pair's rows are loaded once the pair before it is resolved, a pair ahead, so that each later pair waits for its
@@ -237,7 +246,10 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
       for (int k = 0; k < 4; ++k) {
         const int64_t s = int64_t(2 * pair + b) * kBlock + row0 + 16 * k;
         const int32_t entry = slot_entry(p, t, sequence_slot, s, rows[b][k]);
-        physical_entries[(b * 4 + k) * kWarpgroup] = entry;
+        if constexpr (kEntryRegisters)
+          entries[b][k] = entry;
+        else
+          physical_entries[(b * 4 + k) * kWarpgroup] = entry;
         if (prefetches_line && entry >= 0) ptx::prefetch_l2(p.cache.entry_address(entry) + line_offset);
       }
   };

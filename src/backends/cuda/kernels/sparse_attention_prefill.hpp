@@ -84,6 +84,9 @@ struct SparseAttentionPrefillOptions {
   // buffer 1's half 1 (released earlier; round s23-1's trace: the producer reached half (0, 1) 0.4 us after its release,
   // still issuing (1, 1)).
   bool late_half_first = false;
+  // Round s23-2 A/B (same bits; bf16 entries only, refused for fp8): the producer keeps a pair's physical entries in
+  // registers instead of shared memory (no shared-memory round trip before each half's copies).
+  bool entry_registers = false;
 };
 
 void run_sparse_attention_prefill(const SparseAttentionParams& params,
