@@ -24,8 +24,7 @@
 // empty kernel on the same grid in its clusters, without clusters and as one CTA per (query, head group) (a call's
 // launch floor in each shape). The decode cases' set-up is make_decode_step (tests/support/sparse_attention_cases.hpp).
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
-//                             [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace]
-//                             [--ab push|pages|early|first]
+//                             [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab push|pages]
 //   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
 //   flash:swa:1,pro:csa:1:65536; flash:csa:256:65536 for one case under a profiler) and no prefill; --prefill-only
 //   skips the decode cases. --warm times without the L2 flush (what is left is not memory latency). --sweep times every
@@ -36,8 +35,8 @@
 //   batch 128). --mma-rates times the head_dim 512 kernel's tensor-core work per tile
 //   alone (mma_rate_kernel) against a tile's flops at the same-run cuBLAS rate and at the nominal peak, nothing else.
 //   --trace times one cold traced call of each selected decode case on the head_dim 512 kernel (bf16 entries) and
-//   prints its CTAs' phases per wave (run_trace_case; with two splits also merged by push); no prefill. --ab VARIANT times
-//   each selected decode case with a round's option off and on (run_ab_case).
+//   prints its CTAs' phases per wave (run_trace_case: without and with the push merge and the page-table prefetch); no
+//   prefill. --ab VARIANT times each selected decode case with a round's option off and on (run_ab_case).
 //   Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -718,15 +717,14 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
   std::printf("%s %s batch %d context %lld: %d slots, %d splits, %d tiles per CTA, %d CTAs\n", model,
               to_string(kind), batch, static_cast<long long>(context), step->slots_per_query(), call.splits, tiles,
               ctas);
-  // As it is, with the push merge (cluster_merge_push; two splits), the page-table prefetch (d512_page_table_prefetch)
-  // and the early entries (d512_early_entries): one cold call each.
-  for (const char* label : {"traced", "push", "pages", "early"}) {
-    const bool push = label[1] == 'u', pages = label[1] == 'a', early = label[0] == 'e';
+  // Without and with the push merge (cluster_merge_push; two splits) and the page-table prefetch
+  // (d512_page_table_prefetch): one cold call each.
+  for (const char* label : {"plain", "push", "pages", "both"}) {
+    const bool push = label[1] == 'u' || label[0] == 'b', pages = label[1] == 'a' || label[0] == 'b';
     if (push && call.splits != 2) continue;
     SparseAttentionParams traced = call;
     traced.cluster_merge_push = push;
     traced.d512_page_table_prefetch = pages;
-    traced.d512_early_entries = early;
     run_sparse_attention(traced);  // warm-up, untraced
     traced.d512_trace = d_trace.as<uint64_t>();
     d_trace.fill_bytes(0);
@@ -741,12 +739,11 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
   std::fflush(stdout);
 }
 
-// --ab VARIANT: the route's decode call (bf16 q, fp32 out; the decode kernels, splits as the model chooses them) as it
-// is and with the variant's option on (push: cluster_merge_push, calls of two cluster-merged splits; pages:
-// d512_page_table_prefetch; early: d512_early_entries; first: d512_producer_first, bf16 entries; calls on the
-// head_dim 512 kernel), timed
-// alternately (median of 20 L2-flushed calls each, twice), both checked against the CPU and compared byte for byte.
-enum class AbVariant { Push, Pages, Early, First };
+// --ab VARIANT: the route's decode call (bf16 q, fp32 out; the decode kernels, splits as the model chooses them) with
+// the variant's option off and on (push: cluster_merge_push, calls of two cluster-merged splits; pages:
+// d512_page_table_prefetch, calls on the head_dim 512 kernel), the other option as its default, timed alternately
+// (median of 20 L2-flushed calls each, twice), both checked against the CPU and compared byte for byte.
+enum class AbVariant { Push, Pages };
 
 void run_ab_case(AbVariant variant, const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch,
                  int64_t context, double copy_gbps, double cublas_tflops, int sms, void* flush, size_t flush_bytes,
@@ -757,8 +754,7 @@ void run_ab_case(AbVariant variant, const char* model, int heads, DecodeLayout k
   SparseAttentionParams a = step->call;
   a.prefill_kernel = false;
   a.splits = choose_sparse_attention_splits(batch, heads, kHeadDim, format, step->slots_per_query(), sms);
-  const bool served = sparse_attention_head_split_splits(a) == 0 && (variant != AbVariant::Push || a.splits == 2) &&
-                      (variant != AbVariant::First || format == KvEntryFormat::Bf16);
+  const bool served = sparse_attention_head_split_splits(a) == 0 && (variant != AbVariant::Push || a.splits == 2);
   if (!served) {
     std::printf("%-6s %-4s %5d %8lld  not served by the variant (splits %d)\n", model, to_string(kind), batch,
                 static_cast<long long>(context), a.splits);
@@ -767,10 +763,8 @@ void run_ab_case(AbVariant variant, const char* model, int heads, DecodeLayout k
   a.out = out_a.data();
   SparseAttentionParams b = a;
   b.out = out_b.data();
-  (variant == AbVariant::Push    ? b.cluster_merge_push
-   : variant == AbVariant::Pages ? b.d512_page_table_prefetch
-   : variant == AbVariant::Early ? b.d512_early_entries
-                                 : b.d512_producer_first) = true;
+  (variant == AbVariant::Push ? a.cluster_merge_push : a.d512_page_table_prefetch) = false;
+  (variant == AbVariant::Push ? b.cluster_merge_push : b.d512_page_table_prefetch) = true;
   double us[2][2];
   for (int round = 0; round < 2; ++round) {
     us[0][round] = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(a); });
@@ -894,19 +888,15 @@ int run(int argc, char** argv) {
     else if (std::strcmp(argv[i], "--trace") == 0)
       trace = true;
     else if (std::strcmp(argv[i], "--ab") == 0 && i + 1 < argc &&
-             (std::strcmp(argv[i + 1], "push") == 0 || std::strcmp(argv[i + 1], "pages") == 0 ||
-              std::strcmp(argv[i + 1], "early") == 0 || std::strcmp(argv[i + 1], "first") == 0)) {
+             (std::strcmp(argv[i + 1], "push") == 0 || std::strcmp(argv[i + 1], "pages") == 0)) {
       ab = true;
       ++i;
-      ab_variant = std::strcmp(argv[i], "push") == 0    ? AbVariant::Push
-                   : std::strcmp(argv[i], "pages") == 0 ? AbVariant::Pages
-                   : std::strcmp(argv[i], "early") == 0 ? AbVariant::Early
-                                                        : AbVariant::First;
+      ab_variant = std::strcmp(argv[i], "push") == 0 ? AbVariant::Push : AbVariant::Pages;
     }
     else
       fail("unknown argument ", argv[i],
            " (usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] "
-           "[--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab push|pages|early|first])");
+           "[--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab push|pages])");
   }
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
@@ -961,14 +951,8 @@ int run(int argc, char** argv) {
   else if (ab)
     std::printf("--ab %s: the decode call off / on (%s), us alternately (median of 20 L2-flushed calls each, twice), "
                 "bf16 q, fp32 out; slots per query, splits\n",
-                ab_variant == AbVariant::Push    ? "push"
-                : ab_variant == AbVariant::Pages ? "pages"
-                : ab_variant == AbVariant::Early ? "early"
-                                                 : "first",
-                ab_variant == AbVariant::Push    ? "cluster_merge_push"
-                : ab_variant == AbVariant::Pages ? "d512_page_table_prefetch"
-                : ab_variant == AbVariant::Early ? "d512_early_entries"
-                                                 : "d512_producer_first");
+                ab_variant == AbVariant::Push ? "push" : "pages",
+                ab_variant == AbVariant::Push ? "cluster_merge_push" : "d512_page_table_prefetch");
   else if (route)
     std::printf("--route: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "
                 "prefill kernel, bf16 q; slots per query; routed = run_sparse_attention's defaults send the call to "

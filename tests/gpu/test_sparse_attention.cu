@@ -320,9 +320,8 @@ TEST(SparseAttention, D512TwoWavesSplitsAndEpilogues) {
 // Two splits merged by push (SparseAttentionParams::cluster_merge_push) give the same bytes as the merge by loads from
 // the peers' partials, and match the CPU: per-query counts (a split past a query's count: no tiles), a query with no
 // entries, a padded head block (48 heads), Pro's two head blocks with bf16 q and output, fp8 entries, rope 128 (rope
-// dims outside the last 64), a traced launch; untraced with the page-table prefetch (d512_page_table_prefetch) and the
-// early entries (d512_early_entries) too.
-// The producer-first instance (d512_producer_first) gives the same bytes as well.
+// dims outside the last 64), a traced launch; untraced with the page-table prefetch (d512_page_table_prefetch) too,
+// which alone gives the loads' merge's bytes as well.
 TEST(SparseAttention, D512PushMergeSameBits) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 170;
@@ -351,20 +350,19 @@ TEST(SparseAttention, D512PushMergeSameBits) {
       call.head_split = false;
       call.prefill_kernel = false;
       call.cluster_merge = true;
+      call.cluster_merge_push = false;
+      call.d512_page_table_prefetch = false;
       call.splits = c.splits;
       DeviceBuffer d_trace(size_t(sparse_attention_d512_ctas(call)) * kSparseAttentionTraceSlots * 8, "trace");
       if (traced) call.d512_trace = d_trace.as<uint64_t>();
       int splits = 0;
       const std::vector<uint8_t> loaded = run_call(c, true, call, splits);
-      // The push merge (untraced with the page-table prefetch and the early entries, prefetches only), and untraced the
-      // producer-first instance (bf16 entries; the loads' merge).
+      // The push merge; untraced also the page-table prefetch alone (a prefetch only: the loads' merge's bytes).
       for (const bool push_merge : {true, false}) {
         if (!push_merge && traced) continue;
         SparseAttentionParams variant = call;
         variant.cluster_merge_push = push_merge;
-        variant.d512_page_table_prefetch = push_merge && !traced;
-        variant.d512_early_entries = push_merge && !traced;
-        variant.d512_producer_first = !push_merge;
+        variant.d512_page_table_prefetch = !traced;
         compare_with_cpu(c, true, variant, data.expected, data.magnitude);
         const std::vector<uint8_t> bytes = run_call(c, true, variant, splits);
         ASSERT_EQ(loaded.size(), bytes.size());
@@ -376,7 +374,8 @@ TEST(SparseAttention, D512PushMergeSameBits) {
           }
         EXPECT_EQ(differing, 0u) << "bytes differ (splits " << splits << "), the first at byte " << first;
         std::printf("  %-28s splits=%d%s %s: %zu of %zu bytes differ from the loads' merge\n", c.name, splits,
-                    traced ? " traced" : "", push_merge ? "push merge" : "producer first", differing, loaded.size());
+                    traced ? " traced" : "", push_merge ? "push merge" : "page-table prefetch", differing,
+                    loaded.size());
       }
     }
   }

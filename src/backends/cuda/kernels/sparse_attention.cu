@@ -92,9 +92,9 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
 
 // Lets a head_dim 512 kernel take its shared memory and launch clusters above the portable 8 CTAs (sizes the device
 // cannot hold still get 0 from the occupancy query).
-template <bool kFp8, bool kTrace, bool kProducerFirst = false>
+template <bool kFp8, bool kTrace>
 void set_d512_attributes() {
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace, kProducerFirst>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace>;
   DSV4_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D512Layout<kFp8>::kAllocationBytes));
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
@@ -143,7 +143,6 @@ ClusterLimits d512_device_limits() {
   static PerDeviceCache<ClusterLimits> cache;
   return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false, false>), [] {
     set_d512_attributes<false, false>();
-    set_d512_attributes<false, false, true>();
     set_d512_attributes<false, true>();
     set_d512_attributes<true, false>();
     constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the larger of the two entry formats'
@@ -163,18 +162,21 @@ bool merges_in_cluster(const SparseAttentionParams& p) {
   return p.cluster_merge && p.splits > 1 && p.splits <= largest_d512_cluster() && use_d512_kernel(p);
 }
 
-template <bool kFp8, bool kTrace = false, bool kProducerFirst = false>
+template <bool kFp8, bool kTrace = false>
 void launch_d512(const SparseAttentionParams& p) {
   constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace, kProducerFirst>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace>;
   d512_device_limits();  // the kernel's attributes on this device
   const int head_blocks = d512_head_blocks(p.heads);
   const bool cluster = merges_in_cluster(p);
-  // Round s23-1's end-to-end A/B only (removed after it): DSV4_ATTENTION_PUSH_MERGE=0|1 overrides cluster_merge_push.
+  // Round s23-2's end-to-end A/B only (removed after it): DSV4_ATTENTION_PUSH_MERGE=0|1 and
+  // DSV4_ATTENTION_PAGE_PREFETCH=0|1 override cluster_merge_push and d512_page_table_prefetch.
   static const char* const push_override = std::getenv("DSV4_ATTENTION_PUSH_MERGE");
+  static const char* const pages_override = std::getenv("DSV4_ATTENTION_PAGE_PREFETCH");
   SparseAttentionParams call = p;
   if (push_override != nullptr) call.cluster_merge_push = push_override[0] == '1';
+  if (pages_override != nullptr) call.d512_page_table_prefetch = pages_override[0] == '1';
   launch_chained(kernel, dim3(unsigned(d512_ctas(p))), dim3(unsigned(kD512Threads)),
                  size_t(kBytes), p.stream, dim3(unsigned(cluster ? p.splits : 1), 1, 1),
                  "sparse_attention (head_dim 512, wgmma)", call, head_blocks, cluster);
@@ -356,8 +358,6 @@ void run_sparse_attention(const SparseAttentionParams& p) {
       launch_d512<true>(p);
     else if (p.d512_trace != nullptr)
       launch_d512<false, true>(p);
-    else if (p.d512_producer_first)
-      launch_d512<false, false, true>(p);
     else
       launch_d512<false>(p);
     if (!merges_in_cluster(p)) launch_combine(p);

@@ -1516,47 +1516,8 @@ __device__ __forceinline__ void d512_prefetch_page_table(const SparseAttentionPa
     ptx::prefetch_l2(cache.pages_of(sequence_slot, p.layer, KvArray::Compressed) + line);
 }
 
-// The early-entry hint of one producer thread (SparseAttentionParams::d512_early_entries): its slot of the split's
-// first two tiles (two threads per slot, by the slot bound, not the query's count) and that slot's row as the index
-// stands at the CTA's start (read past L1, so that the reads after the wait cannot meet a stale line), -1 for none.
-struct D512EarlyEntry {
-  int64_t slot = 0;
-  int32_t row = -1;
-};
-
-__device__ __forceinline__ D512EarlyEntry d512_early_entry_row(const SparseAttentionParams& p, const CtaWork& work) {
-  D512EarlyEntry early;
-  const int64_t total = int64_t(p.window_slots) + p.compressed_slots;
-  const int tiles_per_split = (int((total + kTile - 1) / kTile) + p.splits - 1) / p.splits;
-  const int64_t begin = int64_t(work.split) * tiles_per_split * kTile;
-  const int64_t end = min(total, begin + int64_t(min(tiles_per_split, 2)) * kTile);
-  early.slot = begin + threadIdx.x / 2;
-  if (early.slot < end)
-    early.row = __ldcg(early.slot < p.window_slots
-                           ? p.window_index + work.t * p.window_slots + early.slot
-                           : p.compressed_index + work.t * p.compressed_slots + (early.slot - p.window_slots));
-  return early;
-}
-
-// Before the grid-dependency wait: asks L2 for half of the early entry's lines (the other thread of its slot the rest)
-// through the page table and `sequence_slot` (host-copied step inputs, complete before the step).
-template <bool kFp8>
-__device__ __forceinline__ void d512_prefetch_early_entry(const SparseAttentionParams& p, const D512EarlyEntry& early,
-                                                          int sequence_slot) {
-  constexpr int kLineBytes = 128, kEntryBytes = kFp8 ? kFp8EntryBytes : kD512HeadDim * 2;
-  constexpr int kHalfLines = kFp8 ? 3 : 4;
-  const int32_t phys = slot_physical(p.cache, slot_page(p, sequence_slot, early.slot, early.row), early.row);
-  if (phys < 0) return;
-  const uint8_t* entry = p.cache.entry_address(phys);
-  const int first_line = (threadIdx.x % 2) * kHalfLines;
-#pragma unroll
-  for (int i = 0; i < kHalfLines; ++i) ptx::prefetch_l2(entry + min((first_line + i) * kLineBytes, kEntryBytes - 1));
-}
-
-// kTrace (bf16 entries only): the CTA's phases marked in p.d512_trace. kProducerFirst
-// (SparseAttentionParams::d512_producer_first): the producer's code laid out right after the set-up (ptxas places the
-// role tested second there), so that the critical path's instructions follow the prologue's in memory.
-template <bool kFp8, bool kTrace, bool kProducerFirst = false>
+// kTrace (bf16 entries only): the CTA's phases marked in p.d512_trace.
+template <bool kFp8, bool kTrace>
 __global__ void __launch_bounds__(kD512Threads, 1)
     sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                  const bool cluster_merge) {
@@ -1571,9 +1532,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
   const CtaWork work = cta_work(p, head_blocks);
   // d512_page_table_prefetch's inputs, loaded now so that their round trip overlaps the set-up below.
   const bool page_prefetch = p.d512_page_table_prefetch && threadIdx.x < kWarpgroupThreads;
-  const bool early_entries = p.d512_early_entries && threadIdx.x < kWarpgroupThreads;
-  const int slot_hint = page_prefetch || early_entries ? p.sequence_slots[work.t] : 0;
-  const D512EarlyEntry early = early_entries ? d512_early_entry_row(p, work) : D512EarlyEntry{};
+  const int slot_hint = page_prefetch ? p.sequence_slots[work.t] : 0;
   const int64_t position_hint =
       page_prefetch && p.positions != nullptr ? p.positions[work.t] : int64_t(p.cache.max_pages_per_array)
                                                                           << p.cache.page_shift;
@@ -1592,10 +1551,9 @@ __global__ void __launch_bounds__(kD512Threads, 1)
   }
   __syncthreads();
 
-  const auto produce = [&] {
+  if (threadIdx.x < kWarpgroupThreads) {
     sm90::setmaxnreg_decrease<kD512ProducerRegisters>();
     if (page_prefetch) d512_prefetch_page_table(p, slot_hint, position_hint);
-    if (early_entries) d512_prefetch_early_entry<kFp8>(p, early, slot_hint);
     wait_for_prior_grids();
     if (kTrace && threadIdx.x == 0) d512_trace_mark(p, kD512TraceProducerWaited);
     if constexpr (kFp8)
@@ -1606,21 +1564,9 @@ __global__ void __launch_bounds__(kD512Threads, 1)
       sm90::cluster_sync();
       if (!d512_push_merge_call(p, cluster_merge)) sm90::cluster_sync_relaxed();
     }
-  };
-  const auto consume = [&] {
+  } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
     d512_consume<L, kTrace>(p, smem, work, cluster_merge);
-  };
-  if constexpr (kProducerFirst) {
-    if (threadIdx.x >= kWarpgroupThreads)
-      consume();
-    else
-      produce();
-  } else {
-    if (threadIdx.x < kWarpgroupThreads)
-      produce();
-    else
-      consume();
   }
 }
 

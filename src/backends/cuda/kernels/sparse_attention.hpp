@@ -120,19 +120,16 @@ struct SparseAttentionParams {
   // Cluster merge of exactly two splits (fp32 partials; the batch-64 shapes): after one cluster barrier each consumer
   // thread stores the one of its two accumulator rows that the peer CTA merges straight from registers into the peer's
   // shared memory (st.async, completing on an mbarrier there) and merges the row it keeps with the peer's from that
-  // area (same bits as the merge by loads from the peers' partials, which is taken otherwise).
-  bool cluster_merge_push = false;
-  // Head_dim 512 kernel (round s23-1 A/B): before the grid-dependency wait the producer asks L2 for the page-table rows
-  // its lookups read (the window array's pages, the compressed array's up to the query's position), through the
-  // sequence slot and position loaded at the CTA's start (host-copied step inputs, as head_split_early_entries reads).
-  bool d512_page_table_prefetch = false;
-  // Head_dim 512 kernel (round s23-1 A/B): before the grid-dependency wait the producer asks L2 for the entries of its
-  // split's first two tiles, through the index as it stands then, the page table and the sequence slot (a hint, as
-  // head_split_early_entries; the lists are read again after the wait).
-  bool d512_early_entries = false;
-  // Head_dim 512 kernel, bf16 entries, untraced (round s23-1 A/B): the instance whose producer code follows the
-  // CTA's set-up in memory (its first instructions after the wait not a far, cold instruction fetch).
-  bool d512_producer_first = false;
+  // area (same bits as the merge by loads from the peers' partials, which is taken otherwise). Round s23-1 (H200,
+  // bench --ab push --bf16-kv, same process): Flash CSA 64K b64 30.8 / 30.9 → 30.4 / 30.3 µs, HCA 4K b64 18.8 / 18.7
+  // → 18.4 / 18.9; round s23-2 decides it.
+  bool cluster_merge_push = true;
+  // Head_dim 512 kernel: before the grid-dependency wait the producer asks L2 for the page-table rows its lookups read
+  // (the window array's pages, the compressed array's up to the query's position), through the sequence slot and
+  // position loaded at the CTA's start (host-copied step inputs, as head_split_early_entries reads). Round s23-1 (H200,
+  // bench --ab pages --bf16-kv): Flash CSA 64K b64 30.9 / 30.7 → 30.0 / 29.9 µs, b256 79.2 / 79.1 → 78.7 / 77.8, HCA 4K
+  // b64 18.8 / 18.8 → 19.0 / 19.1; round s23-2 decides it.
+  bool d512_page_table_prefetch = true;
   // Small-batch decode (head_dim 512, more than 32 heads): CTAs over (query, 16-head group, split of at most
   // head_split_tiles · 32 entries) instead of (query, 64-head block, split), the splits merged in a cluster; used
   // where the grid is one wave on the device and the slot bound fits the largest cluster (else the kernels above).
