@@ -24,7 +24,7 @@
 // empty kernel on the same grid in its clusters, without clusters and as one CTA per (query, head group) (a call's
 // launch floor in each shape). The decode cases' set-up is make_decode_step (tests/support/sparse_attention_cases.hpp).
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
-//                             [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab push|pages]
+//                             [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab push|staged|pages]
 //   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
 //   flash:swa:1,pro:csa:1:65536; flash:csa:256:65536 for one case under a profiler) and no prefill; --prefill-only
 //   skips the decode cases. --warm times without the L2 flush (what is left is not memory latency). --sweep times every
@@ -718,12 +718,15 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
               to_string(kind), batch, static_cast<long long>(context), step->slots_per_query(), call.splits, tiles,
               ctas);
   // Without and with the push merge (cluster_merge_push; two splits) and the page-table prefetch
-  // (d512_page_table_prefetch): one cold call each.
-  for (const char* label : {"plain", "push", "pages", "both"}) {
-    const bool push = label[1] == 'u' || label[0] == 'b', pages = label[1] == 'a' || label[0] == 'b';
+  // (d512_page_table_prefetch), and both with the staged push stores (cluster_merge_push_staged): one cold call each.
+  for (const char* label : {"plain", "push", "pages", "both", "staged"}) {
+    const bool staged = label[1] == 't';
+    const bool push = label[1] == 'u' || label[0] == 'b' || staged;
+    const bool pages = label[1] == 'a' || label[0] == 'b' || staged;
     if (push && call.splits != 2) continue;
     SparseAttentionParams traced = call;
     traced.cluster_merge_push = push;
+    traced.cluster_merge_push_staged = staged;
     traced.d512_page_table_prefetch = pages;
     run_sparse_attention(traced);  // warm-up, untraced
     traced.d512_trace = d_trace.as<uint64_t>();
@@ -740,10 +743,11 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
 }
 
 // --ab VARIANT: the route's decode call (bf16 q, fp32 out; the decode kernels, splits as the model chooses them) with
-// the variant's option off and on (push: cluster_merge_push, calls of two cluster-merged splits; pages:
-// d512_page_table_prefetch, calls on the head_dim 512 kernel), the other option as its default, timed alternately
+// the variant's option off and on (push: cluster_merge_push, calls of two cluster-merged splits; staged:
+// cluster_merge_push_staged, the same calls; pages: d512_page_table_prefetch, calls on the head_dim 512 kernel), the
+// other options as their defaults, timed alternately
 // (median of 20 L2-flushed calls each, twice), both checked against the CPU and compared byte for byte.
-enum class AbVariant { Push, Pages };
+enum class AbVariant { Push, Staged, Pages };
 
 void run_ab_case(AbVariant variant, const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch,
                  int64_t context, double copy_gbps, double cublas_tflops, int sms, void* flush, size_t flush_bytes,
@@ -754,7 +758,8 @@ void run_ab_case(AbVariant variant, const char* model, int heads, DecodeLayout k
   SparseAttentionParams a = step->call;
   a.prefill_kernel = false;
   a.splits = choose_sparse_attention_splits(batch, heads, kHeadDim, format, step->slots_per_query(), sms);
-  const bool served = sparse_attention_head_split_splits(a) == 0 && (variant != AbVariant::Push || a.splits == 2);
+  const bool served =
+      sparse_attention_head_split_splits(a) == 0 && (variant == AbVariant::Pages || a.splits == 2);
   if (!served) {
     std::printf("%-6s %-4s %5d %8lld  not served by the variant (splits %d)\n", model, to_string(kind), batch,
                 static_cast<long long>(context), a.splits);
@@ -763,8 +768,10 @@ void run_ab_case(AbVariant variant, const char* model, int heads, DecodeLayout k
   a.out = out_a.data();
   SparseAttentionParams b = a;
   b.out = out_b.data();
-  (variant == AbVariant::Push ? a.cluster_merge_push : a.d512_page_table_prefetch) = false;
-  (variant == AbVariant::Push ? b.cluster_merge_push : b.d512_page_table_prefetch) = true;
+  for (SparseAttentionParams* call : {&a, &b})
+    (variant == AbVariant::Push     ? call->cluster_merge_push
+     : variant == AbVariant::Staged ? call->cluster_merge_push_staged
+                                    : call->d512_page_table_prefetch) = call == &b;
   double us[2][2];
   for (int round = 0; round < 2; ++round) {
     us[0][round] = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(a); });
@@ -888,15 +895,18 @@ int run(int argc, char** argv) {
     else if (std::strcmp(argv[i], "--trace") == 0)
       trace = true;
     else if (std::strcmp(argv[i], "--ab") == 0 && i + 1 < argc &&
-             (std::strcmp(argv[i + 1], "push") == 0 || std::strcmp(argv[i + 1], "pages") == 0)) {
+             (std::strcmp(argv[i + 1], "push") == 0 || std::strcmp(argv[i + 1], "staged") == 0 ||
+              std::strcmp(argv[i + 1], "pages") == 0)) {
       ab = true;
       ++i;
-      ab_variant = std::strcmp(argv[i], "push") == 0 ? AbVariant::Push : AbVariant::Pages;
+      ab_variant = std::strcmp(argv[i], "push") == 0     ? AbVariant::Push
+                   : std::strcmp(argv[i], "staged") == 0 ? AbVariant::Staged
+                                                         : AbVariant::Pages;
     }
     else
       fail("unknown argument ", argv[i],
            " (usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] "
-           "[--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab push|pages])");
+           "[--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab push|staged|pages])");
   }
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
@@ -951,8 +961,12 @@ int run(int argc, char** argv) {
   else if (ab)
     std::printf("--ab %s: the decode call off / on (%s), us alternately (median of 20 L2-flushed calls each, twice), "
                 "bf16 q, fp32 out; slots per query, splits\n",
-                ab_variant == AbVariant::Push ? "push" : "pages",
-                ab_variant == AbVariant::Push ? "cluster_merge_push" : "d512_page_table_prefetch");
+                ab_variant == AbVariant::Push     ? "push"
+                : ab_variant == AbVariant::Staged ? "staged"
+                                                  : "pages",
+                ab_variant == AbVariant::Push     ? "cluster_merge_push"
+                : ab_variant == AbVariant::Staged ? "cluster_merge_push_staged"
+                                                  : "d512_page_table_prefetch");
   else if (route)
     std::printf("--route: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "
                 "prefill kernel, bf16 q; slots per query; routed = run_sparse_attention's defaults send the call to "

@@ -357,11 +357,14 @@ TEST(SparseAttention, D512PushMergeSameBits) {
       if (traced) call.d512_trace = d_trace.as<uint64_t>();
       int splits = 0;
       const std::vector<uint8_t> loaded = run_call(c, true, call, splits);
-      // The push merge; untraced also the page-table prefetch alone (a prefetch only: the loads' merge's bytes).
-      for (const bool push_merge : {true, false}) {
+      // The push merge, its staged stores (cluster_merge_push_staged); untraced also the page-table prefetch alone (a
+      // prefetch only: the loads' merge's bytes).
+      for (const int mode : {0, 1, 2}) {
+        const bool push_merge = mode < 2;
         if (!push_merge && traced) continue;
         SparseAttentionParams variant = call;
         variant.cluster_merge_push = push_merge;
+        variant.cluster_merge_push_staged = mode == 1;
         variant.d512_page_table_prefetch = !traced;
         compare_with_cpu(c, true, variant, data.expected, data.magnitude);
         const std::vector<uint8_t> bytes = run_call(c, true, variant, splits);
@@ -374,8 +377,8 @@ TEST(SparseAttention, D512PushMergeSameBits) {
           }
         EXPECT_EQ(differing, 0u) << "bytes differ (splits " << splits << "), the first at byte " << first;
         std::printf("  %-28s splits=%d%s %s: %zu of %zu bytes differ from the loads' merge\n", c.name, splits,
-                    traced ? " traced" : "", push_merge ? "push merge" : "page-table prefetch", differing,
-                    loaded.size());
+                    traced ? " traced" : "", mode == 0 ? "push merge" : mode == 1 ? "staged push" : "page prefetch",
+                    differing, loaded.size());
       }
     }
   }

@@ -633,6 +633,7 @@ inline constexpr int kMergeStatsOffset = 0, kMergeScaleOffset = 512, kMergeRopeO
 // Q, and the peer's (max, sum) of each kept head at kMergeStatsOffset.
 inline constexpr int kPushReceivers = 2 * kWarpgroupThreads, kPushVectors = 16;
 inline constexpr uint32_t kPushBytes = kPushReceivers * kPushVectors * 16 + kD512Heads / 2 * 8;
+inline constexpr int kPushStagedRowFloats = kD512HeadDim + 8;  // cluster_merge_push_staged's row stride
 static_assert(kD512ProducerRegisters * kWarpgroupThreads + 2 * kD512ConsumerRegisters * kWarpgroupThreads <= 65536,
               "register budget of one SM");
 
@@ -679,6 +680,7 @@ struct D512Layout {
   static constexpr int kMergePartial = 0;
   static_assert(kD512Heads * kMergeRowFloats * 4 <= kExchange, "the merge partial fits below the exchange region");
   static_assert(kPushReceivers * kPushVectors * 16 <= kKv, "the pushed rows fit over Q");
+  static_assert(kD512Heads / 2 * kPushStagedRowFloats * 4 <= kExchange - kKv, "the staged rows fit the stages");
   static_assert(kMergeScaleOffset >= kD512Heads * 8 &&
                     kMergeRopeOffset >= kMergeScaleOffset + kSparseAttentionMaxClusterSplits * kD512Heads * 4 &&
                     kMergeRopeOffset + kD512HeadDim / 2 * 8 <= 2 * kExchangeFloats * 4,
@@ -1185,25 +1187,60 @@ __device__ __forceinline__ void d512_push_merge(const SparseAttentionParams& p, 
     const float2 split_stats[2] = {split == 0 ? mine : other, split == 0 ? other : mine};
     merge_factors(split_stats, split == 0 ? sink_log2[0] : sink_log2[1], factor);
   }
-  // Only the kept row is stored (the other's head is marked past the last).
-  const int stored_head[2] = {split == 0 ? head[0] : INT32_MAX, split == 1 ? head[1] : INT32_MAX};
   const float2* pushed = reinterpret_cast<const float2*>(received);
-  d512_store_rows(
-      p, t, stored_head, consumer * (kD512HeadDim / 2) + 2 * c,
-      [&](int n, float (&v)[4]) {
-        const float2 q = pushed[((n / 2) * kPushReceivers + thread256) * 2 + n % 2];
-        const float other[2] = {q.x, q.y};
+  // The kept row's merged pair of step n (dims dim0 + 8n, +1).
+  const auto merged = [&](int n, float (&x)[2]) {
+    const float2 q = pushed[((n / 2) * kPushReceivers + thread256) * 2 + n % 2];
+    const float other[2] = {q.x, q.y};
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float mine = split == 0 ? o_acc[4 * n + e] : o_acc[4 * n + 2 + e];
-          float x = 0.0f;
-          x += factor[0] * (split == 0 ? mine : other[e]);
-          x += factor[1] * (split == 0 ? other[e] : mine);
-          v[e] = split == 0 ? x : 0.0f;
-          v[2 + e] = split == 0 ? 0.0f : x;
-        }
-      },
-      rope, rope_table);
+    for (int e = 0; e < 2; ++e) {
+      const float mine = split == 0 ? o_acc[4 * n + e] : o_acc[4 * n + 2 + e];
+      x[e] = 0.0f;
+      x[e] += factor[0] * (split == 0 ? mine : other[e]);
+      x[e] += factor[1] * (split == 0 ? other[e] : mine);
+    }
+  };
+  const int dim0 = consumer * (kD512HeadDim / 2) + 2 * c;
+  if (p.cluster_merge_push_staged) {
+    // The merged rows, rotated back, staged row-major in the free KV (and raw) stages (rows kPushStagedRowFloats
+    // apart: a warp's 8 rows on distinct banks), then stored by consecutive threads in consecutive 16-byte vectors.
+    float* staged = reinterpret_cast<float*>(smem + L::kKv);
+    const int nope_dim = p.cache.layout.nope_dim, first_rope = rope ? nope_dim - dim0 : kD512HeadDim;
+#pragma unroll
+    for (int n = 0; n < 32; ++n) {
+      float x[2];
+      merged(n, x);
+      if (8 * n >= first_rope) rope_rotate_pair(x[0], x[1], rope_table[(dim0 + 8 * n - nope_dim) / 2], true);
+      *reinterpret_cast<float2*>(staged + stats_row * kPushStagedRowFloats + dim0 + 8 * n) = make_float2(x[0], x[1]);
+    }
+    sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+    constexpr int kRowQuads = kD512HeadDim / 4;
+    const int head_base = head[0] - warp * 16 - g;
+#pragma unroll 4
+    for (int k = 0; k < kD512Heads / 2 * kRowQuads / (2 * kWarpgroupThreads); ++k) {
+      const int v = thread256 + k * 2 * kWarpgroupThreads, row = v / kRowQuads, dim = 4 * (v % kRowQuads);
+      const int h = head_base + (row / 8) * 16 + row % 8 + 8 * split;
+      if (h >= p.heads) continue;
+      const float4 quad = *reinterpret_cast<const float4*>(staged + row * kPushStagedRowFloats + dim);
+      const float values[4] = {quad.x, quad.y, quad.z, quad.w};
+      store_output_quad(p, (t * p.heads + h) * kD512HeadDim, dim, values);
+    }
+  } else {
+    // Only the kept row is stored (the other's head is marked past the last).
+    const int stored_head[2] = {split == 0 ? head[0] : INT32_MAX, split == 1 ? head[1] : INT32_MAX};
+    d512_store_rows(
+        p, t, stored_head, dim0,
+        [&](int n, float (&v)[4]) {
+          float x[2];
+          merged(n, x);
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            v[e] = split == 0 ? x[e] : 0.0f;
+            v[2 + e] = split == 0 ? 0.0f : x[e];
+          }
+        },
+        rope, rope_table);
+  }
   if (tracer) d512_trace_mark(p, kD512TraceMergeStored);
 }
 
