@@ -718,15 +718,15 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
               to_string(kind), batch, static_cast<long long>(context), step->slots_per_query(), call.splits, tiles,
               ctas);
   // Without and with the push merge (cluster_merge_push; two splits) and the page-table prefetch
-  // (d512_page_table_prefetch), and both with the staged push stores (cluster_merge_push_staged): one cold call each.
+  // (d512_page_table_prefetch), and both with the staged output stores (d512_staged_output): one cold call each.
   for (const char* label : {"plain", "push", "pages", "both", "staged"}) {
     const bool staged = label[1] == 't';
-    const bool push = label[1] == 'u' || label[0] == 'b' || staged;
+    const bool push = label[1] == 'u' || label[0] == 'b' || (staged && call.splits == 2);
     const bool pages = label[1] == 'a' || label[0] == 'b' || staged;
     if (push && call.splits != 2) continue;
     SparseAttentionParams traced = call;
     traced.cluster_merge_push = push;
-    traced.cluster_merge_push_staged = staged;
+    traced.d512_staged_output = staged;
     traced.d512_page_table_prefetch = pages;
     run_sparse_attention(traced);  // warm-up, untraced
     traced.d512_trace = d_trace.as<uint64_t>();
@@ -744,9 +744,9 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
 
 // --ab VARIANT: the route's decode call (bf16 q, fp32 out; the decode kernels, splits as the model chooses them) with
 // the variant's option off and on (push: cluster_merge_push, calls of two cluster-merged splits; staged:
-// cluster_merge_push_staged, the same calls; pages: d512_page_table_prefetch, calls on the head_dim 512 kernel), the
-// other options as their defaults, timed alternately
-// (median of 20 L2-flushed calls each, twice), both checked against the CPU and compared byte for byte.
+// d512_staged_output, calls of one split or the push merge; pages: d512_page_table_prefetch, calls on the head_dim
+// 512 kernel), the other options as their defaults, timed alternately (median of 20 L2-flushed calls each, twice),
+// both checked against the CPU and compared byte for byte.
 enum class AbVariant { Push, Staged, Pages };
 
 void run_ab_case(AbVariant variant, const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch,
@@ -759,7 +759,8 @@ void run_ab_case(AbVariant variant, const char* model, int heads, DecodeLayout k
   a.prefill_kernel = false;
   a.splits = choose_sparse_attention_splits(batch, heads, kHeadDim, format, step->slots_per_query(), sms);
   const bool served =
-      sparse_attention_head_split_splits(a) == 0 && (variant == AbVariant::Pages || a.splits == 2);
+      sparse_attention_head_split_splits(a) == 0 &&
+      (variant == AbVariant::Pages || a.splits == 2 || (variant == AbVariant::Staged && a.splits == 1));
   if (!served) {
     std::printf("%-6s %-4s %5d %8lld  not served by the variant (splits %d)\n", model, to_string(kind), batch,
                 static_cast<long long>(context), a.splits);
@@ -770,7 +771,7 @@ void run_ab_case(AbVariant variant, const char* model, int heads, DecodeLayout k
   b.out = out_b.data();
   for (SparseAttentionParams* call : {&a, &b})
     (variant == AbVariant::Push     ? call->cluster_merge_push
-     : variant == AbVariant::Staged ? call->cluster_merge_push_staged
+     : variant == AbVariant::Staged ? call->d512_staged_output
                                     : call->d512_page_table_prefetch) = call == &b;
   double us[2][2];
   for (int round = 0; round < 2; ++round) {
@@ -965,7 +966,7 @@ int run(int argc, char** argv) {
                 : ab_variant == AbVariant::Staged ? "staged"
                                                   : "pages",
                 ab_variant == AbVariant::Push     ? "cluster_merge_push"
-                : ab_variant == AbVariant::Staged ? "cluster_merge_push_staged"
+                : ab_variant == AbVariant::Staged ? "d512_staged_output"
                                                   : "d512_page_table_prefetch");
   else if (route)
     std::printf("--route: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "

@@ -357,14 +357,14 @@ TEST(SparseAttention, D512PushMergeSameBits) {
       if (traced) call.d512_trace = d_trace.as<uint64_t>();
       int splits = 0;
       const std::vector<uint8_t> loaded = run_call(c, true, call, splits);
-      // The push merge, its staged stores (cluster_merge_push_staged); untraced also the page-table prefetch alone (a
+      // The push merge, its staged stores (d512_staged_output); untraced also the page-table prefetch alone (a
       // prefetch only: the loads' merge's bytes).
       for (const int mode : {0, 1, 2}) {
         const bool push_merge = mode < 2;
         if (!push_merge && traced) continue;
         SparseAttentionParams variant = call;
         variant.cluster_merge_push = push_merge;
-        variant.cluster_merge_push_staged = mode == 1;
+        variant.d512_staged_output = mode == 1;
         variant.d512_page_table_prefetch = !traced;
         compare_with_cpu(c, true, variant, data.expected, data.magnitude);
         const std::vector<uint8_t> bytes = run_call(c, true, variant, splits);
@@ -381,6 +381,47 @@ TEST(SparseAttention, D512PushMergeSameBits) {
                     differing, loaded.size());
       }
     }
+  }
+}
+
+// One split's output rows staged in shared memory and stored in whole row segments (d512_staged_output) give the same
+// bytes as the fragment stores, and match the CPU: fp32 and bf16 output, a padded head block, Pro's two head blocks,
+// fp8 entries, rope 128, a query without entries.
+TEST(SparseAttention, D512StagedOutputSameBits) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 190;
+  AttentionCase empty{"flash empty query 1 split", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 64, {20, 900}, 1, 1};
+  empty.empty_query = true;
+  const std::vector<AttentionCase> cases = {
+      {"flash csa 1 split", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 1},
+      {"h48 1 split bf16 out", KvEntryFormat::Bf16, 512, 64, 48, 128, 128, 256, {700, 1500}, 1, 1,
+       AttentionDtype::Bf16, AttentionDtype::Bf16},
+      {"pro csa 1 split bf16 io", KvEntryFormat::Bf16, 512, 64, 128, 128, 128, 512, {5000}, 2, 1,
+       AttentionDtype::Bf16, AttentionDtype::Bf16},
+      {"fp8 flash csa 1 split", KvEntryFormat::Fp8Reference, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 1},
+      {"rope 128 1 split", KvEntryFormat::Bf16, 512, 128, 64, 32, 40, 200, {500, 77}, 1, 1, AttentionDtype::Bf16,
+       AttentionDtype::F32},
+      empty};
+  for (const AttentionCase& c : cases) {
+    SCOPED_TRACE(c.name);
+    SparseAttentionCaseData data;
+    ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed++, data));
+    SparseAttentionParams call = data.call;
+    call.head_split = false;
+    call.prefill_kernel = false;
+    call.splits = 1;
+    int splits = 0;
+    const std::vector<uint8_t> fragments = run_call(c, false, call, splits);
+    SparseAttentionParams staged = call;
+    staged.d512_staged_output = true;
+    compare_with_cpu(c, false, staged, data.expected, data.magnitude);
+    const std::vector<uint8_t> rows = run_call(c, false, staged, splits);
+    ASSERT_EQ(fragments.size(), rows.size());
+    size_t differing = 0;
+    for (size_t b = 0; b < rows.size(); ++b) differing += fragments[b] != rows[b];
+    EXPECT_EQ(differing, 0u) << "bytes differ";
+    std::printf("  %-28s staged output: %zu of %zu bytes differ from the fragment stores\n", c.name, differing,
+                rows.size());
   }
 }
 

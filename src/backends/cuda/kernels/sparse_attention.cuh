@@ -633,7 +633,9 @@ inline constexpr int kMergeStatsOffset = 0, kMergeScaleOffset = 512, kMergeRopeO
 // Q, and the peer's (max, sum) of each kept head at kMergeStatsOffset.
 inline constexpr int kPushReceivers = 2 * kWarpgroupThreads, kPushVectors = 16;
 inline constexpr uint32_t kPushBytes = kPushReceivers * kPushVectors * 16 + kD512Heads / 2 * 8;
-inline constexpr int kPushStagedRowFloats = kD512HeadDim + 8;  // cluster_merge_push_staged's row stride
+// d512_staged_output: output rows staged row-major in the free stages, kStagedRowFloats apart (a warp's 8 fragment rows
+// on distinct banks).
+inline constexpr int kStagedRowFloats = kD512HeadDim + 8;
 static_assert(kD512ProducerRegisters * kWarpgroupThreads + 2 * kD512ConsumerRegisters * kWarpgroupThreads <= 65536,
               "register budget of one SM");
 
@@ -680,7 +682,9 @@ struct D512Layout {
   static constexpr int kMergePartial = 0;
   static_assert(kD512Heads * kMergeRowFloats * 4 <= kExchange, "the merge partial fits below the exchange region");
   static_assert(kPushReceivers * kPushVectors * 16 <= kKv, "the pushed rows fit over Q");
-  static_assert(kD512Heads / 2 * kPushStagedRowFloats * 4 <= kExchange - kKv, "the staged rows fit the stages");
+  static_assert(kD512Heads * kStagedRowFloats * 4 <= kExchange &&
+                    kKv + kD512Heads / 2 * kStagedRowFloats * 4 <= kExchange,
+                "the staged output rows fit below the exchange region (a push merge's past the pushed rows)");
   static_assert(kMergeScaleOffset >= kD512Heads * 8 &&
                     kMergeRopeOffset >= kMergeScaleOffset + kSparseAttentionMaxClusterSplits * kD512Heads * 4 &&
                     kMergeRopeOffset + kD512HeadDim / 2 * 8 <= 2 * kExchangeFloats * 4,
@@ -1123,6 +1127,33 @@ __device__ __forceinline__ void d512_store_rows(const SparseAttentionParams& p, 
   }
 }
 
+// d512_staged_output: a consumer thread's pair of step n (dims dim0 + 8n, +1) of one output row, rotated back where they
+// are rope dims (as d512_store_output), into staged row `row`.
+__device__ __forceinline__ void d512_stage_pair(const SparseAttentionParams& p, float* staged, int row, int dim0, int n,
+                                                float x0, float x1, bool rope, const RopeFactors* rope_table) {
+  const int nope_dim = p.cache.layout.nope_dim;
+  if (rope && dim0 + 8 * n >= nope_dim) rope_rotate_pair(x0, x1, rope_table[(dim0 + 8 * n - nope_dim) / 2], true);
+  *reinterpret_cast<float2*>(staged + row * kStagedRowFloats + dim0 + 8 * n) = make_float2(x0, x1);
+}
+
+// The staged rows [0, kRows) stored by the 256 consumer threads, consecutive threads in consecutive 16-byte vectors of
+// a row; staged row r is head head_of(r) of query t (none past the last head).
+template <int kRows, class HeadOf>
+__device__ __forceinline__ void d512_store_staged(const SparseAttentionParams& p, int64_t t, const float* staged,
+                                                  int thread256, HeadOf&& head_of) {
+  constexpr int kRowQuads = kD512HeadDim / 4, kThreads = 2 * kWarpgroupThreads;
+  static_assert(kRows * kRowQuads % kThreads == 0, "whole rounds of vectors");
+#pragma unroll 4
+  for (int k = 0; k < kRows * kRowQuads / kThreads; ++k) {
+    const int v = thread256 + k * kThreads, row = v / kRowQuads, dim = 4 * (v % kRowQuads);
+    const int h = head_of(row);
+    if (h >= p.heads) continue;
+    const float4 quad = *reinterpret_cast<const float4*>(staged + row * kStagedRowFloats + dim);
+    const float values[4] = {quad.x, quad.y, quad.z, quad.w};
+    store_output_quad(p, (t * p.heads + h) * kD512HeadDim, dim, values);
+  }
+}
+
 // Whether the head_dim 512 kernel's CTAs of this call merge by push (SparseAttentionParams::cluster_merge_push).
 __device__ __forceinline__ bool d512_push_merge_call(const SparseAttentionParams& p, bool cluster_merge) {
   return cluster_merge && p.cluster_merge_push && p.splits == 2 && !p.cluster_merge_bf16_partials;
@@ -1201,30 +1232,19 @@ __device__ __forceinline__ void d512_push_merge(const SparseAttentionParams& p, 
     }
   };
   const int dim0 = consumer * (kD512HeadDim / 2) + 2 * c;
-  if (p.cluster_merge_push_staged) {
-    // The merged rows, rotated back, staged row-major in the free KV (and raw) stages (rows kPushStagedRowFloats
-    // apart: a warp's 8 rows on distinct banks), then stored by consecutive threads in consecutive 16-byte vectors.
+  if (p.d512_staged_output) {
+    // The merged rows staged in the free KV (and raw) stages (the pushed rows lie over Q).
     float* staged = reinterpret_cast<float*>(smem + L::kKv);
-    const int nope_dim = p.cache.layout.nope_dim, first_rope = rope ? nope_dim - dim0 : kD512HeadDim;
 #pragma unroll
     for (int n = 0; n < 32; ++n) {
       float x[2];
       merged(n, x);
-      if (8 * n >= first_rope) rope_rotate_pair(x[0], x[1], rope_table[(dim0 + 8 * n - nope_dim) / 2], true);
-      *reinterpret_cast<float2*>(staged + stats_row * kPushStagedRowFloats + dim0 + 8 * n) = make_float2(x[0], x[1]);
+      d512_stage_pair(p, staged, stats_row, dim0, n, x[0], x[1], rope, rope_table);
     }
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
-    constexpr int kRowQuads = kD512HeadDim / 4;
     const int head_base = head[0] - warp * 16 - g;
-#pragma unroll 4
-    for (int k = 0; k < kD512Heads / 2 * kRowQuads / (2 * kWarpgroupThreads); ++k) {
-      const int v = thread256 + k * 2 * kWarpgroupThreads, row = v / kRowQuads, dim = 4 * (v % kRowQuads);
-      const int h = head_base + (row / 8) * 16 + row % 8 + 8 * split;
-      if (h >= p.heads) continue;
-      const float4 quad = *reinterpret_cast<const float4*>(staged + row * kPushStagedRowFloats + dim);
-      const float values[4] = {quad.x, quad.y, quad.z, quad.w};
-      store_output_quad(p, (t * p.heads + h) * kD512HeadDim, dim, values);
-    }
+    d512_store_staged<kD512Heads / 2>(p, t, staged, thread256,
+                                      [&](int row) { return head_base + (row / 8) * 16 + row % 8 + 8 * split; });
   } else {
     // Only the kept row is stored (the other's head is marked past the last).
     const int stored_head[2] = {split == 0 ? head[0] : INT32_MAX, split == 1 ? head[1] : INT32_MAX};
@@ -1493,6 +1513,22 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
     if (thread256 < layout.rope_dim / 2) rope_table[thread256] = rope_pair;
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+  }
+  if (p.d512_staged_output) {
+    // Both consumers past the loop (the rope barriers, else this one): Q and the stages take the 64 rows.
+    if (!rope) sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+    float* staged = reinterpret_cast<float*>(smem);
+#pragma unroll
+    for (int n = 0; n < 32; ++n)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        d512_stage_pair(p, staged, warp * 16 + g + 8 * r, dim_base + 2 * c, n,
+                        o_acc[4 * n + 2 * r] * inverse_denominator[r], o_acc[4 * n + 2 * r + 1] * inverse_denominator[r],
+                        rope, rope_table);
+    sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+    d512_store_staged<kD512Heads>(p, t, staged, thread256, [&](int row) { return head_base + row; });
+    if (tracer) d512_trace_mark(p, kD512TraceEnd);
+    return;
   }
   d512_store_rows(
       p, t, head, dim_base + 2 * c,

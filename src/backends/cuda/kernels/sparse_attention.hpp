@@ -124,10 +124,10 @@ struct SparseAttentionParams {
   // bench --ab push --bf16-kv, same process): Flash CSA 64K b64 30.8 / 30.9 → 30.4 / 30.3 µs, HCA 4K b64 18.8 / 18.7
   // → 18.4 / 18.9; round s23-2 decides it.
   bool cluster_merge_push = true;
-  // Round s23-2 A/B: the push merge's kept rows staged row-major in the free KV stages and stored in whole row segments
-  // (consecutive threads, consecutive 16-byte vectors) instead of from the fragments (eight rows' 32-byte pieces per
-  // warp store); same bits.
-  bool cluster_merge_push_staged = false;
+  // Head_dim 512 kernel, one split or the push merge (round s23-2 A/B): the output rows (normalised or merged, rotated
+  // back) staged row-major in the free stages and stored in whole row segments (consecutive threads, consecutive
+  // 16-byte vectors) instead of from the fragments (eight rows' 32-byte pieces per warp store); same bits.
+  bool d512_staged_output = false;
   // Head_dim 512 kernel: before the grid-dependency wait the producer asks L2 for the page-table rows its lookups read
   // (the window array's pages, the compressed array's up to the query's position), through the sequence slot and
   // position loaded at the CTA's start (host-copied step inputs, as head_split_early_entries reads). Round s23-1 (H200,
