@@ -213,7 +213,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   constexpr bool kEntryRegisters = (kSchedule & kScheduleEntryRegisters) != 0;
   static_assert(!(kFp8 && kEntryRegisters), "entry_registers: bf16 entries only");
   int32_t* physical_entries = reinterpret_cast<int32_t*>(smem + kPhysical) + thread;
-  int32_t entries[2][4];
+  int32_t entries[2][4] = {};
   const auto physical = [&](int buffer, int k) {
     if constexpr (kEntryRegisters)
       return entries[buffer][k];
