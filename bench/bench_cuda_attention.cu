@@ -24,7 +24,7 @@
 // empty kernel on the same grid in its clusters, without clusters and as one CTA per (query, head group) (a call's
 // launch floor in each shape). The decode cases' set-up is make_decode_step (tests/support/sparse_attention_cases.hpp).
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
-//                             [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab push|staged|pages]
+//                             [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace]
 //   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
 //   flash:swa:1,pro:csa:1:65536; flash:csa:256:65536 for one case under a profiler) and no prefill; --prefill-only
 //   skips the decode cases. --warm times without the L2 flush (what is left is not memory latency). --sweep times every
@@ -35,8 +35,7 @@
 //   batch 128). --mma-rates times the head_dim 512 kernel's tensor-core work per tile
 //   alone (mma_rate_kernel) against a tile's flops at the same-run cuBLAS rate and at the nominal peak, nothing else.
 //   --trace times one cold traced call of each selected decode case on the head_dim 512 kernel (bf16 entries) and
-//   prints its CTAs' phases per wave (run_trace_case: without and with the push merge and the page-table prefetch); no
-//   prefill. --ab VARIANT times each selected decode case with a round's option off and on (run_ab_case).
+//   prints its CTAs' phases per wave (run_trace_case); no prefill.
 //   Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -717,86 +716,16 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
   std::printf("%s %s batch %d context %lld: %d slots, %d splits, %d tiles per CTA, %d CTAs\n", model,
               to_string(kind), batch, static_cast<long long>(context), step->slots_per_query(), call.splits, tiles,
               ctas);
-  // Without and with the push merge (cluster_merge_push; two splits) and the page-table prefetch
-  // (d512_page_table_prefetch), and both with the staged output stores (d512_staged_output): one cold call each.
-  for (const char* label : {"plain", "push", "pages", "both", "staged"}) {
-    const bool staged = label[1] == 't';
-    const bool push = label[1] == 'u' || label[0] == 'b' || (staged && call.splits == 2);
-    const bool pages = label[1] == 'a' || label[0] == 'b' || staged;
-    if (push && call.splits != 2) continue;
-    SparseAttentionParams traced = call;
-    traced.cluster_merge_push = push;
-    traced.d512_staged_output = staged;
-    traced.d512_page_table_prefetch = pages;
-    run_sparse_attention(traced);  // warm-up, untraced
-    traced.d512_trace = d_trace.as<uint64_t>();
-    d_trace.fill_bytes(0);
-    DSV4_CUDA_CHECK(cudaMemsetAsync(flush, 0x11, flush_bytes));
-    StreamTimer timer;
-    const double ms = timer.elapsed_ms(nullptr, [&] { run_sparse_attention(traced); });
-    std::vector<uint64_t> trace(size_t(ctas) * kSparseAttentionTraceSlots);
-    d_trace.download(trace.data(), trace.size() * 8);
-    std::printf("  %s: %.1f us (events)\n", label, ms * 1e3);
-    print_trace(label, trace, ctas, tiles);
-  }
-  std::fflush(stdout);
-}
-
-// --ab VARIANT: the route's decode call (bf16 q, fp32 out; the decode kernels, splits as the model chooses them) with
-// the variant's option off and on (push: cluster_merge_push, calls of two cluster-merged splits; staged:
-// d512_staged_output, calls of one split or the push merge; pages: d512_page_table_prefetch, calls on the head_dim
-// 512 kernel), the other options as their defaults, timed alternately (median of 20 L2-flushed calls each, twice),
-// both checked against the CPU and compared byte for byte.
-enum class AbVariant { Push, Staged, Pages };
-
-void run_ab_case(AbVariant variant, const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch,
-                 int64_t context, double copy_gbps, double cublas_tflops, int sms, void* flush, size_t flush_bytes,
-                 std::mt19937& rng) {
-  const std::unique_ptr<SparseAttentionDecodeStep> step = make_decode_step(format, heads, kind, batch, context, rng);
-  const size_t out_bytes = size_t(batch) * heads * kHeadDim * 4;
-  DeviceBuffer out_a(out_bytes, "out"), out_b(out_bytes, "out");
-  SparseAttentionParams a = step->call;
-  a.prefill_kernel = false;
-  a.splits = choose_sparse_attention_splits(batch, heads, kHeadDim, format, step->slots_per_query(), sms);
-  const bool served =
-      sparse_attention_head_split_splits(a) == 0 &&
-      (variant == AbVariant::Pages || a.splits == 2 || (variant == AbVariant::Staged && a.splits == 1));
-  if (!served) {
-    std::printf("%-6s %-4s %5d %8lld  not served by the variant (splits %d)\n", model, to_string(kind), batch,
-                static_cast<long long>(context), a.splits);
-    return;
-  }
-  a.out = out_a.data();
-  SparseAttentionParams b = a;
-  b.out = out_b.data();
-  for (SparseAttentionParams* call : {&a, &b})
-    (variant == AbVariant::Push     ? call->cluster_merge_push
-     : variant == AbVariant::Staged ? call->d512_staged_output
-                                    : call->d512_page_table_prefetch) = call == &b;
-  double us[2][2];
-  for (int round = 0; round < 2; ++round) {
-    us[0][round] = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(a); });
-    us[1][round] = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(b); });
-  }
-  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<int64_t> sample{0, batch - 1};
-  const auto check = [&](const SparseAttentionParams& call, const DeviceBuffer& out) {
-    return cpu_check(call, step->window_index, step->compressed_index, step->q, step->sink, step->positions, out,
-                     sample);
-  };
-  const double a_error = check(a, out_a), b_error = check(b, out_b);
-  std::vector<uint8_t> bytes_a(out_bytes), bytes_b(out_bytes);
-  out_a.download(bytes_a.data(), out_bytes);
-  out_b.download(bytes_b.data(), out_bytes);
-  size_t differing = 0;
-  for (size_t i = 0; i < out_bytes; ++i) differing += bytes_a[i] != bytes_b[i];
-  const double floor_us = std::max(step->kv_bytes() / (copy_gbps * 1e3), step->flops() / (cublas_tflops * 1e6));
-  std::printf("%-6s %-4s %5d %8lld %6d %2d  off %6.1f %6.1f us  on %6.1f %6.1f us (%4.1f%% of floor %.1f)  "
-              "cpu err %.1e / %.1e  %zu bytes differ%s\n",
-              model, to_string(kind), batch, static_cast<long long>(context), step->slots_per_query(), a.splits,
-              us[0][0], us[0][1], us[1][0], us[1][1], 100.0 * floor_us / std::min(us[1][0], us[1][1]), floor_us,
-              a_error, b_error, differing,
-              a_error <= kCpuCheckLimit && b_error <= kCpuCheckLimit ? "" : "  CPU CHECK FAILED");
+  run_sparse_attention(call);  // warm-up, untraced
+  call.d512_trace = d_trace.as<uint64_t>();
+  d_trace.fill_bytes(0);
+  DSV4_CUDA_CHECK(cudaMemsetAsync(flush, 0x11, flush_bytes));
+  StreamTimer timer;
+  const double ms = timer.elapsed_ms(nullptr, [&] { run_sparse_attention(call); });
+  std::vector<uint64_t> trace(size_t(ctas) * kSparseAttentionTraceSlots);
+  d_trace.download(trace.data(), trace.size() * 8);
+  std::printf("  %.1f us (events)\n", ms * 1e3);
+  print_trace("traced", trace, ctas, tiles);
   std::fflush(stdout);
 }
 
@@ -868,9 +797,7 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
 int run(int argc, char** argv) {
   std::string json_path;
   std::vector<std::string> only;  // --only's comma-separated prefixes
-  bool prefill_only = false, warm = false, sweep = false, route = false, mma_rates = false, trace = false,
-       ab = false;
-  AbVariant ab_variant = AbVariant::Push;
+  bool prefill_only = false, warm = false, sweep = false, route = false, mma_rates = false, trace = false;
   KvEntryFormat decode_format = KvEntryFormat::Fp8Reference;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
@@ -895,19 +822,10 @@ int run(int argc, char** argv) {
       mma_rates = true;
     else if (std::strcmp(argv[i], "--trace") == 0)
       trace = true;
-    else if (std::strcmp(argv[i], "--ab") == 0 && i + 1 < argc &&
-             (std::strcmp(argv[i + 1], "push") == 0 || std::strcmp(argv[i + 1], "staged") == 0 ||
-              std::strcmp(argv[i + 1], "pages") == 0)) {
-      ab = true;
-      ++i;
-      ab_variant = std::strcmp(argv[i], "push") == 0     ? AbVariant::Push
-                   : std::strcmp(argv[i], "staged") == 0 ? AbVariant::Staged
-                                                         : AbVariant::Pages;
-    }
     else
       fail("unknown argument ", argv[i],
            " (usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] "
-           "[--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab push|staged|pages])");
+           "[--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace])");
   }
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
@@ -959,15 +877,6 @@ int run(int argc, char** argv) {
                 "0, 1, last arrived, the middle tile arrived / scored / exchanged / softmax done / PV issued, loop's "
                 "last MMAs done, cluster merge's partial written / published / factors ready / output stored, end; "
                 "us/tile between tile 0 and the last; N->end from the last tile to the end\n");
-  else if (ab)
-    std::printf("--ab %s: the decode call off / on (%s), us alternately (median of 20 L2-flushed calls each, twice), "
-                "bf16 q, fp32 out; slots per query, splits\n",
-                ab_variant == AbVariant::Push     ? "push"
-                : ab_variant == AbVariant::Staged ? "staged"
-                                                  : "pages",
-                ab_variant == AbVariant::Push     ? "cluster_merge_push"
-                : ab_variant == AbVariant::Staged ? "d512_staged_output"
-                                                  : "d512_page_table_prefetch");
   else if (route)
     std::printf("--route: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "
                 "prefill kernel, bf16 q; slots per query; routed = run_sparse_attention's defaults send the call to "
@@ -980,7 +889,7 @@ int run(int argc, char** argv) {
               "partials; floor = max(KV bytes at copy rate, flops at cuBLAS rate); bound us = HCA under the 1M slot "
               "bound + counts; cl = the cluster merge; cpu err = worst |error| / max |output| over sampled queries and "
               "heads\n");
-  if (!route && !trace && !ab)
+  if (!route && !trace)
     std::printf("%-6s %-4s %5s %8s %6s %6s %10s %10s %8s %8s %9s %8s %12s %8s %10s %12s %9s %9s %9s %9s %9s %9s "
               "%9s %9s %9s\n",
               "model", "kind", "batch", "context", "slots", "splits", "us", "GB/s", "%copy", "%total", "floor us",
@@ -1024,11 +933,6 @@ int run(int argc, char** argv) {
             run_trace_case(model, heads, kind, batch, context, device.multiprocessors, flush.data(), flush_bytes, rng);
             continue;
           }
-          if (ab) {
-            run_ab_case(ab_variant, model, heads, kind, decode_format, batch, context, copy_gbps, cublas_tflops,
-                        device.multiprocessors, flush.data(), flush_bytes, rng);
-            continue;
-          }
           if (route) {
             record_route(run_route_case(model, heads, kind, decode_format, batch, context, copy_gbps, cublas_tflops,
                                         device.multiprocessors, flush.data(), flush_bytes, rng));
@@ -1064,7 +968,7 @@ int run(int argc, char** argv) {
           std::fflush(stdout);
           results.push_back(r);
         }
-  if (!route && !trace && !ab && only.empty()) {
+  if (!route && !trace && only.empty()) {
     std::printf("\nprefill (4096 queries, CSA 128 + 512 slots)\n");
     std::printf("%-6s %-13s %8s %6s %10s %8s %8s %8s %10s %9s\n", "model", "entries", "context", "splits", "us",
                 "TFLOP/s", "%cublas", "%peak", "bf16q us", "bf16q TF/s");
@@ -1073,7 +977,7 @@ int run(int argc, char** argv) {
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
       for (const int64_t context : {int64_t(8192), int64_t(65536)}) {
-        if (!only.empty() || route || trace || ab) continue;
+        if (!only.empty() || route || trace) continue;
         const PrefillResult r = run_prefill_case(model, heads, format, context, cublas_tflops, peak_tflops,
                                                  device.multiprocessors, flush.data(), flush_bytes, rng);
         std::printf("%-6s %-13s %8lld %6d %10.1f %8.1f %7.1f%% %7.1f%% %10.1f %9.1f\n", r.model.c_str(),

@@ -317,114 +317,6 @@ TEST(SparseAttention, D512TwoWavesSplitsAndEpilogues) {
                   seed++);
 }
 
-// Two splits merged by push (SparseAttentionParams::cluster_merge_push) give the same bytes as the merge by loads from
-// the peers' partials, and match the CPU: per-query counts (a split past a query's count: no tiles), a query with no
-// entries, a padded head block (48 heads), Pro's two head blocks with bf16 q and output, fp8 entries, rope 128 (rope
-// dims outside the last 64), a traced launch; untraced with the page-table prefetch (d512_page_table_prefetch) too,
-// which alone gives the loads' merge's bytes as well.
-TEST(SparseAttention, D512PushMergeSameBits) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 170;
-  AttentionCase counts{"flash csa 2 splits counts", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100, 129},
-                       1, 2, AttentionDtype::F32, AttentionDtype::Bf16};
-  counts.counts = true;
-  AttentionCase empty{"flash empty query", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 64, {20, 900}, 1, 2};
-  empty.empty_query = true;
-  const std::vector<AttentionCase> cases = {
-      {"flash csa 2 splits", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 2},
-      counts,
-      empty,
-      {"h48 2 splits", KvEntryFormat::Bf16, 512, 64, 48, 128, 128, 256, {700, 1500}, 1, 2},
-      {"pro csa 2 splits bf16 io", KvEntryFormat::Bf16, 512, 64, 128, 128, 128, 512, {5000}, 2, 2,
-       AttentionDtype::Bf16, AttentionDtype::Bf16},
-      {"fp8 flash csa 2 splits", KvEntryFormat::Fp8Reference, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 2},
-      {"rope 128 2 splits", KvEntryFormat::Bf16, 512, 128, 64, 32, 40, 200, {500, 77}, 1, 2, AttentionDtype::Bf16,
-       AttentionDtype::Bf16}};
-  for (const AttentionCase& c : cases) {
-    for (const bool traced : {false, true}) {
-      if (traced && c.format != KvEntryFormat::Bf16) continue;
-      SCOPED_TRACE(std::string(c.name) + (traced ? " traced" : ""));
-      SparseAttentionCaseData data;
-      ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed++, data));
-      SparseAttentionParams call = data.call;
-      call.head_split = false;
-      call.prefill_kernel = false;
-      call.cluster_merge = true;
-      call.cluster_merge_push = false;
-      call.d512_page_table_prefetch = false;
-      call.splits = c.splits;
-      DeviceBuffer d_trace(size_t(sparse_attention_d512_ctas(call)) * kSparseAttentionTraceSlots * 8, "trace");
-      if (traced) call.d512_trace = d_trace.as<uint64_t>();
-      int splits = 0;
-      const std::vector<uint8_t> loaded = run_call(c, true, call, splits);
-      // The push merge, its staged stores (d512_staged_output); untraced also the page-table prefetch alone (a
-      // prefetch only: the loads' merge's bytes).
-      for (const int mode : {0, 1, 2}) {
-        const bool push_merge = mode < 2;
-        if (!push_merge && traced) continue;
-        SparseAttentionParams variant = call;
-        variant.cluster_merge_push = push_merge;
-        variant.d512_staged_output = mode == 1;
-        variant.d512_page_table_prefetch = !traced;
-        compare_with_cpu(c, true, variant, data.expected, data.magnitude);
-        const std::vector<uint8_t> bytes = run_call(c, true, variant, splits);
-        ASSERT_EQ(loaded.size(), bytes.size());
-        size_t differing = 0, first = loaded.size();
-        for (size_t b = 0; b < loaded.size(); ++b)
-          if (loaded[b] != bytes[b]) {
-            ++differing;
-            first = std::min(first, b);
-          }
-        EXPECT_EQ(differing, 0u) << "bytes differ (splits " << splits << "), the first at byte " << first;
-        std::printf("  %-28s splits=%d%s %s: %zu of %zu bytes differ from the loads' merge\n", c.name, splits,
-                    traced ? " traced" : "", mode == 0 ? "push merge" : mode == 1 ? "staged push" : "page prefetch",
-                    differing, loaded.size());
-      }
-    }
-  }
-}
-
-// One split's output rows staged in shared memory and stored in whole row segments (d512_staged_output) give the same
-// bytes as the fragment stores, and match the CPU: fp32 and bf16 output, a padded head block, Pro's two head blocks,
-// fp8 entries, rope 128, a query without entries.
-TEST(SparseAttention, D512StagedOutputSameBits) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 190;
-  AttentionCase empty{"flash empty query 1 split", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 64, {20, 900}, 1, 1};
-  empty.empty_query = true;
-  const std::vector<AttentionCase> cases = {
-      {"flash csa 1 split", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 1},
-      {"h48 1 split bf16 out", KvEntryFormat::Bf16, 512, 64, 48, 128, 128, 256, {700, 1500}, 1, 1,
-       AttentionDtype::Bf16, AttentionDtype::Bf16},
-      {"pro csa 1 split bf16 io", KvEntryFormat::Bf16, 512, 64, 128, 128, 128, 512, {5000}, 2, 1,
-       AttentionDtype::Bf16, AttentionDtype::Bf16},
-      {"fp8 flash csa 1 split", KvEntryFormat::Fp8Reference, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 1},
-      {"rope 128 1 split", KvEntryFormat::Bf16, 512, 128, 64, 32, 40, 200, {500, 77}, 1, 1, AttentionDtype::Bf16,
-       AttentionDtype::F32},
-      empty};
-  for (const AttentionCase& c : cases) {
-    SCOPED_TRACE(c.name);
-    SparseAttentionCaseData data;
-    ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed++, data));
-    SparseAttentionParams call = data.call;
-    call.head_split = false;
-    call.prefill_kernel = false;
-    call.splits = 1;
-    int splits = 0;
-    const std::vector<uint8_t> fragments = run_call(c, false, call, splits);
-    SparseAttentionParams staged = call;
-    staged.d512_staged_output = true;
-    compare_with_cpu(c, false, staged, data.expected, data.magnitude);
-    const std::vector<uint8_t> rows = run_call(c, false, staged, splits);
-    ASSERT_EQ(fragments.size(), rows.size());
-    size_t differing = 0;
-    for (size_t b = 0; b < rows.size(); ++b) differing += fragments[b] != rows[b];
-    EXPECT_EQ(differing, 0u) << "bytes differ";
-    std::printf("  %-28s staged output: %zu of %zu bytes differ from the fragment stores\n", c.name, differing,
-                rows.size());
-  }
-}
-
 // A traced head_dim 512 launch (SparseAttentionParams::d512_trace, bench_cuda_attention --trace) matches the CPU and
 // leaves each CTA's marks in order: one split and a 3-split cluster merge with per-query counts (a split past a
 // query's count has no tiles), Pro's two head blocks.
@@ -460,8 +352,7 @@ TEST(SparseAttention, D512TracedLaunchMatchesCpu) {
       const uint64_t* m = &trace[size_t(cta) * kSparseAttentionTraceSlots];
       SCOPED_TRACE("CTA " + std::to_string(cta));
       for (const int mark : {kD512TraceStart, kD512TraceProducerWaited, kD512TraceRowsLoaded, kD512TracePagesLoaded,
-                             kD512TraceConsumerWaited, kD512TraceQReady,
-                             kD512TraceLoopEnd, kD512TraceEnd})
+                             kD512TraceConsumerWaited, kD512TraceQReady, kD512TraceLoopEnd, kD512TraceEnd})
         ASSERT_NE(m[mark], 0u) << "mark " << mark << " missing";
       EXPECT_LE(m[kD512TraceStart], m[kD512TraceProducerWaited]);
       EXPECT_LE(m[kD512TraceProducerWaited], m[kD512TraceRowsLoaded]);

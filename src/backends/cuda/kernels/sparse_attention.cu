@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdlib>
 #include <limits>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -170,16 +169,9 @@ void launch_d512(const SparseAttentionParams& p) {
   d512_device_limits();  // the kernel's attributes on this device
   const int head_blocks = d512_head_blocks(p.heads);
   const bool cluster = merges_in_cluster(p);
-  // Round s23-2's end-to-end A/B only (removed after it): DSV4_ATTENTION_PUSH_MERGE=0|1 and
-  // DSV4_ATTENTION_PAGE_PREFETCH=0|1 override cluster_merge_push and d512_page_table_prefetch.
-  static const char* const push_override = std::getenv("DSV4_ATTENTION_PUSH_MERGE");
-  static const char* const pages_override = std::getenv("DSV4_ATTENTION_PAGE_PREFETCH");
-  SparseAttentionParams call = p;
-  if (push_override != nullptr) call.cluster_merge_push = push_override[0] == '1';
-  if (pages_override != nullptr) call.d512_page_table_prefetch = pages_override[0] == '1';
   launch_chained(kernel, dim3(unsigned(d512_ctas(p))), dim3(unsigned(kD512Threads)),
                  size_t(kBytes), p.stream, dim3(unsigned(cluster ? p.splits : 1), 1, 1),
-                 "sparse_attention (head_dim 512, wgmma)", call, head_blocks, cluster);
+                 "sparse_attention (head_dim 512, wgmma)", p, head_blocks, cluster);
 }
 
 // The head-split kernel's attributes and cluster limits on the current device, set up once per device.

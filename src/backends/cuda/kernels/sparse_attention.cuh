@@ -606,6 +606,22 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   Flash CSA 64K b64 30.4 → 30.5 µs, Flash HCA 4K b64 18.9 → 19.0 (round 1: 31.3 → 30.8, 18.8 → 18.8): the
 //   bytes (64 KB a CTA each way, 8 MB of fp32 output at b64) cost as much through L2 as through the SM-to-SM
 //   network. A warm-L2 trace (no flush; Flash CSA 64K b64) keeps the tile pace at 1.429 µs against 1.493 cold.
+// - Session 23 (H200, bench --ab --bf16-kv, same process, off / on alternating, bytes compared; two rounds): level or
+//   slower, all removed: the two-split merge by push (after one cluster barrier each consumer thread st.asyncs one of
+//   its two fragment rows into the peer's free Q area, completing on an mbarrier there, and merges the other; same
+//   bits): Flash CSA 64K b64 30.8 / 30.9 → 30.4 / 30.3 µs in round 1, 30.3 / 29.7 → 30.8 / 30.1 in round 2, HCA 4K
+//   b64 18.8 / 18.7 → 18.4 / 18.9, 18.8 / 18.9 → 18.3 / 18.4, SWA b64 17.0 / 17.1 → 17.2 / 17.2; its trace: the rows
+//   land 2.0 µs after the barrier (the loads' factors 2.7-2.9), then the stores take 6.0-7.4 µs (the loads' 5.0-5.1):
+//   the merge's time is its output stores. The output rows staged in shared memory and stored in whole 16-byte row
+//   segments (single split and push): slower (CSA b64 29.7 / 29.4 → 30.4 / 30.8, b256 77.4 / 78.0 → 80.5 / 80.7).
+//   The query's page-table lines asked of L2 before the grid wait (sequence slot and position loaded at the start):
+//   CSA b64 30.9 / 30.7 → 30.0 / 29.9 and b256 79.2 / 79.1 → 78.7 / 77.8 in round 1, level in round 2 (30.2 / 30.0 →
+//   29.8 / 30.1, 79.0 / 78.8 → 79.3 / 78.6, HCA 18.3 / 18.4 → 18.2 / 18.3). The first two tiles' entries asked of L2
+//   before the wait (through the index as it stands, as the head-split path's early entries): the producer's wait
+//   1 µs later, nothing gained (30.7 / 30.9 → 30.5 / 30.5). The producer's code laid out after the prologue (the
+//   default places it ≈ 260 KB past it, after the consumer's): level (31.2 / 30.9 → 30.9 / 30.9). Cold trace of the
+//   start (CSA b64, new marks): grid wait 2.7-3.3 µs after the CTA's start, index rows +1.3-1.6, page entries +0.5,
+//   first copies issued +0.8-1.0, the first tile +1.5-1.6.
 
 inline constexpr int kD512HeadDim = 512;
 inline constexpr int kD512Heads = 64;  // one wgmma M
@@ -628,14 +644,6 @@ inline constexpr int kMergeRowBf16 = kD512HeadDim + 8;       // the same for bf1
 // read, this CTA's merge factors [head][split] (up to kSparseAttentionMaxClusterSplits per head) and its inverse-RoPE
 // table.
 inline constexpr int kMergeStatsOffset = 0, kMergeScaleOffset = 512, kMergeRopeOffset = 8192;
-// Push merge (two splits): CTA `split` keeps fragment row `split` of every consumer thread (heads warp · 16 + g +
-// 8 · split); each consumer thread receives its peer counterpart's 16 vectors of that row, [vector][thread] float4s over
-// Q, and the peer's (max, sum) of each kept head at kMergeStatsOffset.
-inline constexpr int kPushReceivers = 2 * kWarpgroupThreads, kPushVectors = 16;
-inline constexpr uint32_t kPushBytes = kPushReceivers * kPushVectors * 16 + kD512Heads / 2 * 8;
-// d512_staged_output: output rows staged row-major in the free stages, kStagedRowFloats apart (a warp's 8 fragment rows
-// on distinct banks).
-inline constexpr int kStagedRowFloats = kD512HeadDim + 8;
 static_assert(kD512ProducerRegisters * kWarpgroupThreads + 2 * kD512ConsumerRegisters * kWarpgroupThreads <= 65536,
               "register budget of one SM");
 
@@ -672,19 +680,14 @@ struct D512Layout {
   static constexpr int kValid = kPhys + kRawStages * kTile * 4;      // int32 [kKvStages][kTile]
   static constexpr int kResolved = kValid + kKvStages * kTile * 4;   // int32 [2][kD512ResolveSlots]: the chunk ring
   static constexpr int kBarriers = kResolved + (kFp8 ? 2 * kD512ResolveSlots * 4 : 0);  // raw_full[R],
-                                                 // kv_full[kKvStages], kv_empty[kKvStages], merge_full (push merge)
-  static constexpr int kMergeFullBarrier = kRawStages + 2 * kKvStages;
-  static constexpr int kBytes = kBarriers + (kMergeFullBarrier + 1) * 8;
+                                                                     // kv_full[kKvStages], kv_empty[kKvStages]
+  static constexpr int kBytes = kBarriers + (kRawStages + 2 * kKvStages) * 8;
   static constexpr int kAllocationBytes = kBytes + 1024;             // room to align the base to 1024
   static_assert(kRawStageBytes % 16 == 0 && kBarriers % 8 == 0, "aligned regions");
   // Cluster merge: the partial output overlays Q, the KV stages and the raw stages; the merge's small tables live in
   // the exchange region.
   static constexpr int kMergePartial = 0;
   static_assert(kD512Heads * kMergeRowFloats * 4 <= kExchange, "the merge partial fits below the exchange region");
-  static_assert(kPushReceivers * kPushVectors * 16 <= kKv, "the pushed rows fit over Q");
-  static_assert(kD512Heads * kStagedRowFloats * 4 <= kExchange &&
-                    kKv + kD512Heads / 2 * kStagedRowFloats * 4 <= kExchange,
-                "the staged output rows fit below the exchange region (a push merge's past the pushed rows)");
   static_assert(kMergeScaleOffset >= kD512Heads * 8 &&
                     kMergeRopeOffset >= kMergeScaleOffset + kSparseAttentionMaxClusterSplits * kD512Heads * 4 &&
                     kMergeRopeOffset + kD512HeadDim / 2 * 8 <= 2 * kExchangeFloats * 4,
@@ -1074,10 +1077,10 @@ __device__ __forceinline__ void d512_cluster_merge_for(const SparseAttentionPara
 // warp samples in ncu (round s19-1, Flash CSA 64K batch 256), mostly instruction-fetch stalls; most of them were
 // warps with nothing else to do: the kernel gained 0.5-2 % (round s19-2, H200, bf16 entries, batch 256: 84.3 → 83.9
 // µs with bulk copies, 80.1 → 78.5 with 64-entry steps; Pro CSA batch 64 40.1 → 39.5).
-// `values(n, v)` gives step n's four values (o_acc[4n + e] times its row's factor) as they are stored.
-template <class Out, int kRopeFrom, class Values>
+template <class Out, int kRopeFrom>
 __device__ __forceinline__ void d512_store_output(const SparseAttentionParams& p, int64_t t, const int (&head)[2],
-                                                  int dim0, Values&& values, bool rope,
+                                                  int dim0, const float (&o_acc)[128],
+                                                  const float (&inverse_denominator)[2], bool rope,
                                                   const RopeFactors* rope_table) {
   const int nope_dim = p.cache.layout.nope_dim;
   Out* row[2];
@@ -1092,7 +1095,8 @@ __device__ __forceinline__ void d512_store_output(const SparseAttentionParams& p
 #pragma unroll
   for (int n = 0; n < 32; ++n) {
     float v[4];
-    values(n, v);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = o_acc[4 * n + e] * inverse_denominator[e / 2];
     if (n >= kRopeFrom && 8 * n >= first_rope) {
       const RopeFactors f = rope_table[(dim0 + 8 * n - nope_dim) / 2];
       rope_rotate_pair(v[0], v[1], f, true);
@@ -1107,161 +1111,6 @@ __device__ __forceinline__ void d512_store_output(const SparseAttentionParams& p
         *reinterpret_cast<uint32_t*>(row[r] + 8 * n) = pack_bf16x2(v[2 * r], v[2 * r + 1]);
     }
   }
-}
-
-// d512_store_output's instance for p.out_dtype and the layout's rope dims.
-template <class Values>
-__device__ __forceinline__ void d512_store_rows(const SparseAttentionParams& p, int64_t t, const int (&head)[2],
-                                                int dim0, Values&& values, bool rope, const RopeFactors* rope_table) {
-  const bool last64 = p.cache.layout.nope_dim >= kD512HeadDim - 64;  // rope dims only in steps 24-31
-  if (p.out_dtype == AttentionDtype::F32) {
-    if (last64)
-      d512_store_output<float, 24>(p, t, head, dim0, values, rope, rope_table);
-    else
-      d512_store_output<float, 0>(p, t, head, dim0, values, rope, rope_table);
-  } else {
-    if (last64)
-      d512_store_output<__nv_bfloat16, 24>(p, t, head, dim0, values, rope, rope_table);
-    else
-      d512_store_output<__nv_bfloat16, 0>(p, t, head, dim0, values, rope, rope_table);
-  }
-}
-
-// d512_staged_output: a consumer thread's pair of step n (dims dim0 + 8n, +1) of one output row, rotated back where they
-// are rope dims (as d512_store_output), into staged row `row`.
-__device__ __forceinline__ void d512_stage_pair(const SparseAttentionParams& p, float* staged, int row, int dim0, int n,
-                                                float x0, float x1, bool rope, const RopeFactors* rope_table) {
-  const int nope_dim = p.cache.layout.nope_dim;
-  if (rope && dim0 + 8 * n >= nope_dim) rope_rotate_pair(x0, x1, rope_table[(dim0 + 8 * n - nope_dim) / 2], true);
-  *reinterpret_cast<float2*>(staged + row * kStagedRowFloats + dim0 + 8 * n) = make_float2(x0, x1);
-}
-
-// The staged rows [0, kRows) stored by the 256 consumer threads, consecutive threads in consecutive 16-byte vectors of
-// a row; staged row r is head head_of(r) of query t (none past the last head).
-template <int kRows, class HeadOf>
-__device__ __forceinline__ void d512_store_staged(const SparseAttentionParams& p, int64_t t, const float* staged,
-                                                  int thread256, HeadOf&& head_of) {
-  constexpr int kRowQuads = kD512HeadDim / 4, kThreads = 2 * kWarpgroupThreads;
-  static_assert(kRows * kRowQuads % kThreads == 0, "whole rounds of vectors");
-#pragma unroll 4
-  for (int k = 0; k < kRows * kRowQuads / kThreads; ++k) {
-    const int v = thread256 + k * kThreads, row = v / kRowQuads, dim = 4 * (v % kRowQuads);
-    const int h = head_of(row);
-    if (h >= p.heads) continue;
-    const float4 quad = *reinterpret_cast<const float4*>(staged + row * kStagedRowFloats + dim);
-    const float values[4] = {quad.x, quad.y, quad.z, quad.w};
-    store_output_quad(p, (t * p.heads + h) * kD512HeadDim, dim, values);
-  }
-}
-
-// Whether the head_dim 512 kernel's CTAs of this call merge by push (SparseAttentionParams::cluster_merge_push).
-__device__ __forceinline__ bool d512_push_merge_call(const SparseAttentionParams& p, bool cluster_merge) {
-  return cluster_merge && p.cluster_merge_push && p.splits == 2 && !p.cluster_merge_bf16_partials;
-}
-
-// The push merge of two splits (consumer threads, after the loop; see kPushReceivers): CTA `split` keeps fragment row
-// `split` of every thread, heads 8 · split + [0, 8) of each 16. After one cluster barrier (every peer's Q is free) each
-// thread stores the values of its other row, and that row's (max, sum), into the peer thread of the same index, which
-// holds the same heads and dims: st.async, completing on the peer's merge_full; no remote loads and no second barrier.
-// Then it waits for its CTA's merge_full, weighs its own and the peer's values of its kept row with the factors of the
-// loads' merge (merge_factors over the splits in order, x = 0 + f0 · o0 + f1 · o1: the same bits) and stores them
-// through d512_store_output.
-template <class L>
-__device__ __forceinline__ void d512_push_merge(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int split,
-                                                int consumer, const int (&head)[2], const float (&sink_log2)[2],
-                                                const float (&row_max)[2], const float (&row_sum)[2],
-                                                const float (&o_acc)[128], RopeFactors rope_pair, bool tracer) {
-  const int thread = threadIdx.x % kWarpgroupThreads, warp = thread / 32, lane = thread % 32;
-  const int g = lane / 4, c = lane % 4, thread256 = consumer * kWarpgroupThreads + thread;
-  uint64_t* merge_full = reinterpret_cast<uint64_t*>(smem + L::kBarriers) + L::kMergeFullBarrier;
-  float4* received = reinterpret_cast<float4*>(smem + L::kMergePartial);
-  float2* received_stats = reinterpret_cast<float2*>(smem + L::kExchange + kMergeStatsOffset);
-  RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + L::kExchange + kMergeRopeOffset);
-  const int sent = 1 - split, stats_row = warp * 8 + g;
-  const bool rope = p.rope_frequencies != nullptr;
-  if (thread256 == 0) sm90::mbarrier_arrive_expect_tx(merge_full, kPushBytes);
-  // Both consumers are out of the loop: the exchange region takes the inverse-RoPE table.
-  sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
-  if (rope && thread256 < p.cache.layout.rope_dim / 2) rope_table[thread256] = rope_pair;
-  if (tracer) d512_trace_mark(p, kD512TraceMergeWritten);
-  sm90::cluster_sync();
-  if (tracer) d512_trace_mark(p, kD512TraceMergeSynced);
-  {
-    const unsigned peer = unsigned(sent);
-    float* remote = reinterpret_cast<float*>(static_cast<float4*>(__cluster_map_shared_rank(received, peer)) + thread256);
-    uint64_t* remote_full = static_cast<uint64_t*>(__cluster_map_shared_rank(merge_full, peer));
-    // Vector i: the sent row's dims of steps 2i and 2i + 1 (o_acc[4n + 2 · sent + {0, 1}]; selected, not indexed by
-    // `sent`, which would move the accumulators to local memory).
-#pragma unroll
-    for (int i = 0; i < kPushVectors; ++i) {
-      float v[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int k = 8 * i + 4 * (e / 2) + e % 2;
-        v[e] = sent == 0 ? o_acc[k] : o_acc[k + 2];
-      }
-      ::cuda::ptx::st_async(remote + i * kPushReceivers * 4, v, remote_full);
-    }
-    if (consumer == 0 && c == 0) {
-      const float v[2] = {sent == 0 ? row_max[0] : row_max[1], sent == 0 ? row_sum[0] : row_sum[1]};
-      ::cuda::ptx::st_async(
-          static_cast<float*>(__cluster_map_shared_rank(reinterpret_cast<float*>(received_stats + stats_row), peer)),
-          v, remote_full);
-    }
-  }
-  sm90::mbarrier_wait(merge_full, 0);
-  if (tracer) d512_trace_mark(p, kD512TraceMergeFactors);
-  float factor[2];
-  {
-    const float2 mine = split == 0 ? make_float2(row_max[0], row_sum[0]) : make_float2(row_max[1], row_sum[1]);
-    const float2 other = received_stats[stats_row];
-    const float2 split_stats[2] = {split == 0 ? mine : other, split == 0 ? other : mine};
-    merge_factors(split_stats, split == 0 ? sink_log2[0] : sink_log2[1], factor);
-  }
-  const float2* pushed = reinterpret_cast<const float2*>(received);
-  // The kept row's merged pair of step n (dims dim0 + 8n, +1).
-  const auto merged = [&](int n, float (&x)[2]) {
-    const float2 q = pushed[((n / 2) * kPushReceivers + thread256) * 2 + n % 2];
-    const float other[2] = {q.x, q.y};
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const float mine = split == 0 ? o_acc[4 * n + e] : o_acc[4 * n + 2 + e];
-      x[e] = 0.0f;
-      x[e] += factor[0] * (split == 0 ? mine : other[e]);
-      x[e] += factor[1] * (split == 0 ? other[e] : mine);
-    }
-  };
-  const int dim0 = consumer * (kD512HeadDim / 2) + 2 * c;
-  if (p.d512_staged_output) {
-    // The merged rows staged in the free KV (and raw) stages (the pushed rows lie over Q).
-    float* staged = reinterpret_cast<float*>(smem + L::kKv);
-#pragma unroll
-    for (int n = 0; n < 32; ++n) {
-      float x[2];
-      merged(n, x);
-      d512_stage_pair(p, staged, stats_row, dim0, n, x[0], x[1], rope, rope_table);
-    }
-    sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
-    const int head_base = head[0] - warp * 16 - g;
-    d512_store_staged<kD512Heads / 2>(p, t, staged, thread256,
-                                      [&](int row) { return head_base + (row / 8) * 16 + row % 8 + 8 * split; });
-  } else {
-    // Only the kept row is stored (the other's head is marked past the last).
-    const int stored_head[2] = {split == 0 ? head[0] : INT32_MAX, split == 1 ? head[1] : INT32_MAX};
-    d512_store_rows(
-        p, t, stored_head, dim0,
-        [&](int n, float (&v)[4]) {
-          float x[2];
-          merged(n, x);
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            v[e] = split == 0 ? x[e] : 0.0f;
-            v[2 + e] = split == 0 ? 0.0f : x[e];
-          }
-        },
-        rope, rope_table);
-  }
-  if (tracer) d512_trace_mark(p, kD512TraceMergeStored);
 }
 
 // L: the CTA's D512Layout (its entry format); kTrace: consumer 0's thread 0 marks its phases
@@ -1287,7 +1136,6 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   const float sink_log2[2] = {head_sink_log2(p, head[0]), head_sink_log2(p, head[1])};
   const float merge_sink_log2 = thread256 < kD512Heads ? head_sink_log2(p, head_base + thread256) : -INFINITY;
   wait_for_prior_grids();
-  const bool push_merge = d512_push_merge_call(p, cluster_merge);
   const bool tracer = kTrace && thread256 == 0;
   if (tracer) d512_trace_mark(p, kD512TraceConsumerWaited);
   const int64_t position = rope ? p.positions[t] : 0;
@@ -1444,11 +1292,6 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 2);
   }
 
-  if (push_merge) {
-    d512_push_merge<L>(p, smem, t, split, consumer, head, sink_log2, row_max, row_sum, o_acc, rope_pair, tracer);
-    if (tracer) d512_trace_mark(p, kD512TraceEnd);
-    return;
-  }
   if (cluster_merge) {
     // Both consumers are done with Q, the KV stages and the exchange buffers: the partial and the tables overlay them.
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
@@ -1514,29 +1357,19 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     if (thread256 < layout.rope_dim / 2) rope_table[thread256] = rope_pair;
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
   }
-  if (p.d512_staged_output) {
-    // Both consumers past the loop (the rope barriers, else this one): Q and the stages take the 64 rows.
-    if (!rope) sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
-    float* staged = reinterpret_cast<float*>(smem);
-#pragma unroll
-    for (int n = 0; n < 32; ++n)
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        d512_stage_pair(p, staged, warp * 16 + g + 8 * r, dim_base + 2 * c, n,
-                        o_acc[4 * n + 2 * r] * inverse_denominator[r], o_acc[4 * n + 2 * r + 1] * inverse_denominator[r],
-                        rope, rope_table);
-    sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
-    d512_store_staged<kD512Heads>(p, t, staged, thread256, [&](int row) { return head_base + row; });
-    if (tracer) d512_trace_mark(p, kD512TraceEnd);
-    return;
+  const int dim0 = dim_base + 2 * c;
+  const bool last64 = layout.nope_dim >= kD512HeadDim - 64;  // rope dims only in steps 24-31
+  if (p.out_dtype == AttentionDtype::F32) {
+    if (last64)
+      d512_store_output<float, 24>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
+    else
+      d512_store_output<float, 0>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
+  } else {
+    if (last64)
+      d512_store_output<__nv_bfloat16, 24>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
+    else
+      d512_store_output<__nv_bfloat16, 0>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
   }
-  d512_store_rows(
-      p, t, head, dim_base + 2 * c,
-      [&](int n, float (&v)[4]) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) v[e] = o_acc[4 * n + e] * inverse_denominator[e / 2];
-      },
-      rope, rope_table);
   if (tracer) d512_trace_mark(p, kD512TraceEnd);
 }
 
@@ -1572,23 +1405,6 @@ __device__ __forceinline__ void d512_prefetch_inputs(const SparseAttentionParams
   }
 }
 
-// Before the grid-dependency wait (SparseAttentionParams::d512_page_table_prefetch; the producer's threads): asks L2
-// for the lines of the query's page-table rows that its lookups read, the window array's pages and the compressed
-// array's up to `position` (a row's index is below its query's position), at most kWarpgroupThreads lines each, through
-// `sequence_slot` and `position` as loaded at the CTA's start (host-copied step inputs, complete before the step).
-__device__ __forceinline__ void d512_prefetch_page_table(const SparseAttentionParams& p, int sequence_slot,
-                                                         int64_t position) {
-  constexpr int kLinePages = 32;
-  const KvCacheView& cache = p.cache;
-  const int line = int(threadIdx.x) * kLinePages;
-  const int64_t window_pages = ((cache.window_capacity - 1) >> cache.page_shift) + 1;
-  const int64_t compressed_pages = (position >> cache.page_shift) + 1;
-  if (p.window_slots > 0 && line < min(window_pages, int64_t(cache.max_pages_per_array)))
-    ptx::prefetch_l2(cache.pages_of(sequence_slot, p.layer, KvArray::Window) + line);
-  if (p.compressed_slots > 0 && line < min(compressed_pages, int64_t(cache.max_pages_per_array)))
-    ptx::prefetch_l2(cache.pages_of(sequence_slot, p.layer, KvArray::Compressed) + line);
-}
-
 // kTrace (bf16 entries only): the CTA's phases marked in p.d512_trace.
 template <bool kFp8, bool kTrace>
 __global__ void __launch_bounds__(kD512Threads, 1)
@@ -1603,12 +1419,6 @@ __global__ void __launch_bounds__(kD512Threads, 1)
   // same in every CTA of a cluster (same kernel, same static shared memory), so peers' partials sit at the same place.
   uint8_t* smem = smem_unaligned + ((1024 - shared_address(smem_unaligned) % 1024) % 1024);
   const CtaWork work = cta_work(p, head_blocks);
-  // d512_page_table_prefetch's inputs, loaded now so that their round trip overlaps the set-up below.
-  const bool page_prefetch = p.d512_page_table_prefetch && threadIdx.x < kWarpgroupThreads;
-  const int slot_hint = page_prefetch ? p.sequence_slots[work.t] : 0;
-  const int64_t position_hint =
-      page_prefetch && p.positions != nullptr ? p.positions[work.t] : int64_t(p.cache.max_pages_per_array)
-                                                                          << p.cache.page_shift;
   d512_prefetch_inputs(p, work);
 
   if (threadIdx.x == 0) {
@@ -1619,23 +1429,21 @@ __global__ void __launch_bounds__(kD512Threads, 1)
       sm90::mbarrier_init(&barriers[L::kRawStages + s], (kFp8 ? 1 : 2) * kWarpgroupThreads);
       sm90::mbarrier_init(&barriers[L::kRawStages + L::kKvStages + s], 2);
     }
-    sm90::mbarrier_init(&barriers[L::kMergeFullBarrier], 1);  // merge_full: its expect_tx arrival, the pushed bytes
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
 
   if (threadIdx.x < kWarpgroupThreads) {
     sm90::setmaxnreg_decrease<kD512ProducerRegisters>();
-    if (page_prefetch) d512_prefetch_page_table(p, slot_hint, position_hint);
     wait_for_prior_grids();
     if (kTrace && threadIdx.x == 0) d512_trace_mark(p, kD512TraceProducerWaited);
     if constexpr (kFp8)
       d512_produce_fp8(p, smem, work.t, split_slot_range(p, work.t, work.split));
     else
       d512_produce_bf16<kTrace>(p, smem, work.t, split_slot_range(p, work.t, work.split));
-    if (cluster_merge) {  // the producer warps take part in the consumers' cluster barriers (a push merge's one)
+    if (cluster_merge) {  // the producer warps take part in the consumers' two cluster barriers
       sm90::cluster_sync();
-      if (!d512_push_merge_call(p, cluster_merge)) sm90::cluster_sync_relaxed();
+      sm90::cluster_sync_relaxed();
     }
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();

@@ -53,7 +53,7 @@ inline constexpr int64_t kSparseAttentionPrefillDecodeSlotsOneBlock = 2048;
 
 // The marks of a traced head_dim 512 launch (SparseAttentionParams::d512_trace), per CTA: its start (thread 0), the
 // producer's and consumer 0's grid-dependency waits returned, the producer's first two chunks' index rows and then
-// their page-table entries loaded (bf16 entries), the producer's first and last tile's copies issued,
+// their page-table entries loaded, the producer's first and last tile's copies issued,
 // consumer 0's Q stored, its tiles 0, 1 and last arrived, its middle tile (tiles / 2) arrived, scored (QKᵀ done),
 // exchanged (partial scores summed), weighted (softmax done) and multiplied (PV issued), its loop's last MMAs done,
 // with a cluster merge its partial written, its partial published (first cluster barrier passed), the merge factors
@@ -117,23 +117,6 @@ struct SparseAttentionParams {
   // bytes of the merge, which the SM-to-SM network bounds at batch 1 (ncu, Flash SWA: 40 % of the consumers' time);
   // each split's unnormalised partial is rounded once (2^-9 of its share of the output).
   bool cluster_merge_bf16_partials = false;
-  // Cluster merge of exactly two splits (fp32 partials; the batch-64 shapes): after one cluster barrier each consumer
-  // thread stores the one of its two accumulator rows that the peer CTA merges straight from registers into the peer's
-  // shared memory (st.async, completing on an mbarrier there) and merges the row it keeps with the peer's from that
-  // area (same bits as the merge by loads from the peers' partials, which is taken otherwise). Round s23-1 (H200,
-  // bench --ab push --bf16-kv, same process): Flash CSA 64K b64 30.8 / 30.9 → 30.4 / 30.3 µs, HCA 4K b64 18.8 / 18.7
-  // → 18.4 / 18.9; round s23-2 decides it.
-  bool cluster_merge_push = true;
-  // Head_dim 512 kernel, one split or the push merge (round s23-2 A/B): the output rows (normalised or merged, rotated
-  // back) staged row-major in the free stages and stored in whole row segments (consecutive threads, consecutive
-  // 16-byte vectors) instead of from the fragments (eight rows' 32-byte pieces per warp store); same bits.
-  bool d512_staged_output = false;
-  // Head_dim 512 kernel: before the grid-dependency wait the producer asks L2 for the page-table rows its lookups read
-  // (the window array's pages, the compressed array's up to the query's position), through the sequence slot and
-  // position loaded at the CTA's start (host-copied step inputs, as head_split_early_entries reads). Round s23-1 (H200,
-  // bench --ab pages --bf16-kv): Flash CSA 64K b64 30.9 / 30.7 → 30.0 / 29.9 µs, b256 79.2 / 79.1 → 78.7 / 77.8, HCA 4K
-  // b64 18.8 / 18.8 → 19.0 / 19.1; round s23-2 decides it.
-  bool d512_page_table_prefetch = true;
   // Small-batch decode (head_dim 512, more than 32 heads): CTAs over (query, 16-head group, split of at most
   // head_split_tiles · 32 entries) instead of (query, 64-head block, split), the splits merged in a cluster; used
   // where the grid is one wave on the device and the slot bound fits the largest cluster (else the kernels above).
