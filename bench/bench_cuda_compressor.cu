@@ -18,10 +18,7 @@
 // - every step with the slot loads forced the other way than the default (CompressorSlotLoads::Auto: lean for the CSA
 //   compressors' prefill chunks, staged for HCA's, registers for decode steps): staged for the CSA chunks and decode
 //   steps, registers for HCA's, against the default;
-// - a CSA layer's decode pair with the indexer's query preparation in its launch against the two launches;
-// - a CSA layer's decode branch after the indexer's wq_b (the pair, the query preparation, the indexer's scores and
-//   top-k against 2048 keys per sequence at a 4K context) in one launch (run_csa_branch) against two (the pair with the
-//   preparation, then the scores with the top-k in their last CTA), bf16 keys (exact numerics) and fp8 keys.
+// - a CSA layer's decode pair with the indexer's query preparation in its launch against the two launches.
 // Projections rotate over copies beyond the L2, so the prefill chunk streams them from HBM. Times are GPU time per
 // call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs them: no host launch cost;
 // the compressor is a programmatic dependent launch, so one call's start overlaps the previous one's end.
@@ -54,7 +51,6 @@
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/compressor.hpp"
-#include "backends/cuda/kernels/top_k.hpp"
 #include "backends/cuda/kv_cache.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/error.hpp"
@@ -449,81 +445,6 @@ void bench_with_prepare(Compressor& main, Compressor& index, const Step& s, cons
                       std::to_string(pair_us).substr(0, 5) + " us)"});
 }
 
-// A decode step's CSA branch after the indexer's wq_b: run_csa_branch against run_compressors(pair, prepare) then
-// run_indexer_scores_top_k (baseline), the indexer compressor storing the sequences' keys (bf16, or fp8 + scales)
-// that the scores read; 64 heads × 128, top-512 of up to kKeys keys per sequence.
-void bench_csa_branch(Compressor& main, Compressor& index, const Step& s, const DeviceBuffer& runs,
-                      const std::string& only, cudaStream_t stream, std::vector<Row>& rows) {
-  constexpr int64_t kHeads = 64, kHeadDim = 128, kKeys = 2048, kTopK = 512;
-  for (const bool fp8 : {false, true}) {
-    const std::string op = "compressor CSA layer branch (pair, prepare, indexer scores, top-k)";
-    const std::string variant = std::string(s.variant) + (fp8 ? ", fp8 keys" : ", bf16 keys");
-    if (!selected(only, op, variant)) continue;
-    const size_t S = size_t(s.sequences);
-    std::mt19937 rng(11);
-    const DeviceBuffer q = to_device(normal_floats(S * kHeads * kHeadDim, 1.0f, rng), "raw q");
-    const DeviceBuffer weights = to_device(normal_floats(S * kHeads, 1.0f, rng), "head weights");
-    const DeviceBuffer positions = to_device(std::vector<int64_t>(S, start_of(s, main)), "positions");
-    std::vector<int32_t> slot_of(S);
-    for (size_t r = 0; r < S; ++r) slot_of[r] = int32_t(r);
-    const DeviceBuffer slots = to_device(slot_of, "slots");
-    DeviceBuffer keys(S * kKeys * kHeadDim * (fp8 ? 1 : 2), "keys"), scales(S * kKeys * 4, "key scales");
-    keys.fill_bytes(0x3C), scales.fill_bytes(0x3C);  // every key row the scores read holds finite values
-    DeviceBuffer prepared(S * kHeads * kHeadDim * 2, "prepared q"), prepared_scales(S * kHeads * 4, "q scales");
-    DeviceBuffer scores(S * kKeys * 4, "scores"), selected_keys(S * kTopK * 4, "selected"), counts(S * 4, "counts");
-    DeviceBuffer nan_flag(16, "nan flag"), workspace(std::max<size_t>(top_k_workspace_bytes(int(S)), 16), "tickets");
-    DeviceBuffer ready(16, "ready");
-    workspace.fill_bytes(0), ready.fill_bytes(0), nan_flag.fill_bytes(0);
-    struct Launch {
-      CompressorParams pair[2];
-      IndexerPrepareParams prepare;
-      IndexerScoresParams scores;
-      TopKParams top;
-    };
-    const auto launch = [&](cudaStream_t on) {
-      Launch l{{main.params(runs, s.sequences, s.tokens, on), index.params(runs, s.sequences, s.tokens, on)}};
-      CompressorParams& x = l.pair[1];
-      x.entries = nullptr, x.slot_entry_capacity = kKeys, x.slot_entry_stride = kKeys * kHeadDim;
-      l.prepare = IndexerPrepareParams{.input = q.as<float>(), .tokens = s.sequences, .heads = kHeads,
-                                       .head_dim = kHeadDim, .positions = positions.as<int64_t>(),
-                                       .rope_frequencies = main.frequencies.as<float>(), .rope_dim = 64,
-                                       .reference_rounding = fp8, .stream = on};
-      IndexerScoresParams& sc = l.scores;
-      if (fp8) {
-        x.slot_entries_fp8 = keys.as<uint8_t>(), x.slot_entry_scales = scales.as<float>(), x.slot_scale_stride = kKeys;
-        l.prepare.output_fp8 = prepared.as<uint8_t>(), l.prepare.output_scales = prepared_scales.as<float>();
-        sc.q_fp8 = prepared.as<uint8_t>(), sc.q_scales = prepared_scales.as<float>();
-        sc.keys_fp8 = keys.as<uint8_t>(), sc.key_scales = scales.as<float>(), sc.key_scales_slot_stride = kKeys;
-      } else {
-        x.slot_entries_bf16 = keys.as<__nv_bfloat16>();
-        l.prepare.output = prepared.as<__nv_bfloat16>();
-        sc.q = prepared.as<__nv_bfloat16>(), sc.keys = keys.as<__nv_bfloat16>();
-      }
-      sc.head_weights = weights.as<float>(), sc.key_count = kKeys, sc.sequence_slots = slots.as<int32_t>();
-      sc.keys_slot_stride = kKeys * kHeadDim, sc.slot_count = s.sequences, sc.positions = positions.as<int64_t>();
-      sc.tokens = s.sequences, sc.heads = kHeads, sc.head_dim = kHeadDim, sc.ratio = 4;
-      sc.scores = scores.as<float>(), sc.score_stride = kKeys, sc.stream = on;
-      l.top.k = kTopK, l.top.selected = selected_keys.as<int32_t>(), l.top.counts = counts.as<int32_t>();
-      l.top.nan_flag = nan_flag.as<int32_t>(), l.top.workspace = workspace.data();
-      l.top.workspace_bytes = top_k_workspace_bytes(s.sequences);
-      return l;
-    };
-    bool one = false;
-    const double one_us = graph_us(stream, 20, [&](cudaStream_t on) {
-      const Launch l = launch(on);
-      one = run_csa_branch(l.pair, l.prepare, l.scores, l.top, ready.as<uint32_t>());
-    });
-    const double two_us = graph_us(stream, 20, [&](cudaStream_t on) {
-      const Launch l = launch(on);
-      run_compressors(l.pair, l.prepare);
-      run_indexer_scores_top_k(l.scores, l.top);
-    });
-    rows.push_back({op, variant, one_us, 0.0, two_us, 0.0,
-                    std::string(one ? "one launch" : "two launches (not co-resident: see the warning)") +
-                        "; baseline: the pair with the preparation, then the scores with the top-k"});
-  }
-}
-
 // A CSA layer's two compressors per step: two launches (the baseline) against one run_compressors launch.
 void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, const std::string& only,
                      cudaStream_t stream, std::vector<Row>& rows) {
@@ -561,9 +482,6 @@ void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, cons
                        });
     if (s.start_in_window != -1) bench_with_prepare(main, index, s, runs, fused_us, only, stream, rows);
   }
-  for (const Step& s : kSteps)
-    if (s.start_in_window != -1)
-      bench_csa_branch(main, index, s, runs_of(start_of(s, main), s.tokens, s.sequences), only, stream, rows);
 }
 
 // The indexer compressor's key outputs as the model stores them, per slot: bf16 (the baseline) against e4m3 codes

@@ -29,8 +29,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <initializer_list>
-#include <utility>
 #include <random>
 #include <string>
 #include <string_view>
@@ -286,14 +284,9 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
   workspace.fill_bytes(0);
   const char* const names[tr::kPhases] = {"top",        "tile landed", "projected", "published",
                                           "pre stored", "pre ready",   "collapsed", "summed"};
-  // Round s23-2: DSV4_MHC_REREAD_PRE traces that variant.
-  const bool reread_pre = std::getenv("DSV4_MHC_REREAD_PRE") != nullptr;
-  constexpr auto kShared = mhc::ProjectionVariant::kShared;
   for (const bool head : {false, true}) {
-    const auto kernel = head ? (reread_pre ? mhc::hc_projection_kernel_traced<true, false, 64, kShared, true>
-                                           : mhc::hc_projection_kernel_traced<true, false, 64>)
-                             : (reread_pre ? mhc::hc_projection_kernel_traced<false, false, 64, kShared, true>
-                                           : mhc::hc_projection_kernel_traced<false, false, 64>);
+    const auto kernel = head ? mhc::hc_projection_kernel_traced<true, false, 64>
+                             : mhc::hc_projection_kernel_traced<false, false, 64>;
     const int partial_rows = head ? mhc::kPartialRows<true> : mhc::kPartialRows<false>;
     const int threads = mhc::projection_cta_threads(64, mhc::ProjectionVariant::kShared);
     const int smem = mhc::projection_smem_bytes(64, partial_rows, false);
@@ -381,10 +374,10 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
     const auto negative = [](const std::vector<double>& v) {
       return 100.0 * double(std::count_if(v.begin(), v.end(), [](double x) { return x < 0; })) / double(v.size());
     };
-    std::printf("trace: V4-Flash %s%s T=%lld (persistent kernel, %d slices × %d groups, %d tiles, lags %d / %d), %d "
+    std::printf("trace: V4-Flash %s T=%lld (persistent kernel, %d slices × %d groups, %d tiles, lags %d / %d), %d "
                 "launches\n",
-                head ? "hc_head" : "hc_pre", reread_pre ? " (DSV4_MHC_REREAD_PRE)" : "", (long long)tokens, slices,
-                args.groups, tiles, sum_lag, collapse_lag, runs);
+                head ? "hc_head" : "hc_pre", (long long)tokens, slices, args.groups, tiles, sum_lag, collapse_lag,
+                runs);
     std::printf("| phase (CTA thread 0, steady state) | cycles p10 | median | p90 |\n|---|---|---|---|\n");
     for (int p = 1; p <= tr::kPhases; ++p)
       std::printf("| %s%s | %.0f | %.0f | %.0f |\n", p == tr::kPhases ? "iteration period" : names[p],
@@ -702,47 +695,6 @@ int main(int argc, char** argv) {
         };
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
-        // Round s23-2 A/B at the persistent kernel's sizes: `body` with stale pre words read again before the collapse
-        // (DSV4_MHC_REREAD_PRE), with the slice sums before the collapse (DSV4_MHC_SUMS_FIRST), with both, then the
-        // default once more; and each one's outputs of set 0 against the default's, byte for byte (set 0's X restored
-        // before each run: hc_post_pre updates it in place).
-        const bool persistent_sized = T > kAutoClusterPerTileMaxTokens;
-        const auto set_switches = [](int which) {
-          for (const auto& [bit, name] : {std::pair{1, "DSV4_MHC_REREAD_PRE"}, std::pair{2, "DSV4_MHC_SUMS_FIRST"}})
-            (which & bit) != 0 ? setenv(name, "1", 1) : unsetenv(name);
-        };
-        const char* const switch_names[] = {"default again", "DSV4_MHC_REREAD_PRE=1", "DSV4_MHC_SUMS_FIRST=1",
-                                            "DSV4_MHC_REREAD_PRE=1 DSV4_MHC_SUMS_FIRST=1"};
-        const auto switch_rows = [&](const char* op, const auto& body, double bytes,
-                                     std::initializer_list<const DeviceBuffer*> outputs) {
-          if (!persistent_sized || std::string_view(op).find(only) == std::string_view::npos) return;
-          for (const int which : {1, 2, 3, 0}) {
-            set_switches(which);
-            record((std::string(op) + " (" + switch_names[which] + ")").c_str(), body, bytes, 0.0);
-          }
-          set_switches(0);
-          std::vector<unsigned char> x0(set(0).X.bytes());
-          set(0).X.download(x0.data(), x0.size());
-          const auto output_bytes = [&](int which) {
-            set_switches(which);
-            set(0).X.upload(x0.data(), x0.size());
-            body(0);
-            DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-            set_switches(0);
-            std::vector<unsigned char> all;
-            for (const DeviceBuffer* buffer : outputs) {
-              const size_t at = all.size();
-              all.resize(at + buffer->bytes());
-              buffer->download(all.data() + at, buffer->bytes());
-            }
-            return all;
-          };
-          const std::vector<unsigned char> default_bytes = output_bytes(0);
-          for (const int which : {1, 2, 3})
-            std::printf("%s T=%lld: %s outputs with %s against the default's: %s\n", model, (long long)T, op,
-                        switch_names[which], output_bytes(which) == default_bytes ? "byte-identical" : "DIFFERENT BYTES");
-        };
-        switch_rows("hc_pre", hc_pre, pre_bytes, {&set(0).y, &set(0).post, &set(0).comb});
         const bool tile_clusters_sized = !decode_sized && T <= 1024;
         if (tile_clusters_sized) {
           record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
@@ -821,8 +773,6 @@ int main(int argc, char** argv) {
         const double mix_bytes = double(T * (kN + kN * kN)) * 4;
         const double post_pre_bytes = td_bytes + 2 * x_bytes + double(kSiteRows * flat) * 4 + td_bytes + 2 * mix_bytes;
         record("hc_post_pre (in place)", hc_post_pre, post_pre_bytes, time_ms(stream, iterations, hc_post_then_pre));
-        switch_rows("hc_post_pre (in place)", hc_post_pre, post_pre_bytes,
-                           {&set(0).X, &set(0).y, &set(0).next_post, &set(0).next_comb});
         const auto roles_post_pre = [&](int i) {
           run_post_pre(set(i), HcKernelChoice::PERSISTENT_WARP_SPECIALIZED, false);
         };
@@ -881,7 +831,6 @@ int main(int argc, char** argv) {
         };
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
                time_ms(stream, iterations, head_baseline));
-        switch_rows("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes, {&set(0).y});
         if (tile_clusters_sized) {
           const auto persistent_norm = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT, true); };
           const auto default_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };

@@ -590,7 +590,6 @@ void apply_fusion(cuda::CudaModelOptions& o, const FusionSetting& f) {
       {"stack_indexer_projections", &cuda::CudaModelOptions::stack_indexer_projections},
       {"fuse_compressor_pools", &cuda::CudaModelOptions::fuse_compressor_pools},
       {"indexer_top_k_in_scores", &cuda::CudaModelOptions::indexer_top_k_in_scores},
-      {"csa_branch_in_one_launch", &cuda::CudaModelOptions::csa_branch_in_one_launch},
       {"norms_in_mhc", &cuda::CudaModelOptions::norms_in_mhc},
       {"bf16_wo_a", &cuda::CudaModelOptions::bf16_wo_a},
       {"q_norm_prologue", &cuda::CudaModelOptions::q_norm_prologue},
@@ -867,8 +866,7 @@ const CommandRegistration registration{{
           ->capture_default_str();
       e2e->add_option("--fusion", o->fusions,
                       "NAME=on|off: set a CudaModelOptions switch (fuse_projections, stack_indexer_projections, "
-                      "fuse_compressor_pools, indexer_top_k_in_scores, csa_branch_in_one_launch, norms_in_mhc, "
-                      "bf16_wo_a, q_norm_prologue, "
+                      "fuse_compressor_pools, indexer_top_k_in_scores, norms_in_mhc, bf16_wo_a, q_norm_prologue, "
                       "parallel_compressors, parallel_indexer, compressor_runs_at_launch, fp8_indexer_keys, "
                       "q_norm_cta_rows, indexer_prepare_in_compressors); repeatable");
       e2e->add_option("-d,--depth", o->depth,

@@ -424,7 +424,6 @@ struct CudaModel::Impl {
     void* hc_workspace;
     void* moe_workspace;
     void* top_k_workspace;
-    uint32_t* csa_branch_ready;  // run_csa_branch's two counts (left zero by every launch)
   };
 
   // The visible compressed entries of every token of a step, for the HCA layers of one ratio.
@@ -821,7 +820,6 @@ struct CudaModel::Impl {
     s.hc_workspace = k.take<uint8_t>(int64_t(hc_workspace_bytes));
     s.moe_workspace = k.take<uint8_t>(int64_t(moe_workspace_size));
     s.top_k_workspace = k.take<uint8_t>(int64_t(top_k_workspace_size));
-    s.csa_branch_ready = k.take<uint32_t>(2);
     return k.bytes();
   }
 
@@ -1028,7 +1026,6 @@ struct CudaModel::Impl {
     const float* head_weights = nullptr;
     int64_t head_weights_stride = 0;
     bool queries_prepared = false;  // the indexer's query preparation ran in the compressors' launch
-    bool indexed = false;           // and the indexer's scores and top-k (run_csa_branch)
   };
 
   // The indexer's query preparation (RoPE, rounding) of `qi` (rows of `qi_row_stride`) into scratch.qi_bf16, or
@@ -1068,8 +1065,7 @@ struct CudaModel::Impl {
   // are launched here), whose epilogue writes the new entries straight into the compressed KV arrays (stored, and in
   // reference numerics quantised) and, in a CSA layer, the indexer's keys. With `prepare` (its queries written
   // already), the indexer's query preparation rides in the pools' launch where the two pools share one
-  // (out.queries_prepared), and with csa_branch_in_one_launch in a decode step the indexer's scores and top-k too
-  // (out.indexed).
+  // (out.queries_prepared).
   void pool_compressors(int layer, const StepShape& shape, const StepInputs& in, const Lane& lane,
                         CompressorOutputs& out, const IndexerPrepareParams* prepare = nullptr) {
     const ModelConfig& c = config;
@@ -1101,12 +1097,7 @@ struct CudaModel::Impl {
     index.slot_entry_capacity = keys;
     if (one_pool_launch) {
       const CompressorParams both[] = {main, index};
-      if (prepare != nullptr && options.csa_branch_in_one_launch && options.indexer_top_k_in_scores &&
-          shape.max_run_tokens == 1 && out.head_weights != nullptr) {
-        const IndexerLaunch indexer = indexer_launch(layer, shape, in, lane, out);
-        run_csa_branch(both, *prepare, indexer.scores, indexer.top, scratch.csa_branch_ready);
-        out.queries_prepared = out.indexed = true;
-      } else if (prepare != nullptr) {
+      if (prepare != nullptr) {
         run_compressors(both, *prepare);
         out.queries_prepared = true;
       } else {
@@ -1117,25 +1108,28 @@ struct CudaModel::Impl {
     }
   }
 
-  // The indexer's scores of the step's prepared queries (scratch.qi_bf16, or qi_fp8 + qi_scales) against the layer's
-  // keys, with the head weights of the compressors' stack (compressors.head_weights), and each query's top-k
-  // compressed entries selected into scratch.selected / counts.
-  struct IndexerLaunch {
-    IndexerScoresParams scores;
-    TopKParams top;
-  };
-  IndexerLaunch indexer_launch(int layer, const StepShape& shape, const StepInputs& in, const Lane& lane,
-                               const CompressorOutputs& compressors) {
+  // A CSA layer's indexer on `lane`, after its compressors (which wrote the keys): the queries `qi` (rows of
+  // `qi_row_stride`) rotated and rounded, scored against the keys, and each query's top-k compressed entries
+  // selected into scratch.selected / counts.
+  void index_layer(int layer, const StepShape& shape, const StepInputs& in, const Lane& lane, const float* qi,
+                   int64_t qi_row_stride, const CompressorOutputs& compressors) {
     const ModelConfig& c = config;
+    const device_weights::Indexer& ix = *weights.layers[size_t(layer)].attn.indexer;
     const int64_t T = shape.tokens, IH = c.indexer.num_heads, ID = c.indexer.head_dim, keys = max_keys_of(layer);
     Scratch& s = scratch;
-    IndexerLaunch launch;
-    IndexerScoresParams& scores = launch.scores;
+    IndexerScoresParams scores;
+    if (!compressors.queries_prepared)
+      run_indexer_prepare(indexer_prepare(layer, shape, in, lane, qi, qi_row_stride));
     if (fp8_index_keys())
       scores.q_fp8 = s.qi_fp8, scores.q_scales = s.qi_scales;
     else
       scores.q = s.qi_bf16;
     scores.head_weights = compressors.head_weights, scores.head_weights_row_stride = compressors.head_weights_stride;
+    if (compressors.head_weights == nullptr) {
+      linear_on(lane, ix.weights_proj.view(), "layer " + std::to_string(layer) + " indexer weights_proj", s.x_bf16,
+                c.hidden_size, T, s.head_weights, IH);
+      scores.head_weights = s.head_weights, scores.head_weights_row_stride = IH;
+    }
     // The keys of the step's one sequence (a prefill chunk: queries share key loads), or each query's through its slot.
     const DeviceBuffer& key_buffer = layers[size_t(layer)].index_keys;
     const int64_t first_slot = shape.single_slot >= 0 ? shape.single_slot : 0;
@@ -1153,37 +1147,16 @@ struct CudaModel::Impl {
     scores.positions = in.positions, scores.tokens = T, scores.heads = IH, scores.head_dim = ID;
     scores.ratio = c.compress_ratio(layer), scores.scores = s.scores, scores.score_stride = max_keys;
     scores.stream = lane.stream;
-    TopKParams& top = launch.top;
+    TopKParams top;
     top.scores = s.scores, top.row_stride = max_keys, top.candidates = keys, top.queries = int(T);
     top.k = c.indexer.topk, top.positions = in.positions, top.ratio = c.compress_ratio(layer);
     top.selected = s.selected, top.counts = s.counts, top.nan_flag = s.nan_flag, top.workspace = s.top_k_workspace;
     top.workspace_bytes = top_k_workspace_size, top.stream = lane.stream;
-    return launch;
-  }
-
-  // A CSA layer's indexer on `lane`, after its compressors (which wrote the keys): the queries `qi` (rows of
-  // `qi_row_stride`) rotated and rounded, scored against the keys, and each query's top-k compressed entries
-  // selected into scratch.selected / counts. Nothing where the compressors' launch did it (compressors.indexed).
-  void index_layer(int layer, const StepShape& shape, const StepInputs& in, const Lane& lane, const float* qi,
-                   int64_t qi_row_stride, const CompressorOutputs& compressors) {
-    if (compressors.indexed) return;
-    const ModelConfig& c = config;
-    const device_weights::Indexer& ix = *weights.layers[size_t(layer)].attn.indexer;
-    const int64_t T = shape.tokens, IH = c.indexer.num_heads;
-    Scratch& s = scratch;
-    if (!compressors.queries_prepared)
-      run_indexer_prepare(indexer_prepare(layer, shape, in, lane, qi, qi_row_stride));
-    IndexerLaunch launch = indexer_launch(layer, shape, in, lane, compressors);
-    if (compressors.head_weights == nullptr) {
-      linear_on(lane, ix.weights_proj.view(), "layer " + std::to_string(layer) + " indexer weights_proj", s.x_bf16,
-                c.hidden_size, T, s.head_weights, IH);
-      launch.scores.head_weights = s.head_weights, launch.scores.head_weights_row_stride = IH;
-    }
     if (options.indexer_top_k_in_scores) {
-      run_indexer_scores_top_k(launch.scores, launch.top);
+      run_indexer_scores_top_k(scores, top);
     } else {
-      run_indexer_scores(launch.scores);
-      run_top_k(launch.top);
+      run_indexer_scores(scores);
+      run_top_k(top);
     }
   }
 

@@ -54,11 +54,6 @@ struct CudaModelOptions {
   // A CSA layer's two compressor pools (main and indexer) in one launch where they read the stacked projections
   // (fuse_projections): one launch fewer per CSA layer, the same math.
   bool fuse_compressor_pools = true;
-  // Where the indexer's query preparation rides in the pools' launch (fuse_compressor_pools,
-  // indexer_prepare_in_compressors) and its top-k in the scores' (indexer_top_k_in_scores), a decode step's CSA
-  // layer runs them all as one launch (run_csa_branch: the pools and the query preparation, then the indexer's scores
-  // and top-k on CTAs that wait for them): one launch fewer per CSA layer, the same bits.
-  bool csa_branch_in_one_launch = true;
   // The RMSNorm after each mHC site (attn_norm, ffn_norm, the final norm) inside the site's own launch (hc_pre,
   // hc_post_pre, hc_head with their fused output norm and mHC's decode kernel): two launches fewer per layer. The
   // norm's sum of squares then runs in mHC's order.

@@ -2,16 +2,12 @@
 
 #include <algorithm>
 #include <bit>
-#include <mutex>
-#include <set>
-#include <string>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/compressor.cuh"
 #include "backends/cuda/per_device_cache.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/error.hpp"
-#include "core/log.hpp"
 
 namespace dsv4::cuda {
 namespace {
@@ -414,93 +410,6 @@ void run_compressors(std::span<const CompressorParams> params, const IndexerPrep
   check(!params.empty() && prepare.stream == params[0].stream,
         "compressor: the indexer preparation in the compressors' launch needs their stream");
   launch_compressors(params, &prepare);
-}
-
-namespace {
-
-// The branch kernel's shared memory bound (its residency is queried at it): the scores' query operands and sort
-// buffer (64 heads × 128 dims bf16: 33 KB; the staged kernel's rings 32 KB more) or a decode pool's partials
-// (c = 512: 14 KB).
-constexpr size_t kBranchSmemBound = 96 * 1024;
-
-// `message` once per process (each distinct message).
-void warn_once(const std::string& message) {
-  static std::mutex mutex;
-  static std::set<std::string> said;
-  const std::lock_guard lock(mutex);
-  if (said.insert(message).second) log_warning(message);
-}
-
-// The branch kernel's resident CTAs per SM (its registers: one), once per device.
-int branch_ctas_per_sm(const void* kernel) {
-  static PerDeviceCache<int> cache;
-  return cache.get(kernel, [&] {
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kBranchSmemBound)));
-    int ctas = 0;
-    DSV4_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, compressor::kMaxThreads, kBranchSmemBound));
-    return ctas;
-  });
-}
-
-}  // namespace
-
-bool run_csa_branch(std::span<const CompressorParams> params, const IndexerPrepareParams& prepare,
-                    const IndexerScoresParams& scores, const TopKParams& top_k, uint32_t* ready) {
-  check(params.size() == 2, "csa_branch: the main and the indexer compressor (got ", params.size(), ")");
-  check_indexer_prepare_params(prepare);
-  check(prepare.stream == params[0].stream && scores.stream == params[0].stream,
-        "csa_branch: the compressors, the preparation and the scores need one stream");
-  check(ready != nullptr, "csa_branch: the ready count is required");
-  check(params[0].trace == nullptr, "csa_branch: traced launches are run_compressors' only");
-  const LaunchPlan plan = plan_launch(params, &prepare);
-  const indexer::SelectLaunch select = indexer::plan_select_launch(scores, top_k);
-  const int64_t scores_ctas = int64_t(select.grid.x) * select.grid.y;
-  const auto kernel = select.staged_kernel ? compressor::csa_branch_kernel<true, true>
-                      : select.fp8         ? compressor::csa_branch_kernel<true, false>
-                                           : compressor::csa_branch_kernel<false, false>;
-  std::string refusal;
-  if (select.refusal != nullptr) {
-    refusal = select.refusal;
-  } else if (scores.head_dim != compressor::kBranchIndexerHeadDim) {
-    refusal = "the indexer's head_dim is not 128";
-  } else if (plan.pool_of_param[0] != 0 || plan.pool_of_param[1] != 1 || prepare.tokens == 0) {
-    refusal = "a compressor has no runs or there are no queries";
-  } else if (!plan.slice_updates || plan.loads != CompressorSlotLoads::Registers) {
-    refusal = "the pools are not a decode step's (register slot loads, one window's worth of tokens per run)";
-  } else if (plan.launch.hardware_cluster != 1) {
-    refusal = "the pools split entries over clusters";
-  } else if (plan.threads < indexer::kScoreWarps * 32) {
-    refusal = "the pools' CTAs are narrower than the scores' " + std::to_string(indexer::kScoreWarps * 32) + " threads";
-  } else {
-    const int64_t resident =
-        int64_t(branch_ctas_per_sm(reinterpret_cast<const void*>(kernel))) * device_multiprocessors();
-    if (plan.ctas + scores_ctas > resident)
-      refusal = "the grid of " + std::to_string(plan.ctas) + " pool and " + std::to_string(scores_ctas) +
-                " scores CTAs is not co-resident (" + std::to_string(resident) + ")";
-  }
-  if (!refusal.empty()) {
-    warn_once("csa_branch: two launches (the pools, then the indexer's scores): " + refusal);
-    launch_compressors(params, &prepare);
-    run_indexer_scores_top_k(scores, top_k);
-    return false;
-  }
-  compressor::BranchArgs branch{};
-  branch.pools = plan.launch;
-  branch.staged = select.staged;
-  branch.first_producer = plan.launch.pools[1].first_cta;
-  branch.first_scores = plan.ctas;
-  branch.scores_columns = int(select.grid.x);
-  branch.producers = uint32_t(plan.ctas - branch.first_producer);
-  branch.consumers = uint32_t(scores_ctas);
-  branch.ready = ready;
-  const size_t smem = std::max(plan.smem, select.smem_bytes);
-  check(smem <= kBranchSmemBound, "csa_branch: ", smem, " bytes of shared memory exceed the kernel's bound ",
-        kBranchSmemBound);
-  launch_chained(kernel, dim3(unsigned(plan.ctas + scores_ctas)), dim3(unsigned(plan.threads)), smem,
-                 params[0].stream, dim3(1, 1, 1), "csa_branch_kernel", branch);
-  DSV4_CUDA_CHECK_LAUNCH("csa_branch_kernel");
-  return true;
 }
 
 }  // namespace dsv4::cuda

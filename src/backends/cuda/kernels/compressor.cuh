@@ -43,7 +43,6 @@
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
-#include "backends/cuda/ptx/memory_order.cuh"
 #include "backends/cuda/ptx/warp_trace.cuh"
 #include "core/activation_block_scale.hpp"
 #include "core/bf16.hpp"
@@ -1252,95 +1251,6 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLea
   else
     compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged, kTrace>(
         a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem, launch.trace);
-}
-
-// ---- A CSA layer's branch in one launch (run_csa_branch) ----
-// The compressor kernel's decode CTAs (pools and the indexer's query preparation) first, then the indexer's score
-// CTAs (mma.sync, or the staged fp8 kernel's) with the top-k in their last CTA. The scores read the prepared queries
-// and the keys the indexer pool stores: instead of the grid boundary between two launches, each CTA from the indexer
-// pool's first on (the indexer pool and the preparation, "producers") adds 1 to ready[0] with a release after its
-// stores, and each scores CTA ("consumer") waits (thread 0, acquire) until the producers have all added, then adds 1
-// to ready[1] without waiting for the answer (nothing on its path but the poll). The main pool's first CTA, which
-// the scores never wait for, zeroes both counts at its end once every consumer has passed (the counts are back at zero
-// whenever a launch of this kernel starts: the next one waits for this grid's completion through the programmatic
-// chain). The launcher makes sure the grid is co-resident, and the producers (lowest CTAs) never wait for anything of
-// this launch; a wait still open after 2 s traps instead of hanging the device.
-inline constexpr int kBranchIndexerHeadDim = 128;  // the indexer's head_dim the branch kernel is built for (DSV4's)
-
-struct BranchArgs {
-  indexer::StagedScoresArgs staged;  // .scores with top_k set (LastCta); the keys' tensor map for the staged kernel
-  LaunchArgs pools;                  // pools[1] is the indexer's compressor; prepare set
-  int64_t first_producer;      // the indexer pool's first CTA
-  int64_t first_scores;        // the scores CTAs from here, query group-major over scores_columns
-  int scores_columns;
-  uint32_t producers;          // first_scores − first_producer
-  uint32_t consumers;          // the scores CTAs
-  uint32_t* ready;              // [0]: producers done, [1]: consumers passed
-};
-
-// Thread 0 waits until `count` reaches `target` (acquire); a wait of 2 s traps (CTAs not co-resident).
-__device__ __forceinline__ void wait_for_branch_count(const uint32_t* count, uint32_t target, const char* what) {
-  uint64_t start = 0;
-  for (uint32_t polls = 0; load_acquire(count) < target; ++polls) {
-    if (polls % 1024 != 0) continue;  // the clock read rarely: a short wait reads none
-    const uint64_t now = topk::global_nanoseconds();
-    if (polls == 0) start = now;
-    if (now - start > topk::kBarrierTimeoutNs) {
-      printf("csa_branch: CTA %d waited 2 s for %s (%u of %u): CTAs not co-resident\n", int(blockIdx.x), what,
-             load_acquire(count), target);
-      __trap();
-    }
-  }
-}
-
-// A scores CTA's wait for the producers (every thread of its kScoreWarps warps calls it).
-__device__ __forceinline__ void wait_for_branch_producers(const BranchArgs& branch) {
-  if (threadIdx.x == 0) {
-    wait_for_branch_count(branch.ready, branch.producers, "the indexer pool and the query preparation");
-    atomicAdd(branch.ready + 1, 1u);  // no answer awaited: a reduction
-  }
-  __syncthreads();
-}
-
-// kFp8: fp8 keys; kStaged: the staged fp8 scores (else mma.sync).
-template <bool kFp8, bool kStaged>
-__global__ void __launch_bounds__(kMaxThreads, 1) csa_branch_kernel(const __grid_constant__ BranchArgs branch) {
-  static_assert(kFp8 || !kStaged, "the staged scores take fp8 keys");
-  extern __shared__ __align__(16) float smem[];
-  allow_dependents();  // the dependent's own wait still orders it after this grid's completion
-  const int64_t cta = blockIdx.x;
-  if (cta >= branch.first_scores) {
-    constexpr int kThreads = indexer::kScoreWarps * 32;
-    if (threadIdx.x >= kThreads) return;  // the scores' CTA is kScoreWarps warps
-    const int64_t i = cta - branch.first_scores;
-    const indexer::ScoresCta place{unsigned(i % branch.scores_columns), unsigned(i / branch.scores_columns),
-                                   unsigned(branch.scores_columns)};
-    const auto producers_done = [&] { wait_for_branch_producers(branch); };
-    if constexpr (kStaged) {
-      indexer::score_staged_tiles<true, false, true, kThreads>(
-          branch.staged, place, [](int) {}, [] { wait_for_prior_grids(); }, producers_done);
-    } else {
-      wait_for_prior_grids();  // the head weights and the step's positions and slots
-      indexer::score_warp_tiles<kBranchIndexerHeadDim, kFp8, true, true, kThreads>(branch.staged.scores, place,
-                                                                                   producers_done);
-    }
-    return;
-  }
-  const LaunchArgs& launch = branch.pools;
-  if (cta >= launch.prepare_first_cta) {
-    prepare_vectors<false>(launch);
-  } else {
-    const int pool = cta >= launch.pools[1].first_cta ? 1 : 0;
-    const PoolArgs& a = launch.pools[pool];
-    compress<true, false, false>(a, cta - a.first_cta, 1, smem, nullptr);
-  }
-  if (cta >= branch.first_producer) {
-    __syncthreads();  // the CTA's stores, then its release
-    if (threadIdx.x == 0) add_release(branch.ready, 1u);
-  } else if (cta == 0 && threadIdx.x == 0) {
-    wait_for_branch_count(branch.ready + 1, branch.consumers, "the scores CTAs");
-    branch.ready[0] = 0, branch.ready[1] = 0;
-  }
 }
 
 }  // namespace dsv4::cuda::compressor

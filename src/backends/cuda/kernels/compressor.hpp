@@ -192,16 +192,4 @@ void run_compressors(std::span<const CompressorParams> params);  // 1 or 2; para
 // run_indexer_prepare. prepare.stream must be params[0].stream; prepare's output must not alias the compressors'.
 void run_compressors(std::span<const CompressorParams> params, const IndexerPrepareParams& prepare);
 
-// A CSA layer's branch after its indexer queries are projected, in one launch (−1 launch per CSA layer): what
-// run_compressors(params, prepare) and then run_indexer_scores_top_k(scores, top_k) do, the same bits, with the
-// scores' CTAs after the pools' and the preparation's in the grid; instead of the grid boundary each scores CTA waits
-// for the indexer pool's and the preparation's CTAs, which count themselves in `ready` (device, two words, zero before
-// the first launch; each launch leaves them zero) after their stores. params = {main, indexer} compressors of a decode
-// step (the indexer's writes the keys the scores read). Where the scores would not be the mma.sync or the staged fp8
-// kernel with the top-k in its last CTA (IndexerTopKMethod's LastCta), the pools not a decode step's register-loaded
-// launch without clusters, or the grid not co-resident, the two launches run instead, with a warning naming the case
-// (once per process). Returns whether it was one launch.
-bool run_csa_branch(std::span<const CompressorParams> params, const IndexerPrepareParams& prepare,
-                    const IndexerScoresParams& scores, const TopKParams& top_k, uint32_t* ready);
-
 }  // namespace dsv4::cuda

@@ -205,9 +205,11 @@ void launch_scores_streamed(const indexer::ScoresArgs& args, dim3 grid, cudaStre
 
 // The staged warpgroup kernels (fp8 keys): the keys' tensor map over key_count rows of 128 bytes (slot_count ·
 // the slot stride's rows through sequence_slots), boxes of one 64-key tile in the 128B swizzle.
-indexer::StagedScoresArgs staged_args(const indexer::ScoresArgs& args, int64_t slot_count, uint64_t* trace) {
+template <bool kSelect, bool kTrace = false>
+void launch_scores_staged(const indexer::ScoresArgs& args, int64_t slot_count, uint64_t* trace, dim3 grid,
+                          cudaStream_t stream) {
   const int64_t slot_rows = args.sequence_slots != nullptr ? args.keys_slot_stride / indexer::kWgmmaHeadDim : 0;
-  return indexer::StagedScoresArgs{
+  const indexer::StagedScoresArgs staged{
       .keys = sm90::encode_tensor_map_2d({.type = CU_TENSOR_MAP_DATA_TYPE_UINT8,
                                           .base = args.keys_fp8,
                                           .cols = uint64_t(indexer::kWgmmaHeadDim),
@@ -220,12 +222,6 @@ indexer::StagedScoresArgs staged_args(const indexer::ScoresArgs& args, int64_t s
       .scores = args,
       .slot_rows = int(slot_rows),
       .trace = trace};
-}
-
-template <bool kSelect, bool kTrace = false>
-void launch_scores_staged(const indexer::ScoresArgs& args, int64_t slot_count, uint64_t* trace, dim3 grid,
-                          cudaStream_t stream) {
-  const indexer::StagedScoresArgs staged = staged_args(args, slot_count, trace);
   const size_t smem = indexer::staged_smem_layout(args.queries_per_cta, kSelect).bytes;
   launch_chained(indexer::indexer_scores_staged_kernel<kSelect, kTrace>, grid, dim3(indexer::kScoreWarps * 32), smem,
                  stream, dim3(1, 1, 1), "indexer_scores_staged_kernel (fp8)", staged);
@@ -452,107 +448,48 @@ void launch_scores_top_k(const indexer::ScoresArgs& scores, topk::TopKArgs top, 
 
 }  // namespace
 
-namespace {
-
-// How run_indexer_scores_top_k runs a checked call: nothing (no queries), the top-k alone (no keys), the two
-// launches, the scores kernel with the top-k in its last CTA (plan, args), or the top-k kernel computing its scores.
-struct ScoresTopK {
-  enum Kind { Nothing, TopKAlone, TwoLaunches, LastCta, TopKKernel } kind = Nothing;
-  TopKParams top;
-  ScoresPlan plan;
-  indexer::ScoresArgs args{};
-};
-
-ScoresTopK plan_scores_top_k(const IndexerScoresParams& s, const TopKParams& t) {
+void run_indexer_scores_top_k(const IndexerScoresParams& s, const TopKParams& t) {
   check_indexer_scores_params(s);
   check(s.trace == nullptr, "indexer_scores_top_k: a trace is run_indexer_scores' only");
-  ScoresTopK out;
-  TopKParams& top = out.top;
-  top = t;
+  TopKParams top = t;
   top.scores = s.scores, top.row_stride = s.score_stride, top.candidates = s.key_count;
   check(s.tokens <= std::numeric_limits<int>::max(), "indexer_scores_top_k: ", s.tokens, " queries");
   top.queries = int(s.tokens), top.positions = s.positions, top.ratio = s.ratio, top.trace = nullptr;
   top.stream = s.stream;
   check_top_k_params(top);
-  if (top.queries == 0) return out;
+  if (top.queries == 0) return;
   check(s.scores != nullptr, "indexer_scores_top_k: scores is required");
-  if (s.top_k_method == IndexerTopKMethod::TopKKernel) {
-    out.kind = ScoresTopK::TopKKernel;
-    return out;
-  }
-  if (s.key_count == 0) {  // nothing to score: the top-k alone writes the empty selections
-    out.kind = ScoresTopK::TopKAlone;
-    return out;
-  }
-  const ScoresPlan& plan = out.plan = plan_scores(s);
-  const bool few_keys = s.key_count <= kIndexerLastCtaMaxKeys;
-  // Tickets (several CTAs per query group): one per group in the top-k's workspace.
-  const bool tickets_fit =
-      plan.grid.x == 1 || (plan.query_groups <= kTopKMaxSplitQueries && top.workspace != nullptr &&
-                           top.workspace_bytes >= top_k_workspace_bytes(plan.query_groups));
-  // Auto: only where a CTA scores one query (T = 1, or sequence_slots). A group of several queries would be sorted
-  // one after another by its last CTA, slower than the top-k's CTA per query (H100, 1024 keys, T = 8 of one
-  // sequence: 31.4 µs against 17.3 for the two launches; T = 1: 13.1 against 13.4, 16 keys 5.5 against 7.7).
-  const bool one_query_per_cta = plan.queries_per_cta == 1;
-  if (s.top_k_method == IndexerTopKMethod::Auto && !(few_keys && tickets_fit && one_query_per_cta)) {
-    out.kind = ScoresTopK::TwoLaunches;
-    return out;
-  }
-  check(few_keys, "indexer_scores_top_k: LastCta needs key_count ≤ ", kIndexerLastCtaMaxKeys, " (got ", s.key_count,
-        ")");
-  check(tickets_fit, "indexer_scores_top_k: LastCta over ", plan.grid.x, " CTAs per query group needs at most ",
-        kTopKMaxSplitQueries, " query groups (got ", plan.query_groups, ") and a workspace of ",
-        top_k_workspace_bytes(plan.query_groups), " bytes (got ", top.workspace_bytes, ")");
-  out.kind = ScoresTopK::LastCta;
-  out.args = scores_args(s, plan.queries_per_cta);
-  out.args.top_k = top.k, out.args.selected = top.selected, out.args.counts = top.counts;
-  out.args.nan_flag = top.nan_flag, out.args.tickets = static_cast<topk::QueryWorkspace*>(top.workspace);
-  return out;
-}
 
-}  // namespace
-
-namespace indexer {
-
-SelectLaunch plan_select_launch(const IndexerScoresParams& scores, const TopKParams& top_k) {
-  const ScoresTopK planned = plan_scores_top_k(scores, top_k);
-  SelectLaunch launch;
-  const bool staged = planned.plan.streamed && fp8_keys(scores);
-  if (planned.kind != ScoresTopK::LastCta) {
-    launch.refusal = "the indexer's scores and top-k are not one launch with the top-k in the last CTA";
-  } else if (planned.plan.warpgroup && !staged) {
-    launch.refusal = "the indexer's scores take a register-fed warpgroup kernel (not mma.sync or the staged one)";
-  } else {
-    if (staged)
-      launch.staged = staged_args(planned.args, scores.slot_count, nullptr);
-    else
-      launch.staged.scores = planned.args;
-    launch.grid = planned.plan.grid;
-    launch.smem_bytes = staged ? staged_smem_layout(planned.args.queries_per_cta, true).bytes
-                               : selection_offset(scores_smem_layout(planned.args.queries_per_cta, planned.args.heads,
-                                                                     int(scores.head_dim), fp8_keys(scores))
-                                                      .bytes) +
-                                     kSelectionSmemBytes;
-    launch.fp8 = fp8_keys(scores);
-    launch.staged_kernel = staged;
-  }
-  return launch;
-}
-
-}  // namespace indexer
-
-void run_indexer_scores_top_k(const IndexerScoresParams& s, const TopKParams& t) {
-  const ScoresTopK planned = plan_scores_top_k(s, t);
-  const TopKParams& top = planned.top;
-  switch (planned.kind) {
-    case ScoresTopK::Nothing: return;
-    case ScoresTopK::TopKAlone: run_top_k(top); return;
-    case ScoresTopK::TwoLaunches:
+  if (s.top_k_method != IndexerTopKMethod::TopKKernel) {
+    if (s.key_count == 0) {  // nothing to score: the top-k alone writes the empty selections
+      run_top_k(top);
+      return;
+    }
+    const ScoresPlan plan = plan_scores(s);
+    const bool few_keys = s.key_count <= kIndexerLastCtaMaxKeys;
+    // Tickets (several CTAs per query group): one per group in the top-k's workspace.
+    const bool tickets_fit =
+        plan.grid.x == 1 || (plan.query_groups <= kTopKMaxSplitQueries && top.workspace != nullptr &&
+                             top.workspace_bytes >= top_k_workspace_bytes(plan.query_groups));
+    // Auto: only where a CTA scores one query (T = 1, or sequence_slots). A group of several queries would be sorted
+    // one after another by its last CTA, slower than the top-k's CTA per query (H100, 1024 keys, T = 8 of one
+    // sequence: 31.4 µs against 17.3 for the two launches; T = 1: 13.1 against 13.4, 16 keys 5.5 against 7.7).
+    const bool one_query_per_cta = plan.queries_per_cta == 1;
+    if (s.top_k_method == IndexerTopKMethod::Auto && !(few_keys && tickets_fit && one_query_per_cta)) {
       run_indexer_scores(s);
       run_top_k(top);
       return;
-    case ScoresTopK::LastCta: launch_planned(s, planned.plan, planned.args); return;
-    case ScoresTopK::TopKKernel: break;
+    }
+    check(few_keys, "indexer_scores_top_k: LastCta needs key_count ≤ ", kIndexerLastCtaMaxKeys, " (got ",
+          s.key_count, ")");
+    check(tickets_fit, "indexer_scores_top_k: LastCta over ", plan.grid.x, " CTAs per query group needs at most ",
+          kTopKMaxSplitQueries, " query groups (got ", plan.query_groups, ") and a workspace of ",
+          top_k_workspace_bytes(plan.query_groups), " bytes (got ", top.workspace_bytes, ")");
+    indexer::ScoresArgs args = scores_args(s, plan.queries_per_cta);
+    args.top_k = top.k, args.selected = top.selected, args.counts = top.counts, args.nan_flag = top.nan_flag;
+    args.tickets = static_cast<topk::QueryWorkspace*>(top.workspace);
+    launch_planned(s, plan, args);
+    return;
   }
 
   check(s.kernel != IndexerScoresKernel::Warpgroup && s.kernel != IndexerScoresKernel::WarpgroupStreamed,

@@ -299,26 +299,6 @@ struct ScoresArgs {
   topk::QueryWorkspace* tickets;  // the top-k's workspace: query group g's ticket is tickets[g].finished_ctas
 };
 
-// A scores CTA's place: key column x of `columns`, query group y. A score kernel's own grid, or a range of a wider
-// launch's CTAs (the CSA branch's launch, compressor.cuh: its scores CTAs after the compressors').
-struct ScoresCta {
-  unsigned x;
-  unsigned y;
-  unsigned columns;
-
-  __device__ static ScoresCta of_grid() { return {blockIdx.x, blockIdx.y, gridDim.x}; }
-};
-
-// The threads of a scores CTA that take part in its loops: kThreads, or where 0 every thread of the CTA (a wider
-// launch's scores CTAs are kScoreWarps warps of CTAs whose other warps have exited).
-template <int kThreads>
-__device__ __forceinline__ unsigned cta_threads() {
-  if constexpr (kThreads > 0)
-    return unsigned(kThreads);
-  else
-    return blockDim.x;
-}
-
 // Queries sharing one CTA's key loads (of one sequence); the warpgroup kernels' shared memory holds this many.
 inline constexpr int kMaxQueriesPerCta = 4;
 
@@ -409,10 +389,10 @@ __device__ __forceinline__ void store_fragment_bytes(unsigned char* address, con
 
 // Each query's head weights times the weight scale (fp8: times each head's q scale) for `heads` padded heads (zero
 // past args.heads), query-major.
-template <bool kFp8, int kThreads = 0>
+template <bool kFp8>
 __device__ __forceinline__ void load_head_weights(const ScoresArgs& args, int64_t first_query, int queries, int heads,
                                                   float* weights) {
-  for (int e = threadIdx.x; e < queries * heads; e += cta_threads<kThreads>()) {
+  for (int e = threadIdx.x; e < queries * heads; e += blockDim.x) {
     const int query = e / heads, head = e % heads;
     float weight = 0.0f;
     if (head < args.heads) {
@@ -425,8 +405,8 @@ __device__ __forceinline__ void load_head_weights(const ScoresArgs& args, int64_
 
 // The query operands of a CTA's queries in shared memory: fragments and the scaled head weights (fp8: times each
 // head's q scale). 8 consecutive dims of a head row (16 bytes bf16, 8 fp8) are one whole fragment word pair at
-// query_fragment_offset of their first dim; consecutive threads (cta_threads) read consecutive chunks of the rows.
-template <int kHeadDim, bool kFp8, int kThreads = 0>
+// query_fragment_offset of their first dim; consecutive threads read consecutive chunks of the rows.
+template <int kHeadDim, bool kFp8>
 __device__ __forceinline__ void load_query_operands(const ScoresArgs& args, int64_t first_query, int queries,
                                                     unsigned char* q_frag, float* weights) {
   const int heads = padded_heads(args.heads), n_tiles = heads / 8;
@@ -434,7 +414,7 @@ __device__ __forceinline__ void load_query_operands(const ScoresArgs& args, int6
   constexpr int kChunks = kHeadDim / 8;
   const unsigned char* source = kFp8 ? args.q_fp8 : reinterpret_cast<const unsigned char*>(args.q);
   constexpr int64_t kElementBytes = sizeof(Chunk) / 8;
-  for (int e = threadIdx.x; e < queries * heads * kChunks; e += cta_threads<kThreads>()) {
+  for (int e = threadIdx.x; e < queries * heads * kChunks; e += blockDim.x) {
     const int chunk = e % kChunks, head = e / kChunks % heads, query = e / kChunks / heads;
     Chunk value{};
     if (head < args.heads)
@@ -443,29 +423,11 @@ __device__ __forceinline__ void load_query_operands(const ScoresArgs& args, int6
     *reinterpret_cast<Chunk*>(q_frag + query_fragment_offset<kHeadDim, kFp8>(query, n_tiles, head, 8 * chunk)) =
         value;
   }
-  load_head_weights<kFp8, kThreads>(args, first_query, queries, heads, weights);
-}
-
-// A key load: read-only (ld.global.nc), or where kKeysWritten (keys written by the same launch, the CSA branch's)
-// through L2 (ld.global.cg): the read-only path may hold lines the launch has since written.
-template <bool kKeysWritten, class T>
-__device__ __forceinline__ T load_key(const T* address) {
-  if constexpr (kKeysWritten)
-    return __ldcg(address);
-  else
-    return __ldg(address);
-}
-template <bool kKeysWritten>
-__device__ __forceinline__ uint4 load_key_streaming_16B(const void* address) {
-  if constexpr (kKeysWritten)
-    return __ldcg(static_cast<const uint4*>(address));
-  else
-    return ptx::load_streaming_16B(address);
+  load_head_weights<kFp8>(args, first_query, queries, heads, weights);
 }
 
 // Rows key0 + half·8 + group of a 16-key tile, dims 32·pair + 8·quad .. +8: the lane's A fragments (see NOTES).
-// kKeysWritten: as load_key's.
-template <int kDimPairs, bool kKeysWritten = false>
+template <int kDimPairs>
 __device__ __forceinline__ void load_key_tile(uint4 (&a)[2][kDimPairs], const __nv_bfloat16* keys, int64_t key0,
                                               int64_t rows, int group, int quad) {
 #pragma unroll
@@ -473,8 +435,8 @@ __device__ __forceinline__ void load_key_tile(uint4 (&a)[2][kDimPairs], const __
     const int64_t row = key0 + 8 * half + group;
 #pragma unroll
     for (int pair = 0; pair < kDimPairs; ++pair)
-      a[half][pair] = row < rows ? load_key<kKeysWritten>(reinterpret_cast<const uint4*>(
-                                       keys + row * (kDimPairs * 32) + 32 * pair + 8 * quad))
+      a[half][pair] = row < rows ? __ldg(reinterpret_cast<const uint4*>(keys + row * (kDimPairs * 32) + 32 * pair +
+                                                                         8 * quad))
                                  : make_uint4(0, 0, 0, 0);
   }
 }
@@ -520,19 +482,16 @@ __device__ __forceinline__ void bf16_tile_sums(float (&sum)[2], const uint4 (&a)
 // (a ticket per group; none when one CTA spans the keys) selects each of the group's queries from its finished score
 // row, which it reads back through L2: every visible key (≤ kIndexerLastCtaMaxKeys) as run_top_k's 64-bit key, one
 // bitonic sort, the first k written. run_top_k sorts the same keys without a radix pass at these counts, so the
-// selection, its order and the NaN flag are its own. sort_keys: kIndexerLastCtaMaxKeys keys of shared memory. The
-// CTA's threads take part (cta_threads: kThreads, a wider CTA's first kScoreWarps warps, or all).
-template <int kThreads = 0>
+// selection, its order and the NaN flag are its own. sort_keys: kIndexerLastCtaMaxKeys keys of shared memory.
 __device__ __forceinline__ void select_top_k_in_last_cta(const ScoresArgs& args, int64_t first_query, int queries,
-                                                         const int64_t* visible, uint64_t* sort_keys,
-                                                         const ScoresCta& cta) {
+                                                         const int64_t* visible, uint64_t* sort_keys) {
   __shared__ bool is_last;
   __threadfence();  // this thread's scores, before the ticket (or the reads below) of any thread
   __syncthreads();
-  if (cta.columns > 1) {
+  if (gridDim.x > 1) {
     if (threadIdx.x == 0) {
-      uint32_t* ticket = &args.tickets[cta.y].finished_ctas;
-      is_last = atomicAdd(ticket, 1u) == cta.columns - 1;
+      uint32_t* ticket = &args.tickets[blockIdx.y].finished_ctas;
+      is_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
       if (is_last) *ticket = 0;  // every CTA of the group has taken its ticket: zero again for the next launch
     }
     __syncthreads();
@@ -550,7 +509,7 @@ __device__ __forceinline__ void select_top_k_in_last_cta(const ScoresArgs& args,
     while (padded < n) padded *= 2;
     const float* row = args.scores + t * args.score_stride;
     bool saw_nan = false;
-    for (int i = threadIdx.x; i < padded; i += cta_threads<kThreads>()) {
+    for (int i = threadIdx.x; i < padded; i += blockDim.x) {
       uint64_t key = 0;  // below every real key
       if (i < n) {
         const float x = __ldcg(row + i);  // other CTAs' stores: read through L2
@@ -563,8 +522,7 @@ __device__ __forceinline__ void select_top_k_in_last_cta(const ScoresArgs& args,
     topk::bitonic_sort_descending<kScoreWarps * 32>(sort_keys, padded);
     const int count = min(k, n);
     int32_t* out = args.selected + t * k;
-    for (int i = threadIdx.x; i < k; i += cta_threads<kThreads>())
-      out[i] = i < count ? int32_t(~uint32_t(sort_keys[i])) : -1;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) out[i] = i < count ? int32_t(~uint32_t(sort_keys[i])) : -1;
     if (threadIdx.x == 0) args.counts[t] = count;
     __syncthreads();  // the sort buffer is the next query's
   }
@@ -603,7 +561,7 @@ struct Fp8KeyTile {
   float scale;
 };
 
-template <int kHeadDim, bool kKeysWritten = false>
+template <int kHeadDim>
 __device__ __forceinline__ void load_fp8_key_tile(Fp8KeyTile<kHeadDim>& tile, const uint8_t* keys, const float* scales,
                                                   int key0, int rows, int group, int quad) {
 #pragma unroll
@@ -612,21 +570,20 @@ __device__ __forceinline__ void load_fp8_key_tile(Fp8KeyTile<kHeadDim>& tile, co
     if constexpr (kHeadDim >= 64) {
 #pragma unroll
       for (int unit = 0; unit < kHeadDim / 64; ++unit) {
-        const uint4 v = row < rows ? load_key_streaming_16B<kKeysWritten>(keys + size_t(row) * kHeadDim + 64 * unit +
-                                                                          16 * quad)
+        const uint4 v = row < rows ? ptx::load_streaming_16B(keys + size_t(row) * kHeadDim + 64 * unit + 16 * quad)
                                    : make_uint4(0, 0, 0, 0);
         tile.words[half][4 * unit] = v.x, tile.words[half][4 * unit + 1] = v.y;
         tile.words[half][4 * unit + 2] = v.z, tile.words[half][4 * unit + 3] = v.w;
       }
     } else {
       const uint2 v =
-          row < rows ? load_key<kKeysWritten>(reinterpret_cast<const uint2*>(keys + size_t(row) * kHeadDim + 8 * quad))
+          row < rows ? __ldg(reinterpret_cast<const uint2*>(keys + size_t(row) * kHeadDim + 8 * quad))
                      : make_uint2(0, 0);
       tile.words[half][0] = v.x, tile.words[half][1] = v.y;
     }
   }
   const int out_row = key0 + 8 * (quad & 1) + group;
-  tile.scale = out_row < rows ? load_key<kKeysWritten>(scales + out_row) : 0.0f;
+  tile.scale = out_row < rows ? __ldg(scales + out_row) : 0.0f;
 }
 
 // The same for an fp8 key tile, before the key's scale: sum[0] for row group, sum[1] for row 8 + group.
@@ -661,17 +618,13 @@ template <int kHeadDim, bool kFp8>
 struct WarpKeyTile {
   std::conditional_t<kFp8, Fp8KeyTile<kHeadDim>, Bf16KeyTile<kHeadDim>> tile;
 
-  // Rows key0 .. key0 + 15 of `keys` (bf16, or fp8 with their `scales`), those from `rows` on zero. kKeysWritten:
-  // keys the same launch wrote (load_fp8_key_tile).
-  template <bool kKeysWritten = false>
+  // Rows key0 .. key0 + 15 of `keys` (bf16, or fp8 with their `scales`), those from `rows` on zero.
   __device__ __forceinline__ void load(const void* keys, const float* scales, int key0, int rows, int group,
                                        int quad) {
     if constexpr (kFp8)
-      load_fp8_key_tile<kHeadDim, kKeysWritten>(tile, static_cast<const uint8_t*>(keys), scales, key0, rows, group,
-                                                quad);
+      load_fp8_key_tile<kHeadDim>(tile, static_cast<const uint8_t*>(keys), scales, key0, rows, group, quad);
     else
-      load_key_tile<kHeadDim / 32, kKeysWritten>(tile.a, static_cast<const __nv_bfloat16*>(keys), key0, rows, group,
-                                                 quad);
+      load_key_tile<kHeadDim / 32>(tile.a, static_cast<const __nv_bfloat16*>(keys), key0, rows, group, quad);
   }
 
   // Query `query`'s score of the row the lane stores (key0 + 8·(quad % 2) + group), quad-reduced; q_frag: the query
@@ -693,15 +646,14 @@ struct WarpKeyTile {
 // The mma.sync score kernels (see NOTES), bf16 or fp8 keys. fp8: q·K on e4m3 tensor cores with the scales factored
 // out of the ReLU (both positive): score_j = s_j · Σ_h (w_h · s_h) · ReLU(q8_h · K8_j), the dot products accumulated
 // in fp32 by the tensor core; its m16 key tile is half the bf16 one's bytes, so a warp keeps two tiles ahead in flight
-// instead of one (the same 128 bytes per lane).
-// One CTA's part (its first kScoreWarps warps; the caller has passed the grid-dependency wait): `cta` its place, and
-// inputs_ready() (every thread of those warps calls it) returns once the queries and keys this launch's other CTAs
-// write are visible, before the first key or query load; kKeysWritten: keys may be such (coherent loads); kThreads:
-// cta_threads' (0: the CTA is the kScoreWarps warps).
-template <int kHeadDim, bool kFp8, bool kSelect, bool kKeysWritten, int kThreads, class InputsReady>
-__device__ __forceinline__ void score_warp_tiles(const ScoresArgs& args, const ScoresCta& cta,
-                                                 InputsReady&& inputs_ready) {
+// instead of one (the same 128 bytes per lane). A programmatic dependent: q, the head weights and the newest key are
+// this step's outputs, so it waits at entry.
+template <int kHeadDim, bool kFp8, bool kSelect>
+__global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
+    indexer_scores_kernel(ScoresArgs args) {
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 128, "head_dim must be 32, 64 or 128");
+  allow_dependents();
+  wait_for_prior_grids();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int heads = padded_heads(args.heads);
   const int n_tiles = heads / 8;
@@ -710,7 +662,7 @@ __device__ __forceinline__ void score_warp_tiles(const ScoresArgs& args, const S
   float* weights = reinterpret_cast<float*>(smem_raw + layout.weights_offset);
   int64_t* visible = reinterpret_cast<int64_t*>(smem_raw + layout.visible_offset);
 
-  const int64_t first_query = int64_t(cta.y) * group_size;
+  const int64_t first_query = int64_t(blockIdx.y) * group_size;
   const int queries = int(min(int64_t(group_size), args.tokens - first_query));
   const int64_t slot = key_slot_of(args, first_query);
   const void* keys = kFp8 ? static_cast<const void*>(args.keys_fp8 + slot * args.keys_slot_stride)
@@ -719,20 +671,18 @@ __device__ __forceinline__ void score_warp_tiles(const ScoresArgs& args, const S
   const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
   // 32-bit key arithmetic (key_count < 2^30, checked by the launcher): fewer registers in the main loop.
   const int key_count = int(args.key_count);
-  const int step = int(cta.columns) * kScoreWarps;
-  int tile = int(cta.x) * kScoreWarps + (threadIdx.x >> 5);
+  const int step = int(gridDim.x) * kScoreWarps;
+  int tile = int(blockIdx.x) * kScoreWarps + (threadIdx.x >> 5);
   // The first tiles' keys are in flight while the query operands are stored (rows up to the most any query sees: a
   // row past one query's visible keys only feeds outputs that are never written).
   const int max_visible = cta_visible_keys(args, first_query, queries, visible);
-  inputs_ready();
   constexpr int kAhead = kFp8 ? 2 : 1;
   WarpKeyTile<kHeadDim, kFp8> tiles[kAhead + 1];
 #pragma unroll
   for (int i = 0; i < kAhead; ++i)
-    tiles[i].template load<kKeysWritten>(keys, key_scales, (tile + i * step) * kKeysPerWarpTile, max_visible, group,
-                                         quad);
+    tiles[i].load(keys, key_scales, (tile + i * step) * kKeysPerWarpTile, max_visible, group, quad);
 
-  load_query_operands<kHeadDim, kFp8, kThreads>(args, first_query, queries, smem_raw, weights);
+  load_query_operands<kHeadDim, kFp8>(args, first_query, queries, smem_raw, weights);
   __syncthreads();
 
   // Tiles past every query's visible keys hold nothing to write (the contract leaves those columns unwritten).
@@ -740,8 +690,7 @@ __device__ __forceinline__ void score_warp_tiles(const ScoresArgs& args, const S
   // Software pipeline: the tiles ahead are in flight while the current one is multiplied.
   for (; tile < tile_count; tile += step) {
     const int key0 = tile * kKeysPerWarpTile;
-    tiles[kAhead].template load<kKeysWritten>(keys, key_scales, (tile + kAhead * step) * kKeysPerWarpTile,
-                                              max_visible, group, quad);
+    tiles[kAhead].load(keys, key_scales, (tile + kAhead * step) * kKeysPerWarpTile, max_visible, group, quad);
     // Quad lanes 0 and 1 store rows key0 + group and key0 + 8 + group after the quad reduction.
     const int out_row = key0 + 8 * (quad & 1) + group;
     for (int query = 0; query < queries; ++query) {
@@ -758,19 +707,8 @@ __device__ __forceinline__ void score_warp_tiles(const ScoresArgs& args, const S
     for (int i = 0; i < kAhead; ++i) tiles[i] = tiles[i + 1];
   }
   if constexpr (kSelect)
-    select_top_k_in_last_cta<kThreads>(args, first_query, queries, visible,
-                                       reinterpret_cast<uint64_t*>(smem_raw + selection_offset(layout.bytes)), cta);
-}
-
-
-// The mma.sync score kernel: score_warp_tiles over its grid. A programmatic dependent: q, the head weights and the
-// newest key are this step's outputs, so it waits at entry.
-template <int kHeadDim, bool kFp8, bool kSelect>
-__global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
-    indexer_scores_kernel(ScoresArgs args) {
-  allow_dependents();
-  wait_for_prior_grids();
-  score_warp_tiles<kHeadDim, kFp8, kSelect, false, 0>(args, ScoresCta::of_grid(), [] {});
+    select_top_k_in_last_cta(args, first_query, queries, visible,
+                             reinterpret_cast<uint64_t*>(smem_raw + selection_offset(layout.bytes)));
 }
 
 // ---- Warpgroup MMA scores (head_dim 128, up to 64 heads) ----
@@ -818,13 +756,12 @@ struct WarpgroupCta {
   int queries;
 };
 
-__device__ __forceinline__ WarpgroupCta warpgroup_cta(const ScoresArgs& args, const WarpgroupSmemLayout& layout,
-                                                   unsigned query_group = blockIdx.y) {
+__device__ __forceinline__ WarpgroupCta warpgroup_cta(const ScoresArgs& args, const WarpgroupSmemLayout& layout) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - sm90::shared_address(smem_raw) % 1024) % 1024);
   float* weights = reinterpret_cast<float*>(smem + layout.weights_offset);
   int64_t* visible = reinterpret_cast<int64_t*>(smem + layout.visible_offset);
-  const int64_t first_query = int64_t(query_group) * args.queries_per_cta;
+  const int64_t first_query = int64_t(blockIdx.y) * args.queries_per_cta;
   const int queries = int(min(int64_t(args.queries_per_cta), args.tokens - first_query));
   return WarpgroupCta{
       .smem = smem, .weights = weights, .visible = visible, .first_query = first_query, .queries = queries};
@@ -1056,7 +993,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   }
   if constexpr (kSelect)
     select_top_k_in_last_cta(args, first_query, queries, visible,
-                             reinterpret_cast<uint64_t*>(smem + layout.selection_offset), ScoresCta::of_grid());
+                             reinterpret_cast<uint64_t*>(smem + layout.selection_offset));
 }
 
 // ---- Streamed warpgroup scores (head_dim 128, up to 64 heads; see NOTES) ----
@@ -1186,7 +1123,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm)
   ptx::cp_async_wait<0>();  // no copy may land in shared memory after the CTA's exit
   if constexpr (kSelect)
     select_top_k_in_last_cta(args, first_query, queries, visible,
-                             reinterpret_cast<uint64_t*>(smem + layout.selection_offset), ScoresCta::of_grid());
+                             reinterpret_cast<uint64_t*>(smem + layout.selection_offset));
 }
 
 // ---- Staged fp8 warpgroup scores (head_dim 128, up to 64 heads, one sequence or slots; see NOTES) ----
@@ -1214,10 +1151,6 @@ struct StagedScoresArgs {
   uint64_t* trace;     // kTrace: IndexerScoresParams::trace
 };
 
-// Global memory that other threads stored (the generic proxy), seen through an acquire, before this thread's TMA
-// copies (the async proxy) read it (PTX ISA: proxy fences).
-__device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;\n" ::: "memory"); }
-
 // One query's D[64 keys × 64 heads] of a staged fp8 key tile: four k32 steps of 32 bytes, committed (not waited for).
 __device__ __forceinline__ void issue_staged_scores(float (&d)[32], const unsigned char* stage,
                                                     const unsigned char* query_tile) {
@@ -1229,38 +1162,42 @@ __device__ __forceinline__ void issue_staged_scores(float (&d)[32], const unsign
   sm90::wgmma_commit_group();
 }
 
-// Scores of fp8 keys on warpgroup MMAs with A in shared memory, the key tiles staged by TMA (see NOTES): one CTA's
-// part (its first kScoreWarps warps), as score_warp_tiles' (`cta`, inputs_ready, kKeysWritten: the key tiles then
-// copied after a proxy fence, the scales through L2, kThreads); mark(point) records the kTrace timeline, wait() the
-// grid-dependency wait (after the tensor map's prefetch).
-template <bool kSelect, bool kTrace, bool kKeysWritten, int kThreads, class Mark, class Wait, class InputsReady>
-__device__ __forceinline__ void score_staged_tiles(const StagedScoresArgs& staged, const ScoresCta& cta, Mark&& mark,
-                                                   Wait&& wait, InputsReady&& inputs_ready) {
+// Scores of fp8 keys on warpgroup MMAs with A in shared memory, the key tiles staged by TMA (see NOTES). A
+// programmatic dependent, as the other score kernels.
+template <bool kSelect, bool kTrace = false>
+__global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
+    indexer_scores_staged_kernel(const __grid_constant__ StagedScoresArgs staged) {
   constexpr int kStages = kStagedStages;
   constexpr uint32_t kTileBytes = uint32_t(kStagedKeyTileBytes);
   const ScoresArgs& args = staged.scores;
+  // kTrace: thread 0 of each warpgroup marks its timeline (IndexerTracePoint).
+  const auto mark = [&](int point) {
+    if constexpr (kTrace)
+      if ((threadIdx.x & 127) == 0)
+        sm90::record_warp_trace_point(staged.trace, kScoreWarps, kIndexerTracePoints, point, kIndexerTraceStart,
+                                      kIndexerTraceSm);
+  };
+  mark(kIndexerTraceStart);
+  allow_dependents();
   if (threadIdx.x == 0) sm90::prefetch_tensor_map(&staged.keys);
-  wait();
+  wait_for_prior_grids();
   mark(kIndexerTraceWaited);
   const WarpgroupSmemLayout layout = staged_smem_layout(args.queries_per_cta, kSelect);
-  const auto [smem, weights, visible, first_query, queries] = warpgroup_cta(args, layout, cta.y);
+  const auto [smem, weights, visible, first_query, queries] = warpgroup_cta(args, layout);
   unsigned char* query_tiles = smem;
   const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3, warp = threadIdx.x >> 5;
   const int warpgroup = warp >> 2, t = threadIdx.x & 127;
   unsigned char* ring = smem + layout.ring_offset + warpgroup * kStages * kTileBytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.barrier_offset) + warpgroup * kStages;
-  const int step = int(cta.columns) * kWgmmaWarpgroups;
-  const int first_tile = int(cta.x) * kWgmmaWarpgroups + warpgroup;
+  const int step = int(gridDim.x) * kWgmmaWarpgroups;
+  const int first_tile = int(blockIdx.x) * kWgmmaWarpgroups + warpgroup;
   const int64_t slot = key_slot_of(args, first_query);
   const int slot_row0 = int(slot) * staged.slot_rows;
   const float* key_scales = args.key_scales + slot * args.key_scales_slot_stride;
   const int max_visible = cta_visible_keys(args, first_query, queries, visible);
   const int tiles = (max_visible + kWgmmaKeysPerTile - 1) / kWgmmaKeysPerTile;
-  inputs_ready();
   // The warpgroup's first kStages − 1 tiles are in flight while the query operands are stored.
   if (t == 0) {
-    // Keys other CTAs of the launch stored (the generic proxy), before the TMA copies (the async proxy) read them.
-    if constexpr (kKeysWritten) fence_proxy_async_global();
     for (int i = 0; i < kStages; ++i) sm90::mbarrier_init(&full[i], 1);
     sm90::fence_mbarrier_init();
     for (int i = 0; i < kStages - 1 && first_tile + i * step < tiles; ++i) {
@@ -1274,7 +1211,7 @@ __device__ __forceinline__ void score_staged_tiles(const StagedScoresArgs& stage
   const int stored_row = 16 * (warp & 3) + 8 * (quad & 1) + group;
   const auto key_scale = [&](int tile) {
     const int key = tile * kWgmmaKeysPerTile + stored_row;
-    return key < max_visible ? load_key<kKeysWritten>(key_scales + key) : 0.0f;
+    return key < max_visible ? __ldg(key_scales + key) : 0.0f;
   };
   float scale = key_scale(first_tile);
   load_query_operand_tiles<true, uint2, true>(args, first_query, queries, query_tiles, weights, [](int head, int unit) {
@@ -1325,45 +1262,15 @@ __device__ __forceinline__ void score_staged_tiles(const StagedScoresArgs& stage
   if constexpr (kTrace) {
     mark(kIndexerTraceEnd);
     if (t == 0) {
-      const uint64_t warp = (uint64_t(cta.y) * cta.columns + cta.x) * kScoreWarps + (threadIdx.x >> 5);
+      const uint64_t warp = (uint64_t(blockIdx.y) * gridDim.x + blockIdx.x) * kScoreWarps + (threadIdx.x >> 5);
       staged.trace[warp * kIndexerTracePoints + kIndexerTraceTiles] =
           first_tile < tiles ? uint64_t((tiles - 1 - first_tile) / step + 1) : 0;
     }
   }
   if constexpr (kSelect)
-    select_top_k_in_last_cta<kThreads>(args, first_query, queries, visible,
-                                       reinterpret_cast<uint64_t*>(smem + layout.selection_offset), cta);
+    select_top_k_in_last_cta(args, first_query, queries, visible,
+                             reinterpret_cast<uint64_t*>(smem + layout.selection_offset));
 }
-
-// The staged kernel: score_staged_tiles over its grid. A programmatic dependent, as the other score kernels.
-template <bool kSelect, bool kTrace = false>
-__global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
-    indexer_scores_staged_kernel(const __grid_constant__ StagedScoresArgs staged) {
-  // kTrace: thread 0 of each warpgroup marks its timeline (IndexerTracePoint).
-  const auto mark = [&](int point) {
-    if constexpr (kTrace)
-      if ((threadIdx.x & 127) == 0)
-        sm90::record_warp_trace_point(staged.trace, kScoreWarps, kIndexerTracePoints, point, kIndexerTraceStart,
-                                      kIndexerTraceSm);
-  };
-  mark(kIndexerTraceStart);
-  allow_dependents();
-  score_staged_tiles<kSelect, kTrace, false, 0>(staged, ScoresCta::of_grid(), mark, [] { wait_for_prior_grids(); },
-                                                [] {});
-}
-
-// Host side (indexer.cu): run_indexer_scores_top_k's launch where it is one launch with the top-k in the last CTA of
-// the mma.sync kernel (score_warp_tiles) or the staged one (score_staged_tiles), for a wider launch to run its CTAs
-// (the CSA branch's, compressor.cu); refusal names why not.
-struct SelectLaunch {
-  StagedScoresArgs staged{};  // .scores with the top-k's outputs and tickets; the keys' tensor map where staged_kernel
-  dim3 grid;                  // x: CTAs across the keys (ScoresCta::columns), y: query groups
-  size_t smem_bytes = 0;
-  bool fp8 = false;
-  bool staged_kernel = false;
-  const char* refusal = nullptr;
-};
-SelectLaunch plan_select_launch(const IndexerScoresParams& scores, const TopKParams& top_k);
 
 // The fused scores + top-k (run_indexer_scores_top_k): topk::top_k_kernel with this score source. Each top-k CTA
 // scores its own range [begin, begin + n) of one query's visible keys with the score kernels' tile code (the same

@@ -1,7 +1,6 @@
 #include "backends/cuda/kernels/mhc.hpp"
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -111,10 +110,9 @@ int prepare_resident_ctas(const void* kernel, int threads, size_t smem_bytes) {
   });
 }
 
-template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant = mhc::ProjectionVariant::kShared,
-          bool kRereadPre = false, bool kSumsFirst = false>
+template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant = mhc::ProjectionVariant::kShared>
 void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
-  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant, kRereadPre, kSumsFirst>;
+  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant>;
   constexpr int kThreads = mhc::projection_cta_threads(kSliceDims, kVariant);
   constexpr size_t kSmem = mhc::projection_smem_bytes(kSliceDims, mhc::kPartialRows<kHead>, kPost, kVariant);
   const int resident = prepare_resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, kSmem);
@@ -147,26 +145,13 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   check(size_t(config.token_tiles) * size_t(config.slices + 1) * kTileWords <= 0x7FFFFFFF, op, ": ", args.tokens,
         " tokens × ", config.slices, " slices exceed the workspace words a launch can index");
   mhc::place_projection_launch(args, workspace, int(config.slices), int(config.token_tiles), op);
-  // A/B switches for GPU round s23-2 only (read per launch, 64-dim slices): stale pre words read again before the
-  // collapse, the slice sums before the collapse (hc_projection_kernel's kRereadPre, kSumsFirst; kShared only).
-  const bool reread_pre = std::getenv("DSV4_MHC_REREAD_PRE") != nullptr;
-  const bool sums_first = std::getenv("DSV4_MHC_SUMS_FIRST") != nullptr;
   if constexpr (kPost) {
     if (warp_specialized_serves(choice, args.hidden, multiprocessors)) {
       args.slices = int(ceil_div(args.hidden, 64));
-      constexpr auto kRoles = mhc::ProjectionVariant::kRoles;
-      if (reread_pre) return launch_projection<false, true, 64, kRoles, true>(args, multiprocessors, stream, op);
-      return launch_projection<false, true, 64, kRoles>(args, multiprocessors, stream, op);
+      return launch_projection<false, true, 64, mhc::ProjectionVariant::kRoles>(args, multiprocessors, stream, op);
     }
   }
-  if (config.slice_dims == 64) {
-    constexpr auto kShared = mhc::ProjectionVariant::kShared;
-    if (reread_pre && sums_first)
-      return launch_projection<kHead, kPost, 64, kShared, true, true>(args, multiprocessors, stream, op);
-    if (reread_pre) return launch_projection<kHead, kPost, 64, kShared, true>(args, multiprocessors, stream, op);
-    if (sums_first) return launch_projection<kHead, kPost, 64, kShared, false, true>(args, multiprocessors, stream, op);
-    return launch_projection<kHead, kPost, 64>(args, multiprocessors, stream, op);
-  }
+  if (config.slice_dims == 64) return launch_projection<kHead, kPost, 64>(args, multiprocessors, stream, op);
   launch_projection<kHead, kPost, 32>(args, multiprocessors, stream, op);
 }
 

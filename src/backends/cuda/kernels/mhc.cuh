@@ -59,6 +59,17 @@
 //   stall samples at the one barrier, long scoreboard 9.7 %: the pre words wanted right after the projection wait for
 //   their L2 round trip or a stale re-read); X tiles asked of L2 two or four iterations before their TMA load (a
 //   cp.async.bulk.prefetch.tensor by the loading thread): hc_pre +1.6 / +3 %, hc_head +2 %.
+// - Session 23 (H200, V4-Flash 4096 tokens; bench_cuda_mhc --trace-persistent, SM cycles per iteration at CTA thread
+//   0, steady state, median): hc_pre's iteration 4841 (p90 6890): read-early code and tile wait 660 (no X tile was ever
+//   late), projection 1049, publication 759, collapse barrier 506 (p90 2870), collapse 483, slice sums 809; hc_head's
+//   3243 (barrier 72). The 64 CTAs of a tile group publish a tile spread over 3.6 µs (hc_head 2.1): the partials' hop
+//   keeps 768 ns of slack (median; 1.5 % of the slice sums re-read a word), the sums' hop to the pre readers does not
+//   (the first reader reads 384 ns before the last sum is stored, 85 % of the tiles; 2.3 stale pre words per CTA and
+//   tile, hc_head 54 %, 0.3). Tried and removed (same bits; V4-Pro, same process: hc_pre 371.0 / 372.8 µs, hc_head
+//   231.9 / 233.4): a stale pre word read once more past the projection's barrier, 400.1 / 239.0 (stale words halved,
+//   but the pre readers' tag check waits for the early loads there and delays their publication: spread 3.6 -> 4.7 µs,
+//   the partials' hop 57 % stale, the iteration 4891 -> 5294 cycles); the slice sums before the collapse again, 394.1 /
+//   239.1; both 388.8 / 242.4. (V4-Flash rows of that run overlapped another process on the card.)
 // - The fused hc_post + hc_pre (kPost) also stages the tile's `out` rows and its 16 tokens' post/comb in a ring of
 //   kPostSlots (they die at the update, the X stage lives on until the collapse), applies the residual update to the
 //   staged X in place, writes it to X_out, and projects and collapses the updated X: X is read once.
@@ -710,8 +721,7 @@ static __device__ __noinline__ float sum_slice_words_slowly(const unsigned long 
   return sum;
 }
 
-template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared,
-          bool kRereadPre = false, bool kSumsFirst = false>
+template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared>
 __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const __grid_constant__ ProjectionArgs args) {
@@ -724,13 +734,6 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // same process, V4-Flash 4096 tokens, default / other form / default: hc_pre 187.6 / 187.7 / 187.8 µs, hc_head 122.0
   // / 121.1 / 121.9, the warp-specialised hc_post_pre 314.3 / 314.0 / 314.9): both variants take the pointer form.
   constexpr bool kLean = !kRoles;
-  // Round s23-2 A/B only (DSV4_MHC_REREAD_PRE, mhc.cu): a pre word read stale early is read again once more before
-  // the collapse (kShared: past the projection's barrier, its latency behind the publication; kRoles: at the top of
-  // the finisher's iteration, behind its slice sums). Round s23-1's trace (hc_pre, 4096 tokens): the first CTA of a
-  // tile group reads the sums 384 ns before the last one is stored (median; 85 % of the tiles), 2.3 stale words per
-  // CTA and tile, each re-read only at the collapse (its barrier p90 2870 cycles against a median of 506).
-  // DSV4_MHC_SUMS_FIRST (kShared): the slice sums before the collapse again (session 21 put them after it for the
-  // partials' hop; round s23-1's trace: the partials' hop has 768 ns to spare, median, the sums' hop -384).
   constexpr int kThreads = projection_threads(kSliceDims);  // kRoles: per warp group
   constexpr int kWarps = kThreads / 32;
   constexpr int kCtaThreads = projection_cta_threads(kSliceDims, kVariant);
@@ -933,11 +936,6 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     squares_word = load_relaxed_u64(sums_of(jc) + pre_squares_word);
     mix_word = load_relaxed_u64(sums_of(jc) + pre_mix_word);
   };
-  // kRereadPre: the second read of a word that was stale.
-  const auto reread_stale_pre_words = [&](int jc, unsigned long long& squares_word, unsigned long long& mix_word) {
-    if (unsigned(squares_word >> 32) != tag) squares_word = load_relaxed_u64(sums_of(jc) + pre_squares_word);
-    if (unsigned(mix_word >> 32) != tag) mix_word = load_relaxed_u64(sums_of(jc) + pre_mix_word);
-  };
 
   // kPost: X ← post·out + combᵀ·X on tile j's staged slice (stage b), written back to X_out; the projection then sees
   // the update.
@@ -966,7 +964,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // the projecting threads; past it the loader refills the stage of tile `refill` - kStages (≥ 0: its collapse, by
   // these threads, is done). `publication_sync`: a barrier after the publication, where no other barrier of these
   // threads comes before the next projection overwrites warp_sums (a collapse's, or the fused update's).
-  const auto project_and_publish = [&](int j, int b, auto sync, int refill, bool publication_sync, auto after_sync) {
+  const auto project_and_publish = [&](int j, int b, auto sync, int refill, bool publication_sync) {
     const float* const stage = stages + b * kStageFloats;
     const float* const x_lo[2] = {stage + projected[0], stage + projected[1]};
     float* const mine = warp_sums + warp * kPartialFloats;
@@ -975,7 +973,6 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     DSV4_MHC_PROJECTION_MARK(ProjectionPhase::kProjected, j);
     sync();
     if (refill >= 0) load_tile(refill);
-    after_sync();
     unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
     // Every item's loads before the first sum's adds (a loop over the items waited for each item's loads).
     constexpr int kItemsPerThread = (kPartialFloats + kThreads - 1) / kThreads;
@@ -1035,7 +1032,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         sm90::named_barrier_sync<kThreads>(1);  // the tile is updated, and its ring slot free for j + kPostSlots
         if (j + kPostSlots < count) load_post_inputs(j + kPostSlots);
         // The next iteration's barrier after its update orders this publication before the next projection.
-        project_and_publish(j, b, [] { sm90::named_barrier_sync<kThreads>(1); }, -1, false, [] {});
+        project_and_publish(j, b, [] { sm90::named_barrier_sync<kThreads>(1); }, -1, false);
       }
     } else {
       // Iteration i: sum this CTA's items of tile i, collapse tile i − kFinisherLag. The words both read are loaded
@@ -1055,8 +1052,6 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         Words now = next;
         read_words(i + 1, next);
         const int jc = i - kFinisherLag;
-        if constexpr (kRereadPre)
-          if (is_pre_reader(jc)) reread_stale_pre_words(jc, now.squares, now.mix);
         const int passes = i < count ? my_passes : 0;
         for (int pass = 0; pass < passes; ++pass) sum_slices(i, pass, now.slices, pass == 0);
         if (jc >= 0) {
@@ -1098,25 +1093,18 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         // where neither a collapse nor the fused update's barrier follows it.
         const int jc_before = jc - 1;
         project_and_publish(j, b, block_sync, jc_before >= 0 && jc_before + kStages < count ? jc_before + kStages : -1,
-                            !kPost && jc < 0, [&] {
-                              if constexpr (kRereadPre)
-                                if (pre_reader) reread_stale_pre_words(jc, squares_word, mix_word);
-                            });
+                            !kPost && jc < 0);
       }
 
       // The collapse, then the slice sums: half an iteration more for the partials' hop (session 21: hc_pre 199.8 ->
       // 193.4 µs, hc_head 128.8 -> 126.7, H200). Later passes reload their words here (out of line, as in kRoles, was
       // measured only beside the out-of-line rounding).
-      const auto slice_sums = [&] {
-        for (int pass = 0; pass < passes; ++pass) {
-          if (pass > 0) load_slice_words(jr, pass, words);
-          sum_slices(jr, pass, words, true);
-        }
-        DSV4_MHC_PROJECTION_MARK(ProjectionPhase::kSummed, j);
-      };
-      if constexpr (kSumsFirst) slice_sums();
       if (jc >= 0) collapse_and_refill(jc, pre_reader, squares_word, mix_word, block_sync, j + 1 >= count);
-      if constexpr (!kSumsFirst) slice_sums();
+      for (int pass = 0; pass < passes; ++pass) {
+        if (pass > 0) load_slice_words(jr, pass, words);
+        sum_slices(jr, pass, words, true);
+      }
+      DSV4_MHC_PROJECTION_MARK(ProjectionPhase::kSummed, j);
     }
   }
 
