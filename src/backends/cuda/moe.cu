@@ -1,8 +1,5 @@
 #include "backends/cuda/moe.hpp"
 
-#include <cstdlib>
-#include <cstring>
-
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/moe_combine.hpp"
 #include "backends/cuda/kernels/moe_experts.hpp"
@@ -103,13 +100,6 @@ MoeRoutingBuffers routing_buffers(const WorkspaceLayout& l, void* ws) {
   };
 }
 
-// Round s23-1 A/B switch (removed after the round): DSV4_MOE_ITEMS_KNOWN=0 turns MoeExpertGemmParams::items_known
-// off in every call, the model's included.
-bool items_known_switch() {
-  const char* v = std::getenv("DSV4_MOE_ITEMS_KNOWN");
-  return v == nullptr || std::strcmp(v, "0") != 0;
-}
-
 // The expert GEMMs' parameters of a call (workspace buffers at layout l, the routing's outputs in `routing`).
 MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const MoeRunParams& p,
                                        const WorkspaceLayout& l, const MoeRoutingBuffers& routing) {
@@ -138,10 +128,8 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .down_head_start = p.down_head_start && streamed,
       .column_stages = p.column_stages && streamed,
       .tokens = p.tokens,
-      .top_k = int(c.top_k),
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
       .down_waits_per_item = p.down_waits_per_item,
-      .items_known = items_known_switch(),
       .stream = p.stream,
   };
   if (fuses_combine(p)) {

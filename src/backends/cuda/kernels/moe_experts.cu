@@ -123,9 +123,6 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .swiglu_limit = p.swiglu_limit,
       .x = gate_up ? p.u_bf16 : p.h,
       .row_tokens = p.row_tokens,
-      .tokens = p.tokens,
-      .routed_rows = p.tokens * p.top_k,
-      .items_known = p.items_known && p.streamed,
       .work_items = p.work_items,
       .work_item_count = p.work_item_count,
       .h = p.h,
@@ -225,8 +222,8 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
         " work items exceed one launch's grid (fewer tokens per call)");
   check(!p.streamed || p.stream_maps != nullptr, "moe expert GEMM: the streamed kernels need the experts' tensor ",
         "maps (a layer whose matrices moe_streamed_tiles_apply accepts)");
-  check(!p.streamed || (p.tokens >= 1 && p.top_k >= 1), "moe expert GEMM: the streamed kernels need the token count ",
-        "and top_k (got ", p.tokens, ", ", p.top_k, ")");
+  check(!p.streamed || p.tokens >= 1, "moe expert GEMM: the streamed kernels need the token count (got ", p.tokens,
+        ")");
   check(!p.lean_decode || p.streamed, "moe expert GEMM: the lean decode is a streamed-kernel option");
   check(!p.down_head_start || p.streamed, "moe expert GEMM: the down head start is a streamed-kernel option");
   check(!p.column_stages || p.streamed, "moe expert GEMM: the column stages are a ",

@@ -90,9 +90,6 @@ struct ExpertGemmArgs {
   float swiglu_limit;
   const __nv_bfloat16* x;     // u_bf16 [T, d] gathered through row_tokens (gate/up), or h [rows, I] (down)
   const int32_t* row_tokens;  // gate/up only
-  int tokens;                 // T
-  int routed_rows;            // T·top_k: the shared expert's row of token t is routed_rows + t
-  bool items_known;           // round s23-1 A/B (MoeExpertGemmParams::items_known)
   const MoeWorkItem* work_items;
   const int32_t* work_item_count;
   __nv_bfloat16* h;  // gate/up output [rows, I]
@@ -353,14 +350,13 @@ static __device__ __noinline__ void wait_for_item_rows_slowly(const uint32_t* re
 // stores that the barrier ordered before it); a down CTA's first thread waits with acquire loads until
 // the count reaches the item's gate/up CTAs, then adds one to the item's seen count, whose last arrival sets both back
 // to zero (every down CTA of the item is past its wait by then; the next call's CTAs start after this call's grids
-// end). The waiting down CTAs read h through L2. wait_for_item_rows returns thread 0's seen ticket, which
-// reset_item_counters_if_last checks at the CTA's end: its round trip stays off the path to x.
+// end). The waiting down CTAs read h through L2.
 __device__ __forceinline__ void publish_item_rows(uint32_t* item_counters, int item_index) {
   __syncthreads();  // every h row of this CTA is stored
   if (threadIdx.x == 0) add_release(item_counters + item_index, 1u);
 }
-__device__ __forceinline__ uint32_t wait_for_item_rows(uint32_t* item_counters, int item_index, int gate_up_ctas) {
-  uint32_t ticket = 0;
+__device__ __forceinline__ void wait_for_item_rows(uint32_t* item_counters, int item_index, int gate_up_ctas,
+                                                   int down_ctas) {
   if (threadIdx.x == 0) {
     const uint32_t* ready = item_counters + item_index;
     int polls = 0;
@@ -371,17 +367,13 @@ __device__ __forceinline__ uint32_t wait_for_item_rows(uint32_t* item_counters, 
       }
       __nanosleep(64);
     }
-    ticket = atomicAdd(item_counters + kMoeCountedItemsMax + item_index, 1u);
+    uint32_t* seen = item_counters + kMoeCountedItemsMax + item_index;
+    if (atomicAdd(seen, 1u) == uint32_t(down_ctas) - 1) {
+      item_counters[item_index] = 0;
+      *seen = 0;
+    }
   }
   __syncthreads();
-  return ticket;
-}
-__device__ __forceinline__ void reset_item_counters_if_last(uint32_t* item_counters, int item_index, uint32_t ticket,
-                                                            int down_ctas) {
-  if (threadIdx.x == 0 && ticket == uint32_t(down_ctas) - 1) {
-    item_counters[item_index] = 0;
-    item_counters[kMoeCountedItemsMax + item_index] = 0;
-  }
 }
 
 // The fused combine (moe_experts.hpp MoeFusedCombine), called by every CTA of the down kernel that had a work item,
@@ -854,14 +846,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
       const int chunk_end = min(a.k_total, chunk_begin + chunk_k);
       if (pass != 0 || chunk_begin != 0) __syncthreads();  // the previous chunk's x (and exchange) are read
       auto row_of = [&](int t) {
-        const int row = row_begin + t;
-        // items_known: the token of a row without a load where the layout gives it (the shared expert's rows follow
-        // the routed ones in token order; at T = 1 every row is token 0's).
-        const int64_t source_row = G != ExpertGemm::GATE_UP ? row
-                                   : !a.items_known     ? __ldg(a.row_tokens + row)
-                                   : row >= a.routed_rows ? row - a.routed_rows
-                                   : a.tokens == 1        ? 0
-                                                          : __ldg(a.row_tokens + row);
+        const int64_t source_row = G == ExpertGemm::GATE_UP ? __ldg(a.row_tokens + row_begin + t) : row_begin + t;
         return a.x + source_row * a.k_total + chunk_begin;
       };
       if constexpr (kColumnStages) {
@@ -935,11 +920,10 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
 // decode launches' code (half the instructions to fetch at each CTA's cold start). kLean: fp4 stages by
 // lean::multiply_stage. kSplitShared (one-tile kernels; MoeExpertGemmParams::split_shared_expert): the shared
 // expert's item is served by two CTAs per band (grid rows 0 and 1, warp_slice's parts), item i >= 1 by grid row
-// i + 1. kHeadStart (down, one-tile kernels; MoeExpertGemmParams::down_head_start): every CTA reads the item count
-// and its whole work item in one round trip and starts its weight stream before the wait, not only the shared
-// expert's: the launch before it is the gate/up GEMM, whose CTAs let it start only once they have waited for the
-// routing, so the work items are complete and visible at the GPU scope (read through L2) while h is not (staged
-// after the wait, read through L2). With item counters
+// i + 1. kHeadStart (down, one-tile kernels; MoeExpertGemmParams::down_head_start): every CTA starts its weight
+// stream before the wait, not only the shared expert's: the launch before it is the gate/up GEMM, whose CTAs let it
+// start only once they have waited for the routing, so the work items are complete and visible at the GPU scope
+// (read through L2) while h is not (staged after the wait, read through L2). With item counters
 // (MoeExpertGemmParams::down_waits_per_item) the wait is for the item's own gate/up CTAs (wait_for_item_rows), which
 // the one-tile gate/up kernel then publishes. kColumns (one-tile kernels of T <= 2 launches;
 // MoeExpertGemmParams::column_stages): fp4 items by columns::multiply_stage.
@@ -961,52 +945,32 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const bool shared_item = int(blockIdx.y) < kSharedParts;  // work item 0 is always the shared expert's
   const int part = shared_item ? int(blockIdx.y) : 0;
   const int item_index = shared_item ? 0 : int(blockIdx.y) - (kSharedParts - 1);
-  // The item and whether it exists. kHeadStart: the count and the item read before the wait (the slot exists; past
-  // the count it is dropped unread). items_known: item 0, the shared expert's first, from the arguments (its rows
-  // follow the routed ones; it always exists), every other item read with the count in one round trip after the
-  // wait.
-  MoeWorkItem item{a.shared_expert, a.routed_rows, min(a.tokens, kMoeRowsPerWorkItem)};
-  bool has_item = true;
-  auto read_item = [&] {
-    const int count = __ldcg(a.work_item_count);
-    const MoeWorkItem* slot = a.work_items + item_index;
-    item = {__ldcg(&slot->expert), __ldcg(&slot->row_begin), __ldcg(&slot->row_count)};
-    has_item = item_index < count;
-  };
-  if (kHeadStart && !(a.items_known && shared_item)) read_item();
   if (shared_item) {
     with_tile_format(a.shared_format, [&]<tile::TileFormat F>() {
       start_stream<F, G, kSharedParts>(a, a.shared_expert, warp_slice<G, kSharedParts>(band, part), ring, full);
     });
-  } else if (kHeadStart && has_item) {
+  } else if (kHeadStart && item_index < __ldcg(a.work_item_count)) {
     // At T <= 8 the shared expert has one item, the first: every other item is a routed expert's.
-    with_tile_format(a.routed_format,
-                     [&]<tile::TileFormat F>() { start_stream<F, G>(a, item.expert, band, ring, full); });
+    const int expert = __ldcg(&a.work_items[item_index].expert);
+    with_tile_format(a.routed_format, [&]<tile::TileFormat F>() { start_stream<F, G>(a, expert, band, ring, full); });
   }
   if (shared_item || kHeadStart) trace_point<kTrace>(a, MOE_TRACE_ISSUED);
-  uint32_t seen_ticket = 0;  // wait_for_item_rows's, for reset_item_counters_if_last
-  const int parts = shared_item ? kSharedParts : 1;  // CTAs per band of this item
   if (kHeadStart && a.item_counters != nullptr) {
     // Only this item's gate/up CTAs, not the whole grid (all of them are resident or done: this launch started after
     // each had passed its own wait; the routing and everything before it are complete).
     allow_dependents();
-    if (!has_item) return;
-    seen_ticket = wait_for_item_rows(a.item_counters, item_index,
-                                     (a.k_total + kCtaRows<ExpertGemm::GATE_UP> - 1) / kCtaRows<ExpertGemm::GATE_UP> *
-                                         parts);
-  } else if (kHeadStart || a.items_known) {
-    wait_for_prior_grids();
-    allow_dependents();
-    if (!kHeadStart && !shared_item) read_item();
-    if (!has_item) return;
+    if (item_index >= __ldcg(a.work_item_count)) return;
+    const int parts = shared_item ? kSharedParts : 1;
+    wait_for_item_rows(a.item_counters, item_index, (a.k_total + kCtaRows<ExpertGemm::GATE_UP> - 1) /
+                                                        kCtaRows<ExpertGemm::GATE_UP> * parts,
+                       gemm_bands<G>(a) * parts);
   } else if (!has_work_item_after_prior_grids(a, item_index)) {
     return;
-  } else {
-    item = a.work_items[item_index];
   }
   trace_point<kTrace>(a, MOE_TRACE_READY);
   // Every CTA with an item has started its stream with the head start (the item count read above is the same).
   const bool started = kHeadStart || shared_item;
+  const MoeWorkItem item = a.work_items[item_index];
   // The format from the arguments, not the view, so the item's first copies start while its view is still loading.
   const WeightFormat format = item.expert == a.shared_expert ? a.shared_format : a.routed_format;
   const MoeExpertView expert = a.experts[item.expert];
@@ -1026,8 +990,6 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   }
   if (G == ExpertGemm::GATE_UP && !kMultiTile && a.item_counters != nullptr)
     publish_item_rows(a.item_counters, item_index);
-  if (kHeadStart && a.item_counters != nullptr)
-    reset_item_counters_if_last(a.item_counters, item_index, seen_ticket, gemm_bands<G>(a) * parts);
   if (G == ExpertGemm::DOWN && a.combine.out != nullptr)
     combine_band_if_last<true>(a, band, kSharedParts - 1, tile::stream::align_slots(smem));
   trace_point<kTrace>(a, MOE_TRACE_END);

@@ -103,7 +103,6 @@ struct MoeExpertGemmParams {
   bool column_stages = false;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
-  int top_k = 0;            // streamed kernels: the shared expert's rows follow the T·top_k routed rows
   // down_waits_per_item: [2 · kMoeCountedItemsMax] device counters, zero before the call; left zero.
   uint32_t* item_counters = nullptr;
   // run_moe_gate_up / run_moe_down where moe_down_waits_per_item_apply (the one-tile streamed kernels with the down
@@ -112,10 +111,6 @@ struct MoeExpertGemmParams {
   // T = 2-8) run beside the last gate/up CTAs. Only where the previous launch on the stream is run_moe_gate_up of the
   // same parameters (run_moe's order). The same bits.
   bool down_waits_per_item = false;
-  // Round s23-1 A/B (removed after the round): the streamed kernels take work item 0 (the shared expert's first)
-  // from T and top_k and read every other item with the count in one round trip, and the gate/up x rows of the
-  // shared expert (token = row - T·top_k) and of every row at T = 1 (token 0) without a row_tokens load.
-  bool items_known = false;
   // Traced launch (benchmarks; the one-tile streamed kernels with the lean decode, T <= 8): lane 0 of every warp stores
   // %globaltimer (ns) at the MoeTraceSlot points into trace[warp · kMoeTraceSlots + slot], warp = (blockIdx.y ·
   // gridDim.x + blockIdx.x) · 8 + warp in the CTA (null: not traced; the untraced kernels carry nothing of it).
