@@ -169,15 +169,12 @@ void print_clock_trace(int64_t ctas, int pairs, const Record& record) {
 }
 
 // One traced launch of `call` (L2 flushed first): medians of its CTAs' phases in µs.
-void print_trace(const SparseAttentionParams& call, SparseAttentionPrefillOptions options, int64_t ctas, int pairs,
-                 void* flush, size_t flush_bytes) {
+void print_trace(const SparseAttentionParams& call, int64_t ctas, int pairs, void* flush, size_t flush_bytes) {
     const size_t words = size_t(ctas) * kPrefillTraceWarps * kPrefillTraceSlots;
   DeviceBuffer trace(words * 8, "trace");
   trace.fill_bytes(0);
   DSV4_CUDA_CHECK(cudaMemsetAsync(flush, 0x5A, flush_bytes));
-  options.prefetch_resolved = PrefetchResolved::Off;
-  options.trace = trace.as<uint64_t>();
-  run_sparse_attention_prefill(call, options);
+  run_sparse_attention_prefill(call, {.prefetch_resolved = PrefetchResolved::Off, .trace = trace.as<uint64_t>()});
   synchronize_or_exit("sparse_attention_prefill (traced)");
   std::vector<uint64_t> w(words);
   trace.download(w.data(), words * 8);
@@ -254,24 +251,7 @@ struct Case {
   double bf16_q_us, bf16_q_tflops;  // the prefill kernel with q in bf16 (its MMA input: same result, half the bytes)
   double bf16_q_prefetch_us;        // the same with SparseAttentionPrefillOptions::prefetch_resolved
   double bf16_q_no_entries_us;      // the same call with every slot unused: no entry reads (the kernel's own floor)
-  double variant_us[5];             // round s23-2 A/B (bf16 q): kRoundVariants
-  bool variant_same_bits[5];        // each output byte-identical to the default's
 };
-
-// Round s23-2's A/B variants of the bf16-q call (bf16 entries; entry_registers is refused for fp8 ones): max_first,
-// late_half_first, entry_registers, late_half_first with entry_registers, all three.
-struct RoundVariant {
-  const char* name;
-  SparseAttentionPrefillOptions options;
-};
-constexpr int kRoundVariantCount = 5;
-const RoundVariant kRoundVariants[kRoundVariantCount] = {
-    {"maxfirst", {.prefetch_resolved = PrefetchResolved::Off, .max_first = true}},
-    {"latehalf", {.prefetch_resolved = PrefetchResolved::Off, .late_half_first = true}},
-    {"registers", {.prefetch_resolved = PrefetchResolved::Off, .entry_registers = true}},
-    {"late+regs", {.prefetch_resolved = PrefetchResolved::Off, .late_half_first = true, .entry_registers = true}},
-    {"all",
-     {.prefetch_resolved = PrefetchResolved::Off, .max_first = true, .late_half_first = true, .entry_registers = true}}};
 
 Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
               double peak_tflops, int sms, void* flush, size_t flush_bytes, bool trace, bool quick, bool no_kv,
@@ -333,30 +313,6 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, plain); });
   const double bf16_q_prefetch_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, prefetch); });
-  // Round s23-1 A/B: the variants on the same call, their outputs compared byte for byte with the default's.
-  double variant_ms[kRoundVariantCount];
-  bool variant_same_bits[kRoundVariantCount];
-  {
-    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-    std::vector<uint16_t> expected(outputs), got(outputs);
-    bf16_q_out.download(expected.data(), outputs * 2);
-    DeviceBuffer variant_out(outputs * 2, "prefill kernel out, variant");
-    SparseAttentionParams variant = prefill_bf16_q;
-    variant.out = variant_out.data();
-    for (int v = 0; v < kRoundVariantCount; ++v) {
-      if (kRoundVariants[v].options.entry_registers && format != KvEntryFormat::Bf16) {
-        variant_ms[v] = NAN;
-        variant_same_bits[v] = true;
-        continue;
-      }
-      variant_out.fill_bytes(0xFF);
-      variant_ms[v] = median_ms(10, flush, flush_bytes,
-                                [&] { run_sparse_attention_prefill(variant, kRoundVariants[v].options); });
-      DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-      variant_out.download(got.data(), outputs * 2);
-      variant_same_bits[v] = got == expected;
-    }
-  }
   // --no-kv: every slot −1, the producer zero-fills its buffers without reading an entry (the diagnostic's floor).
   double no_entries_ms = NAN;
   if (no_kv) {
@@ -373,15 +329,7 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
     DSV4_CUDA_CHECK(cudaDeviceSynchronize());  // before the buffers go
   }
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  if (trace) {
-    print_trace(prefill_bf16_q, {}, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush, flush_bytes);
-    for (const RoundVariant& v : kRoundVariants) {
-      if (v.options.entry_registers && format != KvEntryFormat::Bf16) continue;
-      std::printf("  %s:\n", v.name);
-      print_trace(prefill_bf16_q, v.options, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush,
-                  flush_bytes);
-    }
-  }
+  if (trace) print_trace(prefill_bf16_q, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush, flush_bytes);
 
 
   Case r;
@@ -399,10 +347,6 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   r.bf16_q_tflops = flops / (bf16_q_ms * 1e9);
   r.bf16_q_prefetch_us = bf16_q_prefetch_ms * 1e3;
   r.bf16_q_no_entries_us = no_entries_ms * 1e3;
-  for (int v = 0; v < kRoundVariantCount; ++v) {
-    r.variant_us[v] = variant_ms[v] * 1e3;  // nan: not built for these entries
-    r.variant_same_bits[v] = variant_same_bits[v];
-  }
   r.percent_of_cublas = 100.0 * r.new_tflops / cublas_tflops;
   r.percent_of_peak = 100.0 * r.new_tflops / peak_tflops;
   r.relative_difference =
@@ -541,11 +485,9 @@ int run(int argc, char** argv) {
     std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = "
                 "run_sparse_attention\n",
                 static_cast<long long>(kTokens), kWindow, kTopK);
-    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s %8s | %8s %8s %8s "
-                "%8s %8s %5s\n",
-                "model", "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas",
-                "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "noKV us", "maxf us",
-                "late us", "regs us", "l+r us", "all us", "bits");
+    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s %8s\n", "model",
+                "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas", "%peak",
+                "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "noKV us");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -556,18 +498,14 @@ int run(int argc, char** argv) {
         const Case r = run_case(model, heads, format, context, cublas_tflops, peak_tflops, device.multiprocessors,
                                 flush.data(), flush_bytes, trace, quick, no_kv, rng);
         const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
-        const bool same_bits = std::all_of(std::begin(r.variant_same_bits), std::end(r.variant_same_bits),
-                                           [](bool same) { return same; });
-        ok = ok && agrees && same_bits;
+        ok = ok && agrees;
         std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f "
-                    "%7.1f%% %8.1f %8.1f | %8.1f %8.1f %8.1f %8.1f %8.1f %5s%s\n",
+                    "%7.1f%% %8.1f %8.1f%s\n",
                     r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
                     r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
                     r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
                     100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, r.bf16_q_no_entries_us,
-                    r.variant_us[0], r.variant_us[1], r.variant_us[2], r.variant_us[3], r.variant_us[4],
-                    same_bits ? "same" : "DIFF",
-                    agrees && same_bits ? "" : " FAIL");
+                    agrees ? "" : " FAIL");
         std::fflush(stdout);
         cases.push_back(r);
       }

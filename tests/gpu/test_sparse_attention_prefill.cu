@@ -169,36 +169,6 @@ TEST(SparseAttentionPrefill, DecodeBatchesMatchCpu) {
                   prefetch);
 }
 
-// Round s23-2's A/B variants: the row maxima handed on before the weights (max_first), buffer 0's half 1 refilled
-// before buffer 1's (late_half_first), the producer's entries in registers (entry_registers, bf16 entries only; fp8
-// refused: RefusesUnsupportedCalls), combinations.
-TEST(SparseAttentionPrefill, RoundVariantsMatchCpu) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 600;
-  struct Variant {
-    bool max_first, late_half_first, entry_registers;
-  };
-  for (const Variant& v : {Variant{true, false, false}, {false, true, false}, {true, true, false}, {false, false, true},
-                           {false, true, true}, {true, true, true}}) {
-    SCOPED_TRACE(std::string(v.max_first ? "max_first " : "") + (v.late_half_first ? "late_half_first " : "") +
-                 (v.entry_registers ? "entry_registers" : ""));
-    const SparseAttentionPrefillOptions options{.prefetch_resolved = PrefetchResolved::Off,
-                                                .max_first = v.max_first,
-                                                .late_half_first = v.late_half_first,
-                                                .entry_registers = v.entry_registers};
-    for (const KvEntryFormat format : kFormats) {
-      if (v.entry_registers && format != KvEntryFormat::Bf16) continue;
-      check_attention({"flash csa chunk", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12}, seed++, options);
-      check_attention({"pro csa chunk bf16 io", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 6,
-                       AttentionDtype::Bf16, AttentionDtype::Bf16},
-                      seed++, options);
-      check_attention({"h48 padded", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, AttentionDtype::Bf16,
-                       AttentionDtype::Bf16, true},
-                      seed++, options);
-    }
-  }
-}
-
 // A traced launch (bench_cuda_attention_prefill --trace) computes the same, every planned CTA traced: each of its three
 // warpgroups records a start and an end no earlier, on an SM of the device; consumer 0's marks in order.
 TEST(SparseAttentionPrefill, TracedLaunchMatchesCpu) {
@@ -257,12 +227,6 @@ TEST(SparseAttentionPrefill, RefusesUnsupportedCalls) {
   p = good;
   p.layer = 1;
   testing::expect_error([&] { run_sparse_attention_prefill(p); }, "layer 1");
-  KvCache fp8_cache({.format = KvEntryFormat::Fp8Reference, .head_dim = 512, .rope_dim = 64, .layers = 1,
-                     .max_sequences = 1, .window_capacity = 8, .page_rows = 8, .pages = 1});
-  p = good;
-  p.cache = fp8_cache.view();
-  testing::expect_error([&] { run_sparse_attention_prefill(p, {.entry_registers = true}); },
-                        "entry_registers is built for bf16 entries only");
 }
 
 }  // namespace

@@ -12,9 +12,9 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
-template <bool kFp8, bool kTrace, int kSchedule>
+template <bool kFp8, bool kTrace>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace, kSchedule>;
+  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
@@ -62,32 +62,10 @@ void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAt
   if (p.tokens == 0) return;
   const int head_blocks = (p.heads + kHeads - 1) / kHeads;
   const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
-  const auto dispatch = [&]<int kSchedule>() {
-    if (options.trace != nullptr)
-      fp8 ? launch<true, true, kSchedule>(p, head_blocks, options) : launch<false, true, kSchedule>(p, head_blocks, options);
-    else
-      fp8 ? launch<true, false, kSchedule>(p, head_blocks, options)
-          : launch<false, false, kSchedule>(p, head_blocks, options);
-  };
-  check(!(options.entry_registers && fp8), "sparse_attention_prefill: entry_registers is built for bf16 entries only");
-  constexpr int kMax = kScheduleMaxFirst, kLate = kScheduleLateHalfFirst, kRegisters = kScheduleEntryRegisters;
-  if (options.entry_registers) {
-    // bf16 entries only (checked above): the fp8 instances of these schedules are not built.
-    const auto dispatch_bf16 = [&]<int kSchedule>() {
-      options.trace != nullptr ? launch<false, true, kSchedule>(p, head_blocks, options)
-                               : launch<false, false, kSchedule>(p, head_blocks, options);
-    };
-    if (options.max_first)
-      options.late_half_first ? dispatch_bf16.template operator()<kMax | kLate | kRegisters>()
-                              : dispatch_bf16.template operator()<kMax | kRegisters>();
-    else
-      options.late_half_first ? dispatch_bf16.template operator()<kLate | kRegisters>()
-                              : dispatch_bf16.template operator()<kRegisters>();
-  } else if (options.max_first) {
-    options.late_half_first ? dispatch.template operator()<kMax | kLate>() : dispatch.template operator()<kMax>();
-  } else {
-    options.late_half_first ? dispatch.template operator()<kLate>() : dispatch.template operator()<0>();
-  }
+  if (options.trace != nullptr)
+    fp8 ? launch<true, true>(p, head_blocks, options) : launch<false, true>(p, head_blocks, options);
+  else
+    fp8 ? launch<true, false>(p, head_blocks, options) : launch<false, false>(p, head_blocks, options);
 }
 
 }  // namespace dsv4::cuda

@@ -36,7 +36,14 @@
 // 1796.3 / 939.7: level), the first half's copies before the look-ahead prefetches (912.9 / 1799.6 / 938.6; decode
 // Pro b64 39.9 → 41.0), consumer 1 releasing its own half before the P exchange (916.3 / 1804.8 / 935.9), one TMA bulk
 // copy per output row (905.0 / 1772.5 / 925.4 against streaming stores 895.5 / 1757.6 / 917.8; with an L2
-// evict-first hint 911.8 / 1789.7 / 937.1 against 905.2 / 1778.8 / 929.5).
+// evict-first hint 911.8 / 1789.7 / 937.1 against 905.2 / 1778.8 / 929.5). Session 23 (--trace's clock marks, cycles
+// within a CTA, round 1): a pair took ≈ 8200 traced cycles, a chain of consumer 0's softmax (1350), consumer 1's
+// (1780), the weight exchange (1150), the PVs queued on the tensor pipe (1600) and the next scores waiting for half
+// (0, 1) (1400); the producer took 900-1200 cycles to issue a half's copies and ≈ 3000 to resolve a pair's pages.
+// Kept: each consumer stores its own output half, the entries in registers, (0, 1) refilled first, the maxima handed
+// on first (Flash 8K 878.9 → 829.9 µs over rounds 1-2). Lost (same runs): consumer 0 handing its weights over while its
+// own PV runs and consumer 1 before it waits (883.2 / 1731.9 / 905.9 against 878.9 / 1729.0 / 897.8), consumer 1
+// adding consumer 0's block first to release (0, 1) sooner (905.7 / 1773.0 / 930.3, other bits).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -130,9 +137,6 @@ static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
 inline constexpr int kBarrierMax0 = 1, kBarrierMax1 = 2, kBarrierP0 = 3, kBarrierP1 = 4, kBarrierConsumers = 5,
                      kBarrierSum0 = 6, kBarrierStaged0 = 8;
 
-// Round s23-2's A/B schedules (SparseAttentionPrefillOptions), flags of the kernel's kSchedule.
-inline constexpr int kScheduleMaxFirst = 1, kScheduleLateHalfFirst = 2, kScheduleEntryRegisters = 4;
-
 // The CTA's mbarriers: full and empty per (buffer, half), valid per buffer, tile_full per (buffer, half, tile) for
 // every tile of a half but its last (whose arrival is full's; bf16 entries only).
 struct Barriers {
@@ -198,7 +202,7 @@ __device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
 
 // Thread (row0, chunk) of the producer warpgroup moves the 16-byte chunk `chunk` (8 dims) of every 64-dim tile of
 // entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row.
-template <bool kFp8, bool kTrace, int kSchedule>
+template <bool kFp8, bool kTrace>
 __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int pairs,
                                         bool prefetch_resolved, const Barriers& barriers, int64_t ahead_t,
                                         int ahead_head_base, uint64_t* trace) {
@@ -207,11 +211,11 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   const int64_t slots = query_slot_count(p, t);
   const int sequence_slot = p.sequence_slots[t];
   int32_t* valid = reinterpret_cast<int32_t*>(smem + kValid);
-  // The physical entries of this thread's slots of the current pair, [buffer][k], in shared memory (thread-major
-  // columns, conflict-free): in registers they pushed the fp8 path's loads past the producer's register budget.
-  // entry_registers (bf16 entries only): in registers, no shared-memory round trip before a half's copies.
-  constexpr bool kEntryRegisters = (kSchedule & kScheduleEntryRegisters) != 0;
-  static_assert(!(kFp8 && kEntryRegisters), "entry_registers: bf16 entries only");
+  // The physical entries of this thread's slots of the current pair, [buffer][k]: bf16 entries in registers (no
+  // shared-memory round trip before a half's copies; round s23-2, same runs, bf16 q: Flash 8K 866.3 → 840.3 µs, Pro
+  // 8K 1695.9 → 1648.0, Flash 64K 885.1 → 873.9), fp8 entries in shared memory (thread-major columns,
+  // conflict-free): in registers they pushed the fp8 path's loads past the producer's register budget.
+  constexpr bool kEntryRegisters = !kFp8;
   int32_t* physical_entries = reinterpret_cast<int32_t*>(smem + kPhysical) + thread;
   int32_t entries[2][4] = {};
   const auto physical = [&](int buffer, int k) {
@@ -376,21 +380,19 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     load_half(0, 0);
     publish_half(0, 0);
     if (i == 0) trace_point<kTrace>(trace, prefill_trace::kFirstIssued);
-    const auto load_buffer_1_half_1 = [&] {
-      sm90::mbarrier_wait(barriers.empty(1, 1), parity);
-      pair_point<kTrace>(trace, i, prefill_trace::kEmpty11);
-      publish_valid(1);
-      load_half(1, 1);
-      publish_half(1, 1);
-    };
-    // late_half_first: buffer 0's half 1 (consumer 0's next scores wait for it) before buffer 1's half 1, although
-    // that is released first.
-    if constexpr ((kSchedule & kScheduleLateHalfFirst) == 0) load_buffer_1_half_1();
+    // Buffer 0's half 1 (consumer 0's next scores wait for it) before buffer 1's half 1, although that is released
+    // first (round s23-1's trace: the producer reached (0, 1) 765 cycles after its release, still issuing (1, 1);
+    // round s23-2 with the entries in registers: Flash 8K 840.3 → 835.7 µs, Pro 8K 1648.0 → 1631.1, Flash 64K 873.9
+    // → 865.9; alone level).
     sm90::mbarrier_wait(barriers.empty(0, 1), parity);
     pair_point<kTrace>(trace, i, prefill_trace::kEmpty01);
     load_half(0, 1);
     publish_half(0, 1);
-    if constexpr ((kSchedule & kScheduleLateHalfFirst) != 0) load_buffer_1_half_1();
+    sm90::mbarrier_wait(barriers.empty(1, 1), parity);
+    pair_point<kTrace>(trace, i, prefill_trace::kEmpty11);
+    publish_valid(1);
+    load_half(1, 1);
+    publish_half(1, 1);
     sm90::mbarrier_wait(barriers.empty(1, 0), parity);
     pair_point<kTrace>(trace, i, prefill_trace::kEmpty10);
     if (i < prefill_trace::kPairs) trace_point<kTrace>(trace, prefill_trace::kLastHalfReleased + i);
@@ -570,10 +572,9 @@ __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
   return row * row_bytes + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
-template <bool kFp8, bool kTrace, int kSchedule>
+template <bool kFp8, bool kTrace>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
                                         const Barriers& barriers, uint64_t* trace) {
-  constexpr bool kMaxFirst = (kSchedule & kScheduleMaxFirst) != 0;
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
   const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroup, 0);
   const int thread256 = int(threadIdx.x);
@@ -668,12 +669,14 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       sm90::mbarrier_wait(barriers.valid(0), parity);
       pair_point<kTrace>(trace, i, prefill_trace::kC0Valid);
       const BlockReference reference = block_reference(s, valid, c, scale_log2, row_max, row_max, row_sum);
-      // max_first: the running max goes to consumer 1 before this block's weights are computed.
-      if constexpr (!kMaxFirst) block_weights(s, reference, row_sum, o, pf);
+      // The running max goes to consumer 1 before this block's weights are computed (round s23-1's trace: the two
+      // softmaxes ran one after the other, 1350 + 1780 cycles of an 8200-cycle pair; round s23-2 with the two producer
+      // changes above: Flash 8K 835.7 → 829.9 µs, Pro 8K 1631.1 → 1624.5, Flash 64K 865.9 → 863.9; alone 866.3 →
+      // 858.3, 1695.9 → 1691.3, 885.1 → 883.5).
       if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax0);
       pair_point<kTrace>(trace, i, prefill_trace::kC0MaxSent);
-      if constexpr (kMaxFirst) block_weights(s, reference, row_sum, o, pf);
+      block_weights(s, reference, row_sum, o, pf);
       pv_registers(o, pf, smem, 0, 0);
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(o);
@@ -750,12 +753,11 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       const float base_max[2] = {base.x, base.y};
       __syncwarp();  // every lane of the row's quad has read it before lane c = 0 overwrites it
       const BlockReference reference = block_reference(s, valid, c, scale_log2, base_max, row_max, row_sum);
-      // max_first: the pair's max goes back before this block's weights are computed.
-      if constexpr (!kMaxFirst) block_weights(s, reference, row_sum, o, pf);
+      // The pair's max goes back before this block's weights are computed.
       if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax1);
       pair_point<kTrace>(trace, i, prefill_trace::kC1MaxSent);
-      if constexpr (kMaxFirst) block_weights(s, reference, row_sum, o, pf);
+      block_weights(s, reference, row_sum, o, pf);
       if (i + 1 == pairs) publish_final_row_sums();
       pv_registers(o, pf, smem, 1, 1);
       store_weights(own_p, pf, warp, g, c);
@@ -854,7 +856,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
 
-template <bool kFp8, bool kTrace, int kSchedule>
+template <bool kFp8, bool kTrace>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                     const int resident_ctas, const bool prefetch_resolved, uint64_t* trace) {
@@ -879,11 +881,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The CTA that starts about when this one ends: one per SM is resident (resident_ctas), launched in order.
     const int64_t ahead = int64_t(blockIdx.x) + resident_ctas;
     const bool ahead_exists = ahead < p.tokens * head_blocks;
-    produce<kFp8, kTrace, kSchedule>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers,
+    produce<kFp8, kTrace>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers,
                           ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8, kTrace, kSchedule>(p, smem, t, head_block * kHeads, barriers, trace);
+    consume<kFp8, kTrace>(p, smem, t, head_block * kHeads, barriers, trace);
   }
 }
 

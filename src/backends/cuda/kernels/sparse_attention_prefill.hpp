@@ -77,16 +77,6 @@ struct SparseAttentionPrefillOptions {
   PrefetchResolved prefetch_resolved = PrefetchResolved::Auto;
   // Traced launch: tokens × head blocks × kPrefillTraceWarps × kPrefillTraceSlots words (nullptr: untraced kernel).
   uint64_t* trace = nullptr;
-  // Round s23-2 A/B (same bits): each consumer hands its row maxima on before it computes its block's weights
-  // (consumer 1's softmax and consumer 0's weight rescale no longer wait for the other's exponentials).
-  bool max_first = false;
-  // Round s23-2 A/B (same bits): the producer refills buffer 0's half 1 (consumer 0's next scores wait for it) before
-  // buffer 1's half 1 (released earlier; round s23-1's trace: the producer reached half (0, 1) 0.4 us after its release,
-  // still issuing (1, 1)).
-  bool late_half_first = false;
-  // Round s23-2 A/B (same bits; bf16 entries only, refused for fp8): the producer keeps a pair's physical entries in
-  // registers instead of shared memory (no shared-memory round trip before each half's copies).
-  bool entry_registers = false;
 };
 
 void run_sparse_attention_prefill(const SparseAttentionParams& params,
