@@ -146,7 +146,7 @@ void print_clock_trace(int64_t ctas, int pairs, const Record& record) {
   const char* c0_names[] = {"valid", "max sent", "own PV", "pair max", "other P", "late half", "other PV", "next QK"};
   const char* c1_names[] = {"issued", "late tile", "scores", "max recv", "max sent", "other P", "half", "own PV",
                             "other PV"};
-  const char* producer_names[] = {"empty00", "empty11", "empty01", "empty10", "issued", "resolved"};
+  const char* producer_names[] = {"empty00", "empty01", "empty11", "empty10", "issued", "resolved"};
   for (int i = 0; i < std::min(pairs, pt::kClockPairs); ++i) {
     const auto reference = [&](int64_t c) {
       return i == 0 ? clock(c, 0, pt::kClocks + pt::kFirstScores)
@@ -458,7 +458,7 @@ int run(int argc, char** argv) {
     else if (std::strcmp(argv[i], "--no-kv") == 0)
       no_kv = true;
     else
-      fail("usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE] [--trace] "
+      fail("usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE[,CASE...]] [--trace] "
            "[--quick] [--no-kv]");
   }
   check(part.empty() || part == "prefill" || part == "decode", "--part ", part, ": expected prefill or decode");

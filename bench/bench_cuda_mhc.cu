@@ -372,6 +372,7 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
       return v.empty() ? 0.0 : v[size_t(q * double(v.size() - 1))];
     };
     const auto negative = [](const std::vector<double>& v) {
+      if (v.empty()) return 0.0;
       return 100.0 * double(std::count_if(v.begin(), v.end(), [](double x) { return x < 0; })) / double(v.size());
     };
     std::printf("trace: V4-Flash %s T=%lld (persistent kernel, %d slices × %d groups, %d tiles, lags %d / %d), %d "

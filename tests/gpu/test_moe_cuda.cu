@@ -12,8 +12,8 @@
 // than the default (MoeRunParams::column_stages: fp4 block sums in another order, checked against the CPU and run
 // to run; the same bits as without them at T > 2); the down CTAs waiting for the whole gate/up grid instead of their
 // own item's gate/up CTAs (MoeRunParams::down_waits_per_item other than the default: the same bits); a V4-Pro-width
-// layer (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality; the upload's fp4 repack
-// (weight_tile_mma.cuh Fp4Layout::DEVICE) decoding to the checkpoint order's pairs.
+// layer (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality; the upload's fp4
+// repack (weight_tile_mma.cuh Fp4Layout::DEVICE) decoding to the checkpoint order's pairs.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
 //

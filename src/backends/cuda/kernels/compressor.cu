@@ -383,6 +383,8 @@ const char* compressor_trace_point_name(int point) {
   return point >= 0 && point < kCompressorTracePoints ? kNames[point] : "?";
 }
 
+// One pool range per compressor a launch can take.
+static_assert(sizeof(CompressorLaunchShape::pools) / sizeof(CompressorCtaRange) == size_t(compressor::kMaxPools));
 CompressorLaunchShape compressor_launch_shape(std::span<const CompressorParams> params,
                                               const IndexerPrepareParams* prepare) {
   if (prepare != nullptr) check_indexer_prepare_params(*prepare);

@@ -52,10 +52,6 @@ int choose_slice_dims(int64_t token_tiles, int64_t hidden, int multiprocessors) 
   return ceil_div(hidden, 64) * token_tiles * 4 >= int64_t(multiprocessors) * 3 ? 64 : 32;
 }
 
-// Workspace: the header, the tiles' summed rows, then the slices' partial sums (tagged 8-byte words; hc_head uses
-// the same strides, with fewer rows filled).
-constexpr size_t kTileWords = mhc::kTileWords;
-
 // Slice clusters of the cluster decode kernel (64-dim slices, kClusterCtas per cluster).
 int64_t slice_clusters(int64_t hidden) {
   return ceil_div(ceil_div(hidden, mhc::kDecodeSliceDims), mhc::kClusterCtas);
@@ -68,7 +64,7 @@ size_t decode_word_count(int64_t hidden) {
 
 size_t partial_bytes(int64_t token_tiles, int64_t hidden, int multiprocessors) {
   const int64_t slices = ceil_div(hidden, choose_slice_dims(token_tiles, hidden, multiprocessors));
-  return size_t(token_tiles * slices) * kTileWords * 8;
+  return size_t(token_tiles * slices) * mhc::kTileWords * 8;
 }
 
 // Common checks of hc_pre and hc_head: the projection inputs, the output pair and the workspace.
@@ -142,7 +138,7 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   check(config.token_tiles <= 0x7FFFFFFF, op, ": ", args.tokens, " tokens exceed the supported tile count");
   // The kernel indexes the workspace's words in 32 bits: tiles × (slices + 1) × kTileWords < 2^31 (V4-Flash, 64
   // slices of 64 dims: about 1.3M tokens per launch; V4-Pro, 112 slices: about 760K).
-  check(size_t(config.token_tiles) * size_t(config.slices + 1) * kTileWords <= 0x7FFFFFFF, op, ": ", args.tokens,
+  check(size_t(config.token_tiles) * size_t(config.slices + 1) * mhc::kTileWords <= 0x7FFFFFFF, op, ": ", args.tokens,
         " tokens × ", config.slices, " slices exceed the workspace words a launch can index");
   mhc::place_projection_launch(args, workspace, int(config.slices), int(config.token_tiles), op);
   if constexpr (kPost) {
@@ -376,7 +372,7 @@ size_t hc_projection_workspace_bytes(int64_t tokens, int64_t hidden, int multipr
     }
     partials = std::max(partials, partial_bytes(t, hidden, multiprocessors));
   }
-  return mhc::kHeaderBytes + std::max(size_t(tiles) * kTileWords * 8 + partials, decode_word_count(hidden) * 8);
+  return mhc::kHeaderBytes + std::max(size_t(tiles) * mhc::kTileWords * 8 + partials, decode_word_count(hidden) * 8);
 }
 
 void check_hc_pre_params(const HcPreParams& p) {

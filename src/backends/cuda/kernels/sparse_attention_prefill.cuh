@@ -18,8 +18,9 @@
 // it lands (QKᵀ runs on a half's first tiles while the rest is in flight); fp8 entries through registers, dequantised
 // exactly to bf16 (e4m3 · 2^k), all tiles of a half at once. A consumer that waited on a tile's barrier fences the
 // async proxy before its wgmma reads the cp.async data. After its copies the producer also writes the inverse RoPE
-// factors, which only the consumers' epilogue reads. The epilogue stores fp32 output from the accumulator fragments,
-// bf16 output through the free KV buffers in whole rows with the streaming (evict-first) policy.
+// factors, which only the consumers' epilogue reads. The epilogue stores fp32 output from the accumulator fragments;
+// bf16 output: each consumer stages its 256 dims of every row in the buffer half only it read last ((0, 0) or (1, 1))
+// and stores them with its own warpgroup, with the streaming (evict-first) policy.
 // Numerics: q rounded to bf16; scores, softmax and accumulation fp32; P rounded to bf16 once (the row sums add the
 // rounded weights), rounded again only where a later block raises the row's maximum.
 // Where a CTA's time goes (H200, 4096 × 640 Flash, bf16 q and out, bench_cuda_attention_prefill --trace, round s22-2):
@@ -175,6 +176,7 @@ __device__ __forceinline__ void trace_point(uint64_t* trace, int slot) {
 }
 
 // Lane 0 of each warpgroup's first warp: %clock64 at event `event` of pair `pair` (kept for pair < kClockPairs).
+// Diagnostic only: the traced fp8 instance spills 16 bytes with these marks (the untraced kernels do not).
 template <bool kTrace>
 __device__ __forceinline__ void pair_point(uint64_t* trace, int pair, int event) {
   if constexpr (kTrace)

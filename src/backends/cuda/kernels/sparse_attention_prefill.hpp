@@ -55,9 +55,9 @@ inline constexpr int kC0Valid = 0, kC0MaxSent = 1, kC0OwnPv = 2, kC0PairMax = 3,
 // released), the other PV done (buffer 0 half 1 released).
 inline constexpr int kC1Issued = 0, kC1LateTile = 1, kC1Scores = 2, kC1MaxReceived = 3, kC1MaxSent = 4,
                      kC1OtherP = 5, kC1Half = 6, kC1OwnPv = 7, kC1OtherPv = 8;
-// Producer: each half's release waited ((0, 0), (1, 1), (0, 1), (1, 0)), the last half's copies issued, the next
-// pair's entries resolved.
-inline constexpr int kEmpty00 = 0, kEmpty11 = 1, kEmpty01 = 2, kEmpty10 = 3, kLastIssued = 4, kNextResolved = 5;
+// Producer: each half's release waited, in its order ((0, 0), (0, 1), (1, 1), (1, 0)), the last half's copies issued,
+// the next pair's entries resolved.
+inline constexpr int kEmpty00 = 0, kEmpty01 = 1, kEmpty11 = 2, kEmpty10 = 3, kLastIssued = 4, kNextResolved = 5;
 inline constexpr int kStart = 0;  // every warpgroup: its first instruction after the barrier initialisation
 // consumers: Q staged in shared memory; consumer 0: its first data (buffer 0, half 0) arrived, its first scores done
 inline constexpr int kQStaged = 1, kFirstData = 2, kFirstScores = 3;
