@@ -329,7 +329,7 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
     DSV4_CUDA_CHECK(cudaDeviceSynchronize());  // before the buffers go
   }
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  if (trace) print_trace(prefill_bf16_q, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush, flush_bytes);
+  if (trace) print_trace(prefill_bf16_q, sparse_attention_prefill_ctas(prefill_bf16_q), (kWindow + kTopK + 127) / 128, flush, flush_bytes);
 
 
   Case r;

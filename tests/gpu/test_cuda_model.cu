@@ -371,7 +371,8 @@ TEST(CudaModel, StorageFollowsTheNumericsModeAndTheKeyOption) {
       EXPECT_TRUE(attention.ends_with(fp8_entries ? ", true>" : ", false>")) << "layer " << i << ":" << joined;
       if (!config.has_indexer(i)) continue;
       ++indexed;
-      EXPECT_NE(scores.find(fp8_keys ? "<32, true," : "<32, false,"), std::string::npos)
+      EXPECT_NE(scores.find("<" + std::to_string(dim) + (fp8_keys ? ", true," : ", false,")),
+                std::string::npos)
           << "layer " << i << ":" << joined;
     }
     EXPECT_GT(indexed, 0);

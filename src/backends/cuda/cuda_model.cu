@@ -754,10 +754,15 @@ struct CudaModel::Impl {
   // keys are exact in that format, indexer.hpp): half the bytes of bf16 keys.
   bool fp8_index_keys() const { return reference() && options.fp8_indexer_keys; }
 
+  // Bytes of one indexer key as stored: bf16 values, or e4m3 values and an fp32 scale.
+  size_t index_key_bytes() const {
+    const size_t dim = size_t(config.indexer.head_dim);
+    return fp8_index_keys() ? dim + sizeof(float) : dim * 2;
+  }
   // Bytes of a layer's indexer keys of every slot: the keys, then (fp8) their scales from index_key_scales_offset.
   size_t index_keys_bytes(int layer) const {
     const size_t keys = size_t(options.max_sequences) * size_t(max_keys_of(layer));
-    if (!fp8_index_keys()) return keys * size_t(config.indexer.head_dim) * 2;
+    if (!fp8_index_keys()) return keys * index_key_bytes();
     return index_key_scales_offset(layer) + keys * sizeof(float);
   }
   size_t index_key_scales_offset(int layer) const {
@@ -1710,9 +1715,8 @@ StorageFormats CudaModel::storage() const {
   formats.kv_entry = m.kv_cache->layout();
   for (int i = 0; i < m.config.num_layers; ++i)
     if (m.config.has_indexer(i)) {
-      const int dim = m.config.indexer.head_dim;
       formats.indexer_keys = m.fp8_index_keys() ? IndexerKeyFormat::Fp8 : IndexerKeyFormat::Bf16;
-      formats.indexer_key_bytes = m.fp8_index_keys() ? dim + int(sizeof(float)) : dim * 2;
+      formats.indexer_key_bytes = int(m.index_key_bytes());
       break;
     }
   return formats;

@@ -18,7 +18,7 @@ void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttenti
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
-  const int64_t ctas = p.tokens * head_blocks, sms = device_multiprocessors();
+  const int64_t ctas = sparse_attention_prefill_ctas(p), sms = device_multiprocessors();
   const bool prefetch = options.prefetch_resolved == PrefetchResolved::On ||
                         (options.prefetch_resolved == PrefetchResolved::Auto &&
                          ctas <= int64_t(kSparseAttentionPrefillPrefetchWaves) * sms);
@@ -55,6 +55,10 @@ void check_sparse_attention_prefill_params(const SparseAttentionParams& p) {
         p.tokens, ", heads ", p.heads, ")");
   if (p.tokens == 0) return;
   check_sparse_attention_inputs(p, "sparse_attention_prefill");
+}
+
+int64_t sparse_attention_prefill_ctas(const SparseAttentionParams& p) {
+  return p.tokens * ((p.heads + kHeads - 1) / kHeads);
 }
 
 void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAttentionPrefillOptions& options) {

@@ -27,6 +27,9 @@ bool sparse_attention_prefill_supports(const KvEntryLayout& layout, int page_shi
 // Throws (naming the shape, pointer or field at fault) unless run_sparse_attention_prefill supports the call.
 void check_sparse_attention_prefill_params(const SparseAttentionParams& params);
 
+// The CTAs run_sparse_attention_prefill launches: one per (query, 64-head block).
+int64_t sparse_attention_prefill_ctas(const SparseAttentionParams& params);
+
 // Whether the producer asks L2 for a pair's entries as soon as it has resolved them (no extra loads), so that the
 // pair's later halves, copied only once the consumers release their buffers, wait for L2 rather than DRAM. Auto: where
 // the grid is at most kSparseAttentionPrefillPrefetchWaves waves of (query, 64-head block) CTAs, decode batches, whose
