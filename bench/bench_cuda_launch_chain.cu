@@ -1,0 +1,192 @@
+// The launch-chain ceiling of a batch-1 decode step (issue 7's "≥ 75 % of the weight-bandwidth floor"): kernels that
+// do nothing but read the weight bytes of V4-Flash sliding-window layers' main path, one kernel per weight-reading
+// launch of the model's step, chained as the model chains them (programmatic dependent launches captured in one CUDA
+// graph), against the measured copy bandwidth. No real kernel can beat its chain here, so the rows bound what the
+// model's launch structure allows and separate it from what the kernels themselves lose.
+// Per-kernel bytes come from the config (V4-Flash, `bench e2e --format nvfp4`): fp8 linears (1 byte per weight),
+// e2m1 routed experts with e4m3 block scales (0.5625 byte per weight), the fp8 shared expert, the bf16 router and the
+// fp32 mHC projections; the small kernels between them (norms, kv_insert, attention at a short context) read ≈ 0 and
+// are kept as launches of 0 bytes. Each launch is 132 × k CTAs of 512 threads, 16-byte loads, 4 in flight per thread.
+// Rows:
+//   - one launch: a layer's bytes in one kernel (no launch boundary);
+//   - chain, strict: each kernel waits for its predecessor (griddepcontrol.wait) before its first load;
+//   - chain, early: each CTA asks L2 for the first `early` bytes of its share (cp.async.bulk.prefetch.L2) before that
+//     wait, as the model's kernels issue their first weight stages;
+//   each chain with 1 CTA per SM and 120 KB of shared memory (the next kernel's CTAs cannot start on an SM until this
+//   kernel's CTA there has left, like the model's ring-buffered kernels) and with 2 CTAs per SM and no shared memory.
+// Usage: bench_cuda_launch_chain [--layers N] [--early KB]
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/ptx/dependent_launch.cuh"
+#include "cuda_bench_support.hpp"
+#include "core/error.hpp"
+#include "io/builtin_configs.hpp"
+#include "io/model_config.hpp"
+
+namespace dsv4::cuda {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kLoadsInFlight = 4;
+constexpr int kSms = 132;
+
+// XOR of `words` 16-byte words of `data` (this CTA's share) into sink[blockIdx.x], so the loads are not dropped.
+// kStrict: wait for the previous grid before any load; else prefetch the share's first `early_bytes` to L2 first.
+template <bool kStrict>
+__global__ void __launch_bounds__(kThreads) read_share_kernel(const uint4* data, int64_t words, int64_t early_bytes,
+                                                               uint32_t* sink) {
+  const int64_t share = (words + gridDim.x - 1) / gridDim.x;
+  const int64_t begin = min(words, share * blockIdx.x), end = min(words, begin + share);
+  if constexpr (!kStrict) {
+    const int64_t early_end = min(end, begin + early_bytes / 16);
+    constexpr int64_t kChunkWords = 4096 / 16;  // 4 KB per prefetch, one per thread
+    for (int64_t w = begin + int64_t(threadIdx.x) * kChunkWords; w < early_end; w += int64_t(kThreads) * kChunkWords) {
+      const uint32_t bytes = uint32_t(min(kChunkWords, early_end - w) * 16);
+      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(data + w), "r"(bytes) : "memory");
+    }
+  }
+  wait_for_prior_grids();
+  allow_dependents();
+  uint32_t x = 0;
+  for (int64_t w = begin + threadIdx.x; w < end; w += int64_t(kThreads) * kLoadsInFlight) {
+    uint4 v[kLoadsInFlight];
+#pragma unroll
+    for (int i = 0; i < kLoadsInFlight; ++i) {
+      const int64_t at = w + int64_t(i) * kThreads;
+      v[i] = at < end ? __ldcs(data + at) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < kLoadsInFlight; ++i) x ^= v[i].x ^ v[i].y ^ v[i].z ^ v[i].w;
+  }
+  for (int offset = 16; offset > 0; offset /= 2) x ^= __shfl_xor_sync(0xffffffffu, x, offset);
+  if (threadIdx.x % 32 == 0 && x == 0x9e3779b9u) sink[blockIdx.x] = x;  // practically never taken; keeps the loads
+}
+
+struct Launch {
+  std::string name;
+  int64_t bytes;  // a multiple of 16
+};
+
+int64_t round16(double bytes) { return (int64_t(bytes) + 15) / 16 * 16; }
+
+// The weight-reading launches of a V4-Flash sliding-window layer's batch-1 decode step, in graph order.
+std::vector<Launch> flash_swa_layer(const ModelConfig& c) {
+  const double d = c.hidden_size, inter = c.moe.intermediate_size;
+  const double hc = double(c.mhc.hc_mult) * d, hc_rows = 2.0 * c.mhc.hc_mult + double(c.mhc.hc_mult) * c.mhc.hc_mult;
+  const double expert_fp4 = 3.0 * inter * d * 0.5625, shared_fp8 = 3.0 * inter * d * c.moe.num_shared_experts;
+  return {{"hc_pre", round16(hc_rows * hc * 4)},
+          {"wq_a + wkv", round16((c.q_lora_rank + c.head_dim) * d)},
+          {"wq_b", round16(double(c.q_lora_rank) * double(c.q_dim()))},
+          {"kv_insert + q norm", 0},
+          {"attention", 0},
+          {"wo_a", round16(double(c.o_proj_dim()) * double(c.o_group_input_dim()))},
+          {"wo_b", round16(double(c.o_proj_dim()) * d)},
+          {"hc_post_pre", round16(hc_rows * hc * 4)},
+          {"router", round16(double(c.moe.num_routed_experts) * d * 2)},
+          {"experts gate/up", round16((expert_fp4 * c.moe.experts_per_token + shared_fp8) * 2.0 / 3.0)},
+          {"experts down", round16((expert_fp4 * c.moe.experts_per_token + shared_fp8) / 3.0)}};
+}
+
+struct ChainShape {
+  const char* name;
+  int ctas_per_sm;
+  int smem_bytes;
+};
+
+int run(int argc, char** argv) {
+  int layers = 8;
+  int64_t early_kb = 64;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--layers") == 0 && i + 1 < argc)
+      layers = std::atoi(argv[++i]);
+    else if (std::strcmp(argv[i], "--early") == 0 && i + 1 < argc)
+      early_kb = std::atoll(argv[++i]);
+    else
+      fail("unknown argument '", argv[i], "' (usage: bench_cuda_launch_chain [--layers N] [--early KB])");
+  }
+  check(layers >= 1 && layers <= 64, "--layers: ", layers, " is not in [1, 64]");
+  check(early_kb >= 0, "--early: ", early_kb, " is negative");
+
+  const ModelConfig config = *builtin_config("flash");
+  const std::vector<Launch> layer = flash_swa_layer(config);
+  int64_t layer_bytes = 0;
+  for (const Launch& l : layer) layer_bytes += l.bytes;
+
+  cudaStream_t stream;
+  DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const double copy_gbps = copy_bandwidth_gbps(stream);
+  // Every launch of every layer reads its own bytes (a step reads each weight once): layers × the layer's bytes.
+  DeviceBuffer weights(size_t(layer_bytes) * size_t(layers), "launch chain weights");
+  DSV4_CUDA_CHECK(cudaMemsetAsync(weights.data(), 0x5a, weights.bytes(), stream));
+  DeviceBuffer sink(size_t(kSms) * 4 * sizeof(uint32_t), "launch chain sink");
+  const auto* words = static_cast<const uint4*>(weights.data());
+  auto* sink_words = static_cast<uint32_t*>(sink.data());
+
+  constexpr int kBigSmem = 120 * 1024;
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(read_share_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kBigSmem));
+  DSV4_CUDA_CHECK(
+      cudaFuncSetAttribute(read_share_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, kBigSmem));
+
+  std::printf("launch chain ceiling: %d V4-Flash SWA layers (batch-1 weight bytes), H = %d, copy %.1f GB/s\n", layers,
+              config.hidden_size, copy_gbps);
+  std::printf("one layer: %zu launches, %.2f MB:", layer.size(), double(layer_bytes) / 1e6);
+  for (const Launch& l : layer) std::printf(" %s %.2f,", l.name.c_str(), double(l.bytes) / 1e6);
+  const double floor_us = double(layer_bytes) / (copy_gbps * 1e3);
+  std::printf("\nfloor (bytes / copy bandwidth): %.2f us per layer\n\n", floor_us);
+  std::printf("| rows | CTAs per SM | smem | us per layer | of copy bandwidth |\n|---|---:|---:|---:|---:|\n");
+
+  // A graph of `layers` layers, each either one launch over its bytes or its launches in order.
+  auto time_layers = [&](bool one_launch, bool strict, const ChainShape& shape) {
+    const auto kernel = strict ? read_share_kernel<true> : read_share_kernel<false>;
+    const dim3 grid(kSms * shape.ctas_per_sm);
+    cudaGraph_t graph = capture_calls(stream, 1, [&](cudaStream_t s) {
+      int64_t offset = 0;  // in 16-byte words
+      for (int l = 0; l < layers; ++l) {
+        if (one_launch) {
+          launch_chained(kernel, grid, dim3(kThreads), size_t(shape.smem_bytes), s, dim3(1, 1, 1), "read_share",
+                         words + offset, layer_bytes / 16, early_kb * 1024, sink_words);
+          offset += layer_bytes / 16;
+          continue;
+        }
+        for (const Launch& launch : layer) {
+          launch_chained(kernel, grid, dim3(kThreads), size_t(shape.smem_bytes), s, dim3(1, 1, 1), "read_share",
+                         words + offset, launch.bytes / 16, early_kb * 1024, sink_words);
+          offset += launch.bytes / 16;
+        }
+      }
+    });
+    return graph_replay_us(stream, graph, 1) / layers;
+  };
+  const ChainShape shapes[] = {{"1 CTA/SM, 120 KB smem", 1, kBigSmem}, {"2 CTAs/SM, no smem", 2, 0}};
+  for (const ChainShape& shape : shapes) {
+    struct Row {
+      const char* name;
+      bool one_launch, strict;
+    };
+    for (const Row row : {Row{"one launch per layer", true, true}, Row{"chain, strict", false, true},
+                          Row{"chain, early L2 prefetch", false, false}}) {
+      const double us = time_layers(row.one_launch, row.strict, shape);
+      std::printf("| %s | %d | %d KB | %.2f | %.1f %% |\n", row.name, shape.ctas_per_sm, shape.smem_bytes / 1024, us,
+                  100.0 * floor_us / us);
+    }
+  }
+  std::printf("\nearly L2 prefetch: the first %lld KB of each CTA's share\n", static_cast<long long>(early_kb));
+  DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
+  return 0;
+}
+
+}  // namespace
+}  // namespace dsv4::cuda
+
+int main(int argc, char** argv) {
+  return dsv4::cuda::run_benchmark_main("bench_cuda_launch_chain", dsv4::cuda::run, argc, argv);
+}
