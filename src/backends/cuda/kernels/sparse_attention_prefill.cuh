@@ -23,12 +23,20 @@
 // and stores them with its own warpgroup, with the streaming (evict-first) policy.
 // Numerics: q rounded to bf16; scores, softmax and accumulation fp32; P rounded to bf16 once (the row sums add the
 // rounded weights), rounded again only where a later block raises the row's maximum.
-// Where a CTA's time goes (H200, 4096 × 640 Flash, bf16 q and out, bench_cuda_attention_prefill --trace, round s22-2):
-// first scores 5.6 µs after its start (entries resolved 3.3, Q staged 2.6), pairs 4.35 / 4.1 / 4.1 / 3.85 / 2.3 µs,
-// epilogue 2.8 (normalise and stage 1.5, stores 1.3), 27.4 per CTA; a pair's late half (buffer 1, dims 0-255) is
-// released 0.77 µs before consumer 0's pair ends and its first tile reaches consumer 1 0.5 µs later. With no entry
-// reads the kernel before tile arrival took 820 µs against 905 (KV traffic 9 %); ncu: tensor pipe 39 % of the cycles,
-// issue 34 %, stalls per issued instruction long scoreboard 2.3, wait 1.6, barrier 1.0 (L2 throughput 23 %, DRAM 9 %):
+// Where a CTA's time goes (H200, 4096 × 640 Flash, bf16 q and out, bench_cuda_attention_prefill --trace, round s23-2,
+// the kept kernel; %clock64 cycles within a CTA, ≈ 1.85 per ns): 26.9 µs per CTA (48400 cycles), of which 10100
+// before the first scores (Q staged 4730, the first pair resolved 5880, its first copies issued 7200, first data
+// 7600), pairs of ≈ 7300 cycles (4.1 µs; the last, half-used pair 2.3 µs) and an epilogue of 4300 (normalise and
+// stage 1.28 µs, stores 1.02); 0.5 µs to the SM's next CTA. Pair 1 from consumer 0's previous scores done: consumer
+// 0 has its valid flags at 470, hands its max on at 1090, its own PV ends (buffer (0, 0) released) at 2480, the
+// pair's max arrives at 2620, consumer 1's weights at 3730, its late half (1, 0) at 4250, its other PV ends at 5820
+// and the next pair's scores at 7280 (waiting for (0, 1), which consumer 1 released at 4160); consumer 1's scores end
+// at 960, it receives the max at 1180, returns the pair's max at 1840, has consumer 0's weights at 3280 and ends its
+// PVs at 3640 / 4160. The producer passes (0, 0)'s release at −3870, (0, 1)'s at −2880, (1, 1)'s at −2240, (1, 0)'s
+// at −1380, has issued the last copies at −600 and the next pair's entries resolved at +3370 (its page-table loads),
+// so the next (0, 0) is refilled ≈ 900 cycles after its release. ncu (session 23): tensor pipe 40 %, issue 37 %.
+// Session 22 (round s22-2): with no entry reads the kernel took 820 µs against 905 (KV traffic 9 %); stalls per
+// issued instruction long scoreboard 2.3, wait 1.6, barrier 1.0 (L2 throughput 23 %, DRAM 9 %):
 // the consumers' hand-offs, not the memory, set the pace. Lost (session 21, same runs): a persistent grid overlapping
 // the next item's Q and entries with the current tail (907 → 1013 µs), 16-row release of the late halves (935), the
 // first pair in consumer 0's order with the look-ahead after it (927 → 949), four staged chunks per global-store
@@ -52,6 +60,7 @@
 #include <cuda_fp8.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/kernels/sparse_attention_math.cuh"
@@ -137,6 +146,22 @@ static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
 // consumer w's output rows staged.
 inline constexpr int kBarrierMax0 = 1, kBarrierMax1 = 2, kBarrierP0 = 3, kBarrierP1 = 4, kBarrierConsumers = 5,
                      kBarrierSum0 = 6, kBarrierStaged0 = 8;
+
+// Named barrier kBase + consumer over kCount threads (bar.arrive if kArrive, else bar.sync), its ID a constant in each
+// branch: with an ID computed at run time ptxas reserves all 16 hardware barriers.
+template <int kCount, int kBase, bool kArrive>
+__device__ __forceinline__ void consumer_named_barrier(int consumer) {
+  const auto barrier = [](auto id) {
+    if constexpr (kArrive)
+      sm90::named_barrier_arrive<kCount>(decltype(id)::value);
+    else
+      sm90::named_barrier_sync<kCount>(decltype(id)::value);
+  };
+  if (consumer == 0)
+    barrier(std::integral_constant<int, kBase>{});
+  else
+    barrier(std::integral_constant<int, kBase + 1>{});
+}
 
 // The CTA's mbarriers: full and empty per (buffer, half), valid per buffer, tile_full per (buffer, half, tile) for
 // every tile of a half but its last (whose arrival is full's; bf16 entries only).
@@ -649,7 +674,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   // stores below).
   const auto publish_final_row_sums = [&] {
     publish_row_sums();
-    sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierSum0 + consumer);
+    consumer_named_barrier<2 * kWarpgroup, kBarrierSum0, true>(consumer);
   };
 
   if (consumer == 0) {
@@ -784,7 +809,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
 
   // Both consumers end on the last pair's max; their row sums add up.
   if (pairs == 0) publish_final_row_sums();
-  sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierSum0 + (consumer ^ 1));
+  consumer_named_barrier<2 * kWarpgroup, kBarrierSum0, false>(consumer ^ 1);
   const float2 peer = shared_sum[(consumer ^ 1) * 32 + warp * 8 + g];
   row_sum[0] += peer.x;
   row_sum[1] += peer.y;
@@ -839,7 +864,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       *reinterpret_cast<uint32_t*>(staging + staged_offset(row, staged_row_bytes, (dim - dim_base) * 2)) = packed;
     }
   }
-  sm90::named_barrier_sync<kWarpgroup>(kBarrierStaged0 + consumer);
+  consumer_named_barrier<kWarpgroup, kBarrierStaged0, false>(consumer);
   trace_point<kTrace>(trace, prefill_trace::kStaged);
   uint8_t* out = static_cast<uint8_t*>(p.out) + (t * p.heads + head_base) * int64_t(row_bytes) + dim_base * 2;
   const bool aligned16 = (reinterpret_cast<uintptr_t>(p.out) & 15) == 0;
@@ -870,9 +895,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t t = int64_t(blockIdx.x / unsigned(head_blocks));
   const Barriers barriers{reinterpret_cast<uint64_t*>(smem + kBarriers)};
   if (threadIdx.x == 0) {
-    // full: every producer thread (its cp.async arrival or its stores); tile_full (bf16 entries only): every producer
-    // thread's cp.async arrival; empty: the releasing consumer's threads; valid, rope_ready: every producer thread.
-    for (int i = 0; i < kBarrierCount + kTileBarrierCount; ++i) sm90::mbarrier_init(barriers.base + i, kWarpgroup);
+    // full: every producer thread (its cp.async arrival or its stores); tile_full (bf16 entries only, so initialised
+    // only there): every producer thread's cp.async arrival; empty: the releasing consumer's threads; valid,
+    // rope_ready: every producer thread.
+    for (int i = 0; i < kBarrierCount + (kFp8 ? 0 : kTileBarrierCount); ++i)
+      sm90::mbarrier_init(barriers.base + i, kWarpgroup);
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
