@@ -783,6 +783,127 @@ TEST(Compressor, TracedPrefillLaunchesMatchTheCpu) {
   }
 }
 
+// compressor_launch_shape's ranges for launches of two pools with the indexer's query preparation, each traced: the
+// pools' and the preparation's ranges lie in the grid in launch order without overlap (each planned CTA in exactly one
+// range), every CTA of a range records a start and an end no earlier, none at or past the plan's grid starts, and the
+// CTAs between ranges are only the padding of a pool's last hardware cluster. Cases: a CSA layer's pair (main into the
+// KV cache, indexer fp8 keys) in one prefill chunk (lean) and in decode steps (registers), an HCA pool split in
+// clusters of 8 beside a CSA indexer pool of one CTA per entry (padded clusters), and the preparation alone (pools
+// without runs: empty ranges). The compressors' outputs are checked against the CPU, the prepared queries against
+// run_indexer_prepare's.
+TEST(Compressor, TracedLaunchesRunEveryPlannedRange) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  constexpr int64_t kRoom = 1 << 12;  // CTAs
+  constexpr int64_t kTokens = 3, kHeads = 64, kHeadDim = 128, kRopeDim = 64;
+  DeviceBuffer trace(size_t(kRoom) * kCompressorTracePoints * 8, "trace");
+  std::vector<uint64_t> host(size_t(kRoom) * kCompressorTracePoints);
+  std::mt19937 rng(79);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> q(size_t(kTokens * kHeads * kHeadDim));
+  for (float& v : q) v = normal(rng);
+  const cpu::RopeTable rope(160000.0, kRopeDim, cpu::YarnScaling{});
+  const DeviceBuffer d_q = to_device(q, "q"), d_freq = to_device(rope.frequencies(), "rope frequencies");
+  const DeviceBuffer d_positions = to_device(std::vector<int64_t>{5, 130, 4097}, "positions");
+  const size_t bytes = q.size() * 2;
+  DeviceBuffer fused(bytes, "fused prepared q"), alone(bytes, "prepared q");
+  const IndexerPrepareParams prepare{.input = d_q.as<float>(),
+                                     .output = fused.as<__nv_bfloat16>(),
+                                     .tokens = kTokens,
+                                     .heads = kHeads,
+                                     .head_dim = kHeadDim,
+                                     .positions = d_positions.as<int64_t>(),
+                                     .rope_frequencies = d_freq.as<float>(),
+                                     .rope_dim = kRopeDim,
+                                     .reference_rounding = true};
+  IndexerPrepareParams separate = prepare;
+  separate.output = alone.as<__nv_bfloat16>();
+
+  // One traced launch of `pools` (1 or 2) with the preparation, its ranges checked against its trace.
+  const auto traced_launch = [&](std::span<CompressorParams> pools) {
+    fused.fill_bytes(0xFF), trace.fill_bytes(0);
+    for (CompressorParams& p : pools) p.trace = trace.as<uint64_t>(), p.trace_ctas = kRoom;
+    const CompressorLaunchShape shape = compressor_launch_shape(pools, &prepare);
+    ASSERT_GT(shape.ctas, 0);
+    ASSERT_LE(shape.ctas, kRoom);
+    ASSERT_GT(shape.prepare.ctas, 0);
+    run_compressors(pools, prepare);
+    run_indexer_prepare(separate);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<uint8_t> got(bytes), want(bytes);
+    fused.download(got.data(), bytes), alone.download(want.data(), bytes);
+    ASSERT_EQ(got, want) << "prepared q";
+    // The ranges in launch order (pools[0], pools[1], prepare; empty ones skipped), inside the grid, disjoint.
+    std::vector<CompressorCtaRange> ranges;
+    for (size_t i = 0; i < pools.size(); ++i)
+      if (shape.pools[i].ctas > 0) ranges.push_back(shape.pools[i]);
+    for (size_t i = pools.size(); i < 2; ++i) EXPECT_EQ(shape.pools[i].ctas, 0) << "pool " << i << " not launched";
+    ranges.push_back(shape.prepare);
+    EXPECT_EQ(ranges.front().first_cta, 0);
+    for (size_t i = 0; i + 1 < ranges.size(); ++i)
+      EXPECT_GE(ranges[i + 1].first_cta, ranges[i].first_cta + ranges[i].ctas) << "range " << i + 1 << " overlaps";
+    // The preparation's CTAs end the grid (then at most the padding of its last hardware cluster).
+    EXPECT_LE(shape.prepare.first_cta + shape.prepare.ctas, shape.ctas);
+    EXPECT_LT(shape.ctas - (shape.prepare.first_cta + shape.prepare.ctas), 8) << "padding after the preparation";
+    trace.download(host.data(), trace.bytes());
+    for (int64_t c = 0; c < kRoom; ++c) {
+      const uint64_t* r = host.data() + size_t(c) * kCompressorTracePoints;
+      int planned = 0;
+      for (const CompressorCtaRange& range : ranges) planned += c >= range.first_cta && c < range.first_cta + range.ctas;
+      ASSERT_LE(planned, 1) << "CTA " << c << " in two ranges";
+      if (c >= shape.ctas) {
+        ASSERT_EQ(r[COMPRESSOR_TRACE_START], 0u) << "CTA " << c << " past the plan's " << shape.ctas << " started";
+      } else if (planned == 1) {
+        ASSERT_NE(r[COMPRESSOR_TRACE_START], 0u) << "planned CTA " << c << " of " << shape.ctas << " did not start";
+        ASSERT_GE(r[COMPRESSOR_TRACE_END], r[COMPRESSOR_TRACE_START]) << "CTA " << c;
+      }
+    }
+    // CTAs of the grid outside every range: only the padding that completes a pool's last cluster (fewer than 8).
+    for (size_t i = 0; i + 1 < ranges.size(); ++i)
+      EXPECT_LT(ranges[i + 1].first_cta - (ranges[i].first_cta + ranges[i].ctas), 8) << "gap after range " << i;
+  };
+
+  struct Pair {
+    int first, second;  // kCases indices
+    bool first_to_cache;
+    const char* chunks;
+  };
+  // CSA main into the cache + indexer fp8 keys (prefill chunk: lean; decode steps: registers); HCA split in clusters of
+  // 8 + CSA golden indexer c = 32 (one CTA per entry, its pool's CTAs padded to whole clusters).
+  const Pair pairs[] = {{1, 14, true, "one pass"}, {1, 14, true, "single tokens"}, {5, 16, false, "one pass"}};
+  uint32_t seed = 3900;
+  for (const Pair& pair : pairs) {
+    CaseCheck first(kCases[pair.first], pair.chunks, seed++, pair.first_to_cache);
+    CaseCheck second(kCases[pair.second], pair.chunks, seed++);
+    SCOPED_TRACE(first.name() + " + " + second.name());
+    // Every step that both take traced with the preparation, then the longer one's alone (untraced), as check_pair.
+    for (;;) {
+      CompressorParams p[2];
+      const bool has_first = first.next_step(p[0]), has_second = second.next_step(p[1]);
+      if (!has_first && !has_second) break;
+      if (has_first && has_second) {
+        traced_launch(p);
+      } else {
+        run_compressor(has_first ? p[0] : p[1]);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      }
+      ASSERT_FALSE(HasFatalFailure());
+      if (has_first) first.check_step();
+      if (has_second) second.check_step();
+      ASSERT_FALSE(HasFatalFailure());
+    }
+    first.finish();
+    second.finish();
+    ASSERT_FALSE(HasFatalFailure());
+  }
+  // The preparation alone (no pool has runs): both pool ranges empty, the preparation's from CTA 0.
+  DeviceCompressorState state(4, kHeadDim, true);
+  CompressorParams none[2] = {{.head_dim = kHeadDim, .ratio = 4, .overlapping = true, .state = state.view()},
+                              {.head_dim = kHeadDim, .ratio = 4, .overlapping = true, .state = state.view()}};
+  DeviceCompressorState other(4, kHeadDim, true);
+  none[1].state = other.view();
+  traced_launch(none);
+}
+
 // The RoPE factors from a per-position table (CompressorParams::rope_table) instead of the frequencies: every case,
 // a prefill chunk (staged slot loads) and decode steps (register loads), into the KV cache too.
 TEST(Compressor, RopeTableMatchesTheCpuOnePass) {
