@@ -26,7 +26,8 @@
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
 //                             [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace]
 //   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
-//   flash:swa:1,pro:csa:1:65536; flash:csa:256:65536 for one case under a profiler) and no prefill; --prefill-only
+//   flash:swa:1,pro:csa:1:65536; flash:csa:256:65536 for one case under a profiler; a prefix that selects no case
+//   fails the run) and no prefill; --prefill-only
 //   skips the decode cases. --warm times without the L2 flush (what is left is not memory latency). --sweep times every
 //   decode case at every split count (cluster merge and combine kernel). --bf16-kv runs the decode cases on bf16
 //   entries (1024 bytes, the engine's KV format outside reference numerics) instead of fp8. --route times each decode
@@ -796,18 +797,14 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
 
 int run(int argc, char** argv) {
   std::string json_path;
-  std::vector<std::string> only;  // --only's comma-separated prefixes
+  OnlySelection only;  // --only's comma-separated prefixes
   bool prefill_only = false, warm = false, sweep = false, route = false, mma_rates = false, trace = false;
   KvEntryFormat decode_format = KvEntryFormat::Fp8Reference;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
     else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc)
-      for (std::string rest = argv[++i]; !rest.empty();) {
-        const size_t comma = rest.find(',');
-        if (comma != 0) only.push_back(rest.substr(0, comma));
-        rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
-      }
+      only = OnlySelection(argv[++i], ',', OnlyMatch::Prefix);
     else if (std::strcmp(argv[i], "--prefill-only") == 0)
       prefill_only = true;
     else if (std::strcmp(argv[i], "--warm") == 0)
@@ -866,6 +863,7 @@ int run(int argc, char** argv) {
                 tile_us, mma_rate_us<MmaRate::QkOnly>(sms, out), mma_rate_us<MmaRate::PvOnly>(sms, out),
                 mma_rate_us<MmaRate::Qk64>(sms, out), kTileFlops / 1e6, cublas_floor_us,
                 100.0 * cublas_floor_us / tile_us, peak_floor_us, 100.0 * peak_floor_us / tile_us);
+    only.require_all_used();
     return 0;
   }
   std::vector<Result> results;
@@ -907,10 +905,6 @@ int run(int argc, char** argv) {
     std::fflush(stdout);
     routes.push_back(r);
   };
-  const auto selected = [&](const std::string& name) {
-    return only.empty() ||
-           std::any_of(only.begin(), only.end(), [&](const std::string& prefix) { return name.rfind(prefix, 0) == 0; });
-  };
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
     for (const DecodeLayout kind : {DecodeLayout::Swa, DecodeLayout::Csa, DecodeLayout::Hca})
       for (const int64_t context : {int64_t(4096), int64_t(65536), int64_t(262144), int64_t(1) << 20})
@@ -922,7 +916,7 @@ int run(int argc, char** argv) {
           if (context == 262144 && !(route && kind == DecodeLayout::Hca)) continue;
           const std::string name = std::string(model) + ":" + to_string(kind) + ":" + std::to_string(batch) + ":" +
                                    std::to_string(context);
-          if (!selected(name)) continue;  // --only: prefixes of the case names
+          if (!only.selects(name)) continue;
           const double cache_bytes = decode_cache_bytes(decode_format, kind, batch, context);
           if (cache_bytes > 24.0 * (1u << 30)) {
             std::printf("%-6s %-4s %5d %8lld  skipped: %.1f GiB of cache\n", model, to_string(kind), batch,
@@ -968,7 +962,7 @@ int run(int argc, char** argv) {
           std::fflush(stdout);
           results.push_back(r);
         }
-  if (!route && !trace && only.empty()) {
+  if (!route && !trace && only.all()) {
     std::printf("\nprefill (4096 queries, CSA 128 + 512 slots)\n");
     std::printf("%-6s %-13s %8s %6s %10s %8s %8s %8s %10s %9s\n", "model", "entries", "context", "splits", "us",
                 "TFLOP/s", "%cublas", "%peak", "bf16q us", "bf16q TF/s");
@@ -977,7 +971,7 @@ int run(int argc, char** argv) {
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
       for (const int64_t context : {int64_t(8192), int64_t(65536)}) {
-        if (!only.empty() || route || trace) continue;
+        if (!only.all() || route || trace) continue;
         const PrefillResult r = run_prefill_case(model, heads, format, context, cublas_tflops, peak_tflops,
                                                  device.multiprocessors, flush.data(), flush_bytes, rng);
         std::printf("%-6s %-13s %8lld %6d %10.1f %8.1f %7.1f%% %7.1f%% %10.1f %9.1f\n", r.model.c_str(),
@@ -1053,6 +1047,7 @@ int run(int argc, char** argv) {
     std::fclose(f);
   }
   if (check_failed) std::fprintf(stderr, "bench_cuda_attention: a decode output differs from cpu::sparse_attention\n");
+  only.require_all_used();
   return check_failed ? 1 : 0;
 }
 

@@ -27,7 +27,7 @@
 // Usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE[,CASE...]] [--trace]
 // [--quick] [--no-kv]. --part runs one part; --only runs the cases named (prefill MODEL:FORMAT:CONTEXT, e.g.
 // flash:bf16:8192, pro:fp8-reference:65536; decode MODEL:LAYOUT:BATCH:FORMAT, e.g. flash:csa:256:bf16; for a
-// profiler). Exit status 1 when outputs disagree.
+// profiler; a name that selects no case fails the run). Exit status 1 when outputs disagree.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -429,26 +429,15 @@ DecodeCase run_decode_case(const char* model, int heads, DecodeLayout kind, KvEn
 }
 
 
-// Whether case `name` is in the comma-separated --only list (all cases when it is empty).
-bool selected(const std::string& only, const std::string& name) {
-  if (only.empty()) return true;
-  size_t begin = 0;
-  while (begin <= only.size()) {
-    const size_t end = std::min(only.find(',', begin), only.size());
-    if (only.compare(begin, end - begin, name) == 0) return true;
-    begin = end + 1;
-  }
-  return false;
-}
-
 int run(int argc, char** argv) {
-  std::string json_path, only, part;
+  std::string json_path, part;
+  OnlySelection only;  // --only's comma-separated case names
   bool trace = false, quick = false, no_kv = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
     else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc)
-      only = argv[++i];
+      only = OnlySelection(argv[++i], ',', OnlyMatch::Exact);
     else if (std::strcmp(argv[i], "--part") == 0 && i + 1 < argc)
       part = argv[++i];
     else if (std::strcmp(argv[i], "--trace") == 0)
@@ -493,7 +482,7 @@ int run(int argc, char** argv) {
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
       for (const int64_t context : {int64_t(8192), int64_t(65536)}) {
         if (!prefill_part ||
-            !selected(only, std::string(model) + ":" + to_string(format) + ":" + std::to_string(context)))
+            !only.selects(std::string(model) + ":" + to_string(format) + ":" + std::to_string(context)))
           continue;
         const Case r = run_case(model, heads, format, context, cublas_tflops, peak_tflops, device.multiprocessors,
                                 flush.data(), flush_bytes, trace, quick, no_kv, rng);
@@ -520,8 +509,8 @@ int run(int argc, char** argv) {
     for (const DecodeLayout kind : {DecodeLayout::Swa, DecodeLayout::Csa, DecodeLayout::Hca})
       for (const int batch : {64, 256})
         for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16}) {
-          if (!decode_part || !selected(only, std::string(model) + ":" + to_string(kind) + ":" +
-                                                  std::to_string(batch) + ":" + to_string(format)))
+          if (!decode_part || !only.selects(std::string(model) + ":" + to_string(kind) + ":" + std::to_string(batch) +
+                                            ":" + to_string(format)))
             continue;
           const int64_t context = kind == DecodeLayout::Swa ? 4096 : 65536;
           const DecodeCase r = run_decode_case(model, heads, kind, format, batch, context, copy_gbps, cublas_tflops,
@@ -572,6 +561,7 @@ int run(int argc, char** argv) {
     std::fprintf(f, "  ]\n}\n");
     std::fclose(f);
   }
+  only.require_all_used();
   return ok ? 0 : 1;
 }
 

@@ -24,7 +24,7 @@
 // the compressor is a programmatic dependent launch, so one call's start overlaps the previous one's end.
 // Usage: bench_cuda_compressor [--json PATH] [--only TEXT] [--trace] [--trace-prefill]: --only times just the rows
 // whose "op, case" contains TEXT, or one of TEXT's '|'-separated parts (every compressor's state is still filled
-// first: 64 launches each, CSA main, CSA indexer, then HCA).
+// first: 64 launches each, CSA main, CSA indexer, then HCA); a part that selects no row fails the run.
 // --trace: instead of timing, the timeline of one batch-1 decode launch (a CSA layer's pair with the indexer's query
 // preparation, and HCA; a step that stores its token and one that completes a window) from CompressorParams::trace,
 // behind a 5 µs kernel that lets it launch at once and reads the step's inputs (as the kernels that wrote them leave
@@ -298,21 +298,15 @@ double bytes_of(const Step& s, const Compressor& k) {
   return s.sequences * (window_bytes + slot_bytes + entry_bytes);  // the stored window in, one entry out
 }
 
-// Whether the row "op, variant" is timed: `only` is empty or one of its '|'-separated texts is a part of it (--only).
-bool selected(const std::string& only, const std::string& op, const std::string& variant) {
-  const std::string row = op + ", " + variant;
-  for (size_t begin = 0;;) {
-    const size_t end = only.find('|', begin);
-    if (row.find(only.substr(begin, end - begin)) != std::string::npos) return true;
-    if (end == std::string::npos) return false;
-    begin = end + 1;
-  }
+// Whether the row "op, variant" is timed (--only).
+bool selected(OnlySelection& only, const std::string& op, const std::string& variant) {
+  return only.selects(op + ", " + variant);
 }
 
 // The decode steps again with the runs loaded before the kernel's wait (runs_ready_at_launch, as the model's step
 // inputs allow): against the same step without (baseline column).
 void add_runs_ready_row(const Step& s, const std::string& op, double default_us, double bytes, double copy_gbps,
-                        const std::string& only, cudaStream_t stream, std::vector<Row>& rows,
+                        OnlySelection& only, cudaStream_t stream, std::vector<Row>& rows,
                         const std::function<void(cudaStream_t)>& body) {
   const std::string variant = std::string(s.variant) + ", runs ready at launch";
   if (s.start_in_window == -1 || !selected(only, op, variant)) return;
@@ -330,7 +324,7 @@ CompressorSlotLoads other_slot_loads(const Step& s, bool overlapping, Compressor
 
 // Every step again with its slot loads forced to other_slot_loads: against the default (baseline column).
 void add_slot_loads_row(const Step& s, CompressorSlotLoads other, const std::string& op, double default_us,
-                        double bytes, double copy_gbps, const std::string& only, cudaStream_t stream,
+                        double bytes, double copy_gbps, OnlySelection& only, cudaStream_t stream,
                         std::vector<Row>& rows, const std::function<void(cudaStream_t)>& body) {
   const bool prefill = s.start_in_window == -1;
   const std::string variant = std::string(s.variant) + (other == CompressorSlotLoads::Staged ? ", staged slot loads"
@@ -344,7 +338,7 @@ void add_slot_loads_row(const Step& s, CompressorSlotLoads other, const std::str
   rows.push_back({op, variant, graph_us(stream, 20, body), bytes / (copy_gbps * 1e3), default_us, bytes, note});
 }
 
-void bench_compressor(Compressor& k, double copy_gbps, const std::string& only, cudaStream_t stream,
+void bench_compressor(Compressor& k, double copy_gbps, OnlySelection& only, cudaStream_t stream,
                       std::vector<Row>& rows) {
   for (const Step& s : kSteps) {
     if (!selected(only, std::string("compressor ") + k.name, s.variant)) continue;
@@ -385,7 +379,7 @@ void bench_compressor(Compressor& k, double copy_gbps, const std::string& only, 
 }
 
 // Diagnostic: the decode steps that complete windows with every split of an entry over CTAs forced.
-void bench_splits(Compressor& k, double copy_gbps, const std::string& only, cudaStream_t stream,
+void bench_splits(Compressor& k, double copy_gbps, OnlySelection& only, cudaStream_t stream,
                   std::vector<Row>& rows) {
   if (k.rounding == CompressorStoredRounding::IndexerFp4) return;  // no split with the indexer rounding
   for (const Step& s : {kSteps[1], kSteps[2]})
@@ -407,7 +401,7 @@ void bench_splits(Compressor& k, double copy_gbps, const std::string& only, cuda
 // A decode step's CSA pair with the indexer's query preparation (64 heads × 128 per token, RoPE, reference rounding,
 // bf16 out) in the same launch, against the pair's launch then run_indexer_prepare's (baseline).
 void bench_with_prepare(Compressor& main, Compressor& index, const Step& s, const DeviceBuffer& runs, double pair_us,
-                        const std::string& only, cudaStream_t stream, std::vector<Row>& rows) {
+                        OnlySelection& only, cudaStream_t stream, std::vector<Row>& rows) {
   const std::string op = "compressor CSA layer main + indexer";
   const std::string variant = std::string(s.variant) + ", + indexer prepare";
   if (!selected(only, op, variant)) return;
@@ -446,7 +440,7 @@ void bench_with_prepare(Compressor& main, Compressor& index, const Step& s, cons
 }
 
 // A CSA layer's two compressors per step: two launches (the baseline) against one run_compressors launch.
-void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, const std::string& only,
+void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, OnlySelection& only,
                      cudaStream_t stream, std::vector<Row>& rows) {
   for (const Step& s : kSteps) {
     if (!selected(only, "compressor CSA layer main + indexer", s.variant)) continue;
@@ -486,7 +480,7 @@ void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, cons
 
 // The indexer compressor's key outputs as the model stores them, per slot: bf16 (the baseline) against e4m3 codes
 // with a scale per key (slot_entries_fp8), for the decode steps.
-void bench_key_outputs(Compressor& index, double copy_gbps, const std::string& only, cudaStream_t stream,
+void bench_key_outputs(Compressor& index, double copy_gbps, OnlySelection& only, cudaStream_t stream,
                        std::vector<Row>& rows) {
   const int64_t capacity = Compressor::kPrefill / index.ratio + 2, per_slot = capacity * index.c;
   DeviceBuffer bf16_keys(size_t(Compressor::kBatch * per_slot) * 2, "bf16 keys");
@@ -790,20 +784,21 @@ void trace_prefill(Compressor& main, Compressor& index, Compressor& hca, int64_t
 }
 
 int run(int argc, char** argv) {
-  std::string json_path, only;
+  std::string json_path;
+  OnlySelection only;  // --only's '|'-separated parts of row names
   bool trace = false, trace_chunk = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
     else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc)
-      only = argv[++i];
+      only = OnlySelection(argv[++i], '|', OnlyMatch::Substring);
     else if (std::strcmp(argv[i], "--trace") == 0)
       trace = true;
     else if (std::strcmp(argv[i], "--trace-prefill") == 0)
       trace_chunk = true;
     else
       fail("unknown argument ", argv[i],
-           " (usage: bench_cuda_compressor [--json PATH] [--only TEXT] [--trace] [--trace-prefill])");
+           " (usage: bench_cuda_compressor [--json PATH] [--only TEXT[|TEXT...]] [--trace] [--trace-prefill])");
   }
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
@@ -819,6 +814,7 @@ int run(int argc, char** argv) {
   std::mt19937 rng(42);
   std::vector<Row> rows;
   if (trace || trace_chunk) {
+    check(only.all(), "--only selects timed rows; --trace and --trace-prefill take none");
     Compressor main("CSA main c=512 m=4", 512, 4, true, CompressorStoredRounding::KvFp8, rng);
     Compressor index("CSA indexer c=128 m=4", 128, 4, true, CompressorStoredRounding::IndexerFp4, rng);
     Compressor hca("HCA c=512 m=128", 512, 128, false, CompressorStoredRounding::KvFp8, rng);
@@ -878,6 +874,7 @@ int run(int argc, char** argv) {
     std::fclose(out);
     std::printf("wrote %s\n", json_path.c_str());
   }
+  only.require_all_used();
   return 0;
 }
 

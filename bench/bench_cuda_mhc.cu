@@ -12,11 +12,12 @@
 // default; from 17 to 1024 tokens the default with its output norm (up to kAutoClusterPerTileMaxTokens: the
 // single-cluster kernel, a cluster per 16-token tile, norm fused) against the persistent kernel, then run_rms_norm. Inputs rotate over enough copies to exceed three times the L2, so every launch streams from HBM like a
 // layer's own weights and activations do.
-// Usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] [--model TEXT] (fewer token
-// counts or iterations, only the rows whose kernel name contains TEXT, only the models whose name contains TEXT:
-// for a profiler run). bench_cuda_mhc --trace [--iterations N]: instead, the single-cluster kernel's phase timeline at
-// one token (V4-Flash hc_pre + norm and hc_post_pre + norm, alone and behind a full-card kernel): a copy of the kernel
-// built in this file with its phase marks (mhc.cuh, SingleClusterPhase) recording clock64 and %globaltimer.
+// Usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT[|TEXT...]]
+// [--model TEXT[|TEXT...]] (fewer token counts or iterations, only the rows whose kernel name contains a TEXT, only the
+// models whose name contains a TEXT, a TEXT that selects nothing failing the run: for a profiler run).
+// bench_cuda_mhc --trace [--iterations N]: instead, the single-cluster kernel's phase timeline at one token (V4-Flash
+// hc_pre + norm and hc_post_pre + norm, alone and behind a full-card kernel): a copy of the kernel built in this file
+// with its phase marks (mhc.cuh, SingleClusterPhase) recording clock64 and %globaltimer.
 // bench_cuda_mhc --trace-persistent [--tokens T] [--iterations N]: instead, the persistent kernel's phases per
 // iteration, its cross-CTA hops' slack and its slow paths (V4-Flash hc_pre and hc_head, default 4096 tokens; a traced
 // copy with the marks of mhc.cuh's ProjectionPhase).
@@ -504,13 +505,14 @@ int main(int argc, char** argv) {
   std::string json_path = "bench_cuda_mhc.json";
   std::vector<int64_t> token_counts = {1, 8, 64, 256, 4096};
   int iteration_limit = 0;  // 0: the defaults below
-  std::string only;         // empty: every row
-  std::string only_model;   // empty: every model
+  OnlySelection only;        // --only: '|'-separated parts of kernel names; none: every row
+  OnlySelection only_model;  // --model: '|'-separated parts of model names; none: every model
   bool trace = false, trace_persistent = false;
   const auto usage = [] {
     std::fprintf(stderr,
-                 "usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] "
-                 "[--model TEXT] | --trace [--iterations N] | --trace-persistent [--tokens T] [--iterations N]\n");
+                 "usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT[|TEXT...]] "
+                 "[--model TEXT[|TEXT...]] | --trace [--iterations N] | --trace-persistent [--tokens T] "
+                 "[--iterations N]\n");
     return 2;
   };
   for (int i = 1; i < argc; ++i) {
@@ -530,9 +532,9 @@ int main(int argc, char** argv) {
       iteration_limit = std::atoi(argv[++i]);
       if (iteration_limit < 1) return usage();
     } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
-      only = argv[++i];
+      only = OnlySelection(argv[++i], '|', OnlyMatch::Substring);
     } else if (std::strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
-      only_model = argv[++i];
+      only_model = OnlySelection(argv[++i], '|', OnlyMatch::Substring);
     } else if (std::strcmp(argv[i], "--trace") == 0) {
       trace = true;
     } else if (std::strcmp(argv[i], "--trace-persistent") == 0) {
@@ -556,6 +558,8 @@ int main(int argc, char** argv) {
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(full_card_filler_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(kFillerSmemBytes)));
     std::mt19937 rng(42);
+    check(!(trace || trace_persistent) || (only.all() && only_model.all()),
+          "--only and --model select timed rows; --trace and --trace-persistent take neither");
     if (trace) {
       run_trace(stream, iteration_limit > 0 ? iteration_limit : 101, rng);
       DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
@@ -575,7 +579,7 @@ int main(int argc, char** argv) {
 
     const std::pair<const char*, int64_t> models[] = {{"V4-Flash", 4096}, {"V4-Pro", 7168}};
     for (const auto& [model, d] : models) {
-      if (std::string_view(model).find(only_model) == std::string_view::npos) continue;
+      if (!only_model.selects(model)) continue;
       // Shared small parameters and the embedding table (rows touched per launch: T, so no rotation needed).
       const DeviceBuffer base = random_buffer(kSiteRows, 0.5f, 0.0f, rng, "base");
       const std::vector<float> scale_host = {0.8f, 1.1f, 1.5f};
@@ -628,7 +632,7 @@ int main(int argc, char** argv) {
         const auto set = [&](int i) -> Set& { return sets[size_t(i % copies)]; };
         // Bandwidth from the graph time: the device's own time per launch.
         const auto record = [&](const char* kernel, const auto& body, double bytes, double baseline_ms) {
-          if (std::string_view(kernel).find(only) == std::string_view::npos) return;
+          if (!only.selects(kernel)) return;
           const double ms = time_ms(stream, iterations, body);
           const double graph_ms = graph_time_ms(stream, std::min(iterations, 20), body);
           const double gbps = bytes / (graph_ms * 1e6);
@@ -909,6 +913,8 @@ int main(int argc, char** argv) {
     std::fprintf(out, "  ]\n}\n");
     std::fclose(out);
     std::printf("wrote %s\n", json_path.c_str());
+    only.require_all_used();
+    only_model.require_all_used();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_cuda_mhc: %s\n", e.what());
     return 1;

@@ -1,6 +1,6 @@
 // What the GPU kernel benchmarks share: the same-run floor every result is compared with (device-to-device copy
 // bandwidth), the check of the cuBLAS baseline calls, random operands, their upload, CUDA graph timing and the main
-// wrapper.
+// wrapper; the --only list (bench_selection.hpp).
 #pragma once
 
 #include <cublas_v2.h>
@@ -16,6 +16,7 @@
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/stream_timing.hpp"
+#include "bench_selection.hpp"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
