@@ -211,6 +211,7 @@ struct BenchReport {
   std::string layer_kinds;  // describe_layer_kinds of the measured layers
   std::vector<TestResult> results;
   nlohmann::json extra = nlohmann::json::object();  // GPU figures: bandwidth floor, memory, launches
+  bool storage_recorded = false;                     // GPU: record_storage has run (every shape's model stores alike)
   std::vector<std::string> notes;                    // printed under the table
   bool extrapolated = false;                         // rows carry a full-depth extrapolation (synthetic runs)
 };
@@ -485,8 +486,11 @@ std::string layer_kind_launches_note(const BenchReport& r, const ModelConfig& me
          "and its layer mix " + describe_layer_kinds(full) + "): " + note;
 }
 
-// What the model stores its KV entries and indexer keys in (CudaModel::storage), in the notes and the JSON.
+// What the model stores its KV entries and indexer keys in (CudaModel::storage), in the notes and the JSON; once per
+// report, from its first model (every test group's model stores alike).
 void record_storage(BenchReport& report, const cuda::CudaModel& model) {
+  if (report.storage_recorded) return;
+  report.storage_recorded = true;
   const cuda::StorageFormats s = model.storage();
   report.extra["kv_entries"] = cuda::to_string(s.kv_entry.format);
   report.extra["kv_entry_bytes"] = s.kv_entry.entry_bytes;
@@ -682,7 +686,7 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
     cuda::CudaModelOptions options = model_options(device, o.numerics, shape);
     for (const FusionSetting& f : o.fusions) apply_fusion(options, f);
     cuda::CudaModel model(config, std::move(weights), options);
-    if (!report.extra.contains("kv_entries")) record_storage(report, model);  // every shape's model stores alike
+    record_storage(report, model);
     CudaModelRunner runner(model);
     for (int64_t p : shape.prompts) {
       TestResult t = measure_prefill(runner, p, config.vocab_size, plan);
@@ -759,7 +763,7 @@ void run_checkpoint_cuda(const std::string& device, const EngineCli& cli, const 
   double peak_used = 0;
   for (const ModelShape& shape : model_shapes(plan)) {
     cuda::CudaModel model(config, checkpoint.weights, model_options(device, options.numerics, shape));
-    if (!report.extra.contains("kv_entries")) record_storage(report, model);
+    record_storage(report, model);
     CudaModelRunner runner(model);
     for (int64_t p : shape.prompts) {
       record(report, plan, measure_prefill(runner, p, config.vocab_size, plan));
