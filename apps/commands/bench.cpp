@@ -134,6 +134,8 @@ class BenchRunner {
   virtual double prefill(std::span<const int32_t> ids) = 0;
   // `steps` greedy decode steps of first.size() fresh sequences started from `first`, then frees them.
   virtual double decode(std::span<const int32_t> first, int64_t steps) = 0;
+  // Prompt tokens per prefill step: a longer prompt runs in steps of this many.
+  virtual int64_t prefill_step_tokens() const = 0;
 };
 
 int32_t host_argmax(std::span<const float> row) {
@@ -164,6 +166,7 @@ class LanguageModelRunner final : public BenchRunner {
     }
     return seconds_since(start);
   }
+  int64_t prefill_step_tokens() const override { return chunk_; }
 
  private:
   LanguageModel& model_;
@@ -179,10 +182,12 @@ std::vector<int32_t> random_ids(int64_t count, int64_t vocab, uint64_t seed) {
   return ids;
 }
 
-// One warm-up run (a short one: first-call costs such as lazy initialisation and cold caches), then the repetitions.
+// One warm-up run of the test's first prefill step (min(prompt, step tokens): the first call of each step-sized
+// kernel pays lazy module loading and initialisation, which a shorter warm-up left in the first repetition), then
+// the repetitions.
 TestResult measure_prefill(BenchRunner& runner, int64_t prompt, int64_t vocab, const BenchPlan& plan) {
   TestResult r{test_name("pp", prompt, 1), 1, prompt, {}, {}, {}, {}, {}, {}};
-  runner.prefill(random_ids(std::min<int64_t>(prompt, 64), vocab, plan.seed + 99));
+  runner.prefill(random_ids(std::min(prompt, runner.prefill_step_tokens()), vocab, plan.seed + 99));
   for (int rep = 0; rep < plan.reps; ++rep)
     r.seconds.push_back(runner.prefill(random_ids(prompt, vocab, plan.seed + uint64_t(rep))));
   return r;
@@ -378,6 +383,7 @@ class CudaModelRunner final : public BenchRunner {
       throw;
     }
   }
+  int64_t prefill_step_tokens() const override { return model_.options().max_step_tokens; }
 
  private:
   // `steps` greedy steps of `slots` from the tokens `first`; the argmax stays on the device.
