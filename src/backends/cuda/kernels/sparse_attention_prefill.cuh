@@ -85,15 +85,19 @@ __device__ __forceinline__ int64_t query_slot_count(const SparseAttentionParams&
   return int64_t(p.window_slots) + compressed;
 }
 
-// Physical entry of slot s of query t (sequence slot `sequence_slot`): −1 for an unused slot, a row outside its
-// array's pages or an unallocated page.
-__device__ __forceinline__ int32_t slot_entry(const SparseAttentionParams& p, int64_t t, int sequence_slot, int64_t s,
-                                              int32_t row) {
+// The page-table word of logical row `row` of slot s's array (sequence slot `sequence_slot`), or nullptr for an unused
+// slot or a row outside its array's pages.
+__device__ __forceinline__ const int32_t* slot_page(const SparseAttentionParams& p, int sequence_slot, int64_t s,
+                                                    int32_t row) {
   const KvCacheView& cache = p.cache;
-  if (row < 0 || (row >> cache.page_shift) >= cache.max_pages_per_array) return -1;
+  if (row < 0 || (row >> cache.page_shift) >= cache.max_pages_per_array) return nullptr;
   const bool window = s < p.window_slots;
-  const int32_t page = cache.pages_of(sequence_slot, p.layer, window ? KvArray::Window : KvArray::Compressed)
-      [row >> cache.page_shift];
+  return cache.pages_of(sequence_slot, p.layer, window ? KvArray::Window : KvArray::Compressed) +
+         (row >> cache.page_shift);
+}
+
+// Physical entry of logical row `row` on page `page` (−1: an unallocated page or no page).
+__device__ __forceinline__ int32_t page_entry(const KvCacheView& cache, int32_t page, int32_t row) {
   return page >= 0 ? (page << cache.page_shift) + (row & ((1 << cache.page_shift) - 1)) : -1;
 }
 
@@ -270,13 +274,23 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
         rows[b][k] = s < slots ? slot_row(p, t, s) : -1;
       }
   };
+  // Every page-table load of the pair is issued before any is used: one round trip, not eight in a row (each entry
+  // waited for its page before the next load was issued: ≈ 4000 cycles a pair in round s23-2's trace).
   const auto resolve_pages = [&](int pair) {
+    int32_t pages[2][4];
 #pragma unroll
     for (int b = 0; b < 2; ++b)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int64_t s = int64_t(2 * pair + b) * kBlock + row0 + 16 * k;
-        const int32_t entry = slot_entry(p, t, sequence_slot, s, rows[b][k]);
+        const int32_t* page = slot_page(p, sequence_slot, s, rows[b][k]);
+        pages[b][k] = page != nullptr ? *page : -1;
+      }
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int32_t entry = page_entry(p.cache, pages[b][k], rows[b][k]);
         if constexpr (kEntryRegisters)
           entries[b][k] = entry;
         else
