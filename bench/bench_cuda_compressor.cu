@@ -215,8 +215,11 @@ struct Compressor {
   // Projection rows: a prefill chunk, or the windows of kBatch entries for the straightforward kernel.
   int64_t rows() const { return std::max(kPrefill, kBatch * ratio); }
 
-  CompressorParams params(const DeviceBuffer& runs, int count, int64_t tokens, cudaStream_t stream) {
-    const int copy = rotation++ % kCopies;
+  // The projection copy a call reads next (each call its own, so that a captured run of calls streams from HBM).
+  int next_copy() { return rotation++ % kCopies; }
+
+  // The step's parameters reading projection copy `copy` (next_copy(), or 0 where only the launch's shape matters).
+  CompressorParams params(int copy, const DeviceBuffer& runs, int count, int64_t tokens, cudaStream_t stream) {
     return CompressorParams{.head_dim = c,
                             .ratio = ratio,
                             .overlapping = overlapping,
@@ -242,14 +245,13 @@ struct Compressor {
       const std::vector<CompressorRun> one{
           {.start_position = 0, .slot = r, .first_token = 0, .tokens = int32_t(kPrefill)}};
       const DeviceBuffer run = to_device(one, "runs");
-      run_compressor(params(run, 1, kPrefill, stream));
+      run_compressor(params(next_copy(), run, 1, kPrefill, stream));
       DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
     }
   }
 
-  // The straightforward kernel over `count` ≤ rows() / ratio entries from entry 0.
-  void baseline(int64_t count, cudaStream_t stream) {
-    const int copy = rotation++ % kCopies;
+  // The straightforward kernel over `count` ≤ rows() / ratio entries from entry 0 of projection copy `copy`.
+  void baseline(int copy, int64_t count, cudaStream_t stream) {
     straightforward_pool<<<unsigned(count), unsigned(c), 0, stream>>>(
         kv[size_t(copy)].as<float>(), gate[size_t(copy)].as<float>(), ape.as<float>(), norm.as<float>(),
         frequencies.as<float>(), int(c), int(ratio), overlapping, 64, 0, entries.as<float>());
@@ -344,34 +346,34 @@ void bench_compressor(Compressor& k, double copy_gbps, OnlySelection& only, cuda
     if (!selected(only, std::string("compressor ") + k.name, s.variant)) continue;
     const DeviceBuffer runs = runs_of(start_of(s, k), s.tokens, s.sequences);
     const double us = graph_us(stream, 20, [&](cudaStream_t on) {
-      run_compressor(k.params(runs, s.sequences, s.tokens, on));
+      run_compressor(k.params(k.next_copy(), runs, s.sequences, s.tokens, on));
     });
     const int64_t entries = entries_of(s, k);
     const double baseline_us =
-        entries == 0 ? 0.0 : graph_us(stream, 20, [&](cudaStream_t on) { k.baseline(entries, on); });
+        entries == 0 ? 0.0 : graph_us(stream, 20, [&](cudaStream_t on) { k.baseline(k.next_copy(), entries, on); });
     const double bytes = bytes_of(s, k);
     rows.push_back({std::string("compressor ") + k.name, s.variant, us, bytes / (copy_gbps * 1e3), baseline_us, bytes,
                     entries == 0 ? "" : "baseline: straightforward kernel, the entries from the rows alone"});
     add_runs_ready_row(s, std::string("compressor ") + k.name, us, bytes, copy_gbps, only, stream, rows,
                        [&](cudaStream_t on) {
-                         CompressorParams p = k.params(runs, s.sequences, s.tokens, on);
+                         CompressorParams p = k.params(k.next_copy(), runs, s.sequences, s.tokens, on);
                          p.runs_ready_at_launch = true;
                          run_compressor(p);
                        });
     const std::string table_variant = std::string(s.variant) + ", RoPE table";
     if (selected(only, std::string("compressor ") + k.name, table_variant))
       rows.push_back({std::string("compressor ") + k.name, table_variant, graph_us(stream, 20, [&](cudaStream_t on) {
-                        CompressorParams p = k.params(runs, s.sequences, s.tokens, on);
+                        CompressorParams p = k.params(k.next_copy(), runs, s.sequences, s.tokens, on);
                         p.rope_frequencies = nullptr, p.rope_table = k.rope_table.as<float2>();
                         run_compressor(p);
                       }),
                       bytes / (copy_gbps * 1e3), us, bytes,
                       "factors loaded from a per-position table; baseline: the default (double sincos)"});
-    const CompressorParams alone = k.params(runs, s.sequences, s.tokens, stream);
+    const CompressorParams alone = k.params(0, runs, s.sequences, s.tokens, stream);
     const CompressorSlotLoads other = other_slot_loads(s, k.overlapping, compressor_slot_loads({&alone, 1}));
     add_slot_loads_row(s, other, std::string("compressor ") + k.name, us, bytes, copy_gbps, only, stream, rows,
                        [&](cudaStream_t on) {
-                         CompressorParams p = k.params(runs, s.sequences, s.tokens, on);
+                         CompressorParams p = k.params(k.next_copy(), runs, s.sequences, s.tokens, on);
                          p.slot_loads = other;
                          run_compressor(p);
                        });
@@ -388,7 +390,7 @@ void bench_splits(Compressor& k, double copy_gbps, OnlySelection& only, cudaStre
       if (k.c % (64 * ctas) != 0 || !selected(only, std::string("compressor ") + k.name, variant)) continue;
       const DeviceBuffer runs = runs_of(start_of(s, k), s.tokens, s.sequences);
       const double us = graph_us(stream, 20, [&](cudaStream_t on) {
-        CompressorParams p = k.params(runs, s.sequences, s.tokens, on);
+        CompressorParams p = k.params(k.next_copy(), runs, s.sequences, s.tokens, on);
         p.cluster_ctas = ctas;
         run_compressor(p);
       });
@@ -423,7 +425,8 @@ void bench_with_prepare(Compressor& main, Compressor& index, const Step& s, cons
                                 .stream = on};
   };
   const auto pair = [&](cudaStream_t on, int i) {
-    return (i == 0 ? main : index).params(runs, s.sequences, s.tokens, on);
+    Compressor& k = i == 0 ? main : index;
+    return k.params(k.next_copy(), runs, s.sequences, s.tokens, on);
   };
   const double one_us = graph_us(stream, 20, [&](cudaStream_t on) {
     const CompressorParams both[2] = {pair(on, 0), pair(on, 1)};
@@ -446,31 +449,31 @@ void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, Only
     if (!selected(only, "compressor CSA layer main + indexer", s.variant)) continue;
     const DeviceBuffer runs = runs_of(start_of(s, main), s.tokens, s.sequences);
     const double fused_us = graph_us(stream, 20, [&](cudaStream_t on) {
-      const CompressorParams both[2] = {main.params(runs, s.sequences, s.tokens, on),
-                                        index.params(runs, s.sequences, s.tokens, on)};
+      const CompressorParams both[2] = {main.params(main.next_copy(), runs, s.sequences, s.tokens, on),
+                                        index.params(index.next_copy(), runs, s.sequences, s.tokens, on)};
       run_compressors(both);
     });
     const double separate_us = graph_us(stream, 20, [&](cudaStream_t on) {
-      run_compressor(main.params(runs, s.sequences, s.tokens, on));
-      run_compressor(index.params(runs, s.sequences, s.tokens, on));
+      run_compressor(main.params(main.next_copy(), runs, s.sequences, s.tokens, on));
+      run_compressor(index.params(index.next_copy(), runs, s.sequences, s.tokens, on));
     });
     const double bytes = bytes_of(s, main) + bytes_of(s, index);
     rows.push_back({"compressor CSA layer main + indexer", s.variant, fused_us, bytes / (copy_gbps * 1e3),
                     separate_us, bytes, "one run_compressors launch; baseline: two run_compressor launches"});
     add_runs_ready_row(s, "compressor CSA layer main + indexer", fused_us, bytes, copy_gbps, only, stream, rows,
                        [&](cudaStream_t on) {
-                         CompressorParams both[2] = {main.params(runs, s.sequences, s.tokens, on),
-                                                     index.params(runs, s.sequences, s.tokens, on)};
+                         CompressorParams both[2] = {main.params(main.next_copy(), runs, s.sequences, s.tokens, on),
+                                                     index.params(index.next_copy(), runs, s.sequences, s.tokens, on)};
                          both[0].runs_ready_at_launch = both[1].runs_ready_at_launch = true;
                          run_compressors(both);
                        });
-    const CompressorParams pair[2] = {main.params(runs, s.sequences, s.tokens, stream),
-                                      index.params(runs, s.sequences, s.tokens, stream)};
+    const CompressorParams pair[2] = {main.params(0, runs, s.sequences, s.tokens, stream),
+                                      index.params(0, runs, s.sequences, s.tokens, stream)};
     const CompressorSlotLoads other = other_slot_loads(s, true, compressor_slot_loads(pair));
     add_slot_loads_row(s, other, "compressor CSA layer main + indexer", fused_us, bytes, copy_gbps, only, stream, rows,
                        [&](cudaStream_t on) {
-                         CompressorParams both[2] = {main.params(runs, s.sequences, s.tokens, on),
-                                                     index.params(runs, s.sequences, s.tokens, on)};
+                         CompressorParams both[2] = {main.params(main.next_copy(), runs, s.sequences, s.tokens, on),
+                                                     index.params(index.next_copy(), runs, s.sequences, s.tokens, on)};
                          both[0].slot_loads = both[1].slot_loads = other;
                          run_compressors(both);
                        });
@@ -491,7 +494,7 @@ void bench_key_outputs(Compressor& index, double copy_gbps, OnlySelection& only,
     if (!selected(only, std::string("compressor ") + index.name, variant)) continue;
     const DeviceBuffer runs = runs_of(start_of(s, index), s.tokens, s.sequences);
     const auto keyed = [&](cudaStream_t on, bool fp8) {
-      CompressorParams p = index.params(runs, s.sequences, s.tokens, on);
+      CompressorParams p = index.params(index.next_copy(), runs, s.sequences, s.tokens, on);
       p.entries = nullptr, p.slot_entry_capacity = capacity, p.slot_entry_stride = per_slot;
       if (fp8) {
         p.slot_entries_fp8 = fp8_keys.as<uint8_t>();
@@ -591,8 +594,7 @@ struct ModelOutputs {
 
   // k's params for the runs (one token of slot 0) with the model's output: the cache's `layer`, or the fp8 keys.
   CompressorParams params(Compressor& k, const DeviceBuffer& runs, int layer, cudaStream_t on) {
-    k.rotation = 0;  // the first projection copy (touch_row)
-    CompressorParams p = k.params(runs, 1, 1, on);
+    CompressorParams p = k.params(0, runs, 1, 1, on);  // the first projection copy (touch_row)
     p.entries = nullptr, p.rope_frequencies = nullptr, p.rope_table = k.rope_table.as<float2>();
     if (k.rounding == CompressorStoredRounding::IndexerFp4) {
       p.slot_entries_fp8 = keys.as<uint8_t>(), p.slot_entry_scales = scales.as<float>();
@@ -760,11 +762,12 @@ void trace_prefill(Compressor& main, Compressor& index, Compressor& hca, int64_t
   const auto range = [](const CompressorCtaRange& r) {
     return std::pair<int64_t, int64_t>{r.first_cta, r.first_cta + r.ctas};
   };
-  const CompressorParams planned[2] = {main.params(runs, 1, s.tokens, stream),
-                                       index.params(runs, 1, s.tokens, stream)};
+  const CompressorParams planned[2] = {main.params(0, runs, 1, s.tokens, stream),
+                                       index.params(0, runs, 1, s.tokens, stream)};
   const CompressorLaunchShape pair = compressor_launch_shape(planned);
   traced([&](uint64_t* t) {
-    CompressorParams both[2] = {main.params(runs, 1, s.tokens, stream), index.params(runs, 1, s.tokens, stream)};
+    CompressorParams both[2] = {main.params(main.next_copy(), runs, 1, s.tokens, stream),
+                                index.params(index.next_copy(), runs, 1, s.tokens, stream)};
     both[0].trace = both[1].trace = t;
     both[0].trace_ctas = both[1].trace_ctas = kRoom;
     run_compressors(both);
@@ -773,10 +776,10 @@ void trace_prefill(Compressor& main, Compressor& index, Compressor& hca, int64_t
   print_prefill_trace("CSA layer main + indexer (lean)" + chunk, host,
                       {{"main", range(pair.pools[0])}, {"indexer", range(pair.pools[1])}});
   const DeviceBuffer hca_runs = runs_of(start_of(s, hca), s.tokens, s.sequences);
-  const CompressorParams hca_planned = hca.params(hca_runs, 1, s.tokens, stream);
+  const CompressorParams hca_planned = hca.params(0, hca_runs, 1, s.tokens, stream);
   const CompressorLaunchShape alone = compressor_launch_shape({&hca_planned, 1});
   traced([&](uint64_t* t) {
-    CompressorParams p = hca.params(hca_runs, 1, s.tokens, stream);
+    CompressorParams p = hca.params(hca.next_copy(), hca_runs, 1, s.tokens, stream);
     p.trace = t, p.trace_ctas = kRoom;
     run_compressor(p);
   });

@@ -848,7 +848,8 @@ TEST(Compressor, TracedLaunchesRunEveryPlannedRange) {
     for (int64_t c = 0; c < kRoom; ++c) {
       const uint64_t* r = host.data() + size_t(c) * kCompressorTracePoints;
       int planned = 0;
-      for (const CompressorCtaRange& range : ranges) planned += c >= range.first_cta && c < range.first_cta + range.ctas;
+      for (const CompressorCtaRange& range : ranges)
+        planned += c >= range.first_cta && c < range.first_cta + range.ctas;
       ASSERT_LE(planned, 1) << "CTA " << c << " in two ranges";
       if (c >= shape.ctas) {
         ASSERT_EQ(r[COMPRESSOR_TRACE_START], 0u) << "CTA " << c << " past the plan's " << shape.ctas << " started";
