@@ -33,6 +33,7 @@
 #include <random>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 // The phase marks of the traced copy of the single-cluster kernel: CTA thread 0 (the projection warps' marks) and the
@@ -285,18 +286,13 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
   workspace.fill_bytes(0);
   const char* const names[tr::kPhases] = {"top",        "tile landed", "projected", "published",
                                           "pre stored", "pre ready",   "collapsed", "summed"};
-  for (const bool head : {false, true}) {
-    const auto kernel = head ? mhc::hc_projection_kernel_traced<true, false, 64>
-                             : mhc::hc_projection_kernel_traced<false, false, 64>;
-    const int partial_rows = head ? mhc::kPartialRows<true> : mhc::kPartialRows<false>;
-    const int threads = mhc::projection_cta_threads(64, mhc::ProjectionVariant::kShared);
-    const int smem = mhc::projection_smem_bytes(64, partial_rows, false);
-    const int collapse_lag = mhc::projection_stages(64, partial_rows, false) - 2, sum_lag = (collapse_lag + 1) / 2;
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    DSV4_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, int(cudaSharedmemCarveoutMaxShared)));
-    int resident = 0;
-    DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, size_t(smem)));
+  const auto trace = [&](auto head_constant) {
+    constexpr bool head = decltype(head_constant)::value;
+    // The launch as the library sizes it: the instance's shape and lags, its grid from size_projection_grid.
+    using Shape = mhc::ProjectionShape<head, false, 64>;
+    const auto kernel = mhc::hc_projection_kernel_traced<head, false, 64>;
+    const int threads = Shape::kThreads, smem = Shape::kSmemBytes;
+    const int collapse_lag = Shape::kCollapseLag, sum_lag = Shape::kSumLag;
     mhc::ProjectionArgs args{};
     args.X = X.as<float>();
     args.fn = fn.as<float>();
@@ -311,8 +307,9 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
     args.post = head ? nullptr : post.as<float>();
     args.comb = head ? nullptr : comb.as<float>();
     mhc::place_projection_launch(args, workspace.data(), int(config.slices), int(config.token_tiles), "traced");
+    mhc::size_projection_grid(args, reinterpret_cast<const void*>(kernel), threads, size_t(smem), multiprocessors,
+                              "traced persistent kernel");
     const int slices = args.slices, tiles = args.tiles;
-    args.groups = int(std::min<int64_t>(tiles, int64_t(resident) * multiprocessors / slices));
     const int ctas = args.groups * slices;
     const int most_iterations = (tiles + args.groups - 1) / args.groups + collapse_lag;
     check(ctas <= tr::kMaxCtas && most_iterations <= tr::kMaxIterations, "--trace-persistent: ", ctas, " CTAs × ",
@@ -391,10 +388,12 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
                 quantile(sum_slack, 0.1), quantile(sum_slack, 0.5), quantile(sum_slack, 0.9), negative(sum_slack),
                 quantile(collapse_slack, 0.1), quantile(collapse_slack, 0.5), quantile(collapse_slack, 0.9),
                 negative(collapse_slack), quantile(spread, 0.1), quantile(spread, 0.5), quantile(spread, 0.9));
-    std::printf("slow paths per launch: stale words re-read %.1f, slice sums out of line %.1f, X tiles not landed "
-                "%.1f (of %d CTA-tiles)\n",
+    std::printf("slow paths per launch: stale pre and post/comb words re-read %.1f, slice sums out of line %.1f "
+                "(their words not counted as stale words), X tiles not landed %.1f (of %d CTA-tiles)\n",
                 slow_total[0] / runs, slow_total[1] / runs, slow_total[2] / runs, tiles * slices);
-  }
+  };
+  trace(std::false_type{});
+  trace(std::true_type{});
 }
 
 // --trace: V4-Flash, one token, hc_pre + norm and hc_post_pre + norm on the traced single-cluster kernel, `runs` launches

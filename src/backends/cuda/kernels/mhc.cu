@@ -106,19 +106,29 @@ int prepare_resident_ctas(const void* kernel, int threads, size_t smem_bytes) {
   });
 }
 
-template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant = mhc::ProjectionVariant::kShared>
-void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
-  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant>;
-  constexpr int kThreads = mhc::projection_cta_threads(kSliceDims, kVariant);
-  constexpr size_t kSmem = mhc::projection_smem_bytes(kSliceDims, mhc::kPartialRows<kHead>, kPost, kVariant);
-  const int resident = prepare_resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, kSmem);
+}  // namespace
+
+void mhc::size_projection_grid(ProjectionArgs& args, const void* kernel, int threads, size_t smem_bytes,
+                               int multiprocessors, const char* op) {
+  const int resident = prepare_resident_ctas(kernel, threads, smem_bytes);
   // The CTAs of one token tile wait for each other (each tile's reducer for every slice, every slice for the
   // reducer): all slices of a group must be resident at once, so the persistent grid never exceeds the card.
   const int64_t capacity = int64_t(resident) * multiprocessors;
   check(capacity >= args.slices, op, ": ", args.slices, " CTAs per token tile cannot be resident together (",
         resident, " per SM × ", multiprocessors, " SMs)");
   args.groups = int(std::min<int64_t>(args.tiles, capacity / args.slices));
-  launch_chained(kernel, dim3(unsigned(args.groups) * unsigned(args.slices)), dim3(kThreads), kSmem, stream, args, op);
+}
+
+namespace {
+
+template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant = mhc::ProjectionVariant::kShared>
+void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
+  using Shape = mhc::ProjectionShape<kHead, kPost, kSliceDims, kVariant>;
+  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant>;
+  mhc::size_projection_grid(args, reinterpret_cast<const void*>(kernel), Shape::kThreads, Shape::kSmemBytes,
+                            multiprocessors, op);
+  launch_chained(kernel, dim3(unsigned(args.groups) * unsigned(args.slices)), dim3(Shape::kThreads),
+                 size_t(Shape::kSmemBytes), stream, args, op);
 }
 
 // The warp-specialised variant serves PERSISTENT_WARP_SPECIALIZED hc_post_pre launches where the card holds a CTA per

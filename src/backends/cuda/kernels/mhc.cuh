@@ -193,6 +193,22 @@ __host__ __device__ constexpr int projection_smem_bytes(int slice_dims, int part
          warp_sums_bytes(slice_dims, partial_rows) + post_ring_bytes(slice_dims, post) + kStageAlignment;
 }
 
+// One persistent kernel instance's launch shape and software pipeline, for the kernel, its launcher and
+// bench_cuda_mhc --trace-persistent: CTA threads, X stages and dynamic shared memory; tile j is projected in iteration
+// j, its slices summed in j + kSumLag and collapsed in j + kCollapseLag. The stages hold the tiles from j − kCollapseLag
+// on, the rest loading: one (hc_pre, hc_head: tile j + 1 is asked for past tile j's projection barrier) or two (the
+// fused variant). More stages, more slack for each cross-CTA hop. (hc_pre / hc_head with two loading, lags 2 and 3:
+// H200, V4-Flash, session 19, same runs: hc_head 4096 tokens 161.6 / 171.2 µs against 150.6 / 163.9, 1000 tokens 49.2
+// vs 47.1, 256 16.7 vs 15.6; hc_pre 4096 221.1 / 227.8 vs 218.6 / 225.7.)
+template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared>
+struct ProjectionShape {
+  static constexpr int kThreads = projection_cta_threads(kSliceDims, kVariant);
+  static constexpr int kStages = projection_stages(kSliceDims, kPartialRows<kHead>, kPost, kVariant);
+  static constexpr int kSmemBytes = projection_smem_bytes(kSliceDims, kPartialRows<kHead>, kPost, kVariant);
+  static constexpr int kCollapseLag = kStages - (kPost ? 3 : 2);
+  static constexpr int kSumLag = (kCollapseLag + 1) / 2;  // the slack split between the two hops
+};
+
 // One site's inputs and outputs, as every projection kernel takes them (hc_head: no post/comb; only the fused
 // hc_post + hc_pre variants read out/post_in/comb_in and write X_out).
 struct SiteArgs {
@@ -250,9 +266,18 @@ inline void place_projection_launch(ProjectionArgs& args, void* workspace, int s
                                           op);
 }
 
+// Sizes a persistent launch's grid (mhc.cu's launcher and bench_cuda_mhc's traced launch): raises `kernel`'s
+// shared-memory limit and carveout (once per kernel and device), refuses the launch unless a tile's args.slices CTAs
+// can be resident together (they wait for each other), and sets args.groups to the tile groups the card holds at once,
+// at most one per tile. `kernel`: an hc_projection_kernel instance (or the bench's traced copy of one) launched with
+// its ProjectionShape's threads and shared memory.
+void size_projection_grid(ProjectionArgs& args, const void* kernel, int threads, size_t smem_bytes, int multiprocessors,
+                          const char* op);
+
 // Trace hooks of the persistent kernel (no code unless a file defines them before including this one, as
 // bench_cuda_mhc.cu does for its traced copy, which it also renames): a mark per phase of each loop iteration `j`,
-// and a count per slow path taken (a stale word re-read, an X tile not yet landed).
+// and a count per slow path taken: a stale word re-read (a collapse's pre or Σx² word, or a post/comb word after the
+// loop), a slice sum taken out of line (once per sum, whatever its stale words), an X tile not yet landed.
 enum class ProjectionPhase : int {
   kTop,          // iteration start (CTA thread 0, as every mark but kPreStored)
   kTileLanded,   // tile j's X stage waited for
@@ -296,7 +321,6 @@ __device__ inline unsigned long long tagged(float value, unsigned tag) {
 
 // Re-reads a tagged word until the writer's store has landed: out of line, so the per-tile loop stays short.
 static __device__ __noinline__ float wait_for_tag(const unsigned long long* address, unsigned tag) {
-  DSV4_MHC_PROJECTION_SLOW(ProjectionSlowPath::kStaleWord);
   unsigned long long word;
   do {
     __nanosleep(32);
@@ -305,10 +329,13 @@ static __device__ __noinline__ float wait_for_tag(const unsigned long long* addr
   return __uint_as_float(unsigned(word));
 }
 
-// The value of a tagged word once it carries `tag`: `word` was read earlier (its latency hidden).
+// The value of a tagged word once it carries `tag`: `word` was read earlier (its latency hidden). The trace counts
+// each re-read here as a stale word.
 __device__ __forceinline__ float tagged_value(unsigned long long word, const unsigned long long* address,
                                               unsigned tag) {
-  return unsigned(word >> 32) == tag ? __uint_as_float(unsigned(word)) : wait_for_tag(address, tag);
+  if (unsigned(word >> 32) == tag) return __uint_as_float(unsigned(word));
+  DSV4_MHC_PROJECTION_SLOW(ProjectionSlowPath::kStaleWord);
+  return wait_for_tag(address, tag);
 }
 
 // The end of a CTA of a kernel that counts its finished CTAs: once all its threads are done, the launch's last CTA
@@ -709,14 +736,15 @@ struct SplitOnUse {
 
 // Σ over slices part, part + lanes, … < slices of the tagged words at source (kPartialFloats apart), each waited for
 // until it carries `tag`, summed in that order from 0: sum_slices' value when a word it read early was stale (out of
-// line, so the per-tile loop stays short).
+// line, so the per-tile loop stays short). The trace counts it once, as a stale slice sum, not its words as stale words.
 static __device__ __noinline__ float sum_slice_words_slowly(const unsigned long long* source, int part, int lanes,
                                                             int slices, int stride, unsigned tag) {
   DSV4_MHC_PROJECTION_SLOW(ProjectionSlowPath::kStaleSliceSum);
   float sum = 0.f;
   for (int s = part; s < slices; s += lanes) {
     const unsigned long long* const address = source + s * stride;
-    sum += tagged_value(load_relaxed_u64(address), address, tag);
+    const unsigned long long word = load_relaxed_u64(address);
+    sum += unsigned(word >> 32) == tag ? __uint_as_float(unsigned(word)) : wait_for_tag(address, tag);
   }
   return sum;
 }
@@ -734,9 +762,10 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // same process, V4-Flash 4096 tokens, default / other form / default: hc_pre 187.6 / 187.7 / 187.8 µs, hc_head 122.0
   // / 121.1 / 121.9, the warp-specialised hc_post_pre 314.3 / 314.0 / 314.9): both variants take the pointer form.
   constexpr bool kLean = !kRoles;
+  using Shape = ProjectionShape<kHead, kPost, kSliceDims, kVariant>;
   constexpr int kThreads = projection_threads(kSliceDims);  // kRoles: per warp group
   constexpr int kWarps = kThreads / 32;
-  constexpr int kCtaThreads = projection_cta_threads(kSliceDims, kVariant);
+  constexpr int kCtaThreads = Shape::kThreads;
   constexpr int kWarpsPerStream = kSliceDims / 32;
   constexpr int kRows = kProjectionRows<kHead>;
   constexpr int kPartial = kPartialRows<kHead>;
@@ -744,15 +773,10 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   constexpr int kStageFloats = kTileTokens * staged_row_floats(kSliceDims);
   constexpr int kBoxes = kSliceDims / kStagedBoxFloats;  // TMA boxes per stage
   constexpr int kPartialFloats = kPartial * kTileTokens;  // one slice's partial block of a tile
-  constexpr int kStages = projection_stages(kSliceDims, kPartial, kPost, kVariant);
+  constexpr int kStages = Shape::kStages;
   constexpr int kVectorsPerRow = kSliceDims / 4;  // 16-byte vectors per (token, stream) row of the slice
-  // Tile j is projected in iteration j, summed in j + kSumLag and collapsed in j + kCollapseLag: the stages hold the
-  // tiles from j − kCollapseLag on, the rest loading: one (hc_pre, hc_head: tile j + 1 is asked for past tile j's
-  // projection barrier) or two (the fused variant). More stages, more slack for each cross-CTA hop. (hc_pre / hc_head
-  // with two loading, lags 2 and 3: H200, V4-Flash, session 19, same runs: hc_head 4096 tokens 161.6 / 171.2 µs
-  // against 150.6 / 163.9, 1000 tokens 49.2 vs 47.1, 256 16.7 vs 15.6; hc_pre 4096 221.1 / 227.8 vs 218.6 / 225.7.)
-  constexpr int kCollapseLag = kStages - (kPost ? 3 : 2);
-  constexpr int kSumLag = (kCollapseLag + 1) / 2;  // the slack split between the two hops
+  constexpr int kCollapseLag = Shape::kCollapseLag;  // the software pipeline's lags (ProjectionShape)
+  constexpr int kSumLag = Shape::kSumLag;
   // kRoles: the finisher sums tile i and collapses tile i − kFinisherLag in its iteration i; the projection group runs
   // ahead as far as the loaded stages allow. At a lag of 2 the finishers waited for each other's sums (ncu, H200,
   // Flash 4096: 27 % of the stall samples in the projection group waiting for stages, the finisher at 2.7 µs a tile).
