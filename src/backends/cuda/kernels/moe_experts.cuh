@@ -377,44 +377,25 @@ __device__ __forceinline__ void wait_for_item_rows(uint32_t* item_counters, int 
 }
 
 // The fused combine (moe_experts.hpp MoeFusedCombine), called by every CTA of the down kernel that had a work item,
-// once its rows are written: the band's last CTA to arrive (its ticket counts the work items) sums the band.
-// extra_ctas: CTAs per band beyond one per work item (the split shared expert's second CTA). kAcqRel (the streamed
-// kernels): thread 0's acq_rel ticket after the barrier, the slots' rows and weights read before the ticket, then
-// handed over through `scratch` (shared memory no warp reads once the CTA is past its barrier); without it (the
-// register kernel, which has no such scratch) every thread's sequentially consistent fences around a relaxed
-// ticket. The same sums in the same order.
-template <bool kAcqRel>
-__device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, int band, int extra_ctas = 0,
-                                                     uint8_t* scratch = nullptr) {
+// once its rows are written: the band's last CTA to arrive (its ticket counts the work items) sums the band, in
+// sum_combine_band. Two forms, the same sums in the same order:
+// - combine_band_if_last (the streamed kernels): thread 0's acq_rel ticket after the barrier, the slots' rows and
+//   weights read before the ticket, then handed over through `scratch` (shared memory no warp reads once the CTA is
+//   past its barrier); extra_ctas: CTAs per band beyond one per work item (the split shared expert's second CTA);
+// - combine_band_if_last_fenced (the register kernel, which has no such scratch): every thread's sequentially
+//   consistent fences around a relaxed ticket, the slots read from global memory by the summing CTA.
+
+// A slot's row of down and its weight.
+struct CombineSlot {
+  int32_t row;
+  float weight;
+};
+
+// The band's outputs, by its last CTA: out[t, n] = down[T·top_k + t][n] + Σ_j weight(s) · down[row(s)][n] for
+// s = t·top_k + j in moe_combine's order (slot_of(s) gives slot s), then the band's ticket back to zero.
+template <class SlotOf>
+__device__ __forceinline__ void sum_combine_band(const ExpertGemmArgs& a, int band, SlotOf slot_of) {
   const MoeFusedCombine& c = a.combine;
-  __shared__ bool is_last;
-  const int slots = c.tokens * c.top_k;  // <= kExpertThreads with kAcqRel (check_moe_expert_gemm_params)
-  int32_t* slot_rows = reinterpret_cast<int32_t*>(scratch);
-  float* slot_weights = reinterpret_cast<float*>(scratch) + slots;
-  if constexpr (kAcqRel) {
-    // Read before the ticket: the acquire orders every later load after its round trip.
-    const uint32_t ctas = uint32_t(__ldcg(a.work_item_count) + extra_ctas);
-    int32_t row = 0;
-    float weight = 0.0f;
-    if (int(threadIdx.x) < slots) {
-      row = __ldcg(c.slot_rows + threadIdx.x);
-      weight = __ldcg(c.expert_weights + threadIdx.x);
-    }
-    __syncthreads();  // every down row of this CTA is stored, every warp is past its stages
-    if (threadIdx.x == 0) is_last = fetch_add_acq_rel(c.band_tickets + band, 1u) == ctas - 1;
-    __syncthreads();
-    if (!is_last) return;
-    if (int(threadIdx.x) < slots) slot_rows[threadIdx.x] = row, slot_weights[threadIdx.x] = weight;
-    __syncthreads();
-  } else {
-    __threadfence();  // this CTA's down rows, before its ticket
-    __syncthreads();
-    if (threadIdx.x == 0)
-      is_last = atomicAdd(c.band_tickets + band, 1u) == uint32_t(__ldcg(a.work_item_count) + extra_ctas) - 1;
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-  }
   const int64_t n0 = int64_t(band) * kMoeDownBandRows;
   const int band_rows = int(min(int64_t(kMoeDownBandRows), a.n_total - n0));
   const int64_t shared_rows = int64_t(c.tokens) * c.top_k;
@@ -423,14 +404,50 @@ __device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, in
     const int64_t n = n0 + i % band_rows;
     float acc = __ldcg(a.down + (shared_rows + t) * a.n_total + n);  // written by other CTAs of this grid
     for (int j = 0; j < c.top_k; ++j) {
-      const int s = t * c.top_k + j;
-      const int64_t row = kAcqRel ? slot_rows[s] : __ldcg(c.slot_rows + s);
-      const float weight = kAcqRel ? slot_weights[s] : __ldcg(c.expert_weights + s);
-      acc = fmaf(weight, __ldcg(a.down + row * a.n_total + n), acc);
+      const CombineSlot slot = slot_of(t * c.top_k + j);
+      acc = fmaf(slot.weight, __ldcg(a.down + int64_t(slot.row) * a.n_total + n), acc);
     }
     c.out[int64_t(t) * a.n_total + n] = acc;
   }
   if (threadIdx.x == 0) c.band_tickets[band] = 0;  // every CTA of the band has arrived: ready for the next call
+}
+
+__device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, int band, int extra_ctas,
+                                                     uint8_t* scratch) {
+  const MoeFusedCombine& c = a.combine;
+  __shared__ bool is_last;
+  const int slots = c.tokens * c.top_k;  // <= kExpertThreads (check_moe_expert_gemm_params)
+  // Read before the ticket: the acquire orders every later load after its round trip.
+  const uint32_t ctas = uint32_t(__ldcg(a.work_item_count) + extra_ctas);
+  int32_t row = 0;
+  float weight = 0.0f;
+  if (int(threadIdx.x) < slots) {
+    row = __ldcg(c.slot_rows + threadIdx.x);
+    weight = __ldcg(c.expert_weights + threadIdx.x);
+  }
+  __syncthreads();  // every down row of this CTA is stored, every warp is past its stages
+  if (threadIdx.x == 0) is_last = fetch_add_acq_rel(c.band_tickets + band, 1u) == ctas - 1;
+  __syncthreads();
+  if (!is_last) return;
+  int32_t* slot_rows = reinterpret_cast<int32_t*>(scratch);
+  float* slot_weights = reinterpret_cast<float*>(scratch) + slots;
+  if (int(threadIdx.x) < slots) slot_rows[threadIdx.x] = row, slot_weights[threadIdx.x] = weight;
+  __syncthreads();
+  sum_combine_band(a, band, [&](int s) { return CombineSlot{slot_rows[s], slot_weights[s]}; });
+}
+
+__device__ __forceinline__ void combine_band_if_last_fenced(const ExpertGemmArgs& a, int band) {
+  const MoeFusedCombine& c = a.combine;
+  __shared__ bool is_last;
+  __threadfence();  // this CTA's down rows, before its ticket
+  __syncthreads();
+  if (threadIdx.x == 0)
+    is_last = atomicAdd(c.band_tickets + band, 1u) == uint32_t(__ldcg(a.work_item_count)) - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  sum_combine_band(a, band,
+                   [&](int s) { return CombineSlot{__ldcg(c.slot_rows + s), __ldcg(c.expert_weights + s)}; });
 }
 
 template <ExpertGemm G>
@@ -446,7 +463,7 @@ __global__ void __launch_bounds__(kExpertThreads, 1) moe_expert_gemm_kernel(cons
   const MoeExpertView expert = a.experts[item.expert];
   with_tile_format(G == ExpertGemm::GATE_UP ? expert.w1.format : expert.w2.format,
                    [&]<tile::TileFormat F>() { run_work_item<F, G>(a, expert, item, smem); });
-  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last<false>(a, int(blockIdx.x));
+  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last_fenced(a, int(blockIdx.x));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -991,7 +1008,7 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   if (G == ExpertGemm::GATE_UP && !kMultiTile && a.item_counters != nullptr)
     publish_item_rows(a.item_counters, item_index);
   if (G == ExpertGemm::DOWN && a.combine.out != nullptr)
-    combine_band_if_last<true>(a, band, kSharedParts - 1, tile::stream::align_slots(smem));
+    combine_band_if_last(a, band, kSharedParts - 1, tile::stream::align_slots(smem));
   trace_point<kTrace>(a, MOE_TRACE_END);
 }
 
