@@ -8,7 +8,10 @@
 //   every thread: deterministic.
 // - Programmatic dependent launch: the weight is loaded into registers before the wait (a parameter, not a
 //   predecessor's output), x only after it. Each group stages its row's RoPE factors (the RoPE table's row of its
-//   position) in shared memory right after the wait, with x.
+//   position) in shared memory right after the wait, with x. The shared rows are the group's own: warp groups
+//   synchronise with __syncwarp, so a warp never waits for the CTA's other rows.
+// - 16-value rows (the queries' 512-wide heads in warps: a b64 Flash step's 4096 heads in 512 CTAs) are compiled for
+//   4 CTAs per SM (≤ 64 registers; 67 before, 3 CTAs per SM: the grid ran in two waves, 396 CTAs then 116).
 // - rms_norm_rows is the whole body as a device function, so that kv_insert's fused launch runs the same code.
 #pragma once
 
@@ -67,6 +70,15 @@ RmsNormLaunch rms_norm_launch(const RmsNormParams& params);
 template <int kGroupThreads>
 inline constexpr int kRowsPerCta = kThreads / kGroupThreads;
 
+// A barrier of the threads that own one row: the warp, or the CTA.
+template <int kGroupThreads>
+__device__ __forceinline__ void group_sync() {
+  if constexpr (kGroupThreads == 32)
+    __syncwarp();
+  else
+    __syncthreads();
+}
+
 // The rows of CTA `cta` (of kThreads threads, all of which call this). Waits for the prior grids itself.
 // kRope: the RoPE epilogue; kValues: values per thread (width ≤ kGroupThreads · kValues).
 template <int kGroupThreads, bool kRope, int kValues>
@@ -85,7 +97,7 @@ __device__ __forceinline__ void rms_norm_rows(const RmsNormArgs& args, int64_t c
     weights[j] = args.weight != nullptr && i < args.width ? __ldg(args.weight + i) : 1.0f;
   }
   // The group's row of RoPE factors (rope_dim / 2 ≤ kRmsNormMaxRopePairs pairs), staged by the group's threads; the
-  // barrier after it is reached by every thread of the CTA (kRope is uniform). The position is loaded with x and its
+  // barrier after it is reached by every thread of the group (kRope is uniform). The position is loaded with x and its
   // factors staged once x's loads are issued: one round trip after x's.
   __shared__ float2 staged_rope[kRope ? kRowsPerCta<kGroupThreads> : 1][kRope ? kRmsNormMaxRopePairs : 1];
   const auto load_position = [&] {
@@ -101,7 +113,7 @@ __device__ __forceinline__ void rms_norm_rows(const RmsNormArgs& args, int64_t c
         const int k = member + step * kGroupThreads;
         if (active && k < pairs) staged_rope[group][k] = __ldg(args.rope_table + position * pairs + k);
       }
-      __syncthreads();
+      group_sync<kGroupThreads>();
     }
   };
   wait_for_prior_grids();
@@ -149,7 +161,7 @@ __device__ __forceinline__ void rms_norm_rows(const RmsNormArgs& args, int64_t c
       store(i, value);
   }
   if constexpr (kRope) {
-    __syncthreads();  // reached by every thread: inactive rows only skip the work
+    group_sync<kGroupThreads>();  // reached by every thread of the group: inactive rows only skip the work
     if (!active) return;
 #pragma unroll
     for (int step = 0; step < kRopeSteps; ++step) {
@@ -165,7 +177,8 @@ __device__ __forceinline__ void rms_norm_rows(const RmsNormArgs& args, int64_t c
 }
 
 template <int kGroupThreads, bool kRope, int kValues>
-__global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsNormArgs args) {
+__global__ void __launch_bounds__(kThreads, kValues == kShortRowValues ? 4 : 1)
+    rms_norm_kernel(const RmsNormArgs args) {
   allow_dependents();  // the dependent's own wait still orders it after this grid's completion
   rms_norm_rows<kGroupThreads, kRope, kValues>(args, blockIdx.x);
 }
