@@ -313,6 +313,9 @@ struct Kernels {
 };
 // Both expert kernel sets, the streamed one with the fused routing and combine (which apply at few tokens).
 constexpr Kernels kRegisterKernels{.experts = MoeExpertKernels::REGISTER};
+// The register kernels with the fused routing and combine (T <= 8): the down kernel's fenced combine
+// (combine_band_if_last_fenced), which production takes where the streamed kernels do not apply.
+constexpr Kernels kRegisterFused = kRegisterKernels.other(&Kernels::fused_small_batches);
 constexpr Kernels kStreamedKernels{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true};
 // The streamed kernels with the decode other than the default.
 constexpr Kernels kStreamedOtherDecode = kStreamedKernels.other(&Kernels::lean);
@@ -577,6 +580,8 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int64_t T : {1, 3, 8, 17, 64, 300})
       for (const Kernels kernels : {kRegisterKernels, kStreamedKernels})
         check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike), kernels);
+    for (const int64_t T : {1, 3, 8})
+      check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike), kRegisterFused);
     const Kernels streamed_unfused{.experts = MoeExpertKernels::STREAMED};
     check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), streamed_unfused);
     for (const int64_t T : {1, 8, 17})
