@@ -261,18 +261,18 @@ static_assert(int(mhc::ProjectionPhase::kPreStored) == mhc_projection_trace::kPr
                   int(mhc::ProjectionSlowPath::kCount) == mhc_projection_trace::kSlowPaths,
               "the persistent trace's phases and slow paths");
 
-// --trace-persistent: V4-Flash hc_pre and hc_head at `tokens` tokens on the traced persistent kernel (64-dim slices,
-// the default's launch), `runs` launches each. Per CTA and iteration of the steady state (every phase present): the
-// SM cycles of each phase, the iteration's period; per tile: the slack of each cross-CTA hop (from the last slice's
-// store to the first reader's early read, global timer; negative: a reader read before the last store) and the
-// spread of the slices' publications; per launch: the slow paths taken.
+// --trace-persistent: V4-Flash hc_pre and hc_head at `tokens` tokens on the traced persistent kernel (the slices the
+// launcher takes: 64 dims, 128 under DSV4_MHC_WIDE_SLICES), `runs` launches each. Per CTA and iteration of the steady
+// state (every phase present): the SM cycles of each phase, the iteration's period; per tile: the slack of each
+// cross-CTA hop (from the last slice's store to the first reader's early read, global timer; negative: a reader read
+// before the last store) and the spread of the slices' publications; per launch: the slow paths taken.
 void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt19937& rng) {
   namespace tr = mhc_projection_trace;
   constexpr int64_t d = 4096, flat = kN * d;
   const int multiprocessors = list_devices().front().multiprocessors;
   const HcProjectionConfig config = choose_hc_projection_config(tokens, d, multiprocessors, false);
-  check(config.slice_dims == 64, "--trace-persistent: the launch takes ", config.slice_dims,
-        "-dim slices; the traced copy is the 64-dim kernel");
+  check(config.slice_dims == 64 || config.slice_dims == 128, "--trace-persistent: the launch takes ",
+        config.slice_dims, "-dim slices; the traced copies are the 64- and 128-dim kernels");
   const DeviceBuffer X = random_buffer(size_t(tokens * flat), 1.0f, 0.0f, rng, "X");
   const DeviceBuffer fn = random_buffer(size_t(kSiteRows * flat), 2.0f / std::sqrt(float(flat)), 0.0f, rng, "fn");
   const DeviceBuffer base = random_buffer(kSiteRows, 0.5f, 0.0f, rng, "base");
@@ -286,11 +286,12 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
   workspace.fill_bytes(0);
   const char* const names[tr::kPhases] = {"top",        "tile landed", "projected", "published",
                                           "pre stored", "pre ready",   "collapsed", "summed"};
-  const auto trace = [&](auto head_constant) {
+  const auto trace = [&](auto head_constant, auto slice_dims_constant) {
     constexpr bool head = decltype(head_constant)::value;
+    constexpr int slice_dims = decltype(slice_dims_constant)::value;
     // The launch as the library sizes it: the instance's shape and lags, its grid from size_projection_grid.
-    using Shape = mhc::ProjectionShape<head, false, 64>;
-    const auto kernel = mhc::hc_projection_kernel_traced<head, false, 64>;
+    using Shape = mhc::ProjectionShape<head, false, slice_dims>;
+    const auto kernel = mhc::hc_projection_kernel_traced<head, false, slice_dims>;
     const int threads = Shape::kThreads, smem = Shape::kSmemBytes;
     const int collapse_lag = Shape::kCollapseLag, sum_lag = Shape::kSumLag;
     mhc::ProjectionArgs args{};
@@ -373,10 +374,10 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
       if (v.empty()) return 0.0;
       return 100.0 * double(std::count_if(v.begin(), v.end(), [](double x) { return x < 0; })) / double(v.size());
     };
-    std::printf("trace: V4-Flash %s T=%lld (persistent kernel, %d slices × %d groups, %d tiles, lags %d / %d), %d "
-                "launches\n",
-                head ? "hc_head" : "hc_pre", (long long)tokens, slices, args.groups, tiles, sum_lag, collapse_lag,
-                runs);
+    std::printf("trace: V4-Flash %s T=%lld (persistent kernel, %d slices of %d dims × %d groups, %d tiles, lags %d "
+                "/ %d), %d launches\n",
+                head ? "hc_head" : "hc_pre", (long long)tokens, slices, slice_dims, args.groups, tiles, sum_lag,
+                collapse_lag, runs);
     std::printf("| phase (CTA thread 0, steady state) | cycles p10 | median | p90 |\n|---|---|---|---|\n");
     for (int p = 1; p <= tr::kPhases; ++p)
       std::printf("| %s%s | %.0f | %.0f | %.0f |\n", p == tr::kPhases ? "iteration period" : names[p],
@@ -392,8 +393,14 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
                 "(their words not counted as stale words), X tiles not landed %.1f (of %d CTA-tiles)\n",
                 slow_total[0] / runs, slow_total[1] / runs, slow_total[2] / runs, tiles * slices);
   };
-  trace(std::false_type{});
-  trace(std::true_type{});
+  for (const bool head : {false, true}) {
+    using Wide = std::integral_constant<int, 128>;
+    using Default = std::integral_constant<int, 64>;
+    if (head)
+      config.slice_dims == 128 ? trace(std::true_type{}, Wide{}) : trace(std::true_type{}, Default{});
+    else
+      config.slice_dims == 128 ? trace(std::false_type{}, Wide{}) : trace(std::false_type{}, Default{});
+  }
 }
 
 // --trace: V4-Flash, one token, hc_pre + norm and hc_post_pre + norm on the traced single-cluster kernel, `runs` launches

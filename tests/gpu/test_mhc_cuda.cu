@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -488,6 +489,26 @@ TEST(MhcGpu, HcHeadMatchesCpu) {
     for (const int64_t T : kTokenCounts)
       for (const bool round : {false, true})
         check_hc_head(T, d, round, kernels_for(T), seed++);
+}
+
+// GPU round s24-1's A/B switch DSV4_MHC_WIDE_SLICES: hc_pre and hc_head on 128-dim slices (one CTA of 512 threads per
+// SM) wherever the launcher takes 64, at every width (96: one partial slice; 260: a 4-dim last slice) at 1000 tokens
+// (more tiles per CTA than pipeline stages) and V4-Flash's and V4-Pro's at 64 tokens too (four tiles: a CTA each).
+TEST(MhcGpu, WideSlicesMatchCpu) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  setenv("DSV4_MHC_WIDE_SLICES", "1", 1);
+  uint32_t seed = 2100;
+  for (const int64_t d : kHiddenSizes)
+    for (const int64_t T : {int64_t(64), int64_t(1000)}) {
+      if (T == 64 && d < 4096) continue;
+      SCOPED_TRACE("wide slices T=" + std::to_string(T) + " d=" + std::to_string(d));
+      ASSERT_EQ(choose_hc_projection_config(T, d, list_devices().front().multiprocessors).slice_dims, 128);
+      for (const bool round : {false, true}) {
+        check_hc_pre(T, d, round, {HcKernelChoice::PERSISTENT}, seed++);
+        check_hc_head(T, d, round, {HcKernelChoice::PERSISTENT}, seed++);
+      }
+    }
+  unsetenv("DSV4_MHC_WIDE_SLICES");
 }
 
 TEST(MhcGpu, HcPostMatchesCpuInPlaceAndOutOfPlace) {

@@ -1,6 +1,7 @@
 #include "backends/cuda/kernels/mhc.hpp"
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -48,8 +49,11 @@ void check_shape(const char* op, int64_t tokens, int64_t hidden, int streams) {
 // 64-dim slices (fewer partial sums to reduce, fn held by fewer CTAs) when they still give about every SM a CTA.
 // Two 64-dim CTAs per SM overlap each other's per-tile chains; one 128-dim CTA (512 threads, an SM to itself) was
 // slower up to 256 tokens (H200, V4-Flash hc_pre at 64 tokens: 20.0 vs 14.2 µs) and 6 % faster at 4096.
-int choose_slice_dims(int64_t token_tiles, int64_t hidden, int multiprocessors) {
-  return ceil_div(hidden, 64) * token_tiles * 4 >= int64_t(multiprocessors) * 3 ? 64 : 32;
+// A/B switch for GPU round s24-1 only (`wide`: DSV4_MHC_WIDE_SLICES set, hc_pre and hc_head): 128-dim slices where
+// 64 would be taken.
+int choose_slice_dims(int64_t token_tiles, int64_t hidden, int multiprocessors, bool wide = false) {
+  if (ceil_div(hidden, 64) * token_tiles * 4 < int64_t(multiprocessors) * 3) return 32;
+  return wide ? 128 : 64;
 }
 
 // Slice clusters of the cluster decode kernel (64-dim slices, kClusterCtas per cluster).
@@ -157,6 +161,8 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
       return launch_projection<false, true, 64, mhc::ProjectionVariant::kRoles>(args, multiprocessors, stream, op);
     }
   }
+  if constexpr (!kPost)
+    if (config.slice_dims == 128) return launch_projection<kHead, false, 128>(args, multiprocessors, stream, op);
   if (config.slice_dims == 64) return launch_projection<kHead, kPost, 64>(args, multiprocessors, stream, op);
   launch_projection<kHead, kPost, 32>(args, multiprocessors, stream, op);
 }
@@ -362,7 +368,8 @@ HcProjectionConfig choose_hc_projection_config(int64_t tokens, int64_t hidden, i
   HcProjectionConfig config;
   config.token_tile = mhc::kTileTokens;
   config.token_tiles = ceil_div(tokens, mhc::kTileTokens);
-  config.slice_dims = choose_slice_dims(std::max<int64_t>(config.token_tiles, 1), hidden, multiprocessors);
+  config.slice_dims = choose_slice_dims(std::max<int64_t>(config.token_tiles, 1), hidden, multiprocessors,
+                                       !post_pre && std::getenv("DSV4_MHC_WIDE_SLICES") != nullptr);
   config.slices = ceil_div(hidden, config.slice_dims);
   config.threads = mhc::projection_threads(config.slice_dims);
   config.stages = mhc::projection_stages(config.slice_dims, mhc::kPartialRows<false>, post_pre);

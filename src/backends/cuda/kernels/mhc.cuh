@@ -785,7 +785,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   static_assert(kVariant == ProjectionVariant::kShared || kSliceDims == 64, "one CTA per SM runs 64-dim slices");
   static_assert(kVariant == ProjectionVariant::kShared || kPost, "the warp-specialised variant runs hc_post_pre");
   static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
-  static_assert(kSliceDims == 32 || kSliceDims == 64, "a warp covers 32 columns of one stream");
+  static_assert(kSliceDims == 32 || kSliceDims == 64 || (kSliceDims == 128 && !kPost && !kRoles),
+                "a warp covers 32 columns of one stream; 128-dim slices (one CTA per SM) for hc_pre and hc_head");
   static_assert(kThreads == kTileTokens * kVectorsPerRow, "the update and the collapse give each thread one vector");
 
   extern __shared__ float4 dynamic_smem[];
