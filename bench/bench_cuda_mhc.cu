@@ -706,6 +706,38 @@ int main(int argc, char** argv) {
         };
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
+        // Round s24-1 A/B where the default takes the persistent kernel on 64-dim slices: `body` (the default) on
+        // 128-dim slices (DSV4_MHC_WIDE_SLICES), then the default once more; and how far the two's outputs of set 0
+        // lie apart (another summation order, so other bits).
+        const bool wide_sized = choose_hc_projection_config(T, d, device.multiprocessors).slice_dims == 64;
+        const auto wide_rows = [&](const char* op, int64_t cluster_max_tokens, const auto& body, double bytes) {
+          const std::string wide_name = std::string(op) + " (DSV4_MHC_WIDE_SLICES=1)";
+          if (!wide_sized || T <= cluster_max_tokens || !only.selects(wide_name)) return;
+          setenv("DSV4_MHC_WIDE_SLICES", "1", 1);
+          record(wide_name.c_str(), body, bytes, 0.0);
+          unsetenv("DSV4_MHC_WIDE_SLICES");
+          record((std::string(op) + " (default again)").c_str(), body, bytes, 0.0);
+          const auto output_of = [&](bool wide) {
+            if (wide) setenv("DSV4_MHC_WIDE_SLICES", "1", 1);
+            body(0);
+            DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+            unsetenv("DSV4_MHC_WIDE_SLICES");
+            std::vector<float> y(size_t(T * d));
+            set(0).y.download(y.data(), y.size() * sizeof(float));
+            return y;
+          };
+          const std::vector<float> default_y = output_of(false), wide_y = output_of(true);
+          double largest = 0, difference = 0;
+          for (size_t e = 0; e < default_y.size(); ++e) {
+            largest = std::max(largest, double(std::fabs(default_y[e])));
+            difference = std::max(difference, double(std::fabs(default_y[e] - wide_y[e])));
+          }
+          std::printf("%s T=%lld: %s output with DSV4_MHC_WIDE_SLICES against the default's: %s, max |difference| "
+                      "%.3g (max |value| %.3g)\n",
+                      model, (long long)T, op, default_y == wide_y ? "byte-identical" : "other bits", difference,
+                      largest);
+        };
+        wide_rows("hc_pre", kAutoClusterPerTileMaxTokens, hc_pre, pre_bytes);
         const bool tile_clusters_sized = !decode_sized && T <= 1024;
         if (tile_clusters_sized) {
           record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
@@ -842,6 +874,7 @@ int main(int argc, char** argv) {
         };
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
                time_ms(stream, iterations, head_baseline));
+        wide_rows("hc_head", kAutoClusterPerTileMaxHeadTokens, hc_head, x_bytes + double(kN * flat) * 4 + td_bytes);
         if (tile_clusters_sized) {
           const auto persistent_norm = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT, true); };
           const auto default_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };
