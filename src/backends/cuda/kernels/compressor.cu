@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <bit>
+#include <cstdlib>
+#include <cstring>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/compressor.cuh"
@@ -161,6 +163,15 @@ const char* lean_refusal(const CompressorParams& p) {
 }
 
 
+// Round s24 A/B switch: DSV4_COMPRESSOR_TICKETS_FIRST=0 pools the entries in row order (compressor::entry_row_at).
+bool ticket_entries_first() {
+  static const bool on = [] {
+    const char* v = std::getenv("DSV4_COMPRESSOR_TICKETS_FIRST");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
 // One pool's launch shape: the entries' split over CTAs and the CTA's thread layout for the launch's slot loads (lean:
 // the staged path's slot-group order of visits, which fixes its summation order, and teams of c / 4 threads).
 compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads loads) {
@@ -240,7 +251,8 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .lean_teams = lean_teams,
                               .rows = entries,
                               .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1)),
-                              .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2};
+                              .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2,
+                              .ticket_entries_first = ticket_entries_first()};
 }
 
 // A launch of the pools (and the indexer's query preparation when `prepare` is given, checked by the caller): its

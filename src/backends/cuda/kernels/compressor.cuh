@@ -135,6 +135,8 @@ struct PoolArgs {
   FastDivisor team_div;
   // Lean CSA windows of ratio 4 wholly in the run take straight-line loads (load_csa_window).
   bool lean_csa_windows;
+  // A run's last entry row pooled first (entry_row_at). Round s24 A/B switch (DSV4_COMPRESSOR_TICKETS_FIRST=0: off).
+  bool ticket_entries_first;
 };
 
 struct LaunchArgs {
@@ -292,11 +294,15 @@ struct OnlineSoftmax {
 // leaves it as skipping the group did (the sums are never −0), so every group's loads and expf issue together (with
 // the branch each group's chain of loads, expf and sums waited for the previous one's: GPU round s21-2, H200, a
 // completing decode step of the CSA pair 6.29 -> 6.08 µs, of HCA 9.65 -> 9.04; the same bits).
+// Unrolled by two, not by the compiler's choice: a CTA merges once, from cold instruction cache (the default
+// unrolling made the staged kernel's merge 25 KB of code, ≈ 1,380 of its 12,120 instructions).
 template <class Part>
 __device__ __forceinline__ float merge_partials(int groups, Part part) {
   float m = kNegativeInfinity;
+#pragma unroll 2
   for (int g = 0; g < groups; ++g) m = fmaxf(m, part(g).max);
   float den = 0.0f, num = 0.0f;
+#pragma unroll 2
   for (int g = 0; g < groups; ++g) {
     const OnlineSoftmax p = part(g);
     const float scale = expf(p.max - m);
@@ -626,9 +632,21 @@ struct ItemPlace {
   bool real;
 };
 
+// The entry row of the launch's `position`-th entry (positions [run][k]). With ticket_entries_first a run's last entry
+// row comes first, then its rows in order: the run's ticket-taking entries (its last row, and the first one or two,
+// whose windows reach before the run) are in the launch's first wave, so the state update by the last of them overlaps
+// the in-run entries' CTAs instead of ending the launch (GPU round s23-1's trace, H200, 4096-token CSA pair: the
+// updating CTA started last, at 14.2 µs, and spent 6 µs in the update after its entry).
+__device__ __forceinline__ int entry_row_at(const PoolArgs& a, int position) {
+  if (!a.ticket_entries_first) return position;
+  const int run = int(a.entries_div.div(uint32_t(position))), per_run = int(a.entries_div.divisor);
+  const int k = position - run * per_run;
+  return run * per_run + (k == 0 ? per_run - 1 : k - 1);
+}
+
 __device__ __forceinline__ ItemPlace item_place(const PoolArgs& a, int64_t local) {
   const bool real = local < a.ctas;
-  const int entry_row = real ? int(a.cluster_div.div(uint32_t(local))) : 0;
+  const int entry_row = real ? entry_row_at(a, int(a.cluster_div.div(uint32_t(local)))) : 0;
   return {entry_row, int(a.cluster_div.mod(uint32_t(local))), int(a.entries_div.div(uint32_t(entry_row))), real};
 }
 
@@ -1023,8 +1041,9 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
   const int team = int(a.team_div.div(threadIdx.x)), thread = int(threadIdx.x) - team * team_threads;
   const int channel = 4 * thread, lane = int(threadIdx.x) & 31;
   const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
-  const int64_t row = local * a.lean_teams + team;
-  const bool real = row < a.rows;
+  const int64_t position = local * a.lean_teams + team;
+  const bool real = position < a.rows;
+  const int64_t row = real ? entry_row_at(a, int(position)) : position;
   const int run_index = real ? int(a.entries_div.div(uint32_t(row))) : 0;
 
   // What depends on no earlier kernel loads while it drains: the norm weights and RoPE frequencies.
