@@ -30,6 +30,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <random>
 #include <string>
 #include <string_view>
@@ -706,38 +707,46 @@ int main(int argc, char** argv) {
         };
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
-        // Round s24-1 A/B where the default takes the persistent kernel on 64-dim slices: `body` (the default) on
-        // 128-dim slices (DSV4_MHC_WIDE_SLICES), then the default once more; and how far the two's outputs of set 0
-        // lie apart (another summation order, so other bits).
+        // Round s24-1 A/B where the default takes the persistent kernel on 64-dim slices: `body` (the default) with
+        // each of `variants` (space-separated switches: DSV4_MHC_WIDE_SLICES, 128-dim slices; DSV4_MHC_SPLIT_POST_PRE,
+        // hc_post_pre as hc_post then hc_pre), then the default once more. `compare`: how far the outputs (y) of set 0
+        // with the first variant lie from the default's (another summation order, so other bits).
         const bool wide_sized = choose_hc_projection_config(T, d, device.multiprocessors).slice_dims == 64;
-        const auto wide_rows = [&](const char* op, int64_t cluster_max_tokens, const auto& body, double bytes) {
-          const std::string wide_name = std::string(op) + " (DSV4_MHC_WIDE_SLICES=1)";
-          if (!wide_sized || T <= cluster_max_tokens || !only.selects(wide_name)) return;
-          setenv("DSV4_MHC_WIDE_SLICES", "1", 1);
-          record(wide_name.c_str(), body, bytes, 0.0);
-          unsetenv("DSV4_MHC_WIDE_SLICES");
+        const auto set_switches = [](std::string_view variant) {
+          for (const char* name : {"DSV4_MHC_WIDE_SLICES", "DSV4_MHC_SPLIT_POST_PRE"})
+            variant.find(name) != std::string_view::npos ? setenv(name, "1", 1) : unsetenv(name);
+        };
+        const auto switch_rows = [&](const char* op, int64_t default_min_tokens, const auto& body, double bytes,
+                                     std::initializer_list<const char*> variants, bool compare) {
+          if (!wide_sized || T < default_min_tokens) return;
+          for (const char* variant : variants) {
+            set_switches(variant);
+            record((std::string(op) + " (" + variant + ")").c_str(), body, bytes, 0.0);
+          }
+          set_switches("");
           record((std::string(op) + " (default again)").c_str(), body, bytes, 0.0);
-          const auto output_of = [&](bool wide) {
-            if (wide) setenv("DSV4_MHC_WIDE_SLICES", "1", 1);
+          if (!compare || !only.selects(op)) return;
+          const auto output_of = [&](std::string_view variant) {
+            set_switches(variant);
             body(0);
             DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-            unsetenv("DSV4_MHC_WIDE_SLICES");
+            set_switches("");
             std::vector<float> y(size_t(T * d));
             set(0).y.download(y.data(), y.size() * sizeof(float));
             return y;
           };
-          const std::vector<float> default_y = output_of(false), wide_y = output_of(true);
+          const std::vector<float> default_y = output_of(""), switched_y = output_of(*variants.begin());
           double largest = 0, difference = 0;
           for (size_t e = 0; e < default_y.size(); ++e) {
             largest = std::max(largest, double(std::fabs(default_y[e])));
-            difference = std::max(difference, double(std::fabs(default_y[e] - wide_y[e])));
+            difference = std::max(difference, double(std::fabs(default_y[e] - switched_y[e])));
           }
-          std::printf("%s T=%lld: %s output with DSV4_MHC_WIDE_SLICES against the default's: %s, max |difference| "
-                      "%.3g (max |value| %.3g)\n",
-                      model, (long long)T, op, default_y == wide_y ? "byte-identical" : "other bits", difference,
-                      largest);
+          std::printf("%s T=%lld: %s output with %s against the default's: %s, max |difference| %.3g (max |value| "
+                      "%.3g)\n",
+                      model, (long long)T, op, *variants.begin(),
+                      default_y == switched_y ? "byte-identical" : "other bits", difference, largest);
         };
-        wide_rows("hc_pre", kAutoClusterPerTileMaxTokens, hc_pre, pre_bytes);
+        switch_rows("hc_pre", kAutoClusterPerTileMaxTokens + 1, hc_pre, pre_bytes, {"DSV4_MHC_WIDE_SLICES=1"}, true);
         const bool tile_clusters_sized = !decode_sized && T <= 1024;
         if (tile_clusters_sized) {
           record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
@@ -816,6 +825,8 @@ int main(int argc, char** argv) {
         const double mix_bytes = double(T * (kN + kN * kN)) * 4;
         const double post_pre_bytes = td_bytes + 2 * x_bytes + double(kSiteRows * flat) * 4 + td_bytes + 2 * mix_bytes;
         record("hc_post_pre (in place)", hc_post_pre, post_pre_bytes, time_ms(stream, iterations, hc_post_then_pre));
+        switch_rows("hc_post_pre (in place)", kAutoWarpSpecializedPostPreMinTokens, hc_post_pre, post_pre_bytes,
+                    {"DSV4_MHC_SPLIT_POST_PRE=1", "DSV4_MHC_SPLIT_POST_PRE=1 DSV4_MHC_WIDE_SLICES=1"}, false);
         const auto roles_post_pre = [&](int i) {
           run_post_pre(set(i), HcKernelChoice::PERSISTENT_WARP_SPECIALIZED, false);
         };
@@ -874,7 +885,8 @@ int main(int argc, char** argv) {
         };
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
                time_ms(stream, iterations, head_baseline));
-        wide_rows("hc_head", kAutoClusterPerTileMaxHeadTokens, hc_head, x_bytes + double(kN * flat) * 4 + td_bytes);
+        switch_rows("hc_head", kAutoClusterPerTileMaxHeadTokens + 1, hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
+                    {"DSV4_MHC_WIDE_SLICES=1"}, true);
         if (tile_clusters_sized) {
           const auto persistent_norm = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT, true); };
           const auto default_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };

@@ -502,8 +502,11 @@ void run_hc_post_pre(const HcPostPreParams& params) {
   check_hc_post_pre_params(params);
   if (params.tokens == 0) return;
   HcPostPreParams p = params;
+  // A/B switch for GPU round s24-1 only: DSV4_MHC_SPLIT_POST_PRE set, AUTO runs these launches as hc_post, then hc_pre
+  // on the persistent kernel (on 128-dim slices where DSV4_MHC_WIDE_SLICES is set too).
   if (p.kernel == HcKernelChoice::AUTO && p.tokens >= kAutoWarpSpecializedPostPreMinTokens)
-    p.kernel = HcKernelChoice::PERSISTENT_WARP_SPECIALIZED;
+    p.kernel = std::getenv("DSV4_MHC_SPLIT_POST_PRE") != nullptr ? HcKernelChoice::PERSISTENT
+                                                                  : HcKernelChoice::PERSISTENT_WARP_SPECIALIZED;
   // The warp-specialised variant fuses at every token count.
   if (p.tokens > kFusedPostPreMaxTokens && !warp_specialized_serves(p.kernel, p.hidden, current_multiprocessors())) {
     run_hc_post({.out = p.out, .X = p.X, .post = p.post, .comb = p.comb, .tokens = p.tokens, .hidden = p.hidden,
