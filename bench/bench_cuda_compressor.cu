@@ -10,7 +10,8 @@
 // - baseline = one CTA per entry, one thread per channel, two passes over the window's rows (max, then the weighted
 //   sums), RMSNorm and RoPE: the same entries pooled from the projection rows alone (no state, no stored rounding);
 //   "-" where a step completes no entry;
-// - diagnostic rows: the decode steps that complete windows with an entry's split over CTAs forced (1 to 8);
+// - diagnostic rows: the decode steps that complete windows (and HCA's prefill chunk) with an entry's split over CTAs
+//   forced (1 to 8);
 // - the indexer compressor's decode steps storing per-slot keys as the model does: fp8 codes + scale against bf16;
 // - the decode steps with the runs loaded before the kernel's wait (runs_ready_at_launch) against the same steps;
 // - every step with the RoPE factors read from a per-position table (rope_table) against the default (frequencies and
@@ -385,7 +386,10 @@ void bench_compressor(Compressor& k, double copy_gbps, OnlySelection& only, cuda
 void bench_splits(Compressor& k, double copy_gbps, OnlySelection& only, cudaStream_t stream,
                   std::vector<Row>& rows) {
   if (k.rounding == CompressorStoredRounding::IndexerFp4) return;  // no split with the indexer rounding
-  for (const Step& s : {kSteps[1], kSteps[2]})
+  // HCA's prefill chunk too (32 entries of 128 slots: the default splits them 8 ways, 256 CTAs).
+  const std::vector<Step> steps =
+      k.overlapping ? std::vector<Step>{kSteps[1], kSteps[2]} : std::vector<Step>{kSteps[1], kSteps[2], kSteps[3]};
+  for (const Step& s : steps)
     for (const int ctas : {1, 2, 4, 8}) {
       const std::string variant = std::string(s.variant) + ", " + std::to_string(ctas) + " CTAs per entry";
       if (k.c % (64 * ctas) != 0 || !selected(only, std::string("compressor ") + k.name, variant)) continue;
