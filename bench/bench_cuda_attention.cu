@@ -24,7 +24,8 @@
 // empty kernel on the same grid in its clusters, without clusters and as one CTA per (query, head group) (a call's
 // launch floor in each shape). The decode cases' set-up is make_decode_step (tests/support/sparse_attention_cases.hpp).
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
-//                             [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace]
+//                             [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab factors]
+//                             [--flush memset|read] [--out f32|bf16]
 //   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
 //   flash:swa:1,pro:csa:1:65536; flash:csa:256:65536 for one case under a profiler; a prefix that selects no case
 //   fails the run) and no prefill; --prefill-only
@@ -36,7 +37,11 @@
 //   batch 128). --mma-rates times the head_dim 512 kernel's tensor-core work per tile
 //   alone (mma_rate_kernel) against a tile's flops at the same-run cuBLAS rate and at the nominal peak, nothing else.
 //   --trace times one cold traced call of each selected decode case on the head_dim 512 kernel (bf16 entries) and
-//   prints its CTAs' phases per wave (run_trace_case); no prefill.
+//   prints its CTAs' phases per wave with the floors of its tile pace and tail (run_trace_case); no prefill. --ab
+//   factors times each selected decode case with the round's merge variant old / new (run_ab_case; no prefill).
+//   --flush memset|read: how L2 is flushed before each timed decode call (memset, the default: a memset of a 256 MB
+//   buffer, which leaves L2 full of dirty lines; read: a read sweep of it, clean lines). --out f32|bf16: the output
+//   type of --trace and --ab's calls (f32 by default; the model's decode writes bf16).
 //   Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -136,6 +141,57 @@ __global__ void __launch_bounds__(kBaselineThreads) baseline_attention(const __g
 
 // Nothing: timed with the head-split call's grid, block and cluster shape, the floor of a call's launch and completion.
 __global__ void empty_kernel(int) {}
+
+// --flush read: every thread reads 16-byte vectors of the flush buffer, grid-stride; the never-true store keeps the
+// loads.
+__global__ void l2_read_sweep(const uint4* data, size_t vectors, uint32_t* sink) {
+  uint32_t x = 0;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < vectors; i += size_t(gridDim.x) * blockDim.x) {
+    const uint4 v = data[i];
+    x ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (x == 0x9E3779B9u) *sink = x;
+}
+
+// What each timed decode call finds in L2: the flush buffer's 256 MB written by a memset (the session-start bench: L2
+// is left full of dirty lines, which the call's own misses then write back to DRAM beside its reads and stores), read
+// by l2_read_sweep (L2 full of clean lines, as behind the model's weight-reading kernels), or nothing (--warm).
+enum class FlushMode { Memset, Read };
+
+struct L2Flush {
+  void* data = nullptr;
+  size_t bytes = 0;  // 0: no flush (--warm)
+  FlushMode mode = FlushMode::Memset;
+  uint32_t* sink = nullptr;
+  int sms = 0;
+
+  void run(int i) const {
+    if (bytes == 0) return;
+    if (mode == FlushMode::Memset) {
+      DSV4_CUDA_CHECK(cudaMemsetAsync(data, i & 0xFF, bytes));
+    } else {
+      l2_read_sweep<<<unsigned(8 * sms), 256>>>(static_cast<const uint4*>(data), bytes / 16, sink);
+      DSV4_CUDA_CHECK_LAUNCH("L2 read sweep");
+    }
+  }
+};
+
+const char* to_string(FlushMode mode) { return mode == FlushMode::Memset ? "memset" : "read"; }
+
+// median_ms (support/l2_flushed_timing.hpp) with the flush of `flush`: the median of `iterations` calls of `body`,
+// each after a flush, one untimed call first.
+template <class Body>
+double cold_ms(int iterations, const L2Flush& flush, Body&& body) {
+  StreamTimer timer;
+  body();  // warm-up
+  std::vector<float> times;
+  for (int i = 0; i < iterations; ++i) {
+    flush.run(i);
+    times.push_back(timer.elapsed_ms(nullptr, body));
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
 
 // --mma-rates: the tensor-core work of one 32-entry tile of the head_dim 512 kernel's consumers, alone: a CTA per SM,
 // two warpgroups (the consumers, dims [256c, 256c + 256) each) issuing from shared memory laid out as the kernel's Q
@@ -241,9 +297,10 @@ std::vector<float> read_entry(const KvCacheView& view, const std::vector<int32_t
   return values;
 }
 
-// Worst error of the device output `out` [T, H, D] (fp32) against cpu::sparse_attention on the queries `sample`,
-// each (query, head) over its largest |expected| (the kernel rounds q, P to bf16: errors ≈ 2^-8 of that). The call's
-// index lists are host copies; compressed counts are not used by the decode cases.
+// Worst error of the device output `out` [T, H, D] (p.out_dtype) against cpu::sparse_attention on the queries
+// `sample`, each (query, head) over its largest |expected| (the kernel rounds q, P to bf16: errors ≈ 2^-8 of that;
+// a bf16 output adds its rounding, 2^-9). The call's index lists are host copies; compressed counts are not used by
+// the decode cases.
 double cpu_check(const SparseAttentionParams& p, const std::vector<int32_t>& window_index,
                  const std::vector<int32_t>& compressed_index, const std::vector<float>& q,
                  const std::vector<float>& sink, const std::vector<int64_t>& positions, const DeviceBuffer& out,
@@ -286,8 +343,15 @@ double cpu_check(const SparseAttentionParams& p, const std::vector<int32_t>& win
     inputs.positions = &positions[size_t(t)];
     inputs.rope = &decode_rope_table();
     cpu::sparse_attention(inputs, {1, H, D, p.softmax_scale, W, C}, want.data());
-    DSV4_CUDA_CHECK(cudaMemcpy(got.data(), static_cast<const float*>(out.data()) + size_t(t) * H * D,
-                               got.size() * 4, cudaMemcpyDeviceToHost));
+    if (p.out_dtype == AttentionDtype::Bf16) {
+      std::vector<uint16_t> bits(got.size());
+      DSV4_CUDA_CHECK(cudaMemcpy(bits.data(), static_cast<const uint16_t*>(out.data()) + size_t(t) * H * D,
+                                 bits.size() * 2, cudaMemcpyDeviceToHost));
+      for (size_t i = 0; i < bits.size(); ++i) got[i] = bf16_to_float(bits[i]);
+    } else {
+      DSV4_CUDA_CHECK(cudaMemcpy(got.data(), static_cast<const float*>(out.data()) + size_t(t) * H * D,
+                                 got.size() * 4, cudaMemcpyDeviceToHost));
+    }
     for (int h = 0; h < H; ++h) {
       double largest = 1e-6, error = 0;
       for (int d = 0; d < D; ++d) {
@@ -335,8 +399,7 @@ struct Result {
 // The same call on a copy of the cache with 1-entry pages, which run_sparse_attention serves with its mma.sync
 // kernel (the wgmma kernel's 16-aligned entry spans need pages of ≥ 2 entries): the previous kernel, same run.
 // Its entries hold uniform bytes (only its time is compared); logical rows and indices are unchanged.
-double mma_sync_kernel_ms(const SparseAttentionParams& p, const KvCacheConfig& config, void* flush,
-                          size_t flush_bytes) {
+double mma_sync_kernel_ms(const SparseAttentionParams& p, const KvCacheConfig& config, const L2Flush& flush) {
   KvCacheConfig one = config;
   one.page_rows = 1;
   one.pages = config.pages * config.page_rows;
@@ -352,7 +415,7 @@ double mma_sync_kernel_ms(const SparseAttentionParams& p, const KvCacheConfig& c
   SparseAttentionParams q = p;
   q.cache = cache.view();
   q.out = out.data();
-  const double ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(q); });
+  const double ms = cold_ms(10, flush, [&] { run_sparse_attention(q); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   return ms;
 }
@@ -365,7 +428,7 @@ DeviceBuffer bf16_q_to_device(const std::vector<float>& q) {
 }
 
 Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch, int64_t context,
-                double copy_gbps, double cublas_tflops, int sms, void* flush, size_t flush_bytes, bool sweep,
+                double copy_gbps, double cublas_tflops, int sms, const L2Flush& flush, bool sweep,
                 std::mt19937& rng) {
   const std::unique_ptr<SparseAttentionDecodeStep> step = make_decode_step(format, heads, kind, batch, context, rng);
   const KvCache& cache = *step->cache;
@@ -402,14 +465,14 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   SparseAttentionParams cluster = p;
   cluster.cluster_merge = true;
   cluster.splits = cluster_splits;
-  const double cluster_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(cluster); });
+  const double cluster_ms = cold_ms(20, flush, [&] { run_sparse_attention(cluster); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   const double cluster_cpu_error = cpu_check(cluster, window_index, compressed_index, q, sink, positions, out, sample);
   // The same call with q in bf16 (cpu_check rounds q to bf16 as the kernel does, so the expected output is the same).
   SparseAttentionParams bf16_partials = cluster;
   bf16_partials.cluster_merge_bf16_partials = true;
   out.fill_bytes(0xFF);
-  const double bf16_partials_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(bf16_partials); });
+  const double bf16_partials_ms = cold_ms(20, flush, [&] { run_sparse_attention(bf16_partials); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   const double bf16_partials_cpu_error =
       cpu_check(bf16_partials, window_index, compressed_index, q, sink, positions, out, sample);
@@ -417,7 +480,7 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   bf16_q.q = step->d_q_bf16.data();
   bf16_q.q_dtype = AttentionDtype::Bf16;
   out.fill_bytes(0xFF);
-  const double bf16_q_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(bf16_q); });
+  const double bf16_q_ms = cold_ms(20, flush, [&] { run_sparse_attention(bf16_q); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   const double bf16_q_cpu_error = cpu_check(bf16_q, window_index, compressed_index, q, sink, positions, out, sample);
   SparseAttentionParams head_split = bf16_q;
@@ -440,7 +503,7 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
                                             dim3(groups)};
     const dim3 clusters[kLaunchFloorShapes] = {dim3(splits_per_group, 1, 1), dim3(1, 1, 1), dim3(1, 1, 1)};
     for (int shape = 0; shape < kLaunchFloorShapes; ++shape) {
-      launch_floor_ms[shape] = median_ms(20, flush, flush_bytes, [&] {
+      launch_floor_ms[shape] = cold_ms(20, flush, [&] {
         launch_chained(empty_kernel, grids[shape], dim3(256), 0, nullptr, clusters[shape], "empty kernel", 0);
       });
       launch_floor_graph_us[shape] = graph_replay_us(graph_stream, capture_calls(graph_stream, kGraphCalls, [&](
@@ -449,14 +512,14 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
       }), kGraphCalls);
     }
     out.fill_bytes(0xFF);
-    head_split_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(head_split); });
+    head_split_ms = cold_ms(20, flush, [&] { run_sparse_attention(head_split); });
     DSV4_CUDA_CHECK(cudaDeviceSynchronize());
     head_split_cpu_error = cpu_check(head_split, window_index, compressed_index, q, sink, positions, out, sample);
     for (int tiles = 1; tiles <= kSparseAttentionHeadSplitMaxTiles; ++tiles) {
       SparseAttentionParams h = head_split;
       h.head_split_tiles = tiles;
       if (sparse_attention_head_split_splits(h) > 0) {
-        head_split_tiles_us[tiles] = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(h); });
+        head_split_tiles_us[tiles] = 1e3 * cold_ms(20, flush, [&] { run_sparse_attention(h); });
         head_split_graph_us[tiles] = graph_replay_us(graph_stream, capture_calls(graph_stream, kGraphCalls, [&](
             cudaStream_t stream) {
           SparseAttentionParams call = h;
@@ -479,14 +542,14 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
       SparseAttentionParams a = cluster, c = p;
       a.splits = c.splits = s;
       const double a_us =
-          s <= largest ? 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(a); }) : 0.0;
-      const double c_us = 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(c); });
+          s <= largest ? 1e3 * cold_ms(10, flush, [&] { run_sparse_attention(a); }) : 0.0;
+      const double c_us = 1e3 * cold_ms(10, flush, [&] { run_sparse_attention(c); });
       std::printf("  %6d %10.1f %10.1f\n", s, a_us, c_us);
     }
     DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   }
   out.fill_bytes(0xFF);
-  const double ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(p); });
+  const double ms = cold_ms(20, flush, [&] { run_sparse_attention(p); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   const double cpu_error = cpu_check(p, window_index, compressed_index, q, sink, positions, out, sample);
 
@@ -513,17 +576,17 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
     bounded.splits = bounded_splits;
     bounded.workspace = bounded_workspace.data();
     bounded.workspace_bytes = bounded_workspace.bytes();
-    bounded_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(bounded); });
+    bounded_ms = cold_ms(20, flush, [&] { run_sparse_attention(bounded); });
     DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   }
   const double cache_bytes = double(cache.config().pages) * kPageRows * view.layout.entry_bytes;
   // Only fp8 entries fall back to the mma.sync kernel on 1-entry pages (bf16 entries are 16-byte aligned on any page).
   const double mma_sync_ms = format == KvEntryFormat::Fp8Reference && cache_bytes <= double(size_t(4) << 30)
-                                 ? mma_sync_kernel_ms(p, cache.config(), flush, flush_bytes)
+                                 ? mma_sync_kernel_ms(p, cache.config(), flush)
                                  : 0.0;
   SparseAttentionParams b = p;
   b.out = baseline_out.data();
-  const double baseline_ms = median_ms(batch >= 64 ? 3 : 5, flush, flush_bytes, [&] {
+  const double baseline_ms = cold_ms(batch >= 64 ? 3 : 5, flush, [&] {
     baseline_attention<<<unsigned(batch * heads), kBaselineThreads>>>(b);
     DSV4_CUDA_CHECK_LAUNCH("baseline attention");
   });
@@ -592,8 +655,8 @@ struct RouteResult {
 };
 
 RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch,
-                           int64_t context, double copy_gbps, double cublas_tflops, int sms, void* flush,
-                           size_t flush_bytes, std::mt19937& rng) {
+                           int64_t context, double copy_gbps, double cublas_tflops, int sms, const L2Flush& flush,
+                           std::mt19937& rng) {
   const std::unique_ptr<SparseAttentionDecodeStep> step = make_decode_step(format, heads, kind, batch, context, rng);
   const size_t out_bytes = size_t(batch) * heads * kHeadDim * 4;
   DeviceBuffer out(out_bytes, "out");
@@ -622,7 +685,7 @@ RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEn
   r.head_split = sparse_attention_head_split_splits(decode) > 0;
   r.splits = r.head_split ? sparse_attention_head_split_splits(decode) : decode.splits;
   out.fill_bytes(0xFF);
-  r.decode_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(decode); });
+  r.decode_us = 1e3 * cold_ms(20, flush, [&] { run_sparse_attention(decode); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   r.decode_cpu_error = check(decode);
   SparseAttentionParams prefill = decode;
@@ -630,7 +693,7 @@ RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEn
   prefill.workspace = nullptr;
   prefill.workspace_bytes = 0;
   out.fill_bytes(0xFF);
-  r.prefill_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill); });
+  r.prefill_us = 1e3 * cold_ms(20, flush, [&] { run_sparse_attention_prefill(prefill); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   r.prefill_cpu_error = check(prefill);
   SparseAttentionParams routed = decode;
@@ -641,10 +704,14 @@ RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEn
 }
 
 // --trace: the route's decode call on the head_dim 512 kernel (bf16 entries, cluster-merged splits as the model
-// chooses them), one cold call (L2 flushed), traced. Each CTA's wave is its rank among the CTAs its SM ran; per wave,
-// the medians over its CTAs of each mark (SparseAttentionTraceMark) in µs from the launch's first CTA start, the
-// median µs per tile between tile 0's and the last tile's arrival, and from the last tile's arrival to the CTA's end.
-void print_trace(const char* label, const std::vector<uint64_t>& trace, int ctas, int tiles) {
+// chooses them, --out's output type), one cold call (--flush), traced. Each CTA's wave is its rank among the CTAs its
+// SM ran; per wave, the medians over its CTAs of each mark (SparseAttentionTraceMark) in µs from the launch's first CTA
+// start (points inside the call, whose time and floor head the rows), the median µs per tile between tile 0's and the
+// last tile's arrival with its floor (a tile's entries for each of the wave's CTAs at the same-run copy rate), and
+// from the last tile's arrival to the CTA's end with its floor (the wave's output bytes at the copy rate; a cluster
+// merge's distributed shared-memory bytes are not in it).
+void print_trace(const char* label, const std::vector<uint64_t>& trace, int ctas, int tiles, double tile_bytes,
+                 double output_bytes_per_cta, double copy_gbps) {
   constexpr int kSlots = kSparseAttentionTraceSlots;
   uint64_t first = ~uint64_t(0);
   for (int c = 0; c < ctas; ++c) first = std::min(first, trace[size_t(c) * kSlots + kD512TraceStart]);
@@ -676,7 +743,7 @@ void print_trace(const char* label, const std::vector<uint64_t>& trace, int ctas
   static_assert(sizeof(kNames) / sizeof(kNames[0]) == kD512TraceSm, "a name per mark");
   std::printf("  %-8s %5s %5s", label, "wave", "ctas");
   for (const char* name : kNames) std::printf(" %7s", name);
-  std::printf(" %8s %8s\n", "us/tile", "N->end");
+  std::printf(" %8s %6s %8s %6s\n", "us/tile", "floor", "N->end", "floor");
   for (size_t w = 0; w < waves.size(); ++w) {
     std::printf("  %-8s %5zu %5zu", label, w, waves[w].size());
     for (int mark = 0; mark < kD512TraceSm; ++mark) {
@@ -695,17 +762,29 @@ void print_trace(const char* label, const std::vector<uint64_t>& trace, int ctas
       if (r[kD512TraceLastTile] != 0 && r[kD512TraceEnd] != 0)
         tail.push_back(double(r[kD512TraceEnd] - r[kD512TraceLastTile]) * 1e-3);
     }
-    std::printf(" %8.3f %8.2f\n", median(per_tile), median(tail));
+    const double wave_ctas = double(waves[w].size());
+    std::printf(" %8.3f %6.3f %8.2f %6.2f\n", median(per_tile), wave_ctas * tile_bytes / (copy_gbps * 1e3),
+                median(tail), wave_ctas * output_bytes_per_cta / (copy_gbps * 1e3));
   }
 }
 
-void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, int64_t context, int sms, void* flush,
-                    size_t flush_bytes, std::mt19937& rng) {
+// The round's A/B variant (--ab, and the --trace rows): d512_consumer_merge_factors, the session start's merge
+// factors formed by the consumers (calls of cluster-merged splits).
+bool ab_serves(const SparseAttentionParams& call) {
+  return sparse_attention_head_split_splits(call) == 0 && !sparse_attention_uses_prefill_kernel(call) &&
+         call.splits > 1 && call.splits <= max_sparse_attention_cluster_splits();
+}
+
+void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, int64_t context, int sms,
+                    double copy_gbps, const L2Flush& flush, AttentionDtype out_dtype, std::mt19937& rng) {
   const std::unique_ptr<SparseAttentionDecodeStep> step =
       make_decode_step(KvEntryFormat::Bf16, heads, kind, batch, context, rng);
-  DeviceBuffer out(size_t(batch) * heads * kHeadDim * 4, "out");
+  const int out_element_bytes = out_dtype == AttentionDtype::F32 ? 4 : 2;
+  const double output_bytes = double(batch) * heads * kHeadDim * out_element_bytes;
+  DeviceBuffer out(size_t(output_bytes), "out");
   SparseAttentionParams call = step->call;
   call.out = out.data();
+  call.out_dtype = out_dtype;
   call.prefill_kernel = false;
   call.head_split = false;
   call.splits =
@@ -714,19 +793,80 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
   const int tiles = (tiles_total + call.splits - 1) / call.splits;
   const int ctas = int(sparse_attention_d512_ctas(call));
   DeviceBuffer d_trace(size_t(ctas) * kSparseAttentionTraceSlots * 8, "trace");
-  std::printf("%s %s batch %d context %lld: %d slots, %d splits, %d tiles per CTA, %d CTAs\n", model,
-              to_string(kind), batch, static_cast<long long>(context), step->slots_per_query(), call.splits, tiles,
-              ctas);
-  run_sparse_attention(call);  // warm-up, untraced
-  call.d512_trace = d_trace.as<uint64_t>();
-  d_trace.fill_bytes(0);
-  DSV4_CUDA_CHECK(cudaMemsetAsync(flush, 0x11, flush_bytes));
-  StreamTimer timer;
-  const double ms = timer.elapsed_ms(nullptr, [&] { run_sparse_attention(call); });
-  std::vector<uint64_t> trace(size_t(ctas) * kSparseAttentionTraceSlots);
-  d_trace.download(trace.data(), trace.size() * 8);
-  std::printf("  %.1f us (events)\n", ms * 1e3);
-  print_trace("traced", trace, ctas, tiles);
+  const double floor_us = (step->kv_bytes() + output_bytes) / (copy_gbps * 1e3);
+  std::printf("%s %s batch %d context %lld: %d slots, %d splits, %d tiles per CTA, %d CTAs; flush %s, %s output; "
+              "floor %.1f us (KV bytes and output at the copy rate)\n",
+              model, to_string(kind), batch, static_cast<long long>(context), step->slots_per_query(), call.splits,
+              tiles, ctas, to_string(flush.mode), out_dtype == AttentionDtype::F32 ? "fp32" : "bf16", floor_us);
+  const double tile_bytes = double(kSparseAttentionTileEntries) * call.cache.layout.entry_bytes;
+  // old: the round's A/B variant (d512_consumer_merge_factors) where it serves the call; new: the defaults.
+  for (const bool old : {true, false}) {
+    if (old && !ab_serves(call)) continue;
+    SparseAttentionParams traced = call;
+    traced.d512_consumer_merge_factors = old;
+    run_sparse_attention(traced);  // warm-up, untraced
+    traced.d512_trace = d_trace.as<uint64_t>();
+    d_trace.fill_bytes(0);
+    flush.run(0);
+    StreamTimer timer;
+    const double ms = timer.elapsed_ms(nullptr, [&] { run_sparse_attention(traced); });
+    std::vector<uint64_t> trace(size_t(ctas) * kSparseAttentionTraceSlots);
+    d_trace.download(trace.data(), trace.size() * 8);
+    const char* label = old ? "old" : "new";
+    std::printf("  %s: %.1f us (events), %.1f %% of the floor\n", label, ms * 1e3, 100.0 * floor_us / (ms * 1e3));
+    print_trace(label, trace, ctas, tiles, tile_bytes, output_bytes / ctas, copy_gbps);
+  }
+  std::fflush(stdout);
+}
+
+// --ab factors: the route's decode call (bf16 q, --out's output type; the decode kernels, splits as the model chooses
+// them) with d512_consumer_merge_factors on (old: the session start's merge) and off (new), timed alternately (median
+// of 20 calls each after --flush's flush, twice), both checked against the CPU and compared byte for byte.
+void run_ab_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch, int64_t context,
+                 double copy_gbps, double cublas_tflops, int sms, const L2Flush& flush, AttentionDtype out_dtype,
+                 std::mt19937& rng) {
+  const std::unique_ptr<SparseAttentionDecodeStep> step = make_decode_step(format, heads, kind, batch, context, rng);
+  const size_t out_bytes = size_t(batch) * heads * kHeadDim * (out_dtype == AttentionDtype::F32 ? 4 : 2);
+  DeviceBuffer out_a(out_bytes, "out"), out_b(out_bytes, "out");
+  SparseAttentionParams a = step->call;
+  a.prefill_kernel = false;
+  a.out_dtype = out_dtype;
+  a.splits = choose_sparse_attention_splits(batch, heads, kHeadDim, format, step->slots_per_query(), sms);
+  if (!ab_serves(a)) {
+    std::printf("%-6s %-4s %5d %8lld  not served by the variant (splits %d)\n", model, to_string(kind), batch,
+                static_cast<long long>(context), a.splits);
+    return;
+  }
+  a.out = out_a.data();
+  a.d512_consumer_merge_factors = true;
+  SparseAttentionParams b = a;
+  b.out = out_b.data();
+  b.d512_consumer_merge_factors = false;
+  double us[2][2];
+  for (int round = 0; round < 2; ++round) {
+    us[0][round] = 1e3 * cold_ms(20, flush, [&] { run_sparse_attention(a); });
+    us[1][round] = 1e3 * cold_ms(20, flush, [&] { run_sparse_attention(b); });
+  }
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<int64_t> sample{0, batch - 1};
+  const auto check = [&](const SparseAttentionParams& call, const DeviceBuffer& out) {
+    return cpu_check(call, step->window_index, step->compressed_index, step->q, step->sink, step->positions, out,
+                     sample);
+  };
+  const double a_error = check(a, out_a), b_error = check(b, out_b);
+  std::vector<uint8_t> bytes_a(out_bytes), bytes_b(out_bytes);
+  out_a.download(bytes_a.data(), out_bytes);
+  out_b.download(bytes_b.data(), out_bytes);
+  size_t differing = 0;
+  for (size_t i = 0; i < out_bytes; ++i) differing += bytes_a[i] != bytes_b[i];
+  const double floor_us = std::max((step->kv_bytes() + double(out_bytes)) / (copy_gbps * 1e3),
+                                   step->flops() / (cublas_tflops * 1e6));
+  std::printf("%-6s %-4s %5d %8lld %6d %2d  old %6.1f %6.1f us  new %6.1f %6.1f us (%4.1f%% of floor %.1f)  "
+              "cpu err %.1e / %.1e  %zu bytes differ%s\n",
+              model, to_string(kind), batch, static_cast<long long>(context), step->slots_per_query(), a.splits,
+              us[0][0], us[0][1], us[1][0], us[1][1], 100.0 * floor_us / std::min(us[1][0], us[1][1]), floor_us,
+              a_error, b_error, differing,
+              a_error <= kCpuCheckLimit && b_error <= kCpuCheckLimit ? "" : "  CPU CHECK FAILED");
   std::fflush(stdout);
 }
 
@@ -798,8 +938,12 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
 int run(int argc, char** argv) {
   std::string json_path;
   OnlySelection only;  // --only's comma-separated prefixes
-  bool prefill_only = false, warm = false, sweep = false, route = false, mma_rates = false, trace = false;
+  bool prefill_only = false, warm = false, sweep = false, route = false, mma_rates = false, trace = false,
+       ab = false;
   KvEntryFormat decode_format = KvEntryFormat::Fp8Reference;
+  FlushMode flush_mode = FlushMode::Memset;
+  AttentionDtype out_dtype = AttentionDtype::F32;
+  bool out_given = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
@@ -819,11 +963,23 @@ int run(int argc, char** argv) {
       mma_rates = true;
     else if (std::strcmp(argv[i], "--trace") == 0)
       trace = true;
-    else
+    else if (std::strcmp(argv[i], "--ab") == 0 && i + 1 < argc && std::strcmp(argv[i + 1], "factors") == 0) {
+      ab = true;
+      ++i;
+    } else if (std::strcmp(argv[i], "--flush") == 0 && i + 1 < argc &&
+               (std::strcmp(argv[i + 1], "memset") == 0 || std::strcmp(argv[i + 1], "read") == 0))
+      flush_mode = std::strcmp(argv[++i], "read") == 0 ? FlushMode::Read : FlushMode::Memset;
+    else if (std::strcmp(argv[i], "--out") == 0 && i + 1 < argc &&
+             (std::strcmp(argv[i + 1], "f32") == 0 || std::strcmp(argv[i + 1], "bf16") == 0)) {
+      out_dtype = std::strcmp(argv[++i], "bf16") == 0 ? AttentionDtype::Bf16 : AttentionDtype::F32;
+      out_given = true;
+    } else
       fail("unknown argument ", argv[i],
            " (usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] "
-           "[--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace])");
+           "[--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab factors] [--flush memset|read] "
+           "[--out f32|bf16])");
   }
+  check(!out_given || trace || ab, "bench_cuda_attention: --out serves --trace and --ab only");
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
     std::fprintf(stderr, "no CUDA device\n");
@@ -837,6 +993,13 @@ int run(int argc, char** argv) {
   DeviceBuffer flush(flush_buffer_bytes, "L2 flush");
   const size_t flush_bytes = warm ? 0 : flush_buffer_bytes;  // a memset of 0 bytes flushes nothing
   if (warm) std::printf("--warm: no L2 flush before the timed calls\n");
+  DeviceBuffer flush_sink(16, "L2 flush sink");
+  const L2Flush l2_flush{.data = flush.data(), .bytes = flush_bytes, .mode = flush_mode,
+                         .sink = flush_sink.as<uint32_t>(), .sms = device.multiprocessors};
+  if (!warm)
+    std::printf("--flush %s: the decode calls are timed after %s the 256 MB flush buffer\n", to_string(flush_mode),
+                flush_mode == FlushMode::Memset ? "a memset of (L2 left full of dirty lines)"
+                                                : "a read sweep of (L2 left full of clean lines)");
   std::mt19937 rng(7);
   int clock_khz = 0;
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device.index));
@@ -873,8 +1036,15 @@ int run(int argc, char** argv) {
                 "start, producer / consumer 0 past the grid wait, producer's first index rows / page-table entries "
                 "loaded, first / last tile's copies issued, Q stored, tiles "
                 "0, 1, last arrived, the middle tile arrived / scored / exchanged / softmax done / PV issued, loop's "
-                "last MMAs done, cluster merge's partial written / published / factors ready / output stored, end; "
-                "us/tile between tile 0 and the last; N->end from the last tile to the end\n");
+                "last MMAs done, cluster merge's partial written / published / factors ready / output stored, end "
+                "(points inside the call: the call's time and floor head its rows); us/tile between tile 0 and the "
+                "last, its floor a tile's entries for each of the wave's CTAs at the copy rate; N->end from the last "
+                "tile to the end, its floor the wave's output bytes at the copy rate\n");
+  else if (ab)
+    std::printf("--ab factors: the decode call with the cluster merge's factors formed by the consumers (old, "
+                "d512_consumer_merge_factors, the session start's) / by the producer (new), us alternately (median of "
+                "20 flushed calls each, twice); floor = max(KV bytes and output at the copy rate, flops at the cuBLAS "
+                "rate)\n");
   else if (route)
     std::printf("--route: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "
                 "prefill kernel, bf16 q; slots per query; routed = run_sparse_attention's defaults send the call to "
@@ -887,7 +1057,7 @@ int run(int argc, char** argv) {
               "partials; floor = max(KV bytes at copy rate, flops at cuBLAS rate); bound us = HCA under the 1M slot "
               "bound + counts; cl = the cluster merge; cpu err = worst |error| / max |output| over sampled queries and "
               "heads\n");
-  if (!route && !trace)
+  if (!route && !trace && !ab)
     std::printf("%-6s %-4s %5s %8s %6s %6s %10s %10s %8s %8s %9s %8s %12s %8s %10s %12s %9s %9s %9s %9s %9s %9s "
               "%9s %9s %9s\n",
               "model", "kind", "batch", "context", "slots", "splits", "us", "GB/s", "%copy", "%total", "floor us",
@@ -910,7 +1080,7 @@ int run(int argc, char** argv) {
       for (const int64_t context : {int64_t(4096), int64_t(65536), int64_t(262144), int64_t(1) << 20})
         for (const int batch : {1, 8, 64, 128, 256}) {
           // 128: between a wave of one-block CTAs and two, for the routing threshold of --route.
-          if (batch == 128 && !route && !trace) continue;
+          if (batch == 128 && !route && !trace && !ab) continue;
           if (prefill_only || (kind == DecodeLayout::Swa && context != 4096)) continue;
           // 256K: an HCA list between 64K's and 1M's (2176 slots), for the routing threshold of --route.
           if (context == 262144 && !(route && kind == DecodeLayout::Hca)) continue;
@@ -924,16 +1094,22 @@ int run(int argc, char** argv) {
             continue;
           }
           if (trace) {
-            run_trace_case(model, heads, kind, batch, context, device.multiprocessors, flush.data(), flush_bytes, rng);
+            run_trace_case(model, heads, kind, batch, context, device.multiprocessors, copy_gbps, l2_flush, out_dtype,
+                           rng);
+            continue;
+          }
+          if (ab) {
+            run_ab_case(model, heads, kind, decode_format, batch, context, copy_gbps, cublas_tflops,
+                        device.multiprocessors, l2_flush, out_dtype, rng);
             continue;
           }
           if (route) {
             record_route(run_route_case(model, heads, kind, decode_format, batch, context, copy_gbps, cublas_tflops,
-                                        device.multiprocessors, flush.data(), flush_bytes, rng));
+                                        device.multiprocessors, l2_flush, rng));
             continue;
           }
           const Result r = run_case(model, heads, kind, decode_format, batch, context, copy_gbps, cublas_tflops,
-                                    device.multiprocessors, flush.data(), flush_bytes, sweep, rng);
+                                    device.multiprocessors, l2_flush, sweep, rng);
           const bool failed = !(r.cpu_error <= kCpuCheckLimit && r.cluster_cpu_error <= kCpuCheckLimit &&
                                 r.bf16_q_cpu_error <= kCpuCheckLimit && r.bf16_partials_cpu_error <= kCpuCheckLimit &&
                                 r.head_split_cpu_error <= kCpuCheckLimit);
@@ -962,7 +1138,7 @@ int run(int argc, char** argv) {
           std::fflush(stdout);
           results.push_back(r);
         }
-  if (!route && !trace && only.all()) {
+  if (!route && !trace && !ab && only.all()) {
     std::printf("\nprefill (4096 queries, CSA 128 + 512 slots)\n");
     std::printf("%-6s %-13s %8s %6s %10s %8s %8s %8s %10s %9s\n", "model", "entries", "context", "splits", "us",
                 "TFLOP/s", "%cublas", "%peak", "bf16q us", "bf16q TF/s");
@@ -971,7 +1147,7 @@ int run(int argc, char** argv) {
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
       for (const int64_t context : {int64_t(8192), int64_t(65536)}) {
-        if (!only.all() || route || trace) continue;
+        if (!only.all() || route || trace || ab) continue;
         const PrefillResult r = run_prefill_case(model, heads, format, context, cublas_tflops, peak_tflops,
                                                  device.multiprocessors, flush.data(), flush_bytes, rng);
         std::printf("%-6s %-13s %8lld %6d %10.1f %8.1f %7.1f%% %7.1f%% %10.1f %9.1f\n", r.model.c_str(),

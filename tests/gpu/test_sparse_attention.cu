@@ -244,6 +244,41 @@ TEST(SparseAttention, ClusterMergeEverySplitCount) {
   }
 }
 
+// Round s24 A/B (d512_consumer_merge_factors): the cluster merge's factors formed by the producer warpgroup give the
+// session start's bytes (factors formed by the consumers) at each merge unrolling (2, 4, 8, 16 splits, per-query
+// counts at odd counts), fp32 and bf16 partials; the new path also against the CPU.
+TEST(SparseAttention, D512MergeFactorsSameBits) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 90;
+  for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
+    for (const int splits : {2, 3, 8, 16})
+      for (const bool bf16_partials : {false, true}) {
+        AttentionCase c{"flash csa merge factors", format, 512, 64, 64, 128, 128, 512, {300, 2100, 40}, 1, splits,
+                        AttentionDtype::F32, bf16_partials ? AttentionDtype::F32 : AttentionDtype::Bf16, true};
+        c.counts = splits % 2 == 1;
+        c.bf16_partials = bf16_partials;
+        SCOPED_TRACE(std::string(to_string(format)) + " splits " + std::to_string(splits) +
+                     (bf16_partials ? " bf16 partials" : ""));
+        SparseAttentionCaseData data;
+        ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed++, data));
+        SparseAttentionParams call = data.call;
+        call.head_split = false;
+        call.prefill_kernel = false;
+        call.cluster_merge = true;
+        call.cluster_merge_bf16_partials = bf16_partials;
+        int old_splits = 0, new_splits = 0;
+        call.d512_consumer_merge_factors = true;
+        const std::vector<uint8_t> old_bytes = run_call(c, true, call, old_splits);
+        call.d512_consumer_merge_factors = false;
+        const std::vector<uint8_t> new_bytes = run_call(c, true, call, new_splits);
+        ASSERT_EQ(old_bytes.size(), new_bytes.size());
+        size_t differing = 0;
+        for (size_t i = 0; i < old_bytes.size(); ++i) differing += old_bytes[i] != new_bytes[i];
+        EXPECT_EQ(differing, 0u) << "bytes differ between the consumers' and the producer's merge factors";
+        compare_with_cpu(c, true, call, data.expected, data.magnitude);
+      }
+}
+
 // The head-split path (small-batch decode, 16-head groups, each split's entries resident, splits merged in a
 // cluster) at every tile count per CTA: batch-1 SWA (one split, no merge), CSA with 2-20 splits, per-query counts
 // (splits past a query's count), a short wrapped window with unused slots, a query without entries, Pro's 8 groups,

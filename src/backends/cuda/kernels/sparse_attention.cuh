@@ -637,7 +637,8 @@ inline constexpr int kFp8SpanBytes = 592;                    // a 584-byte entry
 inline constexpr int kFp8NopeDim = 448, kFp8RopeOffset = 448, kFp8ScaleOffset = 576, kFp8EntryBytes = 584;
 inline constexpr int kIssueSlotsPerWarp = kTile / 4;         // bulk copies each producer warp issues per tile
 inline constexpr int kD512ResolveSlots = kWarpgroupThreads;  // slots per resolved chunk (4 tiles), one per thread
-inline constexpr int kProducerBarrier = 1, kExchangeBarrier = 2, kQBarrier = 3;  // named barriers (+ consumer)
+// Named barriers: kQBarrier + consumer for each consumer's Q; kMergeFactorsBarrier: the producer's merge factors.
+inline constexpr int kProducerBarrier = 1, kExchangeBarrier = 2, kQBarrier = 3, kMergeFactorsBarrier = 5;
 inline constexpr int kMergeRowFloats = kD512HeadDim + 8;     // row stride of a CTA's partial output in a cluster merge
 inline constexpr int kMergeRowBf16 = kD512HeadDim + 8;       // the same for bf16 partials (1040 bytes)
 // Cluster merge: offsets in the exchange region (free after the loop) of the per-head (max, sum) pairs the peers
@@ -928,10 +929,64 @@ __device__ __forceinline__ void d512_produce_bf16(const SparseAttentionParams& p
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
+// The merge factors' vectors in the merge table [head][kMaxSplits] (one 8- or 16-byte load per vector).
+template <int kMaxSplits>
+using MergeScaleVector = std::conditional_t<kMaxSplits == 2, float2, float4>;
+
+// The cluster merge's factors, formed by the producer warpgroup (idle by then) while the consumers' first batch of
+// partials is in flight (d512_cluster_merge): thread h < 64 loads head h's (max, sum) from every CTA of the cluster
+// and stores the head's weight 2^(m_s − M) / denominator for each split s (the sink once in the denominator) in the
+// merge table; every producer thread then arrives on kMergeFactorsBarrier, where the consumers wait. The consumers
+// formed them before: each factor thread's stats loads then sat behind its own batch of partials (a thread's
+// distributed shared-memory loads return in order), and the barrier held every store until the whole batch had
+// landed.
+template <class L, int kMaxSplits>
+__device__ __forceinline__ void d512_merge_factors(const SparseAttentionParams& p, uint8_t* smem, float sink_log2) {
+  using ScaleVector = MergeScaleVector<kMaxSplits>;
+  constexpr int kScaleLanes = int(sizeof(ScaleVector) / sizeof(float)), kScaleVectors = kMaxSplits / kScaleLanes;
+  const int thread = threadIdx.x % kWarpgroupThreads, splits = p.splits;
+  if (thread < kD512Heads) {
+    const float2* stats = reinterpret_cast<const float2*>(smem + L::kExchange + kMergeStatsOffset);
+    float2 split_stats[kMaxSplits];
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s)
+      split_stats[s] = s < splits ? sm90::cluster_peer(stats, s)[thread] : make_float2(-INFINITY, 0.0f);
+    float factor[kMaxSplits];
+    merge_factors(split_stats, sink_log2, factor);
+    ScaleVector* row =
+        reinterpret_cast<ScaleVector*>(smem + L::kExchange + kMergeScaleOffset) + thread * kScaleVectors;
+#pragma unroll
+    for (int v = 0; v < kScaleVectors; ++v) {
+      float f[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int e = 0; e < kScaleLanes; ++e) f[e] = factor[v * kScaleLanes + e];
+      if constexpr (kMaxSplits == 2)
+        row[v] = make_float2(f[0], f[1]);
+      else
+        row[v] = make_float4(f[0], f[1], f[2], f[3]);
+    }
+  }
+  sm90::named_barrier_arrive<3 * kWarpgroupThreads>(kMergeFactorsBarrier);
+}
+
+// d512_merge_factors for p.splits (the next power of two, as d512_cluster_merge_for); `sink_log2`: the sink of the
+// thread's head (threads below kD512Heads).
+template <class L>
+__device__ __forceinline__ void d512_merge_factors_for(const SparseAttentionParams& p, uint8_t* smem, float sink_log2) {
+  if (p.splits <= 2)
+    d512_merge_factors<L, 2>(p, smem, sink_log2);
+  else if (p.splits <= 4)
+    d512_merge_factors<L, 4>(p, smem, sink_log2);
+  else if (p.splits <= 8)
+    d512_merge_factors<L, 8>(p, smem, sink_log2);
+  else
+    d512_merge_factors<L, 16>(p, smem, sink_log2);
+}
+
 // The cluster merge of the consumers (256 threads; see the notes above): this CTA's slice of the (query, head block)
 // output from the partials and (max, sum) pairs of all `p.splits` CTAs of the cluster, normalised with the sink,
-// rotated back and stored. `merge_sink_log2` is head `thread256`'s sink for threads below kD512Heads. The peers'
-// loads are unrolled over kMaxSplits ≥ p.splits, the next power of two (2, 4, 8 or 16): predicated-off loads and
+// rotated back and stored, with the merge factors the producer warpgroup forms meanwhile (d512_merge_factors). The
+// peers' loads are unrolled over kMaxSplits ≥ p.splits, the next power of two (2, 4, 8 or 16): predicated-off loads and
 // multiply-adds still issue, and this code is the tail of the batch-1 critical path. kBf16Partials: the partials
 // are bf16 (rows kMergeRowBf16 apart; p.cluster_merge_bf16_partials), fp32 otherwise (rows kMergeRowFloats apart).
 template <class L, int kMaxSplits, bool kBf16Partials>
@@ -939,12 +994,11 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
                                                    int head_base, int thread256, float merge_sink_log2, bool tracer) {
   static_assert(kMaxSplits == 2 || kMaxSplits == 4 || kMaxSplits == 8 || kMaxSplits == 16, "a power of two ≥ 2");
   static_assert(kMaxSplits <= kSparseAttentionMaxClusterSplits, "the merge tables hold that many splits");
-  using ScaleVector = std::conditional_t<kMaxSplits == 2, float2, float4>;
+  using ScaleVector = MergeScaleVector<kMaxSplits>;
   constexpr int kScaleLanes = int(sizeof(ScaleVector) / sizeof(float)), kScaleVectors = kMaxSplits / kScaleLanes;
   const int splits = p.splits;
-  const float2* stats = reinterpret_cast<const float2*>(smem + L::kExchange + kMergeStatsOffset);
   // [head][kMaxSplits]: a vector's factors in kScaleVectors vector loads.
-  float* merge_scale = reinterpret_cast<float*>(smem + L::kExchange + kMergeScaleOffset);
+  const float* merge_scale = reinterpret_cast<float*>(smem + L::kExchange + kMergeScaleOffset);
   const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + L::kExchange + kMergeRopeOffset);
   const uint4* partial = reinterpret_cast<const uint4*>(smem + L::kMergePartial);
 
@@ -978,30 +1032,35 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
           o[k][s] = peer_partial[s][(first_head + h) * kPaddedRowVectors + dim / kVectorDims];
     }
   };
-  // The first batch does not need the merge factors: its round trip overlaps theirs.
   load_batch(0);
-
-  // Per head: weight 2^(m_s − M) / denominator for each split s, the sink once in the denominator.
-  if (thread256 < kD512Heads) {
-    float2 split_stats[kMaxSplits];
+  if (p.d512_consumer_merge_factors) {
+    // Round s24 A/B: the session start's factors, formed here (the stats loads sit behind the batch).
+    if (thread256 < kD512Heads) {
+      const float2* stats = reinterpret_cast<const float2*>(smem + L::kExchange + kMergeStatsOffset);
+      float2 split_stats[kMaxSplits];
 #pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s)
-      split_stats[s] = s < splits ? sm90::cluster_peer(stats, s)[thread256] : make_float2(-INFINITY, 0.0f);
-    float factor[kMaxSplits];
-    merge_factors(split_stats, merge_sink_log2, factor);
-    ScaleVector* row = reinterpret_cast<ScaleVector*>(merge_scale + thread256 * kMaxSplits);
+      for (int s = 0; s < kMaxSplits; ++s)
+        split_stats[s] = s < splits ? sm90::cluster_peer(stats, s)[thread256] : make_float2(-INFINITY, 0.0f);
+      float factor[kMaxSplits];
+      merge_factors(split_stats, merge_sink_log2, factor);
+      ScaleVector* row =
+          reinterpret_cast<ScaleVector*>(smem + L::kExchange + kMergeScaleOffset) + thread256 * kScaleVectors;
 #pragma unroll
-    for (int v = 0; v < kScaleVectors; ++v) {
-      float f[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int v = 0; v < kScaleVectors; ++v) {
+        float f[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-      for (int e = 0; e < kScaleLanes; ++e) f[e] = factor[v * kScaleLanes + e];
-      if constexpr (kMaxSplits == 2)
-        row[v] = make_float2(f[0], f[1]);
-      else
-        row[v] = make_float4(f[0], f[1], f[2], f[3]);
+        for (int e = 0; e < kScaleLanes; ++e) f[e] = factor[v * kScaleLanes + e];
+        if constexpr (kMaxSplits == 2)
+          row[v] = make_float2(f[0], f[1]);
+        else
+          row[v] = make_float4(f[0], f[1], f[2], f[3]);
+      }
     }
+    sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+  } else {
+    // The producer warpgroup's merge factors (d512_merge_factors), formed while this batch is in flight.
+    sm90::named_barrier_sync<3 * kWarpgroupThreads>(kMergeFactorsBarrier);
   }
-  sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
   if (tracer) d512_trace_mark(p, kD512TraceMergeFactors);
 
   const KvEntryLayout& layout = p.cache.layout;
@@ -1129,7 +1188,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   const KvEntryLayout& layout = p.cache.layout;
 
   // Weights first (nothing an earlier kernel writes): this thread's rope frequency (pair thread256), the sinks of its
-  // fragment rows and, for the cluster merge, of head thread256.
+  // fragment rows and (round s24 A/B, d512_consumer_merge_factors) of head thread256.
   const bool rope = p.rope_frequencies != nullptr;
   const float frequency = rope && thread256 < layout.rope_dim / 2 ? p.rope_frequencies[thread256] : 0.0f;
   const int head[2] = {head_base + warp * 16 + g, head_base + warp * 16 + g + 8};
@@ -1435,6 +1494,10 @@ __global__ void __launch_bounds__(kD512Threads, 1)
 
   if (threadIdx.x < kWarpgroupThreads) {
     sm90::setmaxnreg_decrease<kD512ProducerRegisters>();
+    // The cluster merge's factors need head threadIdx.x's sink (a weight: loaded before the grid wait).
+    const float merge_sink_log2 = cluster_merge && threadIdx.x < kD512Heads
+                                      ? head_sink_log2(p, work.head_block * kD512Heads + threadIdx.x)
+                                      : -INFINITY;
     wait_for_prior_grids();
     if (kTrace && threadIdx.x == 0) d512_trace_mark(p, kD512TraceProducerWaited);
     if constexpr (kFp8)
@@ -1443,6 +1506,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
       d512_produce_bf16<kTrace>(p, smem, work.t, split_slot_range(p, work.t, work.split));
     if (cluster_merge) {  // the producer warps take part in the consumers' two cluster barriers
       sm90::cluster_sync();
+      if (!p.d512_consumer_merge_factors) d512_merge_factors_for<L>(p, smem, merge_sink_log2);
       sm90::cluster_sync_relaxed();
     }
   } else {
