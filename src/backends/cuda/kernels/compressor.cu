@@ -172,6 +172,15 @@ bool ticket_entries_first() {
   return on;
 }
 
+// Round s24 A/B switch: DSV4_COMPRESSOR_STREAMING=1 loads the lean path's kv and gate rows evict-first.
+bool streaming_loads() {
+  static const bool on = [] {
+    const char* v = std::getenv("DSV4_COMPRESSOR_STREAMING");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+
 // One pool's launch shape: the entries' split over CTAs and the CTA's thread layout for the launch's slot loads (lean:
 // the staged path's slot-group order of visits, which fixes its summation order, and teams of c / 4 threads).
 compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads loads) {
@@ -252,7 +261,8 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .rows = entries,
                               .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1)),
                               .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2,
-                              .ticket_entries_first = ticket_entries_first()};
+                              .ticket_entries_first = ticket_entries_first(),
+                              .streaming_loads = streaming_loads()};
 }
 
 // A launch of the pools (and the indexer's query preparation when `prepare` is given, checked by the caller): its

@@ -137,6 +137,9 @@ struct PoolArgs {
   bool lean_csa_windows;
   // A run's last entry row pooled first (entry_row_at). Round s24 A/B switch (DSV4_COMPRESSOR_TICKETS_FIRST=0: off).
   bool ticket_entries_first;
+  // Lean: kv and gate rows loaded as streamed (evict-first, load_row_quad). Round s24 A/B switch
+  // (DSV4_COMPRESSOR_STREAMING=1: on).
+  bool streaming_loads;
 };
 
 struct LaunchArgs {
@@ -976,6 +979,13 @@ __device__ __forceinline__ Quad load_quad(const float* p) {
   return {{x.x, x.y, x.z, x.w}};
 }
 
+// A kv or gate row's four channels, read once: with `streaming` as evict-first (ld.global.cs), so that the rows
+// leave L1 and L2 before the ape and weights every entry rereads.
+__device__ __forceinline__ Quad load_row_quad(const float* p, bool streaming) {
+  const float4 x = streaming ? __ldcs(reinterpret_cast<const float4*>(p)) : *reinterpret_cast<const float4*>(p);
+  return {{x.x, x.y, x.z, x.w}};
+}
+
 // Slot of the thread's visit v, in the staged path's slot-group order (groups 1: slots in order; groups 2: visits
 // v / kSlotBatch = g take slots g, g + 2, …).
 __device__ __forceinline__ int lean_slot(int v, int groups) {
@@ -1014,14 +1024,14 @@ __device__ __forceinline__ float window_softmax(const float (&value)[kSlots], co
 // channel), in the visit order lean_slot(·, kGroups): offsets known at compile time but for the row stride and c.
 template <int kGroups>
 __device__ __forceinline__ void load_csa_window(const float* kv, const float* gate, const float* ape, int row_stride,
-                                                int c, Quad (&value)[kLeanSlots], Quad (&score)[kLeanSlots],
-                                                Quad (&bias)[kLeanSlots]) {
+                                                int c, bool streaming, Quad (&value)[kLeanSlots],
+                                                Quad (&score)[kLeanSlots], Quad (&bias)[kLeanSlots]) {
   constexpr int kRatio = kLeanSlots / 2;
 #pragma unroll
   for (int v = 0; v < kLeanSlots; ++v) {
     const int s = lean_slot(v, kGroups);
     const int offset = s * row_stride + (s >= kRatio ? c : 0);
-    value[v] = load_quad(kv + offset), score[v] = load_quad(gate + offset);
+    value[v] = load_row_quad(kv + offset, streaming), score[v] = load_row_quad(gate + offset, streaming);
   }
 #pragma unroll
   for (int v = 0; v < kLeanSlots; ++v) {
@@ -1088,9 +1098,11 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
     const int64_t base = (window_first_position(a, e.w) - r.start) * row_stride + channel;
     Quad value[kLeanSlots], score[kLeanSlots], ape[kLeanSlots];
     if (a.groups == 1)
-      load_csa_window<1>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
+      load_csa_window<1>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, a.streaming_loads, value, score,
+                         ape);
     else
-      load_csa_window<2>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
+      load_csa_window<2>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, a.streaming_loads, value, score,
+                         ape);
     look_up_entry();
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -1113,7 +1125,8 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
         valid[v] = s < slots;
         if (valid[v]) {
           const int offset = base + s * row_stride + (a.overlapping && s >= a.ratio ? a.c : 0);
-          value[v] = load_quad(r.kv + offset), score[v] = load_quad(r.gate + offset);
+          value[v] = load_row_quad(r.kv + offset, a.streaming_loads);
+          score[v] = load_row_quad(r.gate + offset, a.streaming_loads);
         }
       }
     } else {
