@@ -314,10 +314,10 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
     const int slices = args.slices, tiles = args.tiles;
     const int ctas = args.groups * slices;
     const int most_iterations = (tiles + args.groups - 1) / args.groups + collapse_lag;
-    check(ctas <= tr::kMaxCtas && most_iterations <= tr::kMaxIterations, "--trace-persistent: ", ctas, " CTAs × ",
-          most_iterations, " iterations exceed the trace's arrays");
+    check(ctas <= tr::kMaxCtas && most_iterations < tr::kMaxIterations, "--trace-persistent: ", ctas, " CTAs × ",
+          most_iterations, " iterations (and the start/end slot) exceed the trace's arrays");
     std::vector<std::vector<double>> phase_cycles(tr::kPhases + 1);  // [kPhases]: the period
-    std::vector<double> sum_slack, collapse_slack, spread;
+    std::vector<double> sum_slack, collapse_slack, spread, launch_span, cta_start, cta_tail;
     double slow_total[tr::kSlowPaths] = {};
     std::vector<unsigned long long> clock(size_t(tr::kMaxCtas) * tr::kMaxIterations * tr::kPhases),
         timer(clock.size()), slow(size_t(tr::kMaxCtas) * tr::kSlowPaths);
@@ -335,10 +335,20 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
       if (run < 0) continue;
       for (int c = 0; c < ctas; ++c)
         for (int k = 0; k < tr::kSlowPaths; ++k) slow_total[k] += double(slow[size_t(c) * tr::kSlowPaths + k]);
+      unsigned long long first_start = ~0ull, last_end = 0;
       for (int g = 0; g < args.groups; ++g) {
         const int count = (tiles - g + args.groups - 1) / args.groups;
         for (int s = 0; s < slices; ++s) {
           const int c = g * slices + s;
+          // The start/end slot past the last iteration; the start to the first iteration's top, the last iteration's
+          // slice sums to the end (hc_pre: post and comb of the CTA's tiles).
+          const int last = count + collapse_lag;
+          const unsigned long long start = timer[at(c, last, int(mhc::kCtaStartMark))];
+          const unsigned long long end = timer[at(c, last, int(mhc::kCtaEndMark))];
+          first_start = std::min(first_start, start);
+          last_end = std::max(last_end, end);
+          cta_start.push_back(double(int64_t(timer[at(c, 0, 0)] - start)));
+          cta_tail.push_back(double(int64_t(end - timer[at(c, last - 1, 7)])));
           for (int j = collapse_lag; j + 1 < count; ++j) {
             static constexpr int kOrder[] = {0, 1, 2, 3, 5, 6, 7};  // thread 0's marks in program order
             for (int q = 1; q < 7; ++q)
@@ -366,6 +376,7 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
           spread.push_back(double(last_published - first_published));
         }
       }
+      launch_span.push_back(double(last_end - first_start));
     }
     const auto quantile = [](std::vector<double> v, double q) {
       std::sort(v.begin(), v.end());
@@ -390,6 +401,10 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
                 quantile(sum_slack, 0.1), quantile(sum_slack, 0.5), quantile(sum_slack, 0.9), negative(sum_slack),
                 quantile(collapse_slack, 0.1), quantile(collapse_slack, 0.5), quantile(collapse_slack, 0.9),
                 negative(collapse_slack), quantile(spread, 0.1), quantile(spread, 0.5), quantile(spread, 0.9));
+    std::printf("launch (ns): first CTA start -> last CTA end, median %.0f; per CTA p10 / median / p90: start -> "
+                "first iteration %.0f / %.0f / %.0f, last iteration's slice sums -> end %.0f / %.0f / %.0f\n",
+                quantile(launch_span, 0.5), quantile(cta_start, 0.1), quantile(cta_start, 0.5),
+                quantile(cta_start, 0.9), quantile(cta_tail, 0.1), quantile(cta_tail, 0.5), quantile(cta_tail, 0.9));
     std::printf("slow paths per launch: stale pre and post/comb words re-read %.1f, slice sums out of line %.1f "
                 "(their words not counted as stale words), X tiles not landed %.1f (of %d CTA-tiles)\n",
                 slow_total[0] / runs, slow_total[1] / runs, slow_total[2] / runs, tiles * slices);

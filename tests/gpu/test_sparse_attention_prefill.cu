@@ -119,6 +119,28 @@ TEST(SparseAttentionPrefill, ProChunksMatchCpu) {
                     seed++);
 }
 
+// Round s24 A/B: SparseAttentionPrefillOptions::tile_release (bf16 entries; buffer 0's half 1 released tile by tile).
+TEST(SparseAttentionPrefill, TileReleaseMatchesCpu) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  const SparseAttentionPrefillOptions tile{.prefetch_resolved = PrefetchResolved::Off, .tile_release = true};
+  uint32_t seed = 600;
+  check_attention({"flash csa chunk tiles", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100}, 12}, seed++,
+                  tile);
+  AttentionCase hca{"flash hca chunk counts tiles", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 100, {3000, 700}, 8};
+  hca.counts = true;
+  check_attention(hca, seed++, tile);
+  check_attention({"pro csa chunk bf16 io tiles", KvEntryFormat::Bf16, 512, 64, 128, 128, 128, 512, {5000, 90}, 6,
+                   AttentionDtype::Bf16, AttentionDtype::Bf16},
+                  seed++, tile);
+  const AttentionCase fp8{"flash csa chunk fp8 tiles", KvEntryFormat::Fp8Reference, 512, 64, 64, 128, 128, 512,
+                          {300}, 2};
+  SparseAttentionCaseData data;
+  ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(fp8, seed++, data));
+  DeviceBuffer out(size_t(data.call.tokens) * data.call.heads * 512 * 4, "out");
+  data.call.out = out.data();
+  testing::expect_error([&] { run_sparse_attention_prefill(data.call, tile); }, "tile_release serves bf16 entries");
+}
+
 TEST(SparseAttentionPrefill, OddShapesMatchCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 300;

@@ -289,6 +289,9 @@ enum class ProjectionPhase : int {
   kSummed,       // this CTA's slice sums of tile j − kSumLag stored
   kCount
 };
+// The CTA's start (its first instruction) and end (past post/comb and its last barrier), marked in the slot past its
+// last iteration (j = tiles of its group + kCollapseLag; kShared).
+inline constexpr ProjectionPhase kCtaStartMark = ProjectionPhase::kTop, kCtaEndMark = ProjectionPhase::kTileLanded;
 enum class ProjectionSlowPath : int { kStaleWord, kStaleSliceSum, kTileNotLanded, kCount };
 #ifndef DSV4_MHC_PROJECTION_MARK
 #define DSV4_MHC_PROJECTION_MARK(phase, j)
@@ -813,6 +816,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   const int slices = args.slices, groups = args.groups;
   const int slice = int(blockIdx.x % unsigned(slices)), group = int(blockIdx.x / unsigned(slices));
   const int count = (args.tiles - group + groups - 1) / groups;  // ≥ 1: the launcher keeps groups ≤ tiles
+  DSV4_MHC_PROJECTION_MARK(kCtaStartMark, count + kCollapseLag);
   const int d = args.hidden;
   const int64_t flat = int64_t(kStreams) * d;
   const int i0 = slice * kSliceDims;
@@ -1168,6 +1172,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   }
 
   finish_cta(args.header, tag);
+  DSV4_MHC_PROJECTION_MARK(kCtaEndMark, count + kCollapseLag);
 }
 
 // ---- The cluster decode kernel (T ≤ kDecodeMaxTokens): one token tile, one projection per 64-dim slice CTA. ----

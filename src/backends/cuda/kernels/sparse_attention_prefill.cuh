@@ -138,11 +138,12 @@ inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [32]: the
 inline constexpr int kSum = kMax + 32 * 8;                   // float2 [64]: the consumers' row sums
 inline constexpr int kRope = kSum + 64 * 8;                  // RopeFactors [kMaxRopePairs]
 inline constexpr int kPhysical = kRope + kMaxRopePairs * 8;  // int32 [2 × 4][producer thread]: its slots' entries
-// full[2][2], empty[2][2], valid[2], rope, tile_full[2][2][3]
+// full[2][2], empty[2][2], valid[2], rope, tile_full[2][2][3], tile_empty01[3]
 inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;
-inline constexpr int kBarrierCount = 11, kTileBarrierCount = 12;
+inline constexpr int kBarrierCount = 11, kTileBarrierCount = 12, kTileEmptyBarrierCount = 3;
 static_assert(kTileBarrierCount == 2 * 2 * (kHalfTiles - 1), "a barrier per (buffer, half, tile but the last)");
-inline constexpr int kBytes = kBarriers + (kBarrierCount + kTileBarrierCount) * 8;
+static_assert(kTileEmptyBarrierCount == kHalfTiles - 1, "a barrier per tile of buffer 0's half 1 but the last");
+inline constexpr int kBytes = kBarriers + (kBarrierCount + kTileBarrierCount + kTileEmptyBarrierCount) * 8;
 inline constexpr int kAllocationBytes = kBytes + 1024;       // room to align the base to 1024
 static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
 
@@ -180,6 +181,11 @@ struct Barriers {
   __device__ __forceinline__ uint64_t* tile_full(int buffer, int half, int tile) const {
     return tile < kHalfTiles - 1 ? base + kBarrierCount + (buffer * 2 + half) * (kHalfTiles - 1) + tile
                                  : full(buffer, half);
+  }
+  // Buffer 0's half 1, tile `tile` released (tile_release: consumer 1 releases that half tile by tile as its PV on
+  // each 64-dim tile ends; tile 3 is empty()).
+  __device__ __forceinline__ uint64_t* tile_empty01(int tile) const {
+    return tile < kHalfTiles - 1 ? base + kBarrierCount + kTileBarrierCount + tile : empty(0, 1);
   }
   // Where a half's tile `tile` arrives: bf16 entries tile by tile, fp8 entries (stored through registers) all on full.
   template <bool kFp8>
@@ -233,7 +239,7 @@ __device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
 
 // Thread (row0, chunk) of the producer warpgroup moves the 16-byte chunk `chunk` (8 dims) of every 64-dim tile of
 // entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row.
-template <bool kFp8, bool kTrace>
+template <bool kFp8, bool kTrace, bool kTileRelease>
 __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int pairs,
                                         bool prefetch_resolved, const Barriers& barriers, int64_t ahead_t,
                                         int ahead_head_base, uint64_t* trace) {
@@ -298,7 +304,8 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
         if (prefetches_line && entry >= 0) ptx::prefetch_l2(p.cache.entry_address(entry) + line_offset);
       }
   };
-  const auto load_half = [&](int buffer, int half) {
+  // tile_waits (tile_release, buffer 0's half 1): each tile's copies wait for that tile's release (phase `parity`).
+  const auto load_half = [&](int buffer, int half, bool tile_waits = false, uint32_t parity = 0) {
     uint8_t* tiles = smem + kKv + buffer * kBufferBytes;
     if constexpr (!kFp8) {
       // Tile by tile over the four entries, each tile's barrier arriving once this thread's copies up to it landed:
@@ -318,6 +325,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
 #pragma unroll
       for (int i = 0; i < kHalfTiles; ++i) {
         const int tile = half * kHalfTiles + i;
+        if (tile_waits) sm90::mbarrier_wait(barriers.tile_empty01(i), parity);
 #pragma unroll
         for (int k = 0; k < 4; ++k)
           ptx::cp_async_or_zero<16>(destinations[k] + uint32_t(tile * kTileBytes), sources[k] + tile * 128, used[k]);
@@ -425,9 +433,9 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     // first (round s23-1's trace: the producer reached (0, 1) 765 cycles after its release, still issuing (1, 1);
     // round s23-2 with the entries in registers: Flash 8K 840.3 → 835.7 µs, Pro 8K 1648.0 → 1631.1, Flash 64K 873.9
     // → 865.9; alone level).
-    sm90::mbarrier_wait(barriers.empty(0, 1), parity);
+    sm90::mbarrier_wait(kTileRelease ? barriers.tile_empty01(0) : barriers.empty(0, 1), parity);
     pair_point<kTrace>(trace, i, prefill_trace::kEmpty01);
-    load_half(0, 1);
+    load_half(0, 1, kTileRelease, parity);
     publish_half(0, 1);
     sm90::mbarrier_wait(barriers.empty(1, 1), parity);
     pair_point<kTrace>(trace, i, prefill_trace::kEmpty11);
@@ -501,25 +509,66 @@ __device__ __forceinline__ uint64_t v_descriptor(const uint8_t* smem, int buffer
                                              kTileBytes);
 }
 
-// o += P V_buffer[:, half] with P from registers (this consumer's own block).
+// o += P V_buffer[:, half] on V's 64-dim tile kTile (the accumulator's columns 64 kTile..64 kTile + 63), P from
+// registers (pf) or from a shared tile (a: its descriptor).
+template <int kTile>
+__device__ __forceinline__ void pv_tile_registers(float (&o)[128], const uint32_t (&pf)[4][4], const uint8_t* smem,
+                                                  int buffer, int half) {
+#pragma unroll
+  for (int ks = 0; ks < kBlock / 16; ++ks)
+    sm90::wgmma_m64n64k16_bf16_rs_n_major_b<kTile>(
+        o, pf[ks], sm90::advance_descriptor(v_descriptor(smem, buffer, half, ks), uint32_t(kTile * kTileBytes)), 1);
+}
+template <int kTile>
+__device__ __forceinline__ void pv_tile_shared(float (&o)[128], uint64_t a, const uint8_t* smem, int buffer,
+                                               int half) {
+#pragma unroll
+  for (int ks = 0; ks < kBlock / 16; ++ks)
+    sm90::wgmma_m64n64k16_bf16_ss_n_major_b<kTile>(
+        o, sm90::advance_descriptor(a, uint32_t(ks * 32)),
+        sm90::advance_descriptor(v_descriptor(smem, buffer, half, ks), uint32_t(kTile * kTileBytes)), 1);
+}
+
+// o += P V_buffer[:, half] with P from registers (this consumer's own block); kTiles: as four 64-dim tiles (ptxas
+// serialises every wgmma of a kernel that mixes m64n64 blocks of o with m64n256 on all of it).
+template <bool kTiles>
 __device__ __forceinline__ void pv_registers(float (&o)[128], const uint32_t (&pf)[4][4], const uint8_t* smem,
                                              int buffer, int half) {
   sm90::wgmma_fence();
+  if constexpr (kTiles) {
+    pv_tile_registers<0>(o, pf, smem, buffer, half);
+    pv_tile_registers<1>(o, pf, smem, buffer, half);
+    pv_tile_registers<2>(o, pf, smem, buffer, half);
+    pv_tile_registers<3>(o, pf, smem, buffer, half);
+  } else {
 #pragma unroll
-  for (int ks = 0; ks < kBlock / 16; ++ks)
-    sm90::wgmma_m64n256k16_bf16_rs_n_major_b(o, pf[ks], v_descriptor(smem, buffer, half, ks), 1);
+    for (int ks = 0; ks < kBlock / 16; ++ks)
+      sm90::wgmma_m64n256k16_bf16_rs_n_major_b(o, pf[ks], v_descriptor(smem, buffer, half, ks), 1);
+  }
   sm90::wgmma_commit_group();
 }
 
-// o += P V_buffer[:, half] with P from the other consumer's shared tile.
+// o += P V_buffer[:, half] with P from the other consumer's shared tile; kTiles: one commit group per 64-dim tile,
+// so that wait_group can release the half's tiles one by one.
+template <bool kTiles>
 __device__ __forceinline__ void pv_shared(float (&o)[128], const uint8_t* p_tile, const uint8_t* smem, int buffer,
                                           int half) {
   const uint64_t a = sm90::make_sw128_k_major_descriptor(p_tile);
   sm90::wgmma_fence();
+  if constexpr (kTiles) {
+    pv_tile_shared<0>(o, a, smem, buffer, half);
+    sm90::wgmma_commit_group();
+    pv_tile_shared<1>(o, a, smem, buffer, half);
+    sm90::wgmma_commit_group();
+    pv_tile_shared<2>(o, a, smem, buffer, half);
+    sm90::wgmma_commit_group();
+    pv_tile_shared<3>(o, a, smem, buffer, half);
+  } else {
 #pragma unroll
-  for (int ks = 0; ks < kBlock / 16; ++ks)
-    sm90::wgmma_m64n256k16_bf16_n_major_b(o, sm90::advance_descriptor(a, uint32_t(ks * 32)),
-                                          v_descriptor(smem, buffer, half, ks), 1);
+    for (int ks = 0; ks < kBlock / 16; ++ks)
+      sm90::wgmma_m64n256k16_bf16_n_major_b(o, sm90::advance_descriptor(a, uint32_t(ks * 32)),
+                                            v_descriptor(smem, buffer, half, ks), 1);
+  }
   sm90::wgmma_commit_group();
 }
 
@@ -613,7 +662,7 @@ __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
   return row * row_bytes + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
-template <bool kFp8, bool kTrace>
+template <bool kFp8, bool kTrace, bool kTileRelease>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
                                         const Barriers& barriers, uint64_t* trace) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
@@ -718,7 +767,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax0);
       pair_point<kTrace>(trace, i, prefill_trace::kC0MaxSent);
       block_weights(s, reference, row_sum, o, pf);
-      pv_registers(o, pf, smem, 0, 0);
+      pv_registers<kTileRelease>(o, pf, smem, 0, 0);
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(o);
       fence_fragments(pf);
@@ -744,7 +793,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       if (rescale) scale_rows(o, factor);
       wait_full<kFp8>(barriers.full(1, 0), parity);  // consumer 1 waited for it too; this orders the data for our reads
       pair_point<kTrace>(trace, i, prefill_trace::kC0LateHalf);
-      pv_shared(o, other_p, smem, 1, 0);
+      pv_shared<kTileRelease>(o, other_p, smem, 1, 0);
       if (i + 1 < pairs) {
         // The next pair's scores run on the tensor cores behind this PV.
         sm90::wgmma_fence();
@@ -800,23 +849,43 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       pair_point<kTrace>(trace, i, prefill_trace::kC1MaxSent);
       block_weights(s, reference, row_sum, o, pf);
       if (i + 1 == pairs) publish_final_row_sums();
-      pv_registers(o, pf, smem, 1, 1);
+      pv_registers<kTileRelease>(o, pf, smem, 1, 1);
       store_weights(own_p, pf, warp, g, c);
       sm90::fence_proxy_async_shared();
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP0);
       pair_point<kTrace>(trace, i, prefill_trace::kC1OtherP);
       wait_full<kFp8>(barriers.full(0, 1), parity);
       pair_point<kTrace>(trace, i, prefill_trace::kC1Half);
-      pv_shared(o, other_p, smem, 0, 1);
-      sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
-      sm90::wgmma_wait_group<1>();
-      sm90::fence_operand(o);
-      fence_fragments(pf);
-      sm90::mbarrier_arrive(barriers.empty(1, 1));
-      pair_point<kTrace>(trace, i, prefill_trace::kC1OwnPv);
-      sm90::wgmma_wait_group<0>();
-      sm90::fence_operand(o);
-      sm90::mbarrier_arrive(barriers.empty(0, 1));
+      if constexpr (kTileRelease) {
+        // Buffer 0's half 1 released tile by tile: the producer refills each tile (and consumer 0's next scores
+        // start on it) while the PV on the later tiles runs.
+        pv_shared<true>(o, other_p, smem, 0, 1);
+        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
+        sm90::wgmma_wait_group<kHalfTiles>();
+        fence_fragments(pf);
+        sm90::mbarrier_arrive(barriers.empty(1, 1));
+        pair_point<kTrace>(trace, i, prefill_trace::kC1OwnPv);
+        sm90::wgmma_wait_group<3>();
+        sm90::mbarrier_arrive(barriers.tile_empty01(0));
+        sm90::wgmma_wait_group<2>();
+        sm90::mbarrier_arrive(barriers.tile_empty01(1));
+        sm90::wgmma_wait_group<1>();
+        sm90::mbarrier_arrive(barriers.tile_empty01(2));
+        sm90::wgmma_wait_group<0>();
+        sm90::fence_operand(o);
+        sm90::mbarrier_arrive(barriers.tile_empty01(3));
+      } else {
+        pv_shared<false>(o, other_p, smem, 0, 1);
+        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
+        sm90::wgmma_wait_group<1>();
+        sm90::fence_operand(o);
+        fence_fragments(pf);
+        sm90::mbarrier_arrive(barriers.empty(1, 1));
+        pair_point<kTrace>(trace, i, prefill_trace::kC1OwnPv);
+        sm90::wgmma_wait_group<0>();
+        sm90::fence_operand(o);
+        sm90::mbarrier_arrive(barriers.empty(0, 1));
+      }
       pair_point<kTrace>(trace, i, prefill_trace::kC1OtherPv);
     }
   }
@@ -897,10 +966,11 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
 
-template <bool kFp8, bool kTrace>
+template <bool kFp8, bool kTrace, bool kTileRelease>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                     const int resident_ctas, const bool prefetch_resolved, uint64_t* trace) {
+  static_assert(!(kFp8 && kTileRelease), "tile_release: bf16 entries only (fp8 halves land at once)");
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
   // The swizzled tiles and the descriptors' zero base offset need a 1024-byte aligned base.
@@ -912,7 +982,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // full: every producer thread (its cp.async arrival or its stores); tile_full (bf16 entries only, so initialised
     // only there): every producer thread's cp.async arrival; empty: the releasing consumer's threads; valid,
     // rope_ready: every producer thread.
-    for (int i = 0; i < kBarrierCount + (kFp8 ? 0 : kTileBarrierCount); ++i)
+    for (int i = 0; i < kBarrierCount + (kFp8 ? 0 : kTileBarrierCount) + (kTileRelease ? kTileEmptyBarrierCount : 0);
+         ++i)
       sm90::mbarrier_init(barriers.base + i, kWarpgroup);
     sm90::fence_mbarrier_init();
   }
@@ -924,11 +995,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The CTA that starts about when this one ends: one per SM is resident (resident_ctas), launched in order.
     const int64_t ahead = int64_t(blockIdx.x) + resident_ctas;
     const bool ahead_exists = ahead < p.tokens * head_blocks;
-    produce<kFp8, kTrace>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers,
+    produce<kFp8, kTrace, kTileRelease>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers,
                           ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8, kTrace>(p, smem, t, head_block * kHeads, barriers, trace);
+    consume<kFp8, kTrace, kTileRelease>(p, smem, t, head_block * kHeads, barriers, trace);
   }
 }
 

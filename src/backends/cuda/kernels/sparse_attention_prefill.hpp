@@ -80,6 +80,9 @@ struct SparseAttentionPrefillOptions {
   PrefetchResolved prefetch_resolved = PrefetchResolved::Auto;
   // Traced launch: tokens × head blocks × kPrefillTraceWarps × kPrefillTraceSlots words (nullptr: untraced kernel).
   uint64_t* trace = nullptr;
+  // Round s24 A/B (bf16 entries only; refused for fp8): consumer 1's PV on buffer 0's half 1 runs one 64-dim tile per
+  // wgmma group and releases the half tile by tile, the producer refilling each tile as it is released.
+  bool tile_release = false;
 };
 
 void run_sparse_attention_prefill(const SparseAttentionParams& params,
