@@ -356,8 +356,8 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16_ss(float (&d)[32], uint64_t
 
 // D[64 × 64] (+)= A[64 × 16] · B[16 × 64], bf16 → fp32, A K-major and B N-major (imm-trans-b = 1; see
 // make_sw128_n_major_descriptor), both in shared memory in the 128B swizzle; D is the 64-column block kNBlock of a
-// m64n256 accumulator d (its registers d[32 kNBlock, 32 kNBlock + 32), the same fragment layout), so that one N block of
-// an N-major operand can be multiplied on its own.
+// m64n256 accumulator d (its registers d[32 kNBlock, 32 kNBlock + 32), the same fragment layout), so that one N
+// block of an N-major operand can be multiplied on its own.
 template <int kNBlock>
 __device__ __forceinline__ void wgmma_m64n64k16_bf16_ss_n_major_b(float (&d)[128], uint64_t a_desc, uint64_t b_desc,
                                                                   int accumulate) {
