@@ -832,11 +832,13 @@ TEST(Compressor, TracedLaunchesRunEveryPlannedRange) {
     std::vector<uint8_t> got(bytes), want(bytes);
     fused.download(got.data(), bytes), alone.download(want.data(), bytes);
     ASSERT_EQ(got, want) << "prepared q";
-    // The ranges in launch order (pools[0], pools[1], prepare; empty ones skipped), inside the grid, disjoint.
+    // The ranges (the pools', empty ones skipped, then the preparation's) in grid order, inside the grid, disjoint.
     std::vector<CompressorCtaRange> ranges;
     for (size_t i = 0; i < pools.size(); ++i)
       if (shape.pools[i].ctas > 0) ranges.push_back(shape.pools[i]);
     for (size_t i = pools.size(); i < 2; ++i) EXPECT_EQ(shape.pools[i].ctas, 0) << "pool " << i << " not launched";
+    std::sort(ranges.begin(), ranges.end(),
+              [](const CompressorCtaRange& x, const CompressorCtaRange& y) { return x.first_cta < y.first_cta; });
     ranges.push_back(shape.prepare);
     EXPECT_EQ(ranges.front().first_cta, 0);
     for (size_t i = 0; i + 1 < ranges.size(); ++i)

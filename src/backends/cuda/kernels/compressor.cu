@@ -181,6 +181,14 @@ bool streaming_loads() {
   return on;
 }
 
+bool second_pool_first() {
+  static const bool on = [] {
+    const char* v = std::getenv("DSV4_COMPRESSOR_SECOND_FIRST");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+
 // One pool's launch shape: the entries' split over CTAs and the CTA's thread layout for the launch's slot loads (lean:
 // the staged path's slot-group order of visits, which fixes its summation order, and teams of c / 4 threads).
 compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads loads) {
@@ -295,7 +303,11 @@ LaunchPlan plan_launch(std::span<const CompressorParams> params, const IndexerPr
   compressor::LaunchArgs& launch = plan.launch;
   int hardware_cluster = 1, threads = 0;
   size_t smem = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
+  // Round s24 A/B switch DSV4_COMPRESSOR_SECOND_FIRST=1: a lean launch's second pool (a CSA layer's indexer
+  // compressor) takes the first CTAs.
+  const bool reversed = lean && params.size() == 2 && second_pool_first();
+  for (size_t k = 0; k < params.size(); ++k) {
+    const size_t i = reversed ? params.size() - 1 - k : k;
     const CompressorParams& p = params[i];
     if (p.run_count == 0) continue;
     const compressor::PoolArgs pool = pool_args(p, plan.loads);
