@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <limits>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -162,11 +163,15 @@ bool merges_in_cluster(const SparseAttentionParams& p) {
 }
 
 template <bool kFp8, bool kTrace = false>
-void launch_d512(const SparseAttentionParams& p) {
+void launch_d512(const SparseAttentionParams& params) {
   constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
   const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace>;
   d512_device_limits();  // the kernel's attributes on this device
+  // Round s24 A/B only: DSV4_ATTENTION_CONSUMER_FACTORS=1 sets d512_consumer_merge_factors for the e2e bench.
+  static const bool consumer_factors = std::getenv("DSV4_ATTENTION_CONSUMER_FACTORS") != nullptr;
+  SparseAttentionParams p = params;
+  p.d512_consumer_merge_factors = p.d512_consumer_merge_factors || consumer_factors;
   const int head_blocks = d512_head_blocks(p.heads);
   const bool cluster = merges_in_cluster(p);
   launch_chained(kernel, dim3(unsigned(d512_ctas(p))), dim3(unsigned(kD512Threads)),
