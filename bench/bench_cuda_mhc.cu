@@ -723,16 +723,17 @@ int main(int argc, char** argv) {
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
         // Round s24-1 A/B where the default takes the persistent kernel on 64-dim slices: `body` (the default) with
-        // each of `variants` (space-separated switches: DSV4_MHC_WIDE_SLICES, 128-dim slices; DSV4_MHC_SPLIT_POST_PRE,
-        // hc_post_pre as hc_post then hc_pre), then the default once more. `compare`: how far the outputs (y) of set 0
-        // with the first variant lie from the default's (another summation order, so other bits).
+        // each of `variants` (space-separated switches: DSV4_MHC_WIDE_SLICES, 128-dim slices; DSV4_MHC_TILE_CLUSTERS,
+        // the single-cluster kernel at every size; DSV4_MHC_SPLIT_POST_PRE, hc_post_pre as hc_post then hc_pre), then
+        // the default once more. `compare`: how far each variant's output (y of set 0) lies from the default's (another
+        // summation order, so other bits).
         const bool wide_sized = choose_hc_projection_config(T, d, device.multiprocessors).slice_dims == 64;
         const auto set_switches = [](std::string_view variant) {
-          for (const char* name : {"DSV4_MHC_WIDE_SLICES", "DSV4_MHC_SPLIT_POST_PRE"})
+          for (const char* name : {"DSV4_MHC_WIDE_SLICES", "DSV4_MHC_TILE_CLUSTERS", "DSV4_MHC_SPLIT_POST_PRE"})
             variant.find(name) != std::string_view::npos ? setenv(name, "1", 1) : unsetenv(name);
         };
         const auto switch_rows = [&](const char* op, int64_t default_min_tokens, const auto& body, double bytes,
-                                     std::initializer_list<const char*> variants, bool compare) {
+                                     const std::vector<const char*>& variants, bool compare) {
           if (!wide_sized || T < default_min_tokens) return;
           for (const char* variant : variants) {
             set_switches(variant);
@@ -750,18 +751,22 @@ int main(int argc, char** argv) {
             set(0).y.download(y.data(), y.size() * sizeof(float));
             return y;
           };
-          const std::vector<float> default_y = output_of(""), switched_y = output_of(*variants.begin());
-          double largest = 0, difference = 0;
-          for (size_t e = 0; e < default_y.size(); ++e) {
-            largest = std::max(largest, double(std::fabs(default_y[e])));
-            difference = std::max(difference, double(std::fabs(default_y[e] - switched_y[e])));
+          const std::vector<float> default_y = output_of("");
+          for (const char* variant : variants) {
+            const std::vector<float> switched_y = output_of(variant);
+            double largest = 0, difference = 0;
+            for (size_t e = 0; e < default_y.size(); ++e) {
+              largest = std::max(largest, double(std::fabs(default_y[e])));
+              difference = std::max(difference, double(std::fabs(default_y[e] - switched_y[e])));
+            }
+            std::printf("%s T=%lld: %s output with %s against the default's: %s, max |difference| %.3g (max |value| "
+                        "%.3g)\n",
+                        model, (long long)T, op, variant, default_y == switched_y ? "byte-identical" : "other bits",
+                        difference, largest);
           }
-          std::printf("%s T=%lld: %s output with %s against the default's: %s, max |difference| %.3g (max |value| "
-                      "%.3g)\n",
-                      model, (long long)T, op, *variants.begin(),
-                      default_y == switched_y ? "byte-identical" : "other bits", difference, largest);
         };
-        switch_rows("hc_pre", kAutoClusterPerTileMaxTokens + 1, hc_pre, pre_bytes, {"DSV4_MHC_WIDE_SLICES=1"}, true);
+        const std::vector<const char*> projection_variants = {"DSV4_MHC_WIDE_SLICES=1", "DSV4_MHC_TILE_CLUSTERS=1"};
+        switch_rows("hc_pre", kAutoClusterPerTileMaxTokens + 1, hc_pre, pre_bytes, projection_variants, true);
         const bool tile_clusters_sized = !decode_sized && T <= 1024;
         if (tile_clusters_sized) {
           record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
@@ -840,8 +845,12 @@ int main(int argc, char** argv) {
         const double mix_bytes = double(T * (kN + kN * kN)) * 4;
         const double post_pre_bytes = td_bytes + 2 * x_bytes + double(kSiteRows * flat) * 4 + td_bytes + 2 * mix_bytes;
         record("hc_post_pre (in place)", hc_post_pre, post_pre_bytes, time_ms(stream, iterations, hc_post_then_pre));
-        switch_rows("hc_post_pre (in place)", kAutoWarpSpecializedPostPreMinTokens, hc_post_pre, post_pre_bytes,
-                    {"DSV4_MHC_SPLIT_POST_PRE=1", "DSV4_MHC_SPLIT_POST_PRE=1 DSV4_MHC_WIDE_SLICES=1"}, false);
+        std::vector<const char*> post_pre_variants = {"DSV4_MHC_TILE_CLUSTERS=1"};
+        if (T >= kAutoWarpSpecializedPostPreMinTokens)
+          post_pre_variants.insert(post_pre_variants.end(),
+                                   {"DSV4_MHC_SPLIT_POST_PRE=1", "DSV4_MHC_SPLIT_POST_PRE=1 DSV4_MHC_WIDE_SLICES=1"});
+        switch_rows("hc_post_pre (in place)", kFusedPostPreMaxTokens + 1, hc_post_pre, post_pre_bytes,
+                    post_pre_variants, false);
         const auto roles_post_pre = [&](int i) {
           run_post_pre(set(i), HcKernelChoice::PERSISTENT_WARP_SPECIALIZED, false);
         };
@@ -901,7 +910,7 @@ int main(int argc, char** argv) {
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
                time_ms(stream, iterations, head_baseline));
         switch_rows("hc_head", kAutoClusterPerTileMaxHeadTokens + 1, hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
-                    {"DSV4_MHC_WIDE_SLICES=1"}, true);
+                    projection_variants, true);
         if (tile_clusters_sized) {
           const auto persistent_norm = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT, true); };
           const auto default_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };

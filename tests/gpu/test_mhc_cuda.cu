@@ -511,6 +511,22 @@ TEST(MhcGpu, WideSlicesMatchCpu) {
   unsetenv("DSV4_MHC_WIDE_SLICES");
 }
 
+// GPU round s24-1's A/B switch DSV4_MHC_TILE_CLUSTERS: AUTO's single-cluster kernel (a cluster per 16-token tile,
+// hc_post_pre fused) past its usual token limits, at V4-Flash's width (a partial last tile at 300 and 1000).
+TEST(MhcGpu, TileClustersEverywhereMatchCpu) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  setenv("DSV4_MHC_TILE_CLUSTERS", "1", 1);
+  constexpr int64_t d = 4096;
+  uint32_t seed = 2200;
+  for (const int64_t T : {int64_t(300), int64_t(1000)})
+    for (const bool round : {false, true}) {
+      check_hc_pre(T, d, round, {HcKernelChoice::AUTO}, seed++);
+      check_hc_head(T, d, round, {HcKernelChoice::AUTO}, seed++);
+      check_hc_post_pre(T, d, round, round, HcKernelChoice::AUTO, seed++);
+    }
+  unsetenv("DSV4_MHC_TILE_CLUSTERS");
+}
+
 TEST(MhcGpu, HcPostMatchesCpuInPlaceAndOutOfPlace) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 200;

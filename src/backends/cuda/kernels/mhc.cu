@@ -319,10 +319,16 @@ bool single_cluster_fits() {
 
 // The single-cluster decode kernel serves AUTO launches within its limits (mhc.hpp; above 16 tokens a cluster per
 // 16-token tile) where the card holds its cluster.
+// A/B switch for GPU round s24-1 only: DSV4_MHC_TILE_CLUSTERS set, AUTO takes the single-cluster kernel (a cluster per
+// 16-token tile; hc_post_pre fused, the output norm fused) at every token count its hidden sizes allow.
+bool tile_clusters_everywhere() { return std::getenv("DSV4_MHC_TILE_CLUSTERS") != nullptr; }
+
 template <bool kHead, bool kPost>
 bool single_cluster_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
   const int vectors = mhc::single_cluster_vectors(hidden);
-  const int64_t tile_clusters_max = kHead ? kAutoClusterPerTileMaxHeadTokens : kAutoClusterPerTileMaxTokens;
+  const int64_t tile_clusters_max = tile_clusters_everywhere() ? tokens
+                                    : kHead                    ? kAutoClusterPerTileMaxHeadTokens
+                                                               : kAutoClusterPerTileMaxTokens;
   if (choice != HcKernelChoice::AUTO || vectors == 0 ||
       tokens > (vectors == 1 ? tile_clusters_max : single_cluster_max_tokens(vectors)))
     return false;
@@ -504,11 +510,14 @@ void run_hc_post_pre(const HcPostPreParams& params) {
   HcPostPreParams p = params;
   // A/B switch for GPU round s24-1 only: DSV4_MHC_SPLIT_POST_PRE set, AUTO runs these launches as hc_post, then hc_pre
   // on the persistent kernel (on 128-dim slices where DSV4_MHC_WIDE_SLICES is set too).
-  if (p.kernel == HcKernelChoice::AUTO && p.tokens >= kAutoWarpSpecializedPostPreMinTokens)
+  // (With DSV4_MHC_TILE_CLUSTERS, single_cluster_serves below decides first.)
+  const bool tile_clusters = tile_clusters_everywhere() && single_cluster_serves<false, true>(p.kernel, p.tokens, p.hidden);
+  if (!tile_clusters && p.kernel == HcKernelChoice::AUTO && p.tokens >= kAutoWarpSpecializedPostPreMinTokens)
     p.kernel = std::getenv("DSV4_MHC_SPLIT_POST_PRE") != nullptr ? HcKernelChoice::PERSISTENT
                                                                   : HcKernelChoice::PERSISTENT_WARP_SPECIALIZED;
   // The warp-specialised variant fuses at every token count.
-  if (p.tokens > kFusedPostPreMaxTokens && !warp_specialized_serves(p.kernel, p.hidden, current_multiprocessors())) {
+  if (!tile_clusters && p.tokens > kFusedPostPreMaxTokens &&
+      !warp_specialized_serves(p.kernel, p.hidden, current_multiprocessors())) {
     run_hc_post({.out = p.out, .X = p.X, .post = p.post, .comb = p.comb, .tokens = p.tokens, .hidden = p.hidden,
                  .streams = p.streams, .round_to_bf16 = p.round_to_bf16, .X_out = p.X_out, .stream = p.stream});
     run_hc_pre(next_site_pre_params(p));
