@@ -18,8 +18,9 @@
 // copy bandwidth, flops at the cuBLAS bf16 rate), with the same output comparison (the larger of the two). The decode
 // step is make_decode_step's (tests/support/sparse_attention_cases.hpp, as bench_cuda_attention's).
 // Entries are fill_random_entries' (finite, no NaN codes); prefill q is a hash of its positions.
-// Round s24 A/B (bf16 entries): tile us is the bf16-q call with SparseAttentionPrefillOptions::tile_release, then
-// the default once more (the second bf16q us); bits: the tile_release output's bytes against the default's.
+// Round s24 A/B: the bf16-q call with SparseAttentionPrefillOptions::tile_release (tile us, bf16 entries only) and
+// late_ahead (late us), then the default once more (the second bf16q us); bits: the variants' output bytes against
+// the default's.
 // --quick: the prefill cases without today's path and the comparison with it (the kernel's variants only).
 // --trace: each prefill case's bf16-q call once more as a traced launch (SparseAttentionPrefillOptions::trace, after an
 // L2 flush): medians over the CTAs of each phase of a CTA's timeline (start to Q staged, entries resolved, first data,
@@ -257,8 +258,8 @@ struct Case {
   double bf16_q_no_entries_us;      // the same call with every slot unused: no entry reads (the kernel's own floor)
   // Round s24 A/B (bf16 entries): SparseAttentionPrefillOptions::tile_release, the default timed once more after it,
   // and whether its output bytes equal the default's.
-  double tile_release_us = NAN, bf16_q_again_us = NAN;
-  bool tile_release_same = true;
+  double tile_release_us = NAN, late_ahead_us = NAN, bf16_q_again_us = NAN;
+  bool variants_same = true;
 };
 
 Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
@@ -321,26 +322,33 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, plain); });
   const double bf16_q_prefetch_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, prefetch); });
-  double tile_release_ms = NAN, bf16_q_again_ms = NAN;
-  bool tile_release_same = true;
-  if (format == KvEntryFormat::Bf16) {
-    DeviceBuffer tile_out(outputs * 2, "prefill kernel out, tile release");
-    SparseAttentionParams tile_call = prefill_bf16_q;
-    tile_call.out = tile_out.data();
-    SparseAttentionPrefillOptions tile = plain;
-    tile.tile_release = true;
-    tile_out.fill_bytes(0xFF);
-    run_sparse_attention_prefill(tile_call, tile);
-    synchronize_or_exit("sparse_attention_prefill (tile release)");
+  // Round s24 A/B: a variant's time on the bf16-q call; `same` stays true while its output bytes equal the default's.
+  bool variants_same = true;
+  const auto variant_ms = [&](const SparseAttentionPrefillOptions& options, const char* name) {
+    DeviceBuffer out(outputs * 2, name);
+    SparseAttentionParams call = prefill_bf16_q;
+    call.out = out.data();
+    out.fill_bytes(0xFF);
+    run_sparse_attention_prefill(call, options);
+    synchronize_or_exit(name);
     std::vector<uint8_t> expected(outputs * 2), got(outputs * 2);
     bf16_q_out.download(expected.data(), outputs * 2);
-    tile_out.download(got.data(), outputs * 2);
-    tile_release_same = expected == got;
-    tile_release_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(tile_call, tile); });
-    bf16_q_again_ms =
-        median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, plain); });
-    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  }
+    out.download(got.data(), outputs * 2);
+    if (expected != got) {
+      std::printf("  %s: output bytes differ from the default's\n", name);
+      variants_same = false;
+    }
+    const double ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(call, options); });
+    DSV4_CUDA_CHECK(cudaDeviceSynchronize());  // before the buffer goes
+    return ms;
+  };
+  SparseAttentionPrefillOptions tile = plain, late = plain;
+  tile.tile_release = true;
+  late.late_ahead = true;
+  const double tile_release_ms = format == KvEntryFormat::Bf16 ? variant_ms(tile, "tile_release") : NAN;
+  const double late_ahead_ms = variant_ms(late, "late_ahead");
+  const double bf16_q_again_ms =
+      median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, plain); });
   // --no-kv: every slot −1, the producer zero-fills its buffers without reading an entry (the diagnostic's floor).
   double no_entries_ms = NAN;
   if (no_kv) {
@@ -384,8 +392,9 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   r.bf16_q_prefetch_us = bf16_q_prefetch_ms * 1e3;
   r.bf16_q_no_entries_us = no_entries_ms * 1e3;
   r.tile_release_us = tile_release_ms * 1e3;
+  r.late_ahead_us = late_ahead_ms * 1e3;
   r.bf16_q_again_us = bf16_q_again_ms * 1e3;
-  r.tile_release_same = tile_release_same;
+  r.variants_same = variants_same;
   r.percent_of_cublas = 100.0 * r.new_tflops / cublas_tflops;
   r.percent_of_peak = 100.0 * r.new_tflops / peak_tflops;
   r.relative_difference =
@@ -513,10 +522,11 @@ int run(int argc, char** argv) {
     std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = "
                 "run_sparse_attention\n",
                 static_cast<long long>(kTokens), kWindow, kTopK);
-    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s %8s | %8s %8s %5s\n",
+    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s %8s | %8s %8s %8s "
+                "%5s\n",
                 "model", "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas",
                 "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "noKV us", "tile us",
-                "bf16q us", "bits");
+                "late us", "bf16q us", "bits");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -527,14 +537,14 @@ int run(int argc, char** argv) {
         const Case r = run_case(model, heads, format, context, cublas_tflops, peak_tflops, device.multiprocessors,
                                 flush.data(), flush_bytes, trace, quick, no_kv, rng);
         const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
-        ok = ok && agrees && r.tile_release_same;
+        ok = ok && agrees && r.variants_same;
         std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f "
-                    "%7.1f%% %8.1f %8.1f | %8.1f %8.1f %5s%s\n",
+                    "%7.1f%% %8.1f %8.1f | %8.1f %8.1f %8.1f %5s%s\n",
                     r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
                     r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
                     r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
                     100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, r.bf16_q_no_entries_us,
-                    r.tile_release_us, r.bf16_q_again_us, r.tile_release_same ? "same" : "DIFF",
+                    r.tile_release_us, r.late_ahead_us, r.bf16_q_again_us, r.variants_same ? "same" : "DIFF",
                     agrees ? "" : " FAIL");
         std::fflush(stdout);
         cases.push_back(r);

@@ -119,11 +119,15 @@ TEST(SparseAttentionPrefill, ProChunksMatchCpu) {
                     seed++);
 }
 
-// Round s24 A/B: SparseAttentionPrefillOptions::tile_release (bf16 entries; buffer 0's half 1 released tile by tile).
-TEST(SparseAttentionPrefill, TileReleaseMatchesCpu) {
+// Round s24 A/Bs: SparseAttentionPrefillOptions::late_ahead (both formats) and tile_release (bf16 entries; buffer 0's
+// half 1 released tile by tile; refused for fp8).
+TEST(SparseAttentionPrefill, RoundVariantsMatchCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const SparseAttentionPrefillOptions tile{.prefetch_resolved = PrefetchResolved::Off, .tile_release = true};
   uint32_t seed = 600;
+  const SparseAttentionPrefillOptions late{.prefetch_resolved = PrefetchResolved::Off, .late_ahead = true};
+  for (const KvEntryFormat format : kFormats)
+    check_attention({"flash csa chunk late ahead", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12}, seed++, late);
   check_attention({"flash csa chunk tiles", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100}, 12}, seed++,
                   tile);
   AttentionCase hca{"flash hca chunk counts tiles", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 100, {3000, 700}, 8};

@@ -23,7 +23,7 @@ void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttenti
                         (options.prefetch_resolved == PrefetchResolved::Auto &&
                          ctas <= int64_t(kSparseAttentionPrefillPrefetchWaves) * sms);
   launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(kThreads)), kAllocationBytes, p.stream, dim3(1, 1, 1),
-                 "sparse_attention_prefill", p, head_blocks, int(sms), prefetch, options.trace);
+                 "sparse_attention_prefill", p, head_blocks, int(sms), prefetch, options.late_ahead, options.trace);
 }
 
 }  // namespace

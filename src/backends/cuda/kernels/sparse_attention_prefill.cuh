@@ -242,7 +242,7 @@ __device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
 template <bool kFp8, bool kTrace, bool kTileRelease>
 __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int pairs,
                                         bool prefetch_resolved, const Barriers& barriers, int64_t ahead_t,
-                                        int ahead_head_base, uint64_t* trace) {
+                                        int ahead_head_base, bool late_ahead, uint64_t* trace) {
   const int thread = int(threadIdx.x) - 2 * kWarpgroup;
   const int chunk = thread % 8, row0 = thread / 8;
   const int64_t slots = query_slot_count(p, t);
@@ -410,7 +410,10 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   }
   // The item about one wave later (ahead_t ≥ 0): its q rows and index lines into L2 while this CTA runs, so that its
   // start waits for L2 instead of DRAM (64 heads of fp32 q are 128 KB, loaded before its first scores).
-  if (ahead_t >= 0) {
+  // late_ahead (round s24 A/B): after this CTA's last copies and rope factors instead, ≈ 6 µs before that item
+  // starts rather than ≈ 27 (round s23-2's trace: its Q staged 4700 cycles after its start, as if from DRAM).
+  const auto prefetch_ahead = [&] {
+    if (ahead_t < 0) return;
     const int64_t element_bytes = p.q_dtype == AttentionDtype::F32 ? 4 : 2;
     const int64_t bytes = int64_t(min(kHeads, p.heads - ahead_head_base)) * kHeadDim * element_bytes;
     const uint8_t* q =
@@ -418,7 +421,8 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     for (int64_t offset = int64_t(thread) * 128; offset < bytes; offset += int64_t(kWarpgroup) * 128)
       ptx::prefetch_l2(q + offset);
     prefetch_index_lines(ahead_t, query_slot_count(p, ahead_t));
-  }
+  };
+  if (!late_ahead) prefetch_ahead();
   for (int i = 0; i < pairs; ++i) {
     // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
     // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that).
@@ -463,6 +467,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
       rope_table[pair] = rope_factors(position, p.rope_frequencies[pair]);
     sm90::mbarrier_arrive(barriers.rope_ready());
   }
+  if (late_ahead) prefetch_ahead();
   if constexpr (!kFp8) asm volatile("cp.async.wait_all;\n" ::: "memory");
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
@@ -969,7 +974,8 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
 template <bool kFp8, bool kTrace, bool kTileRelease>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
-                                    const int resident_ctas, const bool prefetch_resolved, uint64_t* trace) {
+                                    const int resident_ctas, const bool prefetch_resolved, const bool late_ahead,
+                                    uint64_t* trace) {
   static_assert(!(kFp8 && kTileRelease), "tile_release: bf16 entries only (fp8 halves land at once)");
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
@@ -996,7 +1002,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t ahead = int64_t(blockIdx.x) + resident_ctas;
     const bool ahead_exists = ahead < p.tokens * head_blocks;
     produce<kFp8, kTrace, kTileRelease>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers,
-                          ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, trace);
+                          ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, late_ahead,
+                          trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
     consume<kFp8, kTrace, kTileRelease>(p, smem, t, head_block * kHeads, barriers, trace);

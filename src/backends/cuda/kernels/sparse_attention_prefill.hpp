@@ -83,6 +83,9 @@ struct SparseAttentionPrefillOptions {
   // Round s24 A/B (bf16 entries only; refused for fp8): consumer 1's PV on buffer 0's half 1 runs one 64-dim tile per
   // wgmma group and releases the half tile by tile, the producer refilling each tile as it is released.
   bool tile_release = false;
+  // Round s24 A/B: the producer asks L2 for the next item's q rows and index lines (the CTA one wave later) after its
+  // last copies instead of before its first.
+  bool late_ahead = false;
 };
 
 void run_sparse_attention_prefill(const SparseAttentionParams& params,
