@@ -19,7 +19,10 @@
 // - every step with the slot loads forced the other way than the default (CompressorSlotLoads::Auto: lean for the CSA
 //   compressors' prefill chunks, staged for HCA's, registers for decode steps): staged for the CSA chunks and decode
 //   steps, registers for HCA's, against the default;
-// - a CSA layer's decode pair with the indexer's query preparation in its launch against the two launches.
+// - a CSA layer's decode pair with the indexer's query preparation in its launch against the two launches;
+// - every step and the CSA layer's pair with the instruction caches flushed before each call ("code cold": a kernel
+//   of 280 KB of code on every SM, its own time taken off), as a model step's other kernels leave them, against the
+//   same calls warm (a graph replaying one kernel keeps its code in the caches).
 // Projections rotate over copies beyond the L2, so the prefill chunk streams them from HBM. Times are GPU time per
 // call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs them: no host launch cost;
 // the compressor is a programmatic dependent launch, so one call's start overlaps the previous one's end.
@@ -163,6 +166,44 @@ __global__ void evict_l2_kernel(const uint4* data, size_t words, uint32_t* sink)
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < words; i += size_t(gridDim.x) * blockDim.x)
     sum ^= __ldcs(data + i).x;
   if (sum == 0x9E3779B9u) *sink = sum;
+}
+
+// The code-cold rows' flusher: ≈ 17K distinct instructions (280 KB of code, more than an SM's instruction caches
+// hold) run by a warp on every SM, so that the next kernel starts with cold instruction caches, as a compressor launch
+// does in a model step between other kernels (a graph replaying one kernel keeps its code warm).
+constexpr int kFlushSteps = 2048;
+__global__ void flush_instruction_cache(float* sink) {
+  float x[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) x[j] = float(threadIdx.x + j);
+#pragma unroll
+  for (int i = 0; i < kFlushSteps; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) x[j] = fmaf(x[j], 1.0f - float(i * 8 + j) * 1e-8f, float(i + j));
+  float sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) sum += x[j];
+  if (sum == 0.123f) *sink = sum;
+}
+
+// What the code-cold rows need: the SM count (the flusher's grid, two warps' CTAs per SM) and its sink.
+struct ColdCode {
+  int sms = 0;
+  float* sink = nullptr;
+};
+
+// GPU microseconds per call of body(stream) with the flusher before each call (code cold), less the flusher's own.
+template <class Body>
+double cold_graph_us(cudaStream_t stream, const ColdCode& cold, Body&& body) {
+  const auto flush = [&](cudaStream_t on) {
+    flush_instruction_cache<<<unsigned(2 * cold.sms), 32, 0, on>>>(cold.sink);
+    DSV4_CUDA_CHECK_LAUNCH("flush_instruction_cache");
+  };
+  const double both = graph_us(stream, 20, [&](cudaStream_t on) {
+    flush(on);
+    body(on);
+  });
+  return both - graph_us(stream, 20, flush);
 }
 
 struct Row {
@@ -318,6 +359,17 @@ void add_runs_ready_row(const Step& s, const std::string& op, double default_us,
                   "runs loaded before the wait; baseline: the same step with the runs after it"});
 }
 
+// Every step again with the instruction caches flushed before each call (cold_graph_us): against the same calls warm.
+void add_cold_row(const Step& s, const std::string& op, double warm_us, double bytes, double copy_gbps,
+                  OnlySelection& only, const ColdCode& cold, cudaStream_t stream, std::vector<Row>& rows,
+                  const std::function<void(cudaStream_t)>& body) {
+  const std::string variant = std::string(s.variant) + ", code cold";
+  if (!selected(only, op, variant)) return;
+  rows.push_back({op, variant, cold_graph_us(stream, cold, body), bytes / (copy_gbps * 1e3), warm_us, bytes,
+                  "instruction caches flushed before each call (its time taken off; no overlap with the previous "
+                  "call); baseline: warm"});
+}
+
 // The slot loads Auto does not pick for the step (auto_loads: its choice for the step's prefill chunk): staged for a
 // lean prefill chunk, lean for a staged CSA one, registers for HCA's; staged for decode steps (registers).
 CompressorSlotLoads other_slot_loads(const Step& s, bool overlapping, CompressorSlotLoads auto_loads) {
@@ -342,8 +394,8 @@ void add_slot_loads_row(const Step& s, CompressorSlotLoads other, const std::str
   rows.push_back({op, variant, graph_us(stream, 20, body), bytes / (copy_gbps * 1e3), default_us, bytes, note});
 }
 
-void bench_compressor(Compressor& k, double copy_gbps, OnlySelection& only, cudaStream_t stream,
-                      std::vector<Row>& rows) {
+void bench_compressor(Compressor& k, double copy_gbps, OnlySelection& only, const ColdCode& cold,
+                      cudaStream_t stream, std::vector<Row>& rows) {
   for (const Step& s : kSteps) {
     if (!selected(only, std::string("compressor ") + k.name, s.variant)) continue;
     const DeviceBuffer runs = runs_of(start_of(s, k), s.tokens, s.sequences);
@@ -356,6 +408,8 @@ void bench_compressor(Compressor& k, double copy_gbps, OnlySelection& only, cuda
     const double bytes = bytes_of(s, k);
     rows.push_back({std::string("compressor ") + k.name, s.variant, us, bytes / (copy_gbps * 1e3), baseline_us, bytes,
                     entries == 0 ? "" : "baseline: straightforward kernel, the entries from the rows alone"});
+    add_cold_row(s, std::string("compressor ") + k.name, us, bytes, copy_gbps, only, cold, stream, rows,
+                 [&](cudaStream_t on) { run_compressor(k.params(k.next_copy(), runs, s.sequences, s.tokens, on)); });
     add_runs_ready_row(s, std::string("compressor ") + k.name, us, bytes, copy_gbps, only, stream, rows,
                        [&](cudaStream_t on) {
                          CompressorParams p = k.params(k.next_copy(), runs, s.sequences, s.tokens, on);
@@ -449,7 +503,7 @@ void bench_with_prepare(Compressor& main, Compressor& index, const Step& s, cons
 
 // A CSA layer's two compressors per step: two launches (the baseline) against one run_compressors launch.
 void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, OnlySelection& only,
-                     cudaStream_t stream, std::vector<Row>& rows) {
+                     const ColdCode& cold, cudaStream_t stream, std::vector<Row>& rows) {
   for (const Step& s : kSteps) {
     if (!selected(only, "compressor CSA layer main + indexer", s.variant)) continue;
     const DeviceBuffer runs = runs_of(start_of(s, main), s.tokens, s.sequences);
@@ -465,6 +519,12 @@ void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, Only
     const double bytes = bytes_of(s, main) + bytes_of(s, index);
     rows.push_back({"compressor CSA layer main + indexer", s.variant, fused_us, bytes / (copy_gbps * 1e3),
                     separate_us, bytes, "one run_compressors launch; baseline: two run_compressor launches"});
+    add_cold_row(s, "compressor CSA layer main + indexer", fused_us, bytes, copy_gbps, only, cold, stream, rows,
+                 [&](cudaStream_t on) {
+                   const CompressorParams both[2] = {main.params(main.next_copy(), runs, s.sequences, s.tokens, on),
+                                                     index.params(index.next_copy(), runs, s.sequences, s.tokens, on)};
+                   run_compressors(both);
+                 });
     add_runs_ready_row(s, "compressor CSA layer main + indexer", fused_us, bytes, copy_gbps, only, stream, rows,
                        [&](cudaStream_t on) {
                          CompressorParams both[2] = {main.params(main.next_copy(), runs, s.sequences, s.tokens, on),
@@ -833,6 +893,8 @@ int run(int argc, char** argv) {
   DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   std::mt19937 rng(42);
   std::vector<Row> rows;
+  DeviceBuffer flush_sink(16, "flusher sink");
+  const ColdCode cold{.sms = device.multiprocessors, .sink = flush_sink.as<float>()};
   if (trace || trace_chunk) {
     check(only.all(), "--only selects timed rows; --trace and --trace-prefill take none");
     Compressor main("CSA main c=512 m=4", 512, 4, true, CompressorStoredRounding::KvFp8, rng);
@@ -850,16 +912,16 @@ int run(int argc, char** argv) {
     Compressor index("CSA indexer c=128 m=4", 128, 4, true, CompressorStoredRounding::IndexerFp4, rng);
     main.fill_state(stream);
     index.fill_state(stream);
-    bench_compressor(main, copy_gbps, only, stream, rows);
-    bench_compressor(index, copy_gbps, only, stream, rows);
-    bench_csa_layer(main, index, copy_gbps, only, stream, rows);
+    bench_compressor(main, copy_gbps, only, cold, stream, rows);
+    bench_compressor(index, copy_gbps, only, cold, stream, rows);
+    bench_csa_layer(main, index, copy_gbps, only, cold, stream, rows);
     bench_key_outputs(index, copy_gbps, only, stream, rows);
     bench_splits(main, copy_gbps, only, stream, rows);
   }
   {
     Compressor hca("HCA c=512 m=128", 512, 128, false, CompressorStoredRounding::KvFp8, rng);
     hca.fill_state(stream);
-    bench_compressor(hca, copy_gbps, only, stream, rows);
+    bench_compressor(hca, copy_gbps, only, cold, stream, rows);
     bench_splits(hca, copy_gbps, only, stream, rows);
   }
   DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
