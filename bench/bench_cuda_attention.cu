@@ -24,7 +24,7 @@
 // empty kernel on the same grid in its clusters, without clusters and as one CTA per (query, head group) (a call's
 // launch floor in each shape). The decode cases' set-up is make_decode_step (tests/support/sparse_attention_cases.hpp).
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
-//                             [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab factors]
+//                             [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab merge]
 //                             [--flush memset|read] [--out f32|bf16]
 //   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
 //   flash:swa:1,pro:csa:1:65536; flash:csa:256:65536 for one case under a profiler; a prefix that selects no case
@@ -38,7 +38,8 @@
 //   alone (mma_rate_kernel) against a tile's flops at the same-run cuBLAS rate and at the nominal peak, nothing else.
 //   --trace times one cold traced call of each selected decode case on the head_dim 512 kernel (bf16 entries) and
 //   prints its CTAs' phases per wave with the floors of its tile pace and tail (run_trace_case); no prefill. --ab
-//   factors times each selected decode case with the round's merge variant old / new (run_ab_case; no prefill).
+//   merge times each selected decode case with the round's merge variants old / factors / new (run_ab_case; no
+//   prefill).
 //   --flush memset|read: how L2 is flushed before each timed decode call (memset, the default: a memset of a 256 MB
 //   buffer, which leaves L2 full of dirty lines; read: a read sweep of it, clean lines). --out f32|bf16: the output
 //   type of --trace and --ab's calls (f32 by default; the model's decode writes bf16).
@@ -768,8 +769,19 @@ void print_trace(const char* label, const std::vector<uint64_t>& trace, int ctas
   }
 }
 
-// The round's A/B variant (--ab, and the --trace rows): d512_consumer_merge_factors, the session start's merge
-// factors formed by the consumers (calls of cluster-merged splits).
+// The round's A/B variants of the cluster merge (--ab merge and the --trace rows; calls of cluster-merged splits): old
+// = the session start's (factors formed by the consumers, d512_consumer_merge_factors; the CTA's own partial through
+// its cluster-window address, d512_merge_own_through_cluster), factors = the factors formed by the producer, new =
+// the defaults (also the own partial through its local address).
+constexpr int kMergeVariants = 3;
+constexpr const char* kMergeVariantNames[kMergeVariants] = {"old", "factors", "new"};
+
+SparseAttentionParams merge_variant(SparseAttentionParams call, int variant) {
+  call.d512_consumer_merge_factors = variant == 0;
+  call.d512_merge_own_through_cluster = variant <= 1;
+  return call;
+}
+
 bool ab_serves(const SparseAttentionParams& call) {
   return sparse_attention_head_split_splits(call) == 0 && !sparse_attention_uses_prefill_kernel(call) &&
          call.splits > 1 && call.splits <= max_sparse_attention_cluster_splits();
@@ -799,11 +811,10 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
               model, to_string(kind), batch, static_cast<long long>(context), step->slots_per_query(), call.splits,
               tiles, ctas, to_string(flush.mode), out_dtype == AttentionDtype::F32 ? "fp32" : "bf16", floor_us);
   const double tile_bytes = double(kSparseAttentionTileEntries) * call.cache.layout.entry_bytes;
-  // old: the round's A/B variant (d512_consumer_merge_factors) where it serves the call; new: the defaults.
-  for (const bool old : {true, false}) {
-    if (old && !ab_serves(call)) continue;
-    SparseAttentionParams traced = call;
-    traced.d512_consumer_merge_factors = old;
+  // The round's merge variants where they serve the call, else the defaults (new) alone.
+  for (int variant = 0; variant < kMergeVariants; ++variant) {
+    if (variant + 1 < kMergeVariants && !ab_serves(call)) continue;
+    SparseAttentionParams traced = merge_variant(call, variant);
     run_sparse_attention(traced);  // warm-up, untraced
     traced.d512_trace = d_trace.as<uint64_t>();
     d_trace.fill_bytes(0);
@@ -812,61 +823,63 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
     const double ms = timer.elapsed_ms(nullptr, [&] { run_sparse_attention(traced); });
     std::vector<uint64_t> trace(size_t(ctas) * kSparseAttentionTraceSlots);
     d_trace.download(trace.data(), trace.size() * 8);
-    const char* label = old ? "old" : "new";
+    const char* label = kMergeVariantNames[variant];
     std::printf("  %s: %.1f us (events), %.1f %% of the floor\n", label, ms * 1e3, 100.0 * floor_us / (ms * 1e3));
     print_trace(label, trace, ctas, tiles, tile_bytes, output_bytes / ctas, copy_gbps);
   }
   std::fflush(stdout);
 }
 
-// --ab factors: the route's decode call (bf16 q, --out's output type; the decode kernels, splits as the model chooses
-// them) with d512_consumer_merge_factors on (old: the session start's merge) and off (new), timed alternately (median
-// of 20 calls each after --flush's flush, twice), both checked against the CPU and compared byte for byte.
+// --ab merge: the route's decode call (bf16 q, --out's output type; the decode kernels, splits as the model chooses
+// them) in each merge variant (old, factors, new), timed alternately (median of 20 calls each after --flush's flush,
+// twice), each checked against the CPU and compared byte for byte with old.
 void run_ab_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch, int64_t context,
                  double copy_gbps, double cublas_tflops, int sms, const L2Flush& flush, AttentionDtype out_dtype,
                  std::mt19937& rng) {
   const std::unique_ptr<SparseAttentionDecodeStep> step = make_decode_step(format, heads, kind, batch, context, rng);
   const size_t out_bytes = size_t(batch) * heads * kHeadDim * (out_dtype == AttentionDtype::F32 ? 4 : 2);
-  DeviceBuffer out_a(out_bytes, "out"), out_b(out_bytes, "out");
-  SparseAttentionParams a = step->call;
-  a.prefill_kernel = false;
-  a.out_dtype = out_dtype;
-  a.splits = choose_sparse_attention_splits(batch, heads, kHeadDim, format, step->slots_per_query(), sms);
-  if (!ab_serves(a)) {
-    std::printf("%-6s %-4s %5d %8lld  not served by the variant (splits %d)\n", model, to_string(kind), batch,
-                static_cast<long long>(context), a.splits);
+  SparseAttentionParams call = step->call;
+  call.prefill_kernel = false;
+  call.out_dtype = out_dtype;
+  call.splits = choose_sparse_attention_splits(batch, heads, kHeadDim, format, step->slots_per_query(), sms);
+  if (!ab_serves(call)) {
+    std::printf("%-6s %-4s %5d %8lld  not served by the variants (splits %d)\n", model, to_string(kind), batch,
+                static_cast<long long>(context), call.splits);
     return;
   }
-  a.out = out_a.data();
-  a.d512_consumer_merge_factors = true;
-  SparseAttentionParams b = a;
-  b.out = out_b.data();
-  b.d512_consumer_merge_factors = false;
-  double us[2][2];
-  for (int round = 0; round < 2; ++round) {
-    us[0][round] = 1e3 * cold_ms(20, flush, [&] { run_sparse_attention(a); });
-    us[1][round] = 1e3 * cold_ms(20, flush, [&] { run_sparse_attention(b); });
+  std::vector<DeviceBuffer> outs;
+  std::vector<SparseAttentionParams> calls;
+  outs.reserve(kMergeVariants);
+  for (int v = 0; v < kMergeVariants; ++v) {
+    outs.emplace_back(out_bytes, "out");
+    calls.push_back(merge_variant(call, v));
+    calls.back().out = outs.back().data();
   }
+  double us[kMergeVariants][2];
+  for (int round = 0; round < 2; ++round)
+    for (int v = 0; v < kMergeVariants; ++v)
+      us[v][round] = 1e3 * cold_ms(20, flush, [&] { run_sparse_attention(calls[size_t(v)]); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<int64_t> sample{0, batch - 1};
-  const auto check = [&](const SparseAttentionParams& call, const DeviceBuffer& out) {
-    return cpu_check(call, step->window_index, step->compressed_index, step->q, step->sink, step->positions, out,
-                     sample);
-  };
-  const double a_error = check(a, out_a), b_error = check(b, out_b);
-  std::vector<uint8_t> bytes_a(out_bytes), bytes_b(out_bytes);
-  out_a.download(bytes_a.data(), out_bytes);
-  out_b.download(bytes_b.data(), out_bytes);
+  const std::vector<int64_t> sample{0, batch - 1};
+  double worst_error = 0;
   size_t differing = 0;
-  for (size_t i = 0; i < out_bytes; ++i) differing += bytes_a[i] != bytes_b[i];
+  std::vector<uint8_t> old_bytes(out_bytes), bytes(out_bytes);
+  outs[0].download(old_bytes.data(), out_bytes);
+  for (int v = 0; v < kMergeVariants; ++v) {
+    worst_error = std::max(worst_error, cpu_check(calls[size_t(v)], step->window_index, step->compressed_index,
+                                                  step->q, step->sink, step->positions, outs[size_t(v)], sample));
+    outs[size_t(v)].download(bytes.data(), out_bytes);
+    for (size_t i = 0; i < out_bytes; ++i) differing += bytes[i] != old_bytes[i];
+  }
   const double floor_us = std::max((step->kv_bytes() + double(out_bytes)) / (copy_gbps * 1e3),
                                    step->flops() / (cublas_tflops * 1e6));
-  std::printf("%-6s %-4s %5d %8lld %6d %2d  old %6.1f %6.1f us  new %6.1f %6.1f us (%4.1f%% of floor %.1f)  "
-              "cpu err %.1e / %.1e  %zu bytes differ%s\n",
-              model, to_string(kind), batch, static_cast<long long>(context), step->slots_per_query(), a.splits,
-              us[0][0], us[0][1], us[1][0], us[1][1], 100.0 * floor_us / std::min(us[1][0], us[1][1]), floor_us,
-              a_error, b_error, differing,
-              a_error <= kCpuCheckLimit && b_error <= kCpuCheckLimit ? "" : "  CPU CHECK FAILED");
+  std::printf("%-6s %-4s %5d %8lld %6d %2d", model, to_string(kind), batch, static_cast<long long>(context),
+              step->slots_per_query(), call.splits);
+  for (int v = 0; v < kMergeVariants; ++v)
+    std::printf("  %s %6.1f %6.1f us", kMergeVariantNames[v], us[v][0], us[v][1]);
+  std::printf(" (new %4.1f%% of floor %.1f)  cpu err %.1e  %zu bytes differ from old%s\n",
+              100.0 * floor_us / std::min(us[kMergeVariants - 1][0], us[kMergeVariants - 1][1]), floor_us,
+              worst_error, differing, worst_error <= kCpuCheckLimit ? "" : "  CPU CHECK FAILED");
   std::fflush(stdout);
 }
 
@@ -963,7 +976,7 @@ int run(int argc, char** argv) {
       mma_rates = true;
     else if (std::strcmp(argv[i], "--trace") == 0)
       trace = true;
-    else if (std::strcmp(argv[i], "--ab") == 0 && i + 1 < argc && std::strcmp(argv[i + 1], "factors") == 0) {
+    else if (std::strcmp(argv[i], "--ab") == 0 && i + 1 < argc && std::strcmp(argv[i + 1], "merge") == 0) {
       ab = true;
       ++i;
     } else if (std::strcmp(argv[i], "--flush") == 0 && i + 1 < argc &&
@@ -976,7 +989,7 @@ int run(int argc, char** argv) {
     } else
       fail("unknown argument ", argv[i],
            " (usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] "
-           "[--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab factors] [--flush memset|read] "
+           "[--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab merge] [--flush memset|read] "
            "[--out f32|bf16])");
   }
   check(!out_given || trace || ab, "bench_cuda_attention: --out serves --trace and --ab only");
@@ -1041,10 +1054,11 @@ int run(int argc, char** argv) {
                 "last, its floor a tile's entries for each of the wave's CTAs at the copy rate; N->end from the last "
                 "tile to the end, its floor the wave's output bytes at the copy rate\n");
   else if (ab)
-    std::printf("--ab factors: the decode call with the cluster merge's factors formed by the consumers (old, "
-                "d512_consumer_merge_factors, the session start's) / by the producer (new), us alternately (median of "
-                "20 flushed calls each, twice); floor = max(KV bytes and output at the copy rate, flops at the cuBLAS "
-                "rate)\n");
+    std::printf("--ab merge: the decode call's cluster merge as at the session start (old: factors formed by the "
+                "consumers, the own partial through the cluster window), with the factors formed by the producer "
+                "(factors), and also the own partial through its local address (new, the default); us alternately "
+                "(median of 20 flushed calls each, twice); floor = max(KV bytes and output at the copy rate, flops at "
+                "the cuBLAS rate)\n");
   else if (route)
     std::printf("--route: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "
                 "prefill kernel, bf16 q; slots per query; routed = run_sparse_attention's defaults send the call to "

@@ -244,9 +244,11 @@ TEST(SparseAttention, ClusterMergeEverySplitCount) {
   }
 }
 
-// Round s24 A/B (d512_consumer_merge_factors): the cluster merge's factors formed by the producer warpgroup give the
-// session start's bytes (factors formed by the consumers) at each merge unrolling (2, 4, 8, 16 splits, per-query
-// counts at odd counts), fp32 and bf16 partials; the new path also against the CPU.
+// Round s24 A/B: the cluster merge's factors formed by the producer warpgroup, with the CTA's own partial through the
+// cluster window (d512_merge_own_through_cluster) and through its local address (the default), give the session
+// start's bytes (d512_consumer_merge_factors: factors formed by the consumers, own partial through the window) at each
+// merge unrolling (2, 4, 8, 16 splits, per-query counts at odd counts), fp32 and bf16 partials; the default also
+// against the CPU.
 TEST(SparseAttention, D512MergeFactorsSameBits) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 90;
@@ -266,15 +268,21 @@ TEST(SparseAttention, D512MergeFactorsSameBits) {
         call.prefill_kernel = false;
         call.cluster_merge = true;
         call.cluster_merge_bf16_partials = bf16_partials;
-        int old_splits = 0, new_splits = 0;
-        call.d512_consumer_merge_factors = true;
-        const std::vector<uint8_t> old_bytes = run_call(c, true, call, old_splits);
-        call.d512_consumer_merge_factors = false;
-        const std::vector<uint8_t> new_bytes = run_call(c, true, call, new_splits);
-        ASSERT_EQ(old_bytes.size(), new_bytes.size());
-        size_t differing = 0;
-        for (size_t i = 0; i < old_bytes.size(); ++i) differing += old_bytes[i] != new_bytes[i];
-        EXPECT_EQ(differing, 0u) << "bytes differ between the consumers' and the producer's merge factors";
+        int used_splits = 0;
+        SparseAttentionParams old_call = call;
+        old_call.d512_consumer_merge_factors = true;
+        old_call.d512_merge_own_through_cluster = true;
+        const std::vector<uint8_t> old_bytes = run_call(c, true, old_call, used_splits);
+        for (const bool own_through_cluster : {true, false}) {
+          SparseAttentionParams new_call = call;
+          new_call.d512_merge_own_through_cluster = own_through_cluster;
+          const std::vector<uint8_t> new_bytes = run_call(c, true, new_call, used_splits);
+          ASSERT_EQ(old_bytes.size(), new_bytes.size());
+          size_t differing = 0;
+          for (size_t i = 0; i < old_bytes.size(); ++i) differing += old_bytes[i] != new_bytes[i];
+          EXPECT_EQ(differing, 0u) << "bytes differ from the session start's merge (own partial through the cluster "
+                                   << "window: " << own_through_cluster << ")";
+        }
         compare_with_cpu(c, true, call, data.expected, data.magnitude);
       }
 }

@@ -168,10 +168,12 @@ void launch_d512(const SparseAttentionParams& params) {
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
   const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace>;
   d512_device_limits();  // the kernel's attributes on this device
-  // Round s24 A/B only: DSV4_ATTENTION_CONSUMER_FACTORS=1 sets d512_consumer_merge_factors for the e2e bench.
-  static const bool consumer_factors = std::getenv("DSV4_ATTENTION_CONSUMER_FACTORS") != nullptr;
+  // Round s24 A/B only: DSV4_ATTENTION_OLD_MERGE=1 sets d512_consumer_merge_factors and
+  // d512_merge_own_through_cluster (the session start's merge) for the e2e bench.
+  static const bool old_merge = std::getenv("DSV4_ATTENTION_OLD_MERGE") != nullptr;
   SparseAttentionParams p = params;
-  p.d512_consumer_merge_factors = p.d512_consumer_merge_factors || consumer_factors;
+  p.d512_consumer_merge_factors = p.d512_consumer_merge_factors || old_merge;
+  p.d512_merge_own_through_cluster = p.d512_merge_own_through_cluster || old_merge;
   const int head_blocks = d512_head_blocks(p.heads);
   const bool cluster = merges_in_cluster(p);
   launch_chained(kernel, dim3(unsigned(d512_ctas(p))), dim3(unsigned(kD512Threads)),

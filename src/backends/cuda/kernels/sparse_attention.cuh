@@ -1004,7 +1004,11 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
 
   const uint4* peer_partial[kMaxSplits];
 #pragma unroll
-  for (int s = 0; s < kMaxSplits; ++s) peer_partial[s] = sm90::cluster_peer(partial, s < splits ? s : 0);
+  // This CTA's own partial through its local shared-memory address (not the cluster window; round s24 A/B:
+  // d512_merge_own_through_cluster keeps the session start's window address).
+  const bool own_local = !p.d512_merge_own_through_cluster;
+  for (int s = 0; s < kMaxSplits; ++s)
+    peer_partial[s] = own_local && s == split ? partial : sm90::cluster_peer(partial, s < splits ? s : 0);
   // This CTA's slice of the output's 16-byte vectors of partials (kVectorDims dims: 4 fp32 or 8 bf16);
   // consecutive threads read consecutive vectors of a row. A thread's vectors are kStride apart, a whole number of
   // rows: they share their dims (and inverse-RoPE factors) and step kHeadStep heads, so their addresses are immediate

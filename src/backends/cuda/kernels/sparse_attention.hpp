@@ -121,6 +121,9 @@ struct SparseAttentionParams {
   // in the consumers as at the session start (their stats loads behind their first batch of partials) instead of in
   // the producer warpgroup while that batch is in flight. Same bits.
   bool d512_consumer_merge_factors = false;
+  // Round s24 A/B only: the cluster merge reads this CTA's own partial through its cluster-window address as at the
+  // session start, instead of its local shared-memory address. Same bits.
+  bool d512_merge_own_through_cluster = false;
   // Small-batch decode (head_dim 512, more than 32 heads): CTAs over (query, 16-head group, split of at most
   // head_split_tiles · 32 entries) instead of (query, 64-head block, split), the splits merged in a cluster; used
   // where the grid is one wave on the device and the slot bound fits the largest cluster (else the kernels above).
