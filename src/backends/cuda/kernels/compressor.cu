@@ -181,6 +181,16 @@ bool streaming_loads() {
   return on;
 }
 
+// Round s24 A/B switch: DSV4_COMPRESSOR_FULL_MERGE=1 takes the kernels whose merge the compiler unrolls (merge_partials).
+bool full_merge() {
+  static const bool on = [] {
+    const char* v = std::getenv("DSV4_COMPRESSOR_FULL_MERGE");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+
+// Round s24 A/B switch: DSV4_COMPRESSOR_SECOND_FIRST=1 (plan_launch).
 bool second_pool_first() {
   static const bool on = [] {
     const char* v = std::getenv("DSV4_COMPRESSOR_SECOND_FIRST");
@@ -365,15 +375,21 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
         "compressor: a traced decode launch needs the registers slot loads");
   check(!traced || plan.ctas <= params[0].trace_ctas, "compressor: a traced launch of ", plan.ctas,
         " CTAs, its trace holds ", params[0].trace_ctas);
-  const auto kernel = lean            ? (traced ? compressor::compressor_kernel<false, Lean, true>
-                                                : compressor::compressor_kernel<false, Lean>)
-                      : slice_updates ? (staged   ? compressor::compressor_kernel<true, Staged>
-                                         : traced ? compressor::compressor_kernel<true, Registers, true>
-                                                  : compressor::compressor_kernel<true, Registers>)
-                                      : (staged   ? (traced ? compressor::compressor_kernel<false, Staged, true>
-                                                            : compressor::compressor_kernel<false, Staged>)
-                                         : traced ? compressor::compressor_kernel<false, Registers, true>
-                                                  : compressor::compressor_kernel<false, Registers>);
+  const bool full = full_merge();
+  const auto kernel =
+      lean            ? (traced ? compressor::compressor_kernel<false, Lean, true>
+                                : compressor::compressor_kernel<false, Lean>)
+      : slice_updates ? (staged   ? (full ? compressor::compressor_kernel<true, Staged, false, true>
+                                          : compressor::compressor_kernel<true, Staged>)
+                         : traced ? compressor::compressor_kernel<true, Registers, true>
+                         : full   ? compressor::compressor_kernel<true, Registers, false, true>
+                                  : compressor::compressor_kernel<true, Registers>)
+                      : (staged   ? (traced ? compressor::compressor_kernel<false, Staged, true>
+                                     : full ? compressor::compressor_kernel<false, Staged, false, true>
+                                            : compressor::compressor_kernel<false, Staged>)
+                         : traced ? compressor::compressor_kernel<false, Registers, true>
+                         : full   ? compressor::compressor_kernel<false, Registers, false, true>
+                                  : compressor::compressor_kernel<false, Registers>);
   if (plan.smem > 48 * 1024) {
     const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
     check(plan.smem <= size_t(limit), "compressor: ", plan.smem, " bytes of shared memory per CTA exceed the device's ",

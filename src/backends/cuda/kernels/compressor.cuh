@@ -298,19 +298,26 @@ struct OnlineSoftmax {
 // the branch each group's chain of loads, expf and sums waited for the previous one's: GPU round s21-2, H200, a
 // completing decode step of the CSA pair 6.29 -> 6.08 µs, of HCA 9.65 -> 9.04; the same bits).
 // Unrolled by two, not by the compiler's choice: a CTA merges once, from cold instruction cache (the default
-// unrolling made the staged kernel's merge 25 KB of code, ≈ 1,380 of its 12,120 instructions).
-template <class Part>
+// unrolling made the staged kernel's merge 25 KB of code, ≈ 1,380 of its 12,120 instructions). kFullMerge: the
+// compiler's unrolling (round s24 A/B switch DSV4_COMPRESSOR_FULL_MERGE=1).
+template <bool kFullMerge, class Part>
 __device__ __forceinline__ float merge_partials(int groups, Part part) {
   float m = kNegativeInfinity;
-#pragma unroll 2
-  for (int g = 0; g < groups; ++g) m = fmaxf(m, part(g).max);
   float den = 0.0f, num = 0.0f;
-#pragma unroll 2
-  for (int g = 0; g < groups; ++g) {
+  const auto add = [&](int g) {
     const OnlineSoftmax p = part(g);
     const float scale = expf(p.max - m);
     den += p.denominator * scale;
     num += p.numerator * scale;
+  };
+  if constexpr (kFullMerge) {
+    for (int g = 0; g < groups; ++g) m = fmaxf(m, part(g).max);
+    for (int g = 0; g < groups; ++g) add(g);
+  } else {
+#pragma unroll 2
+    for (int g = 0; g < groups; ++g) m = fmaxf(m, part(g).max);
+#pragma unroll 2
+    for (int g = 0; g < groups; ++g) add(g);
   }
   return num / den;
 }
@@ -731,7 +738,7 @@ __device__ __forceinline__ PoolSmem pool_smem(const PoolArgs& a, float* smem) {
 // split read through distributed shared memory after the cluster barrier when cluster_sync; arrive_after_read: this
 // CTA's arrival on the next cluster barrier follows its reads), RoPE, the stored rounding and the output stores.
 // kTrace: a traced launch (trace_point).
-template <bool kTrace>
+template <bool kTrace, bool kFullMerge>
 __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem& e, const FinishThread& t,
                                              const RopeFactors& rope, const PoolSmem& s, float* warp_partials,
                                              float* square_sum, bool cluster_sync, bool arrive_after_read,
@@ -743,7 +750,7 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int local_channel = 2 * t.pair + j;
-      v[j] = merge_partials(a.groups, [&](int g) {
+      v[j] = merge_partials<kFullMerge>(a.groups, [&](int g) {
         const int i = g * channels + local_channel;
         return OnlineSoftmax{s.part_max[i], s.part_den[i], s.part_num[i]};
       });
@@ -858,8 +865,8 @@ __device__ __forceinline__ void update_state_if_last(const PoolArgs& a, const Ru
 // kSliceUpdates: every run of the launch has at most `ratio` tokens (entries_per_run = 1), and each CTA updates its
 // channel slice of its run's state; otherwise the run's last ticket-taking CTA updates all of it.
 // kStaged: the pooling's slot loads go through the shared-memory ring (pool_from_staging), after the entry vector.
-// kTrace: a traced launch (trace_point).
-template <bool kSliceUpdates, bool kStaged, bool kTrace>
+// kTrace: a traced launch (trace_point). kFullMerge: see merge_partials.
+template <bool kSliceUpdates, bool kStaged, bool kTrace, bool kFullMerge>
 __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int hardware_cluster, float* smem,
                                          uint64_t* trace) {
   const int channels = a.channels_per_cta;
@@ -944,7 +951,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
     __threadfence();
     ticket = atomicAdd(r.state.finished_ctas, 1u);
   }
-  finish_entry<kTrace>(a, e, t, rope, s, warp_partials, &cta_square_sum, cluster_barriers, true, trace);
+  finish_entry<kTrace, kFullMerge>(a, e, t, rope, s, warp_partials, &cta_square_sum, cluster_barriers, true, trace);
   trace_point<kTrace>(trace, COMPRESSOR_TRACE_FINISHED);
 
   if (place.real) {
@@ -1260,8 +1267,8 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
 // not registers, holds the loads in flight; the decode steps' early state loads need more); the lean kernel three
 // 128-thread CTAs per SM (a window's slots and the softmaxes of four channels take ≈ 160 registers; two channels per
 // thread in 256-thread CTAs at 116 registers were slower for a CSA layer's pair: 31.3 vs 28.6 µs, H200).
-// kTrace: a traced launch (CompressorParams::trace).
-template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false>
+// kTrace: a traced launch (CompressorParams::trace). kFullMerge: see merge_partials.
+template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false, bool kFullMerge = false>
 __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLeanThreads
                                   : kLoads == CompressorSlotLoads::Staged ? kStagedThreads
                                                                           : kMaxThreads,
@@ -1281,7 +1288,7 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLea
   if constexpr (kLoads == CompressorSlotLoads::Lean)
     compress_lean<kTrace>(a, int64_t(blockIdx.x) - a.first_cta, launch.trace);
   else
-    compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged, kTrace>(
+    compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged, kTrace, kFullMerge>(
         a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem, launch.trace);
 }
 
