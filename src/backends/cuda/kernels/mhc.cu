@@ -125,10 +125,15 @@ void mhc::size_projection_grid(ProjectionArgs& args, const void* kernel, int thr
 
 namespace {
 
-template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant = mhc::ProjectionVariant::kShared>
+template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant = mhc::ProjectionVariant::kShared,
+          bool kFnEarly = false>
 void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
+  // A/B switch for GPU round s24-1 only: DSV4_MHC_FN_EARLY set, hc_pre and hc_head load fn before the grid wait.
+  if constexpr (!kPost && !kFnEarly)
+    if (std::getenv("DSV4_MHC_FN_EARLY") != nullptr)
+      return launch_projection<kHead, false, kSliceDims, kVariant, true>(args, multiprocessors, stream, op);
   using Shape = mhc::ProjectionShape<kHead, kPost, kSliceDims, kVariant>;
-  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant>;
+  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant, kFnEarly>;
   mhc::size_projection_grid(args, reinterpret_cast<const void*>(kernel), Shape::kThreads, Shape::kSmemBytes,
                             multiprocessors, op);
   launch_chained(kernel, dim3(unsigned(args.groups) * unsigned(args.slices)), dim3(Shape::kThreads),

@@ -752,7 +752,9 @@ static __device__ __noinline__ float sum_slice_words_slowly(const unsigned long 
   return sum;
 }
 
-template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared>
+// kFnEarly: round s24-1 A/B (DSV4_MHC_FN_EARLY): fn's fragments loaded before the grid-dependency wait (weights).
+template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared,
+          bool kFnEarly = false>
 __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const __grid_constant__ ProjectionArgs args) {
@@ -785,6 +787,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // Flash 4096: 27 % of the stall samples in the projection group waiting for stages, the finisher at 2.7 µs a tile).
   constexpr int kFinisherLag = 5;
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
+  static_assert(!kFnEarly || (!kPost && !kRoles), "fn early: hc_pre and hc_head only");
   static_assert(kVariant == ProjectionVariant::kShared || kSliceDims == 64, "one CTA per SM runs 64-dim slices");
   static_assert(kVariant == ProjectionVariant::kShared || kPost, "the warp-specialised variant runs hc_post_pre");
   static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
@@ -880,6 +883,10 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     }
     arrive_when_copies_land(&post_full[j % kPostSlots]);
   };
+  float fn_frag[2][kNTiles][4] = {};  // below
+  if constexpr (kFnEarly)  // the round's switch: the same fragments as below (its indices spelled out), earlier
+    load_fn_fragments<kRows>(fn_frag, args.fn + int64_t(warp / kWarpsPerStream) * d + i0, flat,
+                             (warp % kWarpsPerStream) * 32 + 4 * (lane & 3), width, lane >> 2);
   // Programmatic dependent launch: the dependents are released at once; X, out, post/comb and the workspace's
   // epoch are read only after the previous kernel has completed.
   allow_dependents();
@@ -900,8 +907,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   const int g = lane >> 2, t4 = lane & 3;
   const int stream = warp / kWarpsPerStream;
   const int column0 = (warp % kWarpsPerStream) * 32 + 4 * t4;
-  float fn_frag[2][kNTiles][4] = {};
-  if (!finisher)  // a finisher warp's `stream` is past the 4 streams
+  if (!kFnEarly && !finisher)  // a finisher warp's `stream` is past the 4 streams
     load_fn_fragments<kRows>(fn_frag, args.fn + int64_t(stream) * d + i0, flat, column0, width, g);
   // The thread's A fragments of each 16-column half p: token g at stage offset projected[p] (token g + 8 eight tokens'
   // rows on).
