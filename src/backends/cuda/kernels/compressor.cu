@@ -181,10 +181,12 @@ bool streaming_loads() {
   return on;
 }
 
-// Round s24 A/B switch: DSV4_COMPRESSOR_FULL_MERGE=1 takes the kernels whose merge the compiler unrolls (merge_partials).
-bool full_merge() {
+// Round s24 A/B switch: DSV4_COMPRESSOR_OLD_CODE=1 takes the staged and register kernels with the session start's code
+// layout (merge_partials unrolled by the compiler, pool_from_staging deciding per slot whether the window is in the
+// run).
+bool old_code() {
   static const bool on = [] {
-    const char* v = std::getenv("DSV4_COMPRESSOR_FULL_MERGE");
+    const char* v = std::getenv("DSV4_COMPRESSOR_OLD_CODE");
     return v != nullptr && std::strcmp(v, "1") == 0;
   }();
   return on;
@@ -375,20 +377,20 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
         "compressor: a traced decode launch needs the registers slot loads");
   check(!traced || plan.ctas <= params[0].trace_ctas, "compressor: a traced launch of ", plan.ctas,
         " CTAs, its trace holds ", params[0].trace_ctas);
-  const bool full = full_merge();
+  const bool old = old_code();
   const auto kernel =
       lean            ? (traced ? compressor::compressor_kernel<false, Lean, true>
                                 : compressor::compressor_kernel<false, Lean>)
-      : slice_updates ? (staged   ? (full ? compressor::compressor_kernel<true, Staged, false, true>
+      : slice_updates ? (staged   ? (old ? compressor::compressor_kernel<true, Staged, false, true>
                                           : compressor::compressor_kernel<true, Staged>)
                          : traced ? compressor::compressor_kernel<true, Registers, true>
-                         : full   ? compressor::compressor_kernel<true, Registers, false, true>
+                         : old    ? compressor::compressor_kernel<true, Registers, false, true>
                                   : compressor::compressor_kernel<true, Registers>)
                       : (staged   ? (traced ? compressor::compressor_kernel<false, Staged, true>
-                                     : full ? compressor::compressor_kernel<false, Staged, false, true>
+                                     : old ? compressor::compressor_kernel<false, Staged, false, true>
                                             : compressor::compressor_kernel<false, Staged>)
                          : traced ? compressor::compressor_kernel<false, Registers, true>
-                         : full   ? compressor::compressor_kernel<false, Registers, false, true>
+                         : old    ? compressor::compressor_kernel<false, Registers, false, true>
                                   : compressor::compressor_kernel<false, Registers>);
   if (plan.smem > 48 * 1024) {
     const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));

@@ -298,9 +298,9 @@ struct OnlineSoftmax {
 // the branch each group's chain of loads, expf and sums waited for the previous one's: GPU round s21-2, H200, a
 // completing decode step of the CSA pair 6.29 -> 6.08 µs, of HCA 9.65 -> 9.04; the same bits).
 // Unrolled by two, not by the compiler's choice: a CTA merges once, from cold instruction cache (the default
-// unrolling made the staged kernel's merge 25 KB of code, ≈ 1,380 of its 12,120 instructions). kFullMerge: the
-// compiler's unrolling (round s24 A/B switch DSV4_COMPRESSOR_FULL_MERGE=1).
-template <bool kFullMerge, class Part>
+// unrolling made the staged kernel's merge 25 KB of code, ≈ 1,380 of its 12,120 instructions). kOldCode: the
+// compiler's unrolling (round s24 A/B switch DSV4_COMPRESSOR_OLD_CODE=1).
+template <bool kOldCode, class Part>
 __device__ __forceinline__ float merge_partials(int groups, Part part) {
   float m = kNegativeInfinity;
   float den = 0.0f, num = 0.0f;
@@ -310,7 +310,7 @@ __device__ __forceinline__ float merge_partials(int groups, Part part) {
     den += p.denominator * scale;
     num += p.numerator * scale;
   };
-  if constexpr (kFullMerge) {
+  if constexpr (kOldCode) {
     for (int g = 0; g < groups; ++g) m = fmaxf(m, part(g).max);
     for (int g = 0; g < groups; ++g) add(g);
   } else {
@@ -382,10 +382,13 @@ __device__ __forceinline__ int64_t window_first_position(const PoolArgs& a, int6
 }
 
 // Loads as cp.async copies into the thread's part of the ring (kStages batches in flight, no registers held while
-// they are): a prefill CTA keeps its window's bytes in flight with the registers of a few values.
-__device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunView& r, const PoolingTask& t,
-                                                  float2* ring, RopeFactors& rope, OnlineSoftmax& channel0,
-                                                  OnlineSoftmax& channel1) {
+// they are): a prefill CTA keeps its window's bytes in flight with the registers of a few values. kWindowInRun: the
+// window lies wholly in the run (known at compile time: the loop's code holds one address path, not both per slot);
+// kOldCode: the decision per slot at run time (the session start's code; round s24 A/B switch).
+template <bool kWindowInRun, bool kOldCode>
+__device__ __forceinline__ void pool_from_staging_loop(const PoolArgs& a, const RunView& r, const PoolingTask& t,
+                                                       float2* ring, RopeFactors& rope, OnlineSoftmax& channel0,
+                                                       OnlineSoftmax& channel1) {
   const int step = kSlotBatch * a.groups;
   const int batches = (t.slots - t.group + step - 1) / step;  // group < groups ≤ slots
   const int threads = int(blockDim.x);
@@ -395,14 +398,14 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
   // A window wholly in the run (every entry of a prefill chunk but its first): slot s's row is the window's first
   // plus s (second halves: plus s − ratio and c columns on), so its addresses need no per-slot source selection.
   const int64_t first_q = window_first_position(a, t.w);
-  const bool window_in_run = first_q >= r.start;
+  const bool window_in_run = kOldCode ? first_q >= r.start : kWindowInRun;
   const int64_t window_offset = (first_q - r.start) * a.row_stride + t.channel;
   const auto issue = [&](int batch, int stage) {
 #pragma unroll
     for (int k = 0; k < kSlotBatch; ++k) {
       const int slot = t.group + batch * step + k * a.groups;
       SlotSource source;
-      if (window_in_run) {  // CTA-uniform
+      if (window_in_run) {  // CTA-uniform (a constant but with kOldCode)
         const int s = min(slot, t.slots - 1);  // past the window: a valid address, its value dropped
         const bool second = a.overlapping && s >= a.ratio;
         const int64_t offset = window_offset + int64_t(s) * a.row_stride + (second ? a.c : 0);
@@ -442,6 +445,18 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
     compiler_memory_fence();  // this stage's reads come before its refill
     if (b + 2 < batches) issue(b + 2, stage);
   }
+}
+
+template <bool kOldCode>
+__device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunView& r, const PoolingTask& t,
+                                                  float2* ring, RopeFactors& rope, OnlineSoftmax& channel0,
+                                                  OnlineSoftmax& channel1) {
+  if constexpr (kOldCode)
+    pool_from_staging_loop<false, true>(a, r, t, ring, rope, channel0, channel1);
+  else if (window_first_position(a, t.w) >= r.start)  // CTA-uniform
+    pool_from_staging_loop<true, false>(a, r, t, ring, rope, channel0, channel1);
+  else
+    pool_from_staging_loop<false, false>(a, r, t, ring, rope, channel0, channel1);
 }
 
 // float_to_e4m3 then e4m3_to_float of both values by the hardware conversions (round to nearest even, saturating
@@ -738,7 +753,7 @@ __device__ __forceinline__ PoolSmem pool_smem(const PoolArgs& a, float* smem) {
 // split read through distributed shared memory after the cluster barrier when cluster_sync; arrive_after_read: this
 // CTA's arrival on the next cluster barrier follows its reads), RoPE, the stored rounding and the output stores.
 // kTrace: a traced launch (trace_point).
-template <bool kTrace, bool kFullMerge>
+template <bool kTrace, bool kOldCode>
 __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem& e, const FinishThread& t,
                                              const RopeFactors& rope, const PoolSmem& s, float* warp_partials,
                                              float* square_sum, bool cluster_sync, bool arrive_after_read,
@@ -750,7 +765,7 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int local_channel = 2 * t.pair + j;
-      v[j] = merge_partials<kFullMerge>(a.groups, [&](int g) {
+      v[j] = merge_partials<kOldCode>(a.groups, [&](int g) {
         const int i = g * channels + local_channel;
         return OnlineSoftmax{s.part_max[i], s.part_den[i], s.part_num[i]};
       });
@@ -865,8 +880,8 @@ __device__ __forceinline__ void update_state_if_last(const PoolArgs& a, const Ru
 // kSliceUpdates: every run of the launch has at most `ratio` tokens (entries_per_run = 1), and each CTA updates its
 // channel slice of its run's state; otherwise the run's last ticket-taking CTA updates all of it.
 // kStaged: the pooling's slot loads go through the shared-memory ring (pool_from_staging), after the entry vector.
-// kTrace: a traced launch (trace_point). kFullMerge: see merge_partials.
-template <bool kSliceUpdates, bool kStaged, bool kTrace, bool kFullMerge>
+// kTrace: a traced launch (trace_point). kOldCode: see merge_partials and pool_from_staging.
+template <bool kSliceUpdates, bool kStaged, bool kTrace, bool kOldCode>
 __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int hardware_cluster, float* smem,
                                          uint64_t* trace) {
   const int channels = a.channels_per_cta;
@@ -930,7 +945,8 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
                            .frequency = frequency};
     OnlineSoftmax channel0, channel1;
     if constexpr (kStaged)
-      pool_from_staging(a, r, task, reinterpret_cast<float2*>(s.entry_vector + channels), rope, channel0, channel1);
+      pool_from_staging<kOldCode>(a, r, task, reinterpret_cast<float2*>(s.entry_vector + channels), rope, channel0,
+                                  channel1);
     else
       pool_from_registers(a, r, task, rope, channel0, channel1);
     const int local_channel = t.group * channels + 2 * t.pair;
@@ -951,7 +967,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
     __threadfence();
     ticket = atomicAdd(r.state.finished_ctas, 1u);
   }
-  finish_entry<kTrace, kFullMerge>(a, e, t, rope, s, warp_partials, &cta_square_sum, cluster_barriers, true, trace);
+  finish_entry<kTrace, kOldCode>(a, e, t, rope, s, warp_partials, &cta_square_sum, cluster_barriers, true, trace);
   trace_point<kTrace>(trace, COMPRESSOR_TRACE_FINISHED);
 
   if (place.real) {
@@ -1267,8 +1283,8 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
 // not registers, holds the loads in flight; the decode steps' early state loads need more); the lean kernel three
 // 128-thread CTAs per SM (a window's slots and the softmaxes of four channels take ≈ 160 registers; two channels per
 // thread in 256-thread CTAs at 116 registers were slower for a CSA layer's pair: 31.3 vs 28.6 µs, H200).
-// kTrace: a traced launch (CompressorParams::trace). kFullMerge: see merge_partials.
-template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false, bool kFullMerge = false>
+// kTrace: a traced launch (CompressorParams::trace). kOldCode: see merge_partials and pool_from_staging.
+template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false, bool kOldCode = false>
 __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLeanThreads
                                   : kLoads == CompressorSlotLoads::Staged ? kStagedThreads
                                                                           : kMaxThreads,
@@ -1288,7 +1304,7 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLea
   if constexpr (kLoads == CompressorSlotLoads::Lean)
     compress_lean<kTrace>(a, int64_t(blockIdx.x) - a.first_cta, launch.trace);
   else
-    compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged, kTrace, kFullMerge>(
+    compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged, kTrace, kOldCode>(
         a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem, launch.trace);
 }
 
