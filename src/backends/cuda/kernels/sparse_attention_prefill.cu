@@ -12,9 +12,9 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
-template <bool kFp8, bool kTrace, bool kTileRelease = false>
+template <bool kFp8, bool kTrace, bool kTileRelease = false, bool kQTiles = false>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace, kTileRelease>;
+  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace, kTileRelease, kQTiles>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
@@ -66,6 +66,16 @@ void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAt
   if (p.tokens == 0) return;
   const int head_blocks = (p.heads + kHeads - 1) / kHeads;
   const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
+  if (options.q_tiles) {
+    check(!fp8 && p.q_dtype == AttentionDtype::Bf16,
+          "sparse_attention_prefill: q_tiles serves bf16 entries and bf16 q only (round A/B)");
+    if (options.tile_release)
+      launch<false, false, true, true>(p, head_blocks, options);
+    else
+      options.trace != nullptr ? launch<false, true, false, true>(p, head_blocks, options)
+                               : launch<false, false, false, true>(p, head_blocks, options);
+    return;
+  }
   if (options.tile_release) {
     check(!fp8, "sparse_attention_prefill: tile_release serves bf16 entries only (fp8 halves land at once)");
     options.trace != nullptr ? launch<false, true, true>(p, head_blocks, options)

@@ -138,12 +138,13 @@ inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [32]: the
 inline constexpr int kSum = kMax + 32 * 8;                   // float2 [64]: the consumers' row sums
 inline constexpr int kRope = kSum + 64 * 8;                  // RopeFactors [kMaxRopePairs]
 inline constexpr int kPhysical = kRope + kMaxRopePairs * 8;  // int32 [2 × 4][producer thread]: its slots' entries
-// full[2][2], empty[2][2], valid[2], rope, tile_full[2][2][3], tile_empty01[3]
+// full[2][2], empty[2][2], valid[2], rope, tile_full[2][2][3], tile_empty01[3], q_full[8]
 inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;
-inline constexpr int kBarrierCount = 11, kTileBarrierCount = 12, kTileEmptyBarrierCount = 3;
+inline constexpr int kBarrierCount = 11, kTileBarrierCount = 12, kTileEmptyBarrierCount = 3, kQBarrierCount = 8;
 static_assert(kTileBarrierCount == 2 * 2 * (kHalfTiles - 1), "a barrier per (buffer, half, tile but the last)");
 static_assert(kTileEmptyBarrierCount == kHalfTiles - 1, "a barrier per tile of buffer 0's half 1 but the last");
-inline constexpr int kBytes = kBarriers + (kBarrierCount + kTileBarrierCount + kTileEmptyBarrierCount) * 8;
+inline constexpr int kBytes =
+    kBarriers + (kBarrierCount + kTileBarrierCount + kTileEmptyBarrierCount + kQBarrierCount) * 8;
 inline constexpr int kAllocationBytes = kBytes + 1024;       // room to align the base to 1024
 static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
 
@@ -186,6 +187,10 @@ struct Barriers {
   // each 64-dim tile ends; tile 3 is empty()).
   __device__ __forceinline__ uint64_t* tile_empty01(int tile) const {
     return tile < kHalfTiles - 1 ? base + kBarrierCount + kTileBarrierCount + tile : empty(0, 1);
+  }
+  // q_tiles: Q's 64-dim tile `tile` landed (every consumer thread's cp.async arrival).
+  __device__ __forceinline__ uint64_t* q_full(int tile) const {
+    return base + kBarrierCount + kTileBarrierCount + kTileEmptyBarrierCount + tile;
   }
   // Where a half's tile `tile` arrives: bf16 entries tile by tile, fp8 entries (stored through registers) all on full.
   template <bool kFp8>
@@ -490,13 +495,15 @@ __device__ __forceinline__ void wait_full(uint64_t* barrier, uint32_t parity) {
 
 // s (+)= Q K_bufferᵀ over the four 64-dim tiles of `half`, each once it landed (its barrier's phase `parity`; fp8
 // entries land together: one wait).
+// wait_q (q_tiles, a consumer's first scores): each Q tile is waited for too.
 template <bool kFp8>
 __device__ __forceinline__ void qk_half(float (&s)[32], const uint8_t* smem, int buffer, int half, bool first,
-                                        const Barriers& barriers, uint32_t parity) {
+                                        const Barriers& barriers, uint32_t parity, bool wait_q = false) {
   const uint64_t q = sm90::make_sw128_k_major_descriptor(smem + kQ);
   const uint64_t k = sm90::make_sw128_k_major_descriptor(smem + kKv + buffer * kBufferBytes);
 #pragma unroll
   for (int i = 0; i < kHalfTiles; ++i) {
+    if (wait_q) sm90::mbarrier_wait(barriers.q_full(half * kHalfTiles + i), 0);
     if (!kFp8 || i == 0) wait_full<kFp8>(barriers.arrival<kFp8>(buffer, half, i), parity);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
@@ -667,7 +674,7 @@ __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
   return row * row_bytes + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
-template <bool kFp8, bool kTrace, bool kTileRelease>
+template <bool kFp8, bool kTrace, bool kTileRelease, bool kQTiles>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
                                         const Barriers& barriers, uint64_t* trace) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
@@ -685,7 +692,23 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
 
   // Q (64 heads × 512 dims as bf16, swizzled; heads past H zero), by both consumers.
   const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + kRope);
-  {
+  if constexpr (kQTiles) {
+    // q_tiles (round s24 A/B; bf16 q, bf16 entries): by cp.async, tile by tile (two 16-byte chunks per thread and
+    // tile), each tile on its own mbarrier, so that the first scores start on Q's first tiles while the rest lands.
+#pragma unroll
+    for (int tile = 0; tile < kDimTiles; ++tile) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int index = thread256 + 2 * kWarpgroup * r, h = index / 8, chunk = index % 8;
+        const bool used = head_base + h < p.heads;
+        const __nv_bfloat16* source = static_cast<const __nv_bfloat16*>(p.q) +
+                                      (used ? (t * p.heads + head_base + h) * kHeadDim + tile * 64 + chunk * 8 : 0);
+        ptx::cp_async_or_zero<16>(shared_address(smem + kQ + tile * kTileBytes + swizzled(h, chunk)), source, used);
+      }
+      ptx::cp_async_mbarrier_arrive_noinc(shared_address(barriers.q_full(tile)));
+    }
+    trace_point<kTrace>(trace, prefill_trace::kQStaged);  // here: Q's copies issued
+  } else {
     constexpr int kChunks = kHeads * kHeadDim / 8 / (2 * kWarpgroup);
     uint4 packed[kChunks];
 #pragma unroll
@@ -752,8 +775,8 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
         trace_point<kTrace>(trace, prefill_trace::kFirstData);
       }
       sm90::wgmma_fence();
-      qk_half<kFp8>(s, smem, 0, 0, true, barriers, 0);
-      qk_half<kFp8>(s, smem, 0, 1, false, barriers, 0);
+      qk_half<kFp8>(s, smem, 0, 0, true, barriers, 0, kQTiles);
+      qk_half<kFp8>(s, smem, 0, 1, false, barriers, 0, kQTiles);
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(s);
@@ -828,13 +851,13 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       const uint32_t parity = i & 1;
       pair_point<kTrace>(trace, i, prefill_trace::kC1Issued);
       sm90::wgmma_fence();
-      qk_half<kFp8>(s, smem, 1, 1, true, barriers, parity);
+      qk_half<kFp8>(s, smem, 1, 1, true, barriers, parity, kQTiles && i == 0);
       if (kTrace) {
         wait_full<kFp8>(barriers.arrival<kFp8>(1, 0, 0), parity);
         if (i < prefill_trace::kConsumer1Pairs) trace_point<kTrace>(trace, prefill_trace::kLastHalfArrived + i);
         pair_point<kTrace>(trace, i, prefill_trace::kC1LateTile);
       }
-      qk_half<kFp8>(s, smem, 1, 0, false, barriers, parity);
+      qk_half<kFp8>(s, smem, 1, 0, false, barriers, parity, kQTiles && i == 0);
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(s);
@@ -895,6 +918,8 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     }
   }
 
+  // q_tiles: this thread's Q copies are complete before the CTA can end (a query without pairs never waited on them).
+  if constexpr (kQTiles) asm volatile("cp.async.wait_all;\n" ::: "memory");
   // Both consumers end on the last pair's max; their row sums add up.
   if (pairs == 0) publish_final_row_sums();
   consumer_named_barrier<2 * kWarpgroup, kBarrierSum0, false>(consumer ^ 1);
@@ -971,12 +996,13 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
 
-template <bool kFp8, bool kTrace, bool kTileRelease>
+template <bool kFp8, bool kTrace, bool kTileRelease, bool kQTiles>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                     const int resident_ctas, const bool prefetch_resolved, const bool late_ahead,
                                     uint64_t* trace) {
   static_assert(!(kFp8 && kTileRelease), "tile_release: bf16 entries only (fp8 halves land at once)");
+  static_assert(!(kFp8 && kQTiles), "q_tiles: bf16 entries only (round A/B)");
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
   // The swizzled tiles and the descriptors' zero base offset need a 1024-byte aligned base.
@@ -991,6 +1017,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < kBarrierCount + (kFp8 ? 0 : kTileBarrierCount) + (kTileRelease ? kTileEmptyBarrierCount : 0);
          ++i)
       sm90::mbarrier_init(barriers.base + i, kWarpgroup);
+    if constexpr (kQTiles)
+      for (int tile = 0; tile < kDimTiles; ++tile) sm90::mbarrier_init(barriers.q_full(tile), 2 * kWarpgroup);
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
@@ -1006,7 +1034,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                           trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8, kTrace, kTileRelease>(p, smem, t, head_block * kHeads, barriers, trace);
+    consume<kFp8, kTrace, kTileRelease, kQTiles>(p, smem, t, head_block * kHeads, barriers, trace);
   }
 }
 

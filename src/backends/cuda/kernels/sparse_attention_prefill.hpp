@@ -86,6 +86,10 @@ struct SparseAttentionPrefillOptions {
   // Round s24 A/B: the producer asks L2 for the next item's q rows and index lines (the CTA one wave later) after its
   // last copies instead of before its first.
   bool late_ahead = false;
+  // Round s24 A/B (bf16 entries and q only; refused otherwise): the consumers copy Q by cp.async tile by tile, each
+  // 64-dim tile on its own mbarrier, and their first scores start on Q's first tiles (with tile_release: both,
+  // untraced).
+  bool q_tiles = false;
 };
 
 void run_sparse_attention_prefill(const SparseAttentionParams& params,
