@@ -725,13 +725,15 @@ int main(int argc, char** argv) {
         // Round s24-1 A/B where the default takes the persistent kernel on 64-dim slices: `body` (the default) with
         // each of `variants` (space-separated switches: DSV4_MHC_WIDE_SLICES, 128-dim slices; DSV4_MHC_TILE_CLUSTERS,
         // the single-cluster kernel at every size; DSV4_MHC_SPLIT_POST_PRE, hc_post_pre as hc_post then hc_pre;
-        // DSV4_MHC_FN_EARLY, hc_pre / hc_head's fn loaded before the grid-dependency wait), then
+        // DSV4_MHC_FN_EARLY, hc_pre / hc_head's fn loaded before the grid-dependency wait; DSV4_MHC_LOADER_LATE, their
+        // X tiles issued by a thread of a warp that neither publishes nor sums first), then
         // the default once more. `compare`: how far each variant's output (y of set 0) lies from the default's (another
         // summation order, so other bits).
         const bool wide_sized = choose_hc_projection_config(T, d, device.multiprocessors).slice_dims == 64;
         const auto set_switches = [](std::string_view variant) {
           for (const char* name :
-               {"DSV4_MHC_WIDE_SLICES", "DSV4_MHC_TILE_CLUSTERS", "DSV4_MHC_SPLIT_POST_PRE", "DSV4_MHC_FN_EARLY"})
+               {"DSV4_MHC_WIDE_SLICES", "DSV4_MHC_TILE_CLUSTERS", "DSV4_MHC_SPLIT_POST_PRE", "DSV4_MHC_FN_EARLY",
+                "DSV4_MHC_LOADER_LATE"})
             variant.find(name) != std::string_view::npos ? setenv(name, "1", 1) : unsetenv(name);
         };
         const auto switch_rows = [&](const char* op, int64_t default_min_tokens, const auto& body, double bytes,
@@ -768,7 +770,7 @@ int main(int argc, char** argv) {
           }
         };
         const std::vector<const char*> projection_variants = {"DSV4_MHC_WIDE_SLICES=1", "DSV4_MHC_TILE_CLUSTERS=1",
-                                                              "DSV4_MHC_FN_EARLY=1"};
+                                                              "DSV4_MHC_FN_EARLY=1", "DSV4_MHC_LOADER_LATE=1"};
         switch_rows("hc_pre", kAutoClusterPerTileMaxTokens + 1, hc_pre, pre_bytes, projection_variants, true);
         const bool tile_clusters_sized = !decode_sized && T <= 1024;
         if (tile_clusters_sized) {

@@ -511,6 +511,25 @@ TEST(MhcGpu, WideSlicesMatchCpu) {
   unsetenv("DSV4_MHC_WIDE_SLICES");
 }
 
+// GPU round s24-1's A/B switches DSV4_MHC_FN_EARLY (fn before the grid wait) and DSV4_MHC_LOADER_LATE (another X
+// tile loader thread), alone and together, on 64- and 32-dim slices (V4-Flash and an odd width).
+TEST(MhcGpu, FnEarlyAndLoaderLateMatchCpu) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 2300;
+  for (const int which : {1, 2, 3}) {
+    (which & 1) != 0 ? setenv("DSV4_MHC_FN_EARLY", "1", 1) : unsetenv("DSV4_MHC_FN_EARLY");
+    (which & 2) != 0 ? setenv("DSV4_MHC_LOADER_LATE", "1", 1) : unsetenv("DSV4_MHC_LOADER_LATE");
+    SCOPED_TRACE("round switches " + std::to_string(which));
+    for (const int64_t d : {int64_t(4096), int64_t(260)})
+      for (const int64_t T : {int64_t(300), int64_t(1000)}) {
+        check_hc_pre(T, d, false, {HcKernelChoice::PERSISTENT}, seed++);
+        check_hc_head(T, d, false, {HcKernelChoice::PERSISTENT}, seed++);
+      }
+  }
+  unsetenv("DSV4_MHC_FN_EARLY");
+  unsetenv("DSV4_MHC_LOADER_LATE");
+}
+
 // GPU round s24-1's A/B switch DSV4_MHC_TILE_CLUSTERS: AUTO's single-cluster kernel (a cluster per 16-token tile,
 // hc_post_pre fused) past its usual token limits, at V4-Flash's width (a partial last tile at 300 and 1000).
 TEST(MhcGpu, TileClustersEverywhereMatchCpu) {

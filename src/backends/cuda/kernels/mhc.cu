@@ -125,19 +125,28 @@ void mhc::size_projection_grid(ProjectionArgs& args, const void* kernel, int thr
 
 namespace {
 
-template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant = mhc::ProjectionVariant::kShared,
-          bool kFnEarly = false>
-void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
-  // A/B switch for GPU round s24-1 only: DSV4_MHC_FN_EARLY set, hc_pre and hc_head load fn before the grid wait.
-  if constexpr (!kPost && !kFnEarly)
-    if (std::getenv("DSV4_MHC_FN_EARLY") != nullptr)
-      return launch_projection<kHead, false, kSliceDims, kVariant, true>(args, multiprocessors, stream, op);
+template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant, int kRound>
+void launch_projection_instance(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
   using Shape = mhc::ProjectionShape<kHead, kPost, kSliceDims, kVariant>;
-  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant, kFnEarly>;
+  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant, kRound>;
   mhc::size_projection_grid(args, reinterpret_cast<const void*>(kernel), Shape::kThreads, Shape::kSmemBytes,
                             multiprocessors, op);
   launch_chained(kernel, dim3(unsigned(args.groups) * unsigned(args.slices)), dim3(Shape::kThreads),
                  size_t(Shape::kSmemBytes), stream, args, op);
+}
+
+template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant = mhc::ProjectionVariant::kShared>
+void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
+  // A/B switches for GPU round s24-1 only (hc_pre and hc_head): DSV4_MHC_FN_EARLY, DSV4_MHC_LOADER_LATE (the kernel's
+  // kRound bits).
+  if constexpr (!kPost && kVariant == mhc::ProjectionVariant::kShared) {
+    const int round = (std::getenv("DSV4_MHC_FN_EARLY") != nullptr ? mhc::kRoundFnEarly : 0) |
+                      (std::getenv("DSV4_MHC_LOADER_LATE") != nullptr ? mhc::kRoundLoaderLate : 0);
+    if (round == 1) return launch_projection_instance<kHead, false, kSliceDims, kVariant, 1>(args, multiprocessors, stream, op);
+    if (round == 2) return launch_projection_instance<kHead, false, kSliceDims, kVariant, 2>(args, multiprocessors, stream, op);
+    if (round == 3) return launch_projection_instance<kHead, false, kSliceDims, kVariant, 3>(args, multiprocessors, stream, op);
+  }
+  launch_projection_instance<kHead, kPost, kSliceDims, kVariant, 0>(args, multiprocessors, stream, op);
 }
 
 // The warp-specialised variant serves PERSISTENT_WARP_SPECIALIZED hc_post_pre launches where the card holds a CTA per

@@ -752,9 +752,12 @@ static __device__ __noinline__ float sum_slice_words_slowly(const unsigned long 
   return sum;
 }
 
-// kFnEarly: round s24-1 A/B (DSV4_MHC_FN_EARLY): fn's fragments loaded before the grid-dependency wait (weights).
-template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared,
-          bool kFnEarly = false>
+// Round s24-1 A/B switches (kShared: hc_pre and hc_head), kRound's bits: kRoundFnEarly (DSV4_MHC_FN_EARLY), fn's
+// fragments loaded before the grid-dependency wait (weights); kRoundLoaderLate (DSV4_MHC_LOADER_LATE), the X tiles
+// issued by a thread of the third warp from the end (no publication item at hc_head, no slice sum, not a pre
+// reader) instead of thread 0 (whose warp publishes and sums right after the refill).
+inline constexpr int kRoundFnEarly = 1, kRoundLoaderLate = 2;
+template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared, int kRound = 0>
 __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const __grid_constant__ ProjectionArgs args) {
@@ -787,7 +790,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // Flash 4096: 27 % of the stall samples in the projection group waiting for stages, the finisher at 2.7 µs a tile).
   constexpr int kFinisherLag = 5;
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
-  static_assert(!kFnEarly || (!kPost && !kRoles), "fn early: hc_pre and hc_head only");
+  constexpr bool kFnEarly = (kRound & kRoundFnEarly) != 0;
+  static_assert(kRound == 0 || (!kPost && !kRoles), "the round's switches: hc_pre and hc_head only");
   static_assert(kVariant == ProjectionVariant::kShared || kSliceDims == 64, "one CTA per SM runs 64-dim slices");
   static_assert(kVariant == ProjectionVariant::kShared || kPost, "the warp-specialised variant runs hc_post_pre");
   static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
@@ -858,7 +862,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // The CTA's j-th X tile into its stage by the loading group's first thread: the boxes of its 64 (token, stream) rows
   // at the slice's columns. The stage's earlier reads are done (the callers passed a barrier); the fused update's
   // writes were fenced for the TMA's proxy by their threads.
-  const bool tile_loader = ltid == 0 && (!kRoles || finisher);
+  constexpr int kLoader = (kRound & kRoundLoaderLate) != 0 ? 32 * (kWarps - 3) : 0;
+  const bool tile_loader = ltid == kLoader && (!kRoles || finisher);
   if (tile_loader) sm90::prefetch_tensor_map(&args.x_map);
   const auto load_tile = [&](int j) {
     if (!tile_loader) return;
