@@ -38,8 +38,8 @@
 //   alone (mma_rate_kernel) against a tile's flops at the same-run cuBLAS rate and at the nominal peak, nothing else.
 //   --trace times one cold traced call of each selected decode case on the head_dim 512 kernel (bf16 entries) and
 //   prints its CTAs' phases per wave with the floors of its tile pace and tail (run_trace_case); no prefill. --ab
-//   merge times each selected decode case with the round's merge variants old / factors / new (run_ab_case; no
-//   prefill).
+//   merge times each selected decode case with the round's merge variants old / factors / new / bulk (run_ab_case;
+//   no prefill).
 //   --flush memset|read: how L2 is flushed before each timed decode call (memset, the default: a memset of a 256 MB
 //   buffer, which leaves L2 full of dirty lines; read: a read sweep of it, clean lines). --out f32|bf16: the output
 //   type of --trace and --ab's calls (f32 by default; the model's decode writes bf16).
@@ -772,13 +772,15 @@ void print_trace(const char* label, const std::vector<uint64_t>& trace, int ctas
 // The round's A/B variants of the cluster merge (--ab merge and the --trace rows; calls of cluster-merged splits): old
 // = the session start's (factors formed by the consumers, d512_consumer_merge_factors; the CTA's own partial through
 // its cluster-window address, d512_merge_own_through_cluster), factors = the factors formed by the producer, new =
-// the defaults (also the own partial through its local address).
-constexpr int kMergeVariants = 3;
-constexpr const char* kMergeVariantNames[kMergeVariants] = {"old", "factors", "new"};
+// the defaults (also the own partial through its local address), bulk = new with two splits' rows handed over by a
+// bulk copy (d512_bulk_merge; bf16 entries, fp32 partials, else as new).
+constexpr int kMergeVariants = 4, kNewVariant = 2;
+constexpr const char* kMergeVariantNames[kMergeVariants] = {"old", "factors", "new", "bulk"};
 
 SparseAttentionParams merge_variant(SparseAttentionParams call, int variant) {
   call.d512_consumer_merge_factors = variant == 0;
   call.d512_merge_own_through_cluster = variant <= 1;
+  call.d512_bulk_merge = variant == 3;
   return call;
 }
 
@@ -813,7 +815,7 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
   const double tile_bytes = double(kSparseAttentionTileEntries) * call.cache.layout.entry_bytes;
   // The round's merge variants where they serve the call, else the defaults (new) alone.
   for (int variant = 0; variant < kMergeVariants; ++variant) {
-    if (variant + 1 < kMergeVariants && !ab_serves(call)) continue;
+    if (variant != kNewVariant && !ab_serves(call)) continue;
     SparseAttentionParams traced = merge_variant(call, variant);
     run_sparse_attention(traced);  // warm-up, untraced
     traced.d512_trace = d_trace.as<uint64_t>();
@@ -831,7 +833,7 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
 }
 
 // --ab merge: the route's decode call (bf16 q, --out's output type; the decode kernels, splits as the model chooses
-// them) in each merge variant (old, factors, new), timed alternately (median of 20 calls each after --flush's flush,
+// them) in each merge variant (old, factors, new, bulk), timed alternately (median of 20 calls each after --flush's flush,
 // twice), each checked against the CPU and compared byte for byte with old.
 void run_ab_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch, int64_t context,
                  double copy_gbps, double cublas_tflops, int sms, const L2Flush& flush, AttentionDtype out_dtype,
@@ -878,7 +880,7 @@ void run_ab_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat 
   for (int v = 0; v < kMergeVariants; ++v)
     std::printf("  %s %6.1f %6.1f us", kMergeVariantNames[v], us[v][0], us[v][1]);
   std::printf(" (new %4.1f%% of floor %.1f)  cpu err %.1e  %zu bytes differ from old%s\n",
-              100.0 * floor_us / std::min(us[kMergeVariants - 1][0], us[kMergeVariants - 1][1]), floor_us,
+              100.0 * floor_us / std::min(us[kNewVariant][0], us[kNewVariant][1]), floor_us,
               worst_error, differing, worst_error <= kCpuCheckLimit ? "" : "  CPU CHECK FAILED");
   std::fflush(stdout);
 }
@@ -1056,7 +1058,8 @@ int run(int argc, char** argv) {
   else if (ab)
     std::printf("--ab merge: the decode call's cluster merge as at the session start (old: factors formed by the "
                 "consumers, the own partial through the cluster window), with the factors formed by the producer "
-                "(factors), and also the own partial through its local address (new, the default); us alternately "
+                "(factors), and also the own partial through its local address (new, the default), two splits' rows by a "
+                "bulk copy (bulk: bf16 entries); us alternately "
                 "(median of 20 flushed calls each, twice); floor = max(KV bytes and output at the copy rate, flops at "
                 "the cuBLAS rate)\n");
   else if (route)

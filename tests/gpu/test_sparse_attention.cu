@@ -245,7 +245,8 @@ TEST(SparseAttention, ClusterMergeEverySplitCount) {
 }
 
 // Round s24 A/B: the cluster merge's factors formed by the producer warpgroup, with the CTA's own partial through the
-// cluster window (d512_merge_own_through_cluster) and through its local address (the default), give the session
+// cluster window (d512_merge_own_through_cluster), through its local address (the default) and two splits' rows by a
+// bulk copy (d512_bulk_merge; bf16 entries, fp32 partials), give the session
 // start's bytes (d512_consumer_merge_factors: factors formed by the consumers, own partial through the window) at each
 // merge unrolling (2, 4, 8, 16 splits, per-query counts at odd counts), fp32 and bf16 partials; the default also
 // against the CPU.
@@ -273,15 +274,16 @@ TEST(SparseAttention, D512MergeFactorsSameBits) {
         old_call.d512_consumer_merge_factors = true;
         old_call.d512_merge_own_through_cluster = true;
         const std::vector<uint8_t> old_bytes = run_call(c, true, old_call, used_splits);
-        for (const bool own_through_cluster : {true, false}) {
+        for (const int variant : {0, 1, 2}) {
           SparseAttentionParams new_call = call;
-          new_call.d512_merge_own_through_cluster = own_through_cluster;
+          new_call.d512_merge_own_through_cluster = variant == 0;
+          new_call.d512_bulk_merge = variant == 2;
           const std::vector<uint8_t> new_bytes = run_call(c, true, new_call, used_splits);
           ASSERT_EQ(old_bytes.size(), new_bytes.size());
           size_t differing = 0;
           for (size_t i = 0; i < old_bytes.size(); ++i) differing += old_bytes[i] != new_bytes[i];
-          EXPECT_EQ(differing, 0u) << "bytes differ from the session start's merge (own partial through the cluster "
-                                   << "window: " << own_through_cluster << ")";
+          EXPECT_EQ(differing, 0u) << "bytes differ from the session start's merge (variant " << variant
+                                   << ": 0 own partial through the cluster window, 1 local, 2 bulk copy)";
         }
         compare_with_cpu(c, true, call, data.expected, data.magnitude);
       }

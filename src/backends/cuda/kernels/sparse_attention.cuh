@@ -1003,10 +1003,10 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
   const uint4* partial = reinterpret_cast<const uint4*>(smem + L::kMergePartial);
 
   const uint4* peer_partial[kMaxSplits];
-#pragma unroll
   // This CTA's own partial through its local shared-memory address (not the cluster window; round s24 A/B:
   // d512_merge_own_through_cluster keeps the session start's window address).
   const bool own_local = !p.d512_merge_own_through_cluster;
+#pragma unroll
   for (int s = 0; s < kMaxSplits; ++s)
     peer_partial[s] = own_local && s == split ? partial : sm90::cluster_peer(partial, s < splits ? s : 0);
   // This CTA's slice of the output's 16-byte vectors of partials (kVectorDims dims: 4 fp32 or 8 bf16);
@@ -1129,6 +1129,121 @@ __device__ __forceinline__ void d512_cluster_merge_for(const SparseAttentionPara
     d512_cluster_merge<L, 8, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2, tracer);
   else
     d512_cluster_merge<L, 16, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2, tracer);
+}
+
+// Round s24 A/B (d512_bulk_merge): the two-split merge's rows handed over by one bulk copy. Each CTA writes the 32
+// rows it merges (kBulkOwn) and the 32 its peer merges (kBulkSend) unpadded, 16-byte chunk k of row r at k ^ (r % 8)
+// (conflict-free fragment stores and row reads), over Q and KV stages 0-1; after the cluster barrier one thread copies
+// kBulkSend into the peer's kBulkRecv (KV stages 2-3) by cp.async.bulk completing on the peer's mbarrier (in the
+// exchange region), so the merge reads only local shared memory; the factors come from the producer
+// (d512_merge_factors). bf16 entries (the fp8 layout has no room for the three row sets), fp32 partials.
+inline constexpr int kBulkRowBytes = kD512HeadDim * 4, kBulkRows = kD512Heads / 2;
+inline constexpr int kBulkBytes = kBulkRows * kBulkRowBytes;  // 64 KB
+inline constexpr int kBulkOwn = 0, kBulkSend = kBulkBytes, kBulkRecv = 2 * kBulkBytes;
+inline constexpr int kMergeBulkBarrierOffset = 10240;  // past the rope table (kMergeRopeOffset + 256 pairs)
+
+template <class L>
+__device__ __forceinline__ bool d512_bulk_merge_serves(const SparseAttentionParams& p) {
+  if constexpr (L::kFp8Entries) {
+    return false;
+  } else {
+    static_assert(kBulkRecv + kBulkBytes <= L::kExchange, "the three row sets fit below the exchange region");
+    static_assert(kMergeBulkBarrierOffset >= kMergeRopeOffset + kD512HeadDim / 2 * 8 &&
+                      kMergeBulkBarrierOffset + 8 <= 2 * L::kExchangeFloats * 4,
+                  "the bulk merge's mbarrier fits the exchange region past the tables");
+    return p.d512_bulk_merge && p.splits == 2 && !p.cluster_merge_bf16_partials && !p.d512_consumer_merge_factors;
+  }
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a row set.
+__device__ __forceinline__ int bulk_chunk_offset(int row, int chunk) {
+  return row * kBulkRowBytes + ((chunk ^ (row % 8)) * 16);
+}
+
+// A consumer thread's fragment row r (head row of the block) into the own or the send set; dim0 = its first dim.
+__device__ __forceinline__ void d512_bulk_write_row(uint8_t* smem, int row, int split, int dim0,
+                                                    const float (&o_acc)[128], int r) {
+  const bool own = row / kBulkRows == split;  // warp-uniform
+  const int set_row = row % kBulkRows;
+  uint8_t* set = smem + (own ? kBulkOwn : kBulkSend);
+#pragma unroll
+  for (int n = 0; n < 32; ++n) {
+    const int dim = dim0 + 8 * n;
+    *reinterpret_cast<float2*>(set + bulk_chunk_offset(set_row, dim / 4) + (dim % 4) * 4) =
+        make_float2(o_acc[4 * n + 2 * r], o_acc[4 * n + 2 * r + 1]);
+  }
+}
+
+// Before the cluster barrier: the send set to the async proxy, and thread 0 sets up this CTA's receive mbarrier (one
+// arrival, the peer's 64 KB).
+__device__ __forceinline__ void d512_bulk_arm(uint8_t* exchange, int thread256) {
+  sm90::fence_proxy_async_shared();
+  if (thread256 == 0) {
+    uint64_t* received = reinterpret_cast<uint64_t*>(exchange + kMergeBulkBarrierOffset);
+    sm90::mbarrier_init(received, 1);
+    sm90::fence_mbarrier_init();
+    sm90::mbarrier_arrive_expect_tx(received, kBulkBytes);
+  }
+}
+
+template <class L>
+__device__ __forceinline__ void d512_bulk_merge(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int split,
+                                                int head_base, int thread256, bool tracer) {
+  uint64_t* received = reinterpret_cast<uint64_t*>(smem + L::kExchange + kMergeBulkBarrierOffset);
+  if (thread256 == 0) {
+    const int peer = 1 - split;
+    asm volatile(
+        "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+            sm90::cluster_shared_address(smem + kBulkRecv, uint32_t(peer))),
+        "r"(shared_address(smem + kBulkSend)), "r"(uint32_t(kBulkBytes)),
+        "r"(sm90::cluster_shared_address(received, uint32_t(peer)))
+        : "memory");
+  }
+  // Thread (row0, chunk): chunk `chunk` (dims 4·chunk..+4) of rows row0 + 2k, k < 16, of this CTA's 32 heads.
+  constexpr int kRowChunks = kD512HeadDim / 4, kRowStep = 2 * kWarpgroupThreads / kRowChunks, kPerThread = 16;
+  static_assert(kRowStep * kPerThread == kBulkRows, "a thread's rows cover the set");
+  const int chunk = thread256 % kRowChunks, row0 = thread256 / kRowChunks, dim = 4 * chunk;
+  uint4 own[kPerThread], peer[kPerThread];
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k)
+    own[k] = *reinterpret_cast<const uint4*>(smem + kBulkOwn + bulk_chunk_offset(row0 + kRowStep * k, chunk));
+  sm90::mbarrier_wait(received, 0);
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k)
+    peer[k] = *reinterpret_cast<const uint4*>(smem + kBulkRecv + bulk_chunk_offset(row0 + kRowStep * k, chunk));
+  sm90::named_barrier_sync<3 * kWarpgroupThreads>(kMergeFactorsBarrier);  // the producer's factors
+  if (tracer) d512_trace_mark(p, kD512TraceMergeFactors);
+  const float* merge_scale = reinterpret_cast<const float*>(smem + L::kExchange + kMergeScaleOffset);
+  const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + L::kExchange + kMergeRopeOffset);
+  const KvEntryLayout& layout = p.cache.layout;
+  bool rotate[2];
+  RopeFactors factors[2];
+#pragma unroll
+  for (int pair = 0; pair < 2; ++pair) {
+    rotate[pair] = p.rope_frequencies != nullptr && dim + 2 * pair >= layout.nope_dim;
+    factors[pair] = rotate[pair] ? rope_table[(dim + 2 * pair - layout.nope_dim) / 2] : RopeFactors{1.0f, 0.0f};
+  }
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int h = split * kBulkRows + row0 + kRowStep * k;  // of the head block
+    if (head_base + h >= p.heads) continue;
+    float scale[2];
+    *reinterpret_cast<float2*>(scale) = reinterpret_cast<const float2*>(merge_scale)[h];
+    // As d512_cluster_merge, split 0 first.
+    float x[4] = {};
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const uint4 v = s == split ? own[k] : peer[k];
+      const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) x[w] += scale[s] * __uint_as_float(words[w]);
+    }
+#pragma unroll
+    for (int pair = 0; pair < 2; ++pair)
+      if (rotate[pair]) rope_rotate_pair(x[2 * pair], x[2 * pair + 1], factors[pair], true);
+    store_output_quad(p, (t * p.heads + head_base + h) * kD512HeadDim, dim, x);
+  }
+  if (tracer) d512_trace_mark(p, kD512TraceMergeStored);
 }
 
 // The single-split epilogue of a consumer thread: its fragment rows (heads head[0], head[1])
@@ -1361,10 +1476,13 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     if (rope && thread256 < layout.rope_dim / 2)
       reinterpret_cast<RopeFactors*>(smem + L::kExchange + kMergeRopeOffset)[thread256] = rope_pair;
     const bool bf16_partials = p.cluster_merge_bf16_partials;
+    const bool bulk = d512_bulk_merge_serves<L>(p);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = warp * 16 + g + 8 * r;
-      if (bf16_partials) {
+      if (bulk) {
+        d512_bulk_write_row(smem, row, split, dim_base + 2 * c, o_acc, r);
+      } else if (bf16_partials) {
         uint32_t* partial = reinterpret_cast<uint32_t*>(smem + L::kMergePartial) + row * (kMergeRowBf16 / 2);
 #pragma unroll
         for (int n = 0; n < 32; ++n)
@@ -1379,10 +1497,13 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
       if (consumer == 0 && c == 0)
         reinterpret_cast<float2*>(smem + L::kExchange + kMergeStatsOffset)[row] = make_float2(row_max[r], row_sum[r]);
     }
+    if (bulk) d512_bulk_arm(smem + L::kExchange, thread256);
     if (tracer) d512_trace_mark(p, kD512TraceMergeWritten);
     sm90::cluster_sync();
     if (tracer) d512_trace_mark(p, kD512TraceMergeSynced);
-    if (bf16_partials)
+    if (bulk)
+      d512_bulk_merge<L>(p, smem, t, split, head_base, thread256, tracer);
+    else if (bf16_partials)
       d512_cluster_merge_for<L, true>(p, smem, t, split, head_base, thread256, merge_sink_log2, tracer);
     else
       d512_cluster_merge_for<L, false>(p, smem, t, split, head_base, thread256, merge_sink_log2, tracer);

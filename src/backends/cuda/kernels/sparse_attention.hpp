@@ -124,6 +124,9 @@ struct SparseAttentionParams {
   // Round s24 A/B only: the cluster merge reads this CTA's own partial through its cluster-window address as at the
   // session start, instead of its local shared-memory address. Same bits.
   bool d512_merge_own_through_cluster = false;
+  // Round s24 A/B only: two cluster-merged splits on bf16 entries hand the rows each merges to it by one bulk copy
+  // into its shared memory (then a local merge) instead of its loads through distributed shared memory. Same bits.
+  bool d512_bulk_merge = false;
   // Small-batch decode (head_dim 512, more than 32 heads): CTAs over (query, 16-head group, split of at most
   // head_split_tiles · 32 entries) instead of (query, 64-head block, split), the splits merged in a cluster; used
   // where the grid is one wave on the device and the slot bound fits the largest cluster (else the kernels above).
