@@ -13,7 +13,7 @@
 // "fused-router+tile-decode", the shared expert never split and split at every T <= 8 (MoeRunParams::
 // shared_expert_split; within one wave by default): "unsplit-shared", "split-shared-to-8", and without the down head
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
-// (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
+// (MoeRunParams::column_stages; T <= 8 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
 // default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item").
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
@@ -49,8 +49,10 @@
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/moe_experts.hpp"
+#include "backends/cuda/kernels/weight_tile_mma.cuh"
 #include "backends/cuda/moe.hpp"
 #include "backends/cuda/moe_weights.hpp"
+#include "backends/cuda/per_device_cache.hpp"
 #include "backends/cuda/stream_timing.hpp"
 #include "core/error.hpp"
 
@@ -304,7 +306,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
     for (const PathSpec& spec : kPaths) {
       const Path path = spec.path;
       if ((path == Path::STREAMED && T > 1024) || (spec.option() && T > kOptionsMaxTokens) ||
-          (spec.other_columns && T > 2) ||
+          (spec.other_columns && T > 8) ||
           (spec.other_per_item && T > 8))
         continue;
       if (!paths.contains(path)) continue;
@@ -557,6 +559,94 @@ void print_trace(const Model& model, int T, WeightFormat routed_format, Path pat
   print_trace_items(host, t0, gate_up_bands, down_bands, c.intermediate, shared_rows);
 }
 
+// --stream-layout: the HBM rate of the streamed experts' weight copies alone, with the stored order as uploaded
+// against a band-tiled one. Each warp streams 16 rows × 2048 bytes (V4-Flash's w1 / w3 rows, NVFP4 with its scales)
+// through a ring of kSlots slots in stages of 16 × 256 data bytes and 16 × 32 scale bytes, as the MoE kernels do
+// (8 warps a CTA, 2 CTAs per SM), with no multiply (or a spin of the stage's multiply time). "rows": the stage's
+// boxes cut from 16 rows of 2048 bytes (16 pieces of 256 bytes, 2 KB apart; scales 16 × 32 bytes, 256 apart);
+// "tiled": the same bytes as if each band's stages were stored one after another (4 KB then 512 bytes contiguous).
+namespace layout_probe {
+
+constexpr int kWarps = 8, kSlots = 2, kRowBytes = 2048, kStages = kRowBytes / tile::stream::kRowBytes;
+
+__global__ void __launch_bounds__(kWarps * 32, 2)
+    stream_probe_kernel(const tile::stream::StreamMaps* maps, int tiled, int spin_cycles, uint32_t* sink) {
+  namespace st = tile::stream;
+  constexpr tile::TileFormat F = tile::TileFormat::NVFP4;
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ uint64_t full[kWarps][kSlots];
+  const int warp = int(threadIdx.x) / 32;
+  uint8_t* ring = st::align_slots(smem) + size_t(warp) * kSlots * st::kSlotBytes;
+  const int64_t band_row0 = (int64_t(blockIdx.x) * kWarps + warp) * tile::kTileRows;
+  auto issue = [&](int j) {
+    const int64_t row0 = tiled ? band_row0 * kStages + int64_t(j) * tile::kTileRows : band_row0;
+    const int64_t k0 = tiled ? 0 : int64_t(j) * st::stage_k(F);
+    st::issue_stage<F>(maps, row0, k0, ring + (j % kSlots) * st::kSlotBytes, &full[warp][j % kSlots]);
+  };
+  st::init_ring(full[warp], kSlots);
+  __syncwarp();
+  for (int j = 0; j < kSlots; ++j) issue(j);
+  uint32_t acc = 0;
+  for (int j = 0; j < kStages; ++j) {
+    sm90::mbarrier_wait(&full[warp][j % kSlots], uint32_t(j / kSlots) & 1u);
+    acc += *reinterpret_cast<const uint32_t*>(ring + (j % kSlots) * st::kSlotBytes + 4 * (threadIdx.x % 32));
+    if (spin_cycles > 0) {
+      const long long start = clock64();
+      while (clock64() - start < spin_cycles) {
+      }
+    }
+    __syncwarp();
+    if (j + kSlots < kStages) issue(j + kSlots);
+  }
+  if (acc == 0x9E3779B9u) *sink = acc;  // keeps the reads
+}
+
+void run(cudaStream_t stream, double copy_gbps) {
+  namespace st = tile::stream;
+  const int sms = device_multiprocessors();
+  const int64_t ctas = int64_t(sms) * 2 * 6, rows = ctas * kWarps * tile::kTileRows;
+  DeviceBuffer data(size_t(rows) * kRowBytes, "probe data"), scales(size_t(rows) * kRowBytes / 8, "probe scales");
+  DeviceBuffer sink(4, "probe sink");
+  data.fill_bytes(0x11);
+  scales.fill_bytes(0x38);
+  auto view = [&](bool tiled) {
+    DeviceMatrixView w;
+    w.format = WeightFormat::NVFP4, w.scale_type = ScaleType::E4M3;
+    w.rows = tiled ? rows * kStages : rows;
+    w.cols = tiled ? st::stage_k(tile::TileFormat::NVFP4) : int64_t(kRowBytes) * 2;
+    w.data = data.as<uint8_t>(), w.scales = scales.as<uint8_t>();
+    w.data_row_bytes = size_t(w.cols / 2), w.scales_per_row = w.cols / 16;
+    return st::encode_stream_maps(w, tile::TileFormat::NVFP4, tiled ? "probe tiled" : "probe rows");
+  };
+  const st::StreamMaps host_maps[2] = {view(false), view(true)};
+  DeviceBuffer maps(sizeof host_maps, "probe maps");
+  maps.upload(host_maps, sizeof host_maps);
+  const size_t smem = size_t(kWarps) * kSlots * st::kSlotBytes + st::kSlotAlignment;
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(stream_probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const double bytes = double(data.bytes() + scales.bytes());
+  std::printf("stream layout probe: %lld CTAs of %d warps, %.0f MB, ring %d slots; copy %.0f GB/s\n",
+              (long long)ctas, kWarps, bytes / 1e6, kSlots, copy_gbps);
+  StreamTimer timer;
+  for (const int spin : {0, 800, 1600}) {
+    std::vector<float> ms[2];
+    for (int rep = 0; rep < 7; ++rep)
+      for (int tiled = 0; tiled < 2; ++tiled)
+        ms[tiled].push_back(timer.elapsed_ms(stream, [&] {
+          stream_probe_kernel<<<unsigned(ctas), kWarps * 32, smem, stream>>>(
+              maps.as<st::StreamMaps>() + tiled, tiled, spin, sink.as<uint32_t>());
+          DSV4_CUDA_CHECK(cudaGetLastError());
+        }));
+    for (int tiled = 0; tiled < 2; ++tiled) {
+      std::sort(ms[tiled].begin(), ms[tiled].end());
+      const double us = 1e3 * ms[tiled][ms[tiled].size() / 2];
+      std::printf("  %-5s spin %4d cycles/stage: %8.1f us  %6.0f GB/s  %5.1f %% of copy\n", tiled ? "tiled" : "rows",
+                  spin, us, bytes / us / 1e3, 100.0 * bytes / us / 1e3 / copy_gbps);
+    }
+  }
+}
+
+}  // namespace layout_probe
+
 }  // namespace
 }  // namespace dsv4::cuda
 
@@ -568,10 +658,12 @@ int main(int argc, char** argv) {
   std::set<Path> paths;
   for (const PathSpec& spec : kPaths) paths.insert(spec.path);
   WeightFormat routed_format = WeightFormat::MXFP4;
-  bool trace = false, paths_named = false;
+  bool trace = false, paths_named = false, stream_layout = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--trace") == 0) {
       trace = true;
+    } else if (std::strcmp(argv[i], "--stream-layout") == 0) {
+      stream_layout = true;
     } else if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
       json_path = argv[++i];
     } else if (std::strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
@@ -615,7 +707,7 @@ int main(int argc, char** argv) {
       }
     } else {
       std::fprintf(stderr, "usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] "
-                           "[--format mxfp4|nvfp4] [--trace] "
+                           "[--format mxfp4|nvfp4] [--trace] [--stream-layout] "
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
                            "down-waits-grid|down-waits-item,"
@@ -638,6 +730,11 @@ int main(int argc, char** argv) {
         {"pro", MoeConfig{.hidden = 7168, .intermediate = 3072, .experts = 384, .top_k = 6,
                           .routed_scaling_factor = 2.5f, .swiglu_limit = 10.0f}, 2},
     };
+    if (stream_layout) {
+      layout_probe::run(stream, copy_bandwidth_gbps(stream));
+      DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
+      return 0;
+    }
     if (trace) {
       // The streamed kernels' default, or the streamed paths named by --paths (the options' A/B in one run).
       std::vector<Path> trace_paths;
