@@ -6,7 +6,7 @@
 // Per-kernel bytes come from the config (V4-Flash, `bench e2e --format nvfp4`): fp8 linears (1 byte per weight),
 // e2m1 routed experts with e4m3 block scales (0.5625 byte per weight), the fp8 shared expert, the bf16 router and the
 // fp32 mHC projections; the small kernels between them (norms, kv_insert, attention at a short context) read ≈ 0 and
-// are kept as launches of 0 bytes. Each launch is 132 × k CTAs of 512 threads, 16-byte loads, 4 in flight per thread.
+// are kept as launches of 0 bytes. Each launch is 132 × k CTAs of 512 threads, 16-byte loads, 8 in flight per thread.
 // Rows:
 //   - one launch: a layer's bytes in one kernel (no launch boundary);
 //   - chain, strict: each kernel waits for its predecessor (griddepcontrol.wait) before its first load;
@@ -36,7 +36,7 @@ namespace dsv4::cuda {
 namespace {
 
 constexpr int kThreads = 512;
-constexpr int kLoadsInFlight = 4;
+constexpr int kLoadsInFlight = 8;  // 64 KB in flight per SM at one CTA per SM
 constexpr int kSms = 132;
 
 // XOR of `words` 16-byte words of `data` (this CTA's share) into sink[blockIdx.x], so the loads are not dropped.
