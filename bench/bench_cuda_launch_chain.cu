@@ -6,14 +6,16 @@
 // Per-kernel bytes come from the config (V4-Flash, `bench e2e --format nvfp4`): fp8 linears (1 byte per weight),
 // e2m1 routed experts with e4m3 block scales (0.5625 byte per weight), the fp8 shared expert, the bf16 router and the
 // fp32 mHC projections; the small kernels between them (norms, kv_insert, attention at a short context) read ≈ 0 and
-// are kept as launches of 0 bytes. Each launch is 132 × k CTAs of 512 threads, 16-byte loads, 8 in flight per thread.
+// are kept as launches of 0 bytes. Each launch is 132 × k CTAs of 1024 / k threads, 16-byte loads, 4 in flight per
+// thread (64 KB in flight per SM: ptxas keeps no more than 4 of a thread's loads outstanding here).
 // Rows:
 //   - one launch: a layer's bytes in one kernel (no launch boundary);
 //   - chain, strict: each kernel waits for its predecessor (griddepcontrol.wait) before its first load;
 //   - chain, early: each CTA asks L2 for the first `early` bytes of its share (cp.async.bulk.prefetch.L2) before that
 //     wait, as the model's kernels issue their first weight stages;
 //   each chain with 1 CTA per SM and 120 KB of shared memory (the next kernel's CTAs cannot start on an SM until this
-//   kernel's CTA there has left, like the model's ring-buffered kernels) and with 2 CTAs per SM and no shared memory.
+//   kernel's CTA there has left, like the model's ring-buffered kernels) and with 2 CTAs of 512 threads per SM and no
+//   shared memory (the next kernel's CTAs fit beside them).
 // Usage: bench_cuda_launch_chain [--layers N] [--early KB]
 #include <cuda_runtime.h>
 
@@ -35,21 +37,21 @@
 namespace dsv4::cuda {
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kLoadsInFlight = 8;  // 64 KB in flight per SM at one CTA per SM
+constexpr int kThreadsPerSm = 1024;
+constexpr int kLoadsInFlight = 4;
 constexpr int kSms = 132;
 
 // XOR of `words` 16-byte words of `data` (this CTA's share) into sink[blockIdx.x], so the loads are not dropped.
 // kStrict: wait for the previous grid before any load; else prefetch the share's first `early_bytes` to L2 first.
 template <bool kStrict>
-__global__ void __launch_bounds__(kThreads) read_share_kernel(const uint4* data, int64_t words, int64_t early_bytes,
+__global__ void __launch_bounds__(kThreadsPerSm) read_share_kernel(const uint4* data, int64_t words, int64_t early_bytes,
                                                                uint32_t* sink) {
   const int64_t share = (words + gridDim.x - 1) / gridDim.x;
   const int64_t begin = min(words, share * blockIdx.x), end = min(words, begin + share);
   if constexpr (!kStrict) {
     const int64_t early_end = min(end, begin + early_bytes / 16);
     constexpr int64_t kChunkWords = 4096 / 16;  // 4 KB per prefetch, one per thread
-    for (int64_t w = begin + int64_t(threadIdx.x) * kChunkWords; w < early_end; w += int64_t(kThreads) * kChunkWords) {
+    for (int64_t w = begin + int64_t(threadIdx.x) * kChunkWords; w < early_end; w += int64_t(blockDim.x) * kChunkWords) {
       const uint32_t bytes = uint32_t(min(kChunkWords, early_end - w) * 16);
       asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(data + w), "r"(bytes) : "memory");
     }
@@ -57,11 +59,11 @@ __global__ void __launch_bounds__(kThreads) read_share_kernel(const uint4* data,
   wait_for_prior_grids();
   allow_dependents();
   uint32_t x = 0;
-  for (int64_t w = begin + threadIdx.x; w < end; w += int64_t(kThreads) * kLoadsInFlight) {
+  for (int64_t w = begin + threadIdx.x; w < end; w += int64_t(blockDim.x) * kLoadsInFlight) {
     uint4 v[kLoadsInFlight];
 #pragma unroll
     for (int i = 0; i < kLoadsInFlight; ++i) {
-      const int64_t at = w + int64_t(i) * kThreads;
+      const int64_t at = w + int64_t(i) * blockDim.x;
       v[i] = at < end ? __ldcs(data + at) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
@@ -142,23 +144,23 @@ int run(int argc, char** argv) {
   for (const Launch& l : layer) std::printf(" %s %.2f,", l.name.c_str(), double(l.bytes) / 1e6);
   const double floor_us = double(layer_bytes) / (copy_gbps * 1e3);
   std::printf("\nfloor (bytes / copy bandwidth): %.2f us per layer\n\n", floor_us);
-  std::printf("| rows | CTAs per SM | smem | us per layer | of copy bandwidth |\n|---|---:|---:|---:|---:|\n");
+  std::printf("| rows | CTAs per SM | threads | smem | us per layer | of copy bandwidth |\n|---|---:|---:|---:|---:|---:|\n");
 
   // A graph of `layers` layers, each either one launch over its bytes or its launches in order.
   auto time_layers = [&](bool one_launch, bool strict, const ChainShape& shape) {
     const auto kernel = strict ? read_share_kernel<true> : read_share_kernel<false>;
-    const dim3 grid(kSms * shape.ctas_per_sm);
+    const dim3 grid(kSms * shape.ctas_per_sm), block(kThreadsPerSm / shape.ctas_per_sm);
     cudaGraph_t graph = capture_calls(stream, 1, [&](cudaStream_t s) {
       int64_t offset = 0;  // in 16-byte words
       for (int l = 0; l < layers; ++l) {
         if (one_launch) {
-          launch_chained(kernel, grid, dim3(kThreads), size_t(shape.smem_bytes), s, dim3(1, 1, 1), "read_share",
+          launch_chained(kernel, grid, block, size_t(shape.smem_bytes), s, dim3(1, 1, 1), "read_share",
                          words + offset, layer_bytes / 16, early_kb * 1024, sink_words);
           offset += layer_bytes / 16;
           continue;
         }
         for (const Launch& launch : layer) {
-          launch_chained(kernel, grid, dim3(kThreads), size_t(shape.smem_bytes), s, dim3(1, 1, 1), "read_share",
+          launch_chained(kernel, grid, block, size_t(shape.smem_bytes), s, dim3(1, 1, 1), "read_share",
                          words + offset, launch.bytes / 16, early_kb * 1024, sink_words);
           offset += launch.bytes / 16;
         }
@@ -175,8 +177,8 @@ int run(int argc, char** argv) {
     for (const Row row : {Row{"one launch per layer", true, true}, Row{"chain, strict", false, true},
                           Row{"chain, early L2 prefetch", false, false}}) {
       const double us = time_layers(row.one_launch, row.strict, shape);
-      std::printf("| %s | %d | %d KB | %.2f | %.1f %% |\n", row.name, shape.ctas_per_sm, shape.smem_bytes / 1024, us,
-                  100.0 * floor_us / us);
+      std::printf("| %s | %d | %d | %d KB | %.2f | %.1f %% |\n", row.name, shape.ctas_per_sm,
+                  kThreadsPerSm / shape.ctas_per_sm, shape.smem_bytes / 1024, us, 100.0 * floor_us / us);
     }
   }
   std::printf("\nearly L2 prefetch: the first %lld KB of each CTA's share\n", static_cast<long long>(early_kb));
