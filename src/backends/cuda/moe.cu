@@ -18,7 +18,7 @@ struct WorkspaceLayout {
   static constexpr size_t finished_ctas = 0, status = 4, work_item_count = 8, band_tickets = 16, item_counters = 512,
                           counters_end = 1024;
   static constexpr int band_ticket_capacity = int((item_counters - band_tickets) / sizeof(uint32_t));
-  static_assert(item_counters + 2 * kMoeCountedItemsMax * sizeof(uint32_t) <= counters_end,
+  static_assert(item_counters + kMoeCountedItemsMax * sizeof(uint32_t) <= counters_end,
                 "the per-item counters fit the counters");
   size_t logits = 0, u_bf16 = 0, expert_ids = 0, expert_weights = 0, expert_offsets = 0, row_tokens = 0,
          slot_rows = 0, work_items = 0, h = 0, down = 0, total = 0;
@@ -97,6 +97,8 @@ MoeRoutingBuffers routing_buffers(const WorkspaceLayout& l, void* ws) {
       .work_item_count = at<int32_t>(ws, WorkspaceLayout::work_item_count),
       .finished_ctas = at<uint32_t>(ws, WorkspaceLayout::finished_ctas),
       .status = at<int32_t>(ws, WorkspaceLayout::status),
+      .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
+      .item_counter_count = kMoeCountedItemsMax,
   };
 }
 

@@ -19,8 +19,9 @@
 //   format. d and I: multiples of 32 for fp4 experts (16 FP8, 8 BF16), from the tiny test models to V4-Pro.
 // - Any T >= 1, experts with no token included.
 // - Workspace: moe_workspace_bytes(config, T) bytes, 256-byte aligned, from the caller. Its first 1024 bytes hold
-//   counters that must be zero before the first call (prepare_moe_workspace); every call leaves them zero, so one
-//   workspace serves any number of calls and any T up to the one it was sized for.
+//   counters that must be zero before the first call (prepare_moe_workspace); every call leaves them zero (the
+//   expert GEMMs' per-item counts: the next call's routing zeroes them), so one workspace serves any number of calls
+//   and any T up to the one it was sized for.
 // - Hash layers: a token id outside the table is routed like token 0 and recorded; check_moe_status reports it.
 #pragma once
 

@@ -302,88 +302,80 @@ __device__ __forceinline__ void with_tile_format(WeightFormat format, Body&& bod
 }
 
 // Called by both expert kernels once their weight-only head start is issued: waits for the previous kernels (the
-// work items, x and (down) h come from them), lets the next kernel be scheduled, and says whether this CTA's work
-// item exists (the grid covers the worst case).
-__device__ __forceinline__ bool has_work_item_after_prior_grids(const ExpertGemmArgs& a, int item_index) {
+// work items, x and (down) h come from them), lets the next kernel be scheduled, and returns the call's work item
+// count (the grid covers the worst case: CTAs past it have no item).
+__device__ __forceinline__ int work_items_after_prior_grids(const ExpertGemmArgs& a) {
   wait_for_prior_grids();
   allow_dependents();
-  return item_index < __ldg(a.work_item_count);
-}
-__device__ __forceinline__ bool has_work_item_after_prior_grids(const ExpertGemmArgs& a) {
-  return has_work_item_after_prior_grids(a, int(blockIdx.y));
+  return __ldg(a.work_item_count);
 }
 
-// CTA bands of a GEMM's weight rows.
-template <ExpertGemm G>
-__device__ __forceinline__ int gemm_bands(const ExpertGemmArgs& a) {
-  return (a.n_total + kCtaRows<G> - 1) / kCtaRows<G>;
-}
-
-// An item whose ready count has not reached its gate/up CTAs after this long means the gate/up → down pairing broke
-// (a gate/up CTA that never publishes, a wrong expected count): the kernel traps (a launch error) instead of hanging
-// the device.
-inline constexpr uint64_t kItemRowsTimeoutNs = 2'000'000'000;
+// A count that has not reached its target after this long means a pairing of CTAs broke (a gate/up CTA that never
+// publishes, a down CTA that never arrives at its band's ticket, a wrong expected count): the kernel traps (a launch
+// error) instead of hanging the device.
+inline constexpr uint64_t kCountTimeoutNs = 2'000'000'000;
 // Polls before the deadline is first read: a short wait reads no timer; a longer one moves to the out-of-line loop,
 // whose timer read per poll is small beside the poll's sleep.
-inline constexpr int kItemRowsQuickPolls = 64;
+inline constexpr int kCountQuickPolls = 64;
 
-// The rest of wait_for_item_rows once the quick polls failed: out of line, so the down kernel's wait stays short.
-static __device__ __noinline__ void wait_for_item_rows_slowly(const uint32_t* ready, int item_index,
-                                                              uint32_t gate_up_ctas) {
+// The rest of wait_for_count once the quick polls failed: out of line, so the waits stay short.
+static __device__ __noinline__ void wait_for_count_slowly(const uint32_t* counter, uint32_t target, const char* what,
+                                                          int index) {
   uint64_t start, now;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
   uint32_t seen;
-  while ((seen = load_acquire(ready)) < gate_up_ctas) {
+  while ((seen = load_acquire(counter)) < target) {
     __nanosleep(64);
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    if (now - start > kItemRowsTimeoutNs) {
-      printf("MoE down: CTA (%d, %d) waited 2 s for work item %d's h rows: %u of %u gate/up CTAs published\n",
-             int(blockIdx.x), int(blockIdx.y), item_index, seen, gate_up_ctas);
+    if (now - start > kCountTimeoutNs) {
+      printf("MoE down: CTA (%d, %d) waited 2 s for %s %d: %u of %u arrivals\n", int(blockIdx.x), int(blockIdx.y),
+             what, index, seen, target);
       __trap();
     }
   }
 }
 
-// Per-item counts in global memory ([2 · kMoeCountedItemsMax], zero between calls), for down CTAs that wait for their
-// own item's gate/up CTAs instead of the whole gate/up grid: each gate/up CTA adds one to its item's ready count once
-// its h rows are stored (publish_item_rows: a barrier, then one thread's release add, cumulative over the CTA's
-// stores that the barrier ordered before it); a down CTA's first thread waits with acquire loads until
-// the count reaches the item's gate/up CTAs, then adds one to the item's seen count, whose last arrival sets both back
-// to zero (every down CTA of the item is past its wait by then; the next call's CTAs start after this call's grids
-// end). The waiting down CTAs read h through L2.
+// One thread waits with acquire loads until *counter >= target (what, index: the trap's message).
+__device__ __forceinline__ void wait_for_count(const uint32_t* counter, uint32_t target, const char* what,
+                                               int index) {
+  int polls = 0;
+  while (load_acquire(counter) < target) {
+    if (++polls == kCountQuickPolls) {
+      wait_for_count_slowly(counter, target, what, index);
+      return;
+    }
+    __nanosleep(64);
+  }
+}
+
+// Per-item counts in global memory ([kMoeCountedItemsMax], set to zero by the call's routing), for down CTAs that
+// wait for their own item's gate/up CTAs instead of the whole gate/up grid: each gate/up CTA adds one to its item's
+// ready count once its h rows are stored (publish_item_rows: a barrier, then one thread's release add, cumulative
+// over the CTA's stores that the barrier ordered before it); a down CTA's first thread waits with acquire loads until
+// the count reaches the item's gate/up CTAs. The counts stay until the next call's routing zeroes them (its last
+// CTA, past its wait for every earlier launch), so no down CTA counts itself. The waiting down CTAs read h through
+// L2.
 __device__ __forceinline__ void publish_item_rows(uint32_t* item_counters, int item_index) {
   __syncthreads();  // every h row of this CTA is stored
   if (threadIdx.x == 0) add_release(item_counters + item_index, 1u);
 }
-__device__ __forceinline__ void wait_for_item_rows(uint32_t* item_counters, int item_index, int gate_up_ctas,
-                                                   int down_ctas) {
-  if (threadIdx.x == 0) {
-    const uint32_t* ready = item_counters + item_index;
-    int polls = 0;
-    while (load_acquire(ready) < uint32_t(gate_up_ctas)) {
-      if (++polls == kItemRowsQuickPolls) {
-        wait_for_item_rows_slowly(ready, item_index, uint32_t(gate_up_ctas));
-        break;
-      }
-      __nanosleep(64);
-    }
-    uint32_t* seen = item_counters + kMoeCountedItemsMax + item_index;
-    if (atomicAdd(seen, 1u) == uint32_t(down_ctas) - 1) {
-      item_counters[item_index] = 0;
-      *seen = 0;
-    }
-  }
+__device__ __forceinline__ void wait_for_item_rows(const uint32_t* item_counters, int item_index, int gate_up_ctas) {
+  if (threadIdx.x == 0)
+    wait_for_count(item_counters + item_index, uint32_t(gate_up_ctas), "work item (h rows)", item_index);
   __syncthreads();
 }
 
 // The fused combine (moe_experts.hpp MoeFusedCombine), called by every CTA of the down kernel that had a work item,
-// once its rows are written: the band's last CTA to arrive (its ticket counts the work items) sums the band, in
-// sum_combine_band. Two forms, the same sums in the same order:
-// - combine_band_if_last (the streamed kernels): thread 0's acq_rel ticket after the barrier, the slots' rows and
-//   weights read before the ticket, then handed over through `scratch` (shared memory no warp reads once the CTA is
-//   past its barrier); extra_ctas: CTAs per band beyond one per work item (the split shared expert's second CTA);
-// - combine_band_if_last_fenced (the register kernel, which has no such scratch): every thread's sequentially
-//   consistent fences around a relaxed ticket, the slots read from global memory by the summing CTA.
+// once its rows are written: one CTA per band sums the band once every other CTA of the band has arrived at the
+// band's ticket (sum_combine_band). Two forms, the same sums in the same order:
+// - combine_band (the streamed kernels): the summing CTA is the band's CTA of the last work item (the last grid row
+//   with an item, among the last CTAs to start); every other CTA adds its arrival with one thread's release after its
+//   barrier and leaves at once, so only the summing CTA waits for the ticket (acquire loads), reads the slots' rows
+//   and weights before that wait and hands them over through `scratch` (shared memory no warp reads once the CTA is
+//   past its barrier), then sets the ticket back to zero;
+// - combine_band_if_last_fenced (the register kernel, which has no such scratch): the band's last CTA to arrive
+//   (its ticket counts the work items) sums it; every thread's sequentially consistent fences around a relaxed
+//   ticket, the slots read from global memory by the summing CTA.
 
 // A slot's row of down and its weight.
 struct CombineSlot {
@@ -391,11 +383,10 @@ struct CombineSlot {
   float weight;
 };
 
-// The band's outputs, by its last CTA: out[t, n] = down[T·top_k + t][n] + Σ_j weight(s) · down[row(s)][n] for
-// s = t·top_k + j in moe_combine's order (slot_of(s) gives slot s), then the band's ticket back to zero. Each thread
-// sums up to kCombineOutputs outputs and keeps the down rows of kCombineBatch slots of each in flight together (the
-// loads are L2 round trips on the launch's last path: one at a time they took ~6 us for a band at T = 8), then adds
-// them in the order above.
+// The band's outputs, by its summing CTA: out[t, n] = down[T·top_k + t][n] + Σ_j weight(s) · down[row(s)][n] for
+// s = t·top_k + j in moe_combine's order (slot_of(s) gives slot s). Each thread sums up to kCombineOutputs outputs
+// and keeps the down rows of kCombineBatch slots of each in flight together (the loads are L2 round trips on the
+// launch's last path: one at a time they took ~6 us for a band at T = 8), then adds them in the order above.
 inline constexpr int kCombineOutputs = kMoeFusedCombineMaxTokens * kMoeDownBandRows / kExpertThreads;
 inline constexpr int kCombineBatch = 8;
 static_assert(kCombineOutputs * kExpertThreads == kMoeFusedCombineMaxTokens * kMoeDownBandRows,
@@ -441,26 +432,29 @@ __device__ __forceinline__ void sum_combine_band(const ExpertGemmArgs& a, int ba
 #pragma unroll
   for (int o = 0; o < kCombineOutputs; ++o)
     if (token[o] >= 0) c.out[int64_t(token[o]) * a.n_total + column[o]] = acc[o];
-  if (threadIdx.x == 0) c.band_tickets[band] = 0;  // every CTA of the band has arrived: ready for the next call
 }
 
-__device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, int band, int extra_ctas,
-                                                     uint8_t* scratch) {
+// sums: whether this CTA sums the band; others: the band's other CTAs (work items - 1 + the split shared expert's
+// second CTA).
+__device__ __forceinline__ void combine_band(const ExpertGemmArgs& a, int band, bool sums, int others,
+                                             uint8_t* scratch) {
   const MoeFusedCombine& c = a.combine;
-  __shared__ bool is_last;
+  __syncthreads();  // every down row of this CTA is stored, every warp is past its stages
+  if (!sums) {
+    if (threadIdx.x == 0) add_release(c.band_tickets + band, 1u);
+    return;
+  }
   const int slots = c.tokens * c.top_k;  // <= kExpertThreads (check_moe_expert_gemm_params)
-  // Read before the ticket: the acquire orders every later load after its round trip.
-  const uint32_t ctas = uint32_t(__ldcg(a.work_item_count) + extra_ctas);
   int32_t row = 0;
   float weight = 0.0f;
   if (int(threadIdx.x) < slots) {
     row = __ldcg(c.slot_rows + threadIdx.x);
     weight = __ldcg(c.expert_weights + threadIdx.x);
   }
-  __syncthreads();  // every down row of this CTA is stored, every warp is past its stages
-  if (threadIdx.x == 0) is_last = fetch_add_acq_rel(c.band_tickets + band, 1u) == ctas - 1;
-  __syncthreads();
-  if (!is_last) return;
+  if (threadIdx.x == 0) {
+    wait_for_count(c.band_tickets + band, uint32_t(others), "the combine ticket of band", band);
+    c.band_tickets[band] = 0;  // every other CTA of the band has arrived: ready for the next call
+  }
   int32_t* slot_rows = reinterpret_cast<int32_t*>(scratch);
   float* slot_weights = reinterpret_cast<float*>(scratch) + slots;
   if (int(threadIdx.x) < slots) slot_rows[threadIdx.x] = row, slot_weights[threadIdx.x] = weight;
@@ -480,6 +474,7 @@ __device__ __forceinline__ void combine_band_if_last_fenced(const ExpertGemmArgs
   __threadfence();
   sum_combine_band(a, band,
                    [&](int s) { return CombineSlot{__ldcg(c.slot_rows + s), __ldcg(c.expert_weights + s)}; });
+  if (threadIdx.x == 0) c.band_tickets[band] = 0;  // every CTA of the band has arrived: ready for the next call
 }
 
 template <ExpertGemm G>
@@ -490,7 +485,7 @@ __global__ void __launch_bounds__(kExpertThreads, 1) moe_expert_gemm_kernel(cons
     with_tile_format(shared.w1.format,
                      [&]<tile::TileFormat F>() { prefetch_shared_band<F, G>(a, shared, int(blockIdx.x)); });
   }
-  if (!has_work_item_after_prior_grids(a)) return;
+  if (int(blockIdx.y) >= work_items_after_prior_grids(a)) return;
   const MoeWorkItem item = a.work_items[blockIdx.y];
   const MoeExpertView expert = a.experts[item.expert];
   with_tile_format(G == ExpertGemm::GATE_UP ? expert.w1.format : expert.w2.format,
@@ -1031,17 +1026,19 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
     with_tile_format(a.routed_format, [&]<tile::TileFormat F>() { start_stream<F, G>(a, expert, band, ring, full); });
   }
   if (shared_item || kHeadStart) trace_point<kTrace>(a, MOE_TRACE_ISSUED);
+  int items;  // the call's work items
   if (kHeadStart && a.item_counters != nullptr) {
     // Only this item's gate/up CTAs, not the whole grid (all of them are resident or done: this launch started after
     // each had passed its own wait; the routing and everything before it are complete).
     allow_dependents();
-    if (item_index >= __ldcg(a.work_item_count)) return;
+    items = __ldcg(a.work_item_count);
+    if (item_index >= items) return;
     const int parts = shared_item ? kSharedParts : 1;
-    wait_for_item_rows(a.item_counters, item_index, (a.k_total + kCtaRows<ExpertGemm::GATE_UP> - 1) /
-                                                        kCtaRows<ExpertGemm::GATE_UP> * parts,
-                       gemm_bands<G>(a) * parts);
-  } else if (!has_work_item_after_prior_grids(a, item_index)) {
-    return;
+    wait_for_item_rows(a.item_counters, item_index,
+                       (a.k_total + kCtaRows<ExpertGemm::GATE_UP> - 1) / kCtaRows<ExpertGemm::GATE_UP> * parts);
+  } else {
+    items = work_items_after_prior_grids(a);
+    if (item_index >= items) return;
   }
   trace_point<kTrace>(a, MOE_TRACE_READY);
   // Every CTA with an item has started its stream with the head start (the item count read above is the same).
@@ -1067,7 +1064,8 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   if (G == ExpertGemm::GATE_UP && !kMultiTile && a.item_counters != nullptr)
     publish_item_rows(a.item_counters, item_index);
   if (G == ExpertGemm::DOWN && a.combine.out != nullptr)
-    combine_band_if_last(a, band, kSharedParts - 1, tile::stream::align_slots(smem));
+    combine_band(a, band, item_index == items - 1 && part == 0, items + kSharedParts - 2,
+                 tile::stream::align_slots(smem));
   trace_point<kTrace>(a, MOE_TRACE_END);
 }
 

@@ -103,7 +103,8 @@ struct MoeExpertGemmParams {
   bool column_stages = false;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
-  // down_waits_per_item: [2 · kMoeCountedItemsMax] device counters, zero before the call; left zero.
+  // down_waits_per_item: [kMoeCountedItemsMax] device counters, zero before the call (the call's routing zeroes
+  // them: MoeRoutingBuffers::item_counters); left as counted.
   uint32_t* item_counters = nullptr;
   // run_moe_gate_up / run_moe_down where moe_down_waits_per_item_apply (the one-tile streamed kernels with the down
   // head start): each down CTA waits for its own item's gate/up CTAs (per-item counts at item_counters, published by

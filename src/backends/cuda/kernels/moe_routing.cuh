@@ -109,6 +109,12 @@ struct RouteArgs {
   MoeRoutingBuffers out;
 };
 
+// By the routing's last CTA, once every earlier launch has ended (its wait): the expert GEMMs' per-item counts set to
+// zero for this call (MoeRoutingBuffers::item_counters).
+__device__ __forceinline__ void zero_item_counters(const MoeRoutingBuffers& out) {
+  for (int i = threadIdx.x; i < out.item_counter_count; i += blockDim.x) out.item_counters[i] = 0;
+}
+
 __device__ __forceinline__ float sqrt_softplus(float v) {
   // log1p(exp(v)) without overflow for large v, as the CPU reference.
   return sqrtf(v > 20.0f ? v : log1pf(expf(v)));
@@ -294,6 +300,7 @@ inline __device__ void bucket_slots(const RouteArgs& a, BucketScratch& scratch) 
     }
   }
   if (threadIdx.x == 0) *a.out.finished_ctas = 0;  // every other CTA has counted itself already
+  zero_item_counters(a.out);
 }
 
 // The last CTA's work where one CTA routes every token (T <= kMoeFusedRoutingMaxTokens), then buckets the slots.
@@ -596,6 +603,7 @@ __device__ __forceinline__ void route_decode_tokens(const RouteArgs& a, DecodeRo
     *a.out.work_item_count = items;
     *a.out.finished_ctas = 0;  // every other CTA has counted itself already
   }
+  zero_item_counters(a.out);
 }
 
 // u rounded to bf16 (the expert GEMMs' input), a grid-strided slice per CTA: the decode router's CTAs share the

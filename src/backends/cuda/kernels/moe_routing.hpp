@@ -55,6 +55,10 @@ struct MoeRoutingBuffers {
   int32_t* work_item_count = nullptr;    // [1]
   uint32_t* finished_ctas = nullptr;     // [1]: zero before the first call; the last CTA resets it
   int32_t* status = nullptr;             // [1]: zero before the first call; see the contract above
+  // [item_counter_count] or null: the expert GEMMs' per-item ready counts (moe_experts.hpp
+  // MoeExpertGemmParams::item_counters), which the last CTA sets to zero for the call's expert launches.
+  uint32_t* item_counters = nullptr;
+  int item_counter_count = 0;
 };
 
 struct MoeRoutingParams {
