@@ -18,10 +18,10 @@
 // copy bandwidth, flops at the cuBLAS bf16 rate), with the same output comparison (the larger of the two). The decode
 // step is make_decode_step's (tests/support/sparse_attention_cases.hpp, as bench_cuda_attention's).
 // Entries are fill_random_entries' (finite, no NaN codes); prefill q is a hash of its positions.
-// Round s24 A/B: the bf16-q call with SparseAttentionPrefillOptions::tile_release (tile us, bf16 entries only),
-// late_ahead (late us), q_tiles (qt us, bf16 entries only) and q_tiles with tile_release (qt+t us), then the default
-// once more (the second bf16q us); bits: the variants' output bytes against the default's. --trace: the default,
-// tile_release and q_tiles.
+// Round s24 A/B: the bf16-q call with SparseAttentionPrefillOptions::late_ahead (late us), pages_first (pages us),
+// q_tiles (qt us; bf16 entries only, as the next two), q_tiles with q_after_resolve (qt+r us), all four (all us) and
+// all but q_after_resolve (all-r us), then the default once more (the second bf16q us); bits: the variants' output
+// bytes against the default's. --trace: the default, then all four.
 // --quick: the prefill cases without today's path and the comparison with it (the kernel's variants only).
 // --trace: each prefill case's bf16-q call once more as a traced launch (SparseAttentionPrefillOptions::trace, after an
 // L2 flush): medians over the CTAs of each phase of a CTA's timeline (start to Q staged, entries resolved, first data,
@@ -174,14 +174,14 @@ void print_clock_trace(int64_t ctas, int pairs, const Record& record) {
 
 // One traced launch of `call` (L2 flushed first): medians of its CTAs' phases in µs.
 void print_trace(const SparseAttentionParams& call, int64_t ctas, int pairs, void* flush, size_t flush_bytes,
-                 bool tile_release = false, bool q_tiles = false) {
+                 SparseAttentionPrefillOptions options = {}) {
     const size_t words = size_t(ctas) * kPrefillTraceWarps * kPrefillTraceSlots;
   DeviceBuffer trace(words * 8, "trace");
   trace.fill_bytes(0);
   DSV4_CUDA_CHECK(cudaMemsetAsync(flush, 0x5A, flush_bytes));
-  run_sparse_attention_prefill(
-      call, {.prefetch_resolved = PrefetchResolved::Off, .trace = trace.as<uint64_t>(), .tile_release = tile_release,
-             .q_tiles = q_tiles});
+  options.prefetch_resolved = PrefetchResolved::Off;
+  options.trace = trace.as<uint64_t>();
+  run_sparse_attention_prefill(call, options);
   synchronize_or_exit("sparse_attention_prefill (traced)");
   std::vector<uint64_t> w(words);
   trace.download(w.data(), words * 8);
@@ -258,9 +258,10 @@ struct Case {
   double bf16_q_us, bf16_q_tflops;  // the prefill kernel with q in bf16 (its MMA input: same result, half the bytes)
   double bf16_q_prefetch_us;        // the same with SparseAttentionPrefillOptions::prefetch_resolved
   double bf16_q_no_entries_us;      // the same call with every slot unused: no entry reads (the kernel's own floor)
-  // Round s24 A/B (bf16 entries): SparseAttentionPrefillOptions::tile_release, the default timed once more after it,
-  // and whether its output bytes equal the default's.
-  double tile_release_us = NAN, late_ahead_us = NAN, q_tiles_us = NAN, both_us = NAN, bf16_q_again_us = NAN;
+  // Round s24 A/B: the variants (SparseAttentionPrefillOptions) on the bf16-q call, the default timed once more after
+  // them, and whether their output bytes equal the default's.
+  static constexpr int kVariants = 6;
+  double variant_us[kVariants] = {NAN, NAN, NAN, NAN, NAN, NAN}, bf16_q_again_us = NAN;
   bool variants_same = true;
 };
 
@@ -344,16 +345,22 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
     DSV4_CUDA_CHECK(cudaDeviceSynchronize());  // before the buffer goes
     return ms;
   };
-  SparseAttentionPrefillOptions tile = plain, late = plain, q_tiles = plain, both = plain;
-  tile.tile_release = true;
+  SparseAttentionPrefillOptions late = plain, pages = plain, q_tiles = plain, q_resolve = plain, all = plain;
   late.late_ahead = true;
+  pages.pages_first = true;
   q_tiles.q_tiles = true;
-  both.q_tiles = both.tile_release = true;
+  q_resolve.q_tiles = q_resolve.q_after_resolve = true;
+  all.late_ahead = all.pages_first = all.q_tiles = all.q_after_resolve = true;
+  SparseAttentionPrefillOptions all_but_resolve = all;
+  all_but_resolve.q_after_resolve = false;
   const bool bf16 = format == KvEntryFormat::Bf16;
-  const double tile_release_ms = bf16 ? variant_ms(tile, "tile_release") : NAN;
-  const double late_ahead_ms = variant_ms(late, "late_ahead");
-  const double q_tiles_ms = bf16 ? variant_ms(q_tiles, "q_tiles") : NAN;
-  const double both_ms = bf16 ? variant_ms(both, "q_tiles + tile_release") : NAN;
+  double variant_result_ms[Case::kVariants];
+  variant_result_ms[0] = variant_ms(late, "late_ahead");
+  variant_result_ms[1] = variant_ms(pages, "pages_first");
+  variant_result_ms[2] = bf16 ? variant_ms(q_tiles, "q_tiles") : NAN;
+  variant_result_ms[3] = bf16 ? variant_ms(q_resolve, "q_tiles + q_after_resolve") : NAN;
+  variant_result_ms[4] = bf16 ? variant_ms(all, "all") : NAN;
+  variant_result_ms[5] = bf16 ? variant_ms(all_but_resolve, "all but q_after_resolve") : NAN;
   const double bf16_q_again_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, plain); });
   // --no-kv: every slot −1, the producer zero-fills its buffers without reading an entry (the diagnostic's floor).
@@ -376,12 +383,9 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
     print_trace(prefill_bf16_q, sparse_attention_prefill_ctas(prefill_bf16_q), (kWindow + kTopK + 127) / 128, flush,
                 flush_bytes);
     if (format == KvEntryFormat::Bf16) {
-      std::printf("  tile_release:\n");
+      std::printf("  all four variants:\n");
       print_trace(prefill_bf16_q, sparse_attention_prefill_ctas(prefill_bf16_q), (kWindow + kTopK + 127) / 128, flush,
-                  flush_bytes, true);
-      std::printf("  q_tiles:\n");
-      print_trace(prefill_bf16_q, sparse_attention_prefill_ctas(prefill_bf16_q), (kWindow + kTopK + 127) / 128, flush,
-                  flush_bytes, false, true);
+                  flush_bytes, all);
     }
   }
 
@@ -401,10 +405,7 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   r.bf16_q_tflops = flops / (bf16_q_ms * 1e9);
   r.bf16_q_prefetch_us = bf16_q_prefetch_ms * 1e3;
   r.bf16_q_no_entries_us = no_entries_ms * 1e3;
-  r.tile_release_us = tile_release_ms * 1e3;
-  r.late_ahead_us = late_ahead_ms * 1e3;
-  r.q_tiles_us = q_tiles_ms * 1e3;
-  r.both_us = both_ms * 1e3;
+  for (int v = 0; v < Case::kVariants; ++v) r.variant_us[v] = variant_result_ms[v] * 1e3;
   r.bf16_q_again_us = bf16_q_again_ms * 1e3;
   r.variants_same = variants_same;
   r.percent_of_cublas = 100.0 * r.new_tflops / cublas_tflops;
@@ -535,10 +536,10 @@ int run(int argc, char** argv) {
                 "run_sparse_attention\n",
                 static_cast<long long>(kTokens), kWindow, kTopK);
     std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s %8s | %8s %8s %8s "
-                "%8s %8s %5s\n",
+                "%8s %8s %8s %8s %5s\n",
                 "model", "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas",
-                "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "noKV us", "tile us",
-                "late us", "qt us", "qt+t us", "bf16q us", "bits");
+                "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "noKV us", "late us",
+                "pages us", "qt us", "qt+r us", "all us", "all-r us", "bf16q us", "bits");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -551,12 +552,13 @@ int run(int argc, char** argv) {
         const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
         ok = ok && agrees && r.variants_same;
         std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f "
-                    "%7.1f%% %8.1f %8.1f | %8.1f %8.1f %8.1f %8.1f %8.1f %5s%s\n",
+                    "%7.1f%% %8.1f %8.1f | %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %5s%s\n",
                     r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
                     r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
                     r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
                     100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, r.bf16_q_no_entries_us,
-                    r.tile_release_us, r.late_ahead_us, r.q_tiles_us, r.both_us, r.bf16_q_again_us,
+                    r.variant_us[0], r.variant_us[1], r.variant_us[2], r.variant_us[3], r.variant_us[4],
+                    r.variant_us[5], r.bf16_q_again_us,
                     r.variants_same ? "same" : "DIFF",
                     agrees ? "" : " FAIL");
         std::fflush(stdout);

@@ -119,45 +119,46 @@ TEST(SparseAttentionPrefill, ProChunksMatchCpu) {
                     seed++);
 }
 
-// Round s24 A/Bs: SparseAttentionPrefillOptions::late_ahead (both formats), tile_release (bf16 entries; buffer 0's
-// half 1 released tile by tile) and q_tiles (bf16 entries and q; Q copied tile by tile); refused for fp8 entries.
+// Round s24 A/Bs: SparseAttentionPrefillOptions::late_ahead and pages_first (both formats), q_tiles with and without
+// q_after_resolve (bf16 entries and q; refused otherwise), all four.
 TEST(SparseAttentionPrefill, RoundVariantsMatchCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  const SparseAttentionPrefillOptions tile{.prefetch_resolved = PrefetchResolved::Off, .tile_release = true};
   uint32_t seed = 600;
   const SparseAttentionPrefillOptions late{.prefetch_resolved = PrefetchResolved::Off, .late_ahead = true};
-  for (const KvEntryFormat format : kFormats)
+  const SparseAttentionPrefillOptions pages{.prefetch_resolved = PrefetchResolved::Off, .pages_first = true};
+  for (const KvEntryFormat format : kFormats) {
     check_attention({"flash csa chunk late ahead", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12}, seed++, late);
-  check_attention({"flash csa chunk tiles", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100}, 12}, seed++,
-                  tile);
-  AttentionCase hca{"flash hca chunk counts tiles", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 100, {3000, 700}, 8};
-  hca.counts = true;
-  check_attention(hca, seed++, tile);
-  check_attention({"pro csa chunk bf16 io tiles", KvEntryFormat::Bf16, 512, 64, 128, 128, 128, 512, {5000, 90}, 6,
-                   AttentionDtype::Bf16, AttentionDtype::Bf16},
-                  seed++, tile);
-  // q_tiles (bf16 q), alone and with tile_release: padded heads and a query without entries (its Q copies never
-  // waited on), two head blocks.
+    AttentionCase hca{"flash hca chunk counts pages first", format, 512, 64, 64, 128, 128, 100, {3000, 700}, 8};
+    hca.counts = true;
+    check_attention(hca, seed++, pages);
+  }
+  // q_tiles: padded heads and a query without entries (its Q copies never waited on), two head blocks.
   const SparseAttentionPrefillOptions q_tiles{.prefetch_resolved = PrefetchResolved::Off, .q_tiles = true};
-  const SparseAttentionPrefillOptions both{
-      .prefetch_resolved = PrefetchResolved::Off, .tile_release = true, .q_tiles = true};
+  const SparseAttentionPrefillOptions q_resolve{
+      .prefetch_resolved = PrefetchResolved::Off, .q_tiles = true, .q_after_resolve = true};
+  const SparseAttentionPrefillOptions all{.prefetch_resolved = PrefetchResolved::Off, .late_ahead = true,
+                                          .q_tiles = true, .pages_first = true, .q_after_resolve = true};
   check_attention({"flash csa chunk q tiles", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100}, 12,
                    AttentionDtype::Bf16},
                   seed++, q_tiles);
-  check_attention({"h48 padded q tiles", KvEntryFormat::Bf16, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2,
+  check_attention({"h48 padded q after resolve", KvEntryFormat::Bf16, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2,
                    AttentionDtype::Bf16, AttentionDtype::Bf16, true},
-                  seed++, q_tiles);
-  check_attention({"pro csa chunk bf16 io q tiles + tiles", KvEntryFormat::Bf16, 512, 64, 128, 128, 128, 512,
-                   {5000, 90}, 6, AttentionDtype::Bf16, AttentionDtype::Bf16},
-                  seed++, both);
-  const AttentionCase fp8{"flash csa chunk fp8 tiles", KvEntryFormat::Fp8Reference, 512, 64, 64, 128, 128, 512,
+                  seed++, q_resolve);
+  check_attention({"pro csa chunk bf16 io all", KvEntryFormat::Bf16, 512, 64, 128, 128, 128, 512, {5000, 90}, 6,
+                   AttentionDtype::Bf16, AttentionDtype::Bf16},
+                  seed++, all);
+  const AttentionCase fp8{"flash csa chunk fp8 q tiles", KvEntryFormat::Fp8Reference, 512, 64, 64, 128, 128, 512,
                           {300}, 2, AttentionDtype::Bf16};
   SparseAttentionCaseData data;
   ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(fp8, seed++, data));
   DeviceBuffer out(size_t(data.call.tokens) * data.call.heads * 512 * 4, "out");
   data.call.out = out.data();
-  testing::expect_error([&] { run_sparse_attention_prefill(data.call, tile); }, "tile_release serves bf16 entries");
   testing::expect_error([&] { run_sparse_attention_prefill(data.call, q_tiles); }, "q_tiles serves bf16 entries");
+  testing::expect_error(
+      [&] {
+        run_sparse_attention_prefill(data.call, {.prefetch_resolved = PrefetchResolved::Off, .q_after_resolve = true});
+      },
+      "q_after_resolve needs q_tiles");
 }
 
 TEST(SparseAttentionPrefill, OddShapesMatchCpu) {

@@ -138,13 +138,11 @@ inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [32]: the
 inline constexpr int kSum = kMax + 32 * 8;                   // float2 [64]: the consumers' row sums
 inline constexpr int kRope = kSum + 64 * 8;                  // RopeFactors [kMaxRopePairs]
 inline constexpr int kPhysical = kRope + kMaxRopePairs * 8;  // int32 [2 × 4][producer thread]: its slots' entries
-// full[2][2], empty[2][2], valid[2], rope, tile_full[2][2][3], tile_empty01[3], q_full[8]
+// full[2][2], empty[2][2], valid[2], rope, tile_full[2][2][3], q_full[8], first_resolved
 inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;
-inline constexpr int kBarrierCount = 11, kTileBarrierCount = 12, kTileEmptyBarrierCount = 3, kQBarrierCount = 8;
+inline constexpr int kBarrierCount = 11, kTileBarrierCount = 12, kQBarrierCount = 9;
 static_assert(kTileBarrierCount == 2 * 2 * (kHalfTiles - 1), "a barrier per (buffer, half, tile but the last)");
-static_assert(kTileEmptyBarrierCount == kHalfTiles - 1, "a barrier per tile of buffer 0's half 1 but the last");
-inline constexpr int kBytes =
-    kBarriers + (kBarrierCount + kTileBarrierCount + kTileEmptyBarrierCount + kQBarrierCount) * 8;
+inline constexpr int kBytes = kBarriers + (kBarrierCount + kTileBarrierCount + kQBarrierCount) * 8;
 inline constexpr int kAllocationBytes = kBytes + 1024;       // room to align the base to 1024
 static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
 
@@ -169,6 +167,11 @@ __device__ __forceinline__ void consumer_named_barrier(int consumer) {
     barrier(std::integral_constant<int, kBase + 1>{});
 }
 
+// Round s24 A/B switches (SparseAttentionPrefillOptions): late_ahead, pages_first, q_after_resolve.
+struct RoundFlags {
+  bool late_ahead = false, pages_first = false, q_after_resolve = false;
+};
+
 // The CTA's mbarriers: full and empty per (buffer, half), valid per buffer, tile_full per (buffer, half, tile) for
 // every tile of a half but its last (whose arrival is full's; bf16 entries only).
 struct Barriers {
@@ -183,15 +186,12 @@ struct Barriers {
     return tile < kHalfTiles - 1 ? base + kBarrierCount + (buffer * 2 + half) * (kHalfTiles - 1) + tile
                                  : full(buffer, half);
   }
-  // Buffer 0's half 1, tile `tile` released (tile_release: consumer 1 releases that half tile by tile as its PV on
-  // each 64-dim tile ends; tile 3 is empty()).
-  __device__ __forceinline__ uint64_t* tile_empty01(int tile) const {
-    return tile < kHalfTiles - 1 ? base + kBarrierCount + kTileBarrierCount + tile : empty(0, 1);
-  }
   // q_tiles: Q's 64-dim tile `tile` landed (every consumer thread's cp.async arrival).
   __device__ __forceinline__ uint64_t* q_full(int tile) const {
-    return base + kBarrierCount + kTileBarrierCount + kTileEmptyBarrierCount + tile;
+    return base + kBarrierCount + kTileBarrierCount + tile;
   }
+  // q_after_resolve: the producer has resolved the first pair's entries (the consumers' Q copies wait for it).
+  __device__ __forceinline__ uint64_t* first_resolved() const { return q_full(kDimTiles); }
   // Where a half's tile `tile` arrives: bf16 entries tile by tile, fp8 entries (stored through registers) all on full.
   template <bool kFp8>
   __device__ __forceinline__ uint64_t* arrival(int buffer, int half, int tile) const {
@@ -244,10 +244,10 @@ __device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
 
 // Thread (row0, chunk) of the producer warpgroup moves the 16-byte chunk `chunk` (8 dims) of every 64-dim tile of
 // entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row.
-template <bool kFp8, bool kTrace, bool kTileRelease>
+template <bool kFp8, bool kTrace>
 __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int pairs,
                                         bool prefetch_resolved, const Barriers& barriers, int64_t ahead_t,
-                                        int ahead_head_base, bool late_ahead, uint64_t* trace) {
+                                        int ahead_head_base, RoundFlags flags, uint64_t* trace) {
   const int thread = int(threadIdx.x) - 2 * kWarpgroup;
   const int chunk = thread % 8, row0 = thread / 8;
   const int64_t slots = query_slot_count(p, t);
@@ -287,8 +287,10 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   };
   // Every page-table load of the pair is issued before any is used: one round trip, not eight in a row (each entry
   // waited for its page before the next load was issued: ≈ 4000 cycles a pair in round s23-2's trace).
-  const auto resolve_pages = [&](int pair) {
-    int32_t pages[2][4];
+  // pages_first (round s24 A/B): a later pair's page-table loads are issued before the last half's copies of the pair
+  // before it, not behind them (round s24-1's trace: ≈ 3500 cycles from those copies to the resolved entries).
+  int32_t pages[2][4];
+  const auto load_pages = [&](int pair) {
 #pragma unroll
     for (int b = 0; b < 2; ++b)
 #pragma unroll
@@ -297,6 +299,8 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
         const int32_t* page = slot_page(p, sequence_slot, s, rows[b][k]);
         pages[b][k] = page != nullptr ? *page : -1;
       }
+  };
+  const auto resolve_entries = [&](int pair) {
 #pragma unroll
     for (int b = 0; b < 2; ++b)
 #pragma unroll
@@ -309,8 +313,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
         if (prefetches_line && entry >= 0) ptx::prefetch_l2(p.cache.entry_address(entry) + line_offset);
       }
   };
-  // tile_waits (tile_release, buffer 0's half 1): each tile's copies wait for that tile's release (phase `parity`).
-  const auto load_half = [&](int buffer, int half, bool tile_waits = false, uint32_t parity = 0) {
+  const auto load_half = [&](int buffer, int half) {
     uint8_t* tiles = smem + kKv + buffer * kBufferBytes;
     if constexpr (!kFp8) {
       // Tile by tile over the four entries, each tile's barrier arriving once this thread's copies up to it landed:
@@ -330,7 +333,6 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
 #pragma unroll
       for (int i = 0; i < kHalfTiles; ++i) {
         const int tile = half * kHalfTiles + i;
-        if (tile_waits) sm90::mbarrier_wait(barriers.tile_empty01(i), parity);
 #pragma unroll
         for (int k = 0; k < 4; ++k)
           ptx::cp_async_or_zero<16>(destinations[k] + uint32_t(tile * kTileBytes), sources[k] + tile * 128, used[k]);
@@ -409,10 +411,12 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   prefetch_index_lines(t, slots);
   if (pairs > 0) {
     load_rows(0);
-    resolve_pages(0);
+    load_pages(0);
+    resolve_entries(0);
     if (pairs > 1) load_rows(1);
     trace_point<kTrace>(trace, prefill_trace::kResolved);
   }
+  if (flags.q_after_resolve) sm90::mbarrier_arrive(barriers.first_resolved());
   // The item about one wave later (ahead_t ≥ 0): its q rows and index lines into L2 while this CTA runs, so that its
   // start waits for L2 instead of DRAM (64 heads of fp32 q are 128 KB, loaded before its first scores).
   // late_ahead (round s24 A/B): after this CTA's last copies and rope factors instead, ≈ 6 µs before that item
@@ -427,7 +431,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
       ptx::prefetch_l2(q + offset);
     prefetch_index_lines(ahead_t, query_slot_count(p, ahead_t));
   };
-  if (!late_ahead) prefetch_ahead();
+  if (!flags.late_ahead) prefetch_ahead();
   for (int i = 0; i < pairs; ++i) {
     // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
     // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that).
@@ -442,9 +446,9 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     // first (round s23-1's trace: the producer reached (0, 1) 765 cycles after its release, still issuing (1, 1);
     // round s23-2 with the entries in registers: Flash 8K 840.3 → 835.7 µs, Pro 8K 1648.0 → 1631.1, Flash 64K 873.9
     // → 865.9; alone level).
-    sm90::mbarrier_wait(kTileRelease ? barriers.tile_empty01(0) : barriers.empty(0, 1), parity);
+    sm90::mbarrier_wait(barriers.empty(0, 1), parity);
     pair_point<kTrace>(trace, i, prefill_trace::kEmpty01);
-    load_half(0, 1, kTileRelease, parity);
+    load_half(0, 1);
     publish_half(0, 1);
     sm90::mbarrier_wait(barriers.empty(1, 1), parity);
     pair_point<kTrace>(trace, i, prefill_trace::kEmpty11);
@@ -454,11 +458,13 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     sm90::mbarrier_wait(barriers.empty(1, 0), parity);
     pair_point<kTrace>(trace, i, prefill_trace::kEmpty10);
     if (i < prefill_trace::kPairs) trace_point<kTrace>(trace, prefill_trace::kLastHalfReleased + i);
+    if (flags.pages_first && i + 1 < pairs) load_pages(i + 1);
     load_half(1, 0);
     publish_half(1, 0);
     pair_point<kTrace>(trace, i, prefill_trace::kLastIssued);
     if (i + 1 < pairs) {
-      resolve_pages(i + 1);
+      if (!flags.pages_first) load_pages(i + 1);
+      resolve_entries(i + 1);
       if (i + 2 < pairs) load_rows(i + 2);
       pair_point<kTrace>(trace, i, prefill_trace::kNextResolved);
     }
@@ -472,7 +478,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
       rope_table[pair] = rope_factors(position, p.rope_frequencies[pair]);
     sm90::mbarrier_arrive(barriers.rope_ready());
   }
-  if (late_ahead) prefetch_ahead();
+  if (flags.late_ahead) prefetch_ahead();
   if constexpr (!kFp8) asm volatile("cp.async.wait_all;\n" ::: "memory");
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
@@ -521,66 +527,25 @@ __device__ __forceinline__ uint64_t v_descriptor(const uint8_t* smem, int buffer
                                              kTileBytes);
 }
 
-// o += P V_buffer[:, half] on V's 64-dim tile kTile (the accumulator's columns 64 kTile..64 kTile + 63), P from
-// registers (pf) or from a shared tile (a: its descriptor).
-template <int kTile>
-__device__ __forceinline__ void pv_tile_registers(float (&o)[128], const uint32_t (&pf)[4][4], const uint8_t* smem,
-                                                  int buffer, int half) {
-#pragma unroll
-  for (int ks = 0; ks < kBlock / 16; ++ks)
-    sm90::wgmma_m64n64k16_bf16_rs_n_major_b<kTile>(
-        o, pf[ks], sm90::advance_descriptor(v_descriptor(smem, buffer, half, ks), uint32_t(kTile * kTileBytes)), 1);
-}
-template <int kTile>
-__device__ __forceinline__ void pv_tile_shared(float (&o)[128], uint64_t a, const uint8_t* smem, int buffer,
-                                               int half) {
-#pragma unroll
-  for (int ks = 0; ks < kBlock / 16; ++ks)
-    sm90::wgmma_m64n64k16_bf16_ss_n_major_b<kTile>(
-        o, sm90::advance_descriptor(a, uint32_t(ks * 32)),
-        sm90::advance_descriptor(v_descriptor(smem, buffer, half, ks), uint32_t(kTile * kTileBytes)), 1);
-}
-
-// o += P V_buffer[:, half] with P from registers (this consumer's own block); kTiles: as four 64-dim tiles (ptxas
-// serialises every wgmma of a kernel that mixes m64n64 blocks of o with m64n256 on all of it).
-template <bool kTiles>
+// o += P V_buffer[:, half] with P from registers (this consumer's own block).
 __device__ __forceinline__ void pv_registers(float (&o)[128], const uint32_t (&pf)[4][4], const uint8_t* smem,
                                              int buffer, int half) {
   sm90::wgmma_fence();
-  if constexpr (kTiles) {
-    pv_tile_registers<0>(o, pf, smem, buffer, half);
-    pv_tile_registers<1>(o, pf, smem, buffer, half);
-    pv_tile_registers<2>(o, pf, smem, buffer, half);
-    pv_tile_registers<3>(o, pf, smem, buffer, half);
-  } else {
 #pragma unroll
-    for (int ks = 0; ks < kBlock / 16; ++ks)
-      sm90::wgmma_m64n256k16_bf16_rs_n_major_b(o, pf[ks], v_descriptor(smem, buffer, half, ks), 1);
-  }
+  for (int ks = 0; ks < kBlock / 16; ++ks)
+    sm90::wgmma_m64n256k16_bf16_rs_n_major_b(o, pf[ks], v_descriptor(smem, buffer, half, ks), 1);
   sm90::wgmma_commit_group();
 }
 
-// o += P V_buffer[:, half] with P from the other consumer's shared tile; kTiles: one commit group per 64-dim tile,
-// so that wait_group can release the half's tiles one by one.
-template <bool kTiles>
+// o += P V_buffer[:, half] with P from the other consumer's shared tile.
 __device__ __forceinline__ void pv_shared(float (&o)[128], const uint8_t* p_tile, const uint8_t* smem, int buffer,
                                           int half) {
   const uint64_t a = sm90::make_sw128_k_major_descriptor(p_tile);
   sm90::wgmma_fence();
-  if constexpr (kTiles) {
-    pv_tile_shared<0>(o, a, smem, buffer, half);
-    sm90::wgmma_commit_group();
-    pv_tile_shared<1>(o, a, smem, buffer, half);
-    sm90::wgmma_commit_group();
-    pv_tile_shared<2>(o, a, smem, buffer, half);
-    sm90::wgmma_commit_group();
-    pv_tile_shared<3>(o, a, smem, buffer, half);
-  } else {
 #pragma unroll
-    for (int ks = 0; ks < kBlock / 16; ++ks)
-      sm90::wgmma_m64n256k16_bf16_n_major_b(o, sm90::advance_descriptor(a, uint32_t(ks * 32)),
-                                            v_descriptor(smem, buffer, half, ks), 1);
-  }
+  for (int ks = 0; ks < kBlock / 16; ++ks)
+    sm90::wgmma_m64n256k16_bf16_n_major_b(o, sm90::advance_descriptor(a, uint32_t(ks * 32)),
+                                          v_descriptor(smem, buffer, half, ks), 1);
   sm90::wgmma_commit_group();
 }
 
@@ -674,9 +639,9 @@ __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
   return row * row_bytes + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
-template <bool kFp8, bool kTrace, bool kTileRelease, bool kQTiles>
+template <bool kFp8, bool kTrace, bool kQTiles>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
-                                        const Barriers& barriers, uint64_t* trace) {
+                                        const Barriers& barriers, RoundFlags flags, uint64_t* trace) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
   const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroup, 0);
   const int thread256 = int(threadIdx.x);
@@ -695,6 +660,9 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   if constexpr (kQTiles) {
     // q_tiles (round s24 A/B; bf16 q, bf16 entries): by cp.async, tile by tile (two 16-byte chunks per thread and
     // tile), each tile on its own mbarrier, so that the first scores start on Q's first tiles while the rest lands.
+    // q_after_resolve (round s24 A/B): once the producer has the first pair's entries, so that its index and
+    // page-table loads do not queue behind Q's 64 KB (round s24-1's trace: resolved 4600 cycles after the start).
+    if (flags.q_after_resolve) sm90::mbarrier_wait(barriers.first_resolved(), 0);
 #pragma unroll
     for (int tile = 0; tile < kDimTiles; ++tile) {
 #pragma unroll
@@ -795,7 +763,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax0);
       pair_point<kTrace>(trace, i, prefill_trace::kC0MaxSent);
       block_weights(s, reference, row_sum, o, pf);
-      pv_registers<kTileRelease>(o, pf, smem, 0, 0);
+      pv_registers(o, pf, smem, 0, 0);
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(o);
       fence_fragments(pf);
@@ -821,7 +789,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       if (rescale) scale_rows(o, factor);
       wait_full<kFp8>(barriers.full(1, 0), parity);  // consumer 1 waited for it too; this orders the data for our reads
       pair_point<kTrace>(trace, i, prefill_trace::kC0LateHalf);
-      pv_shared<kTileRelease>(o, other_p, smem, 1, 0);
+      pv_shared(o, other_p, smem, 1, 0);
       if (i + 1 < pairs) {
         // The next pair's scores run on the tensor cores behind this PV.
         sm90::wgmma_fence();
@@ -877,43 +845,23 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       pair_point<kTrace>(trace, i, prefill_trace::kC1MaxSent);
       block_weights(s, reference, row_sum, o, pf);
       if (i + 1 == pairs) publish_final_row_sums();
-      pv_registers<kTileRelease>(o, pf, smem, 1, 1);
+      pv_registers(o, pf, smem, 1, 1);
       store_weights(own_p, pf, warp, g, c);
       sm90::fence_proxy_async_shared();
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP0);
       pair_point<kTrace>(trace, i, prefill_trace::kC1OtherP);
       wait_full<kFp8>(barriers.full(0, 1), parity);
       pair_point<kTrace>(trace, i, prefill_trace::kC1Half);
-      if constexpr (kTileRelease) {
-        // Buffer 0's half 1 released tile by tile: the producer refills each tile (and consumer 0's next scores
-        // start on it) while the PV on the later tiles runs.
-        pv_shared<true>(o, other_p, smem, 0, 1);
-        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
-        sm90::wgmma_wait_group<kHalfTiles>();
-        fence_fragments(pf);
-        sm90::mbarrier_arrive(barriers.empty(1, 1));
-        pair_point<kTrace>(trace, i, prefill_trace::kC1OwnPv);
-        sm90::wgmma_wait_group<3>();
-        sm90::mbarrier_arrive(barriers.tile_empty01(0));
-        sm90::wgmma_wait_group<2>();
-        sm90::mbarrier_arrive(barriers.tile_empty01(1));
-        sm90::wgmma_wait_group<1>();
-        sm90::mbarrier_arrive(barriers.tile_empty01(2));
-        sm90::wgmma_wait_group<0>();
-        sm90::fence_operand(o);
-        sm90::mbarrier_arrive(barriers.tile_empty01(3));
-      } else {
-        pv_shared<false>(o, other_p, smem, 0, 1);
-        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
-        sm90::wgmma_wait_group<1>();
-        sm90::fence_operand(o);
-        fence_fragments(pf);
-        sm90::mbarrier_arrive(barriers.empty(1, 1));
-        pair_point<kTrace>(trace, i, prefill_trace::kC1OwnPv);
-        sm90::wgmma_wait_group<0>();
-        sm90::fence_operand(o);
-        sm90::mbarrier_arrive(barriers.empty(0, 1));
-      }
+      pv_shared(o, other_p, smem, 0, 1);
+      sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
+      sm90::wgmma_wait_group<1>();
+      sm90::fence_operand(o);
+      fence_fragments(pf);
+      sm90::mbarrier_arrive(barriers.empty(1, 1));
+      pair_point<kTrace>(trace, i, prefill_trace::kC1OwnPv);
+      sm90::wgmma_wait_group<0>();
+      sm90::fence_operand(o);
+      sm90::mbarrier_arrive(barriers.empty(0, 1));
       pair_point<kTrace>(trace, i, prefill_trace::kC1OtherPv);
     }
   }
@@ -996,12 +944,11 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
 
-template <bool kFp8, bool kTrace, bool kTileRelease, bool kQTiles>
+template <bool kFp8, bool kTrace, bool kQTiles>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
-                                    const int resident_ctas, const bool prefetch_resolved, const bool late_ahead,
+                                    const int resident_ctas, const bool prefetch_resolved, const RoundFlags flags,
                                     uint64_t* trace) {
-  static_assert(!(kFp8 && kTileRelease), "tile_release: bf16 entries only (fp8 halves land at once)");
   static_assert(!(kFp8 && kQTiles), "q_tiles: bf16 entries only (round A/B)");
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
@@ -1014,11 +961,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     // full: every producer thread (its cp.async arrival or its stores); tile_full (bf16 entries only, so initialised
     // only there): every producer thread's cp.async arrival; empty: the releasing consumer's threads; valid,
     // rope_ready: every producer thread.
-    for (int i = 0; i < kBarrierCount + (kFp8 ? 0 : kTileBarrierCount) + (kTileRelease ? kTileEmptyBarrierCount : 0);
-         ++i)
+    for (int i = 0; i < kBarrierCount + (kFp8 ? 0 : kTileBarrierCount); ++i)
       sm90::mbarrier_init(barriers.base + i, kWarpgroup);
-    if constexpr (kQTiles)
+    if constexpr (kQTiles) {
       for (int tile = 0; tile < kDimTiles; ++tile) sm90::mbarrier_init(barriers.q_full(tile), 2 * kWarpgroup);
+      sm90::mbarrier_init(barriers.first_resolved(), kWarpgroup);
+    }
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
@@ -1029,12 +977,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The CTA that starts about when this one ends: one per SM is resident (resident_ctas), launched in order.
     const int64_t ahead = int64_t(blockIdx.x) + resident_ctas;
     const bool ahead_exists = ahead < p.tokens * head_blocks;
-    produce<kFp8, kTrace, kTileRelease>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers,
-                          ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, late_ahead,
-                          trace);
+    produce<kFp8, kTrace>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers,
+                          ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, flags, trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8, kTrace, kTileRelease, kQTiles>(p, smem, t, head_block * kHeads, barriers, trace);
+    consume<kFp8, kTrace, kQTiles>(p, smem, t, head_block * kHeads, barriers, flags, trace);
   }
 }
 

@@ -354,53 +354,6 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16_ss(float (&d)[32], uint64_t
 #endif
 }
 
-// D[64 × 64] (+)= A[64 × 16] · B[16 × 64], bf16 → fp32, A K-major and B N-major (imm-trans-b = 1; see
-// make_sw128_n_major_descriptor), both in shared memory in the 128B swizzle; D is the 64-column block kNBlock of a
-// m64n256 accumulator d (its registers d[32 kNBlock, 32 kNBlock + 32), the same fragment layout), so that one N
-// block of an N-major operand can be multiplied on its own.
-template <int kNBlock>
-__device__ __forceinline__ void wgmma_m64n64k16_bf16_ss_n_major_b(float (&d)[128], uint64_t a_desc, uint64_t b_desc,
-                                                                  int accumulate) {
-  static_assert(kNBlock >= 0 && kNBlock < 4, "a 64-column block of 256");
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile(
-      "{\n"
-      ".reg .pred p_acc;\n"
-      "setp.ne.b32 p_acc, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{" DSV4_WGMMA_ACCUMULATOR_REGISTERS_32 "}, "
-      "%32, %33, p_acc, 1, 1, 0, 1;\n"
-      "}\n"
-      : DSV4_WGMMA_ACCUMULATORS_8(32 * kNBlock), DSV4_WGMMA_ACCUMULATORS_8(32 * kNBlock + 8),
-        DSV4_WGMMA_ACCUMULATORS_8(32 * kNBlock + 16), DSV4_WGMMA_ACCUMULATORS_8(32 * kNBlock + 24)
-      : "l"(a_desc), "l"(b_desc), "r"(accumulate));
-#else
-  __trap();
-#endif
-}
-
-// The same with A from registers (each warp's m16k16 fragment, as for mma.sync; kept until a wait covers this wgmma).
-template <int kNBlock>
-__device__ __forceinline__ void wgmma_m64n64k16_bf16_rs_n_major_b(float (&d)[128], const uint32_t (&a)[4],
-                                                                  uint64_t b_desc, int accumulate) {
-  static_assert(kNBlock >= 0 && kNBlock < 4, "a 64-column block of 256");
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile(
-      "{\n"
-      ".reg .pred p_acc;\n"
-      "setp.ne.b32 p_acc, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{" DSV4_WGMMA_ACCUMULATOR_REGISTERS_32 "}, "
-      "{%32, %33, %34, %35}, %36, p_acc, 1, 1, 1;\n"
-      "}\n"
-      : DSV4_WGMMA_ACCUMULATORS_8(32 * kNBlock), DSV4_WGMMA_ACCUMULATORS_8(32 * kNBlock + 8),
-        DSV4_WGMMA_ACCUMULATORS_8(32 * kNBlock + 16), DSV4_WGMMA_ACCUMULATORS_8(32 * kNBlock + 24)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(accumulate));
-#else
-  __trap();
-#endif
-}
-
 // D[64 × 256] (+)= A[64 × 16] · B[16 × 256], bf16 → fp32, A from registers (each warp's m16k16 fragment, as for
 // mma.sync) and B N-major in shared memory (imm-trans-b = 1): B's rows are K, each holding 256 contiguous N values in
 // 64-wide 128B-swizzled blocks.
