@@ -15,7 +15,7 @@ namespace dsv4::cuda {
 namespace {
 
 constexpr int64_t kMaxHeadDim = 2 * compressor::kMaxThreads;
-constexpr int kMaxClusterCtas = 8;  // the portable cluster size
+using compressor::kMaxClusterCtas;
 constexpr int64_t kWantedCtas = 256;  // about two per SM: below this, entries are split over clusters
 // Decode steps (runs of at most `ratio` tokens) load into registers with CTAs of up to 512 threads at 128 registers:
 // one per SM, so their splits stop at about one wave (H200, HCA batch 64 completing windows: 2 CTAs per entry 22.2 µs,
@@ -192,11 +192,20 @@ bool old_code() {
   return on;
 }
 
-// Round s24 A/B switch: DSV4_COMPRESSOR_SECOND_FIRST=1 (plan_launch).
+// Round s24 A/B switch: DSV4_COMPRESSOR_SERIAL_SUMS=1 reads the cluster's norm sums as the session start did.
+bool serial_cluster_sums() {
+  static const bool on = [] {
+    const char* v = std::getenv("DSV4_COMPRESSOR_SERIAL_SUMS");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+
+// Round s24 A/B switch: DSV4_COMPRESSOR_SECOND_FIRST=0 (plan_launch).
 bool second_pool_first() {
   static const bool on = [] {
     const char* v = std::getenv("DSV4_COMPRESSOR_SECOND_FIRST");
-    return v != nullptr && std::strcmp(v, "1") == 0;
+    return v == nullptr || std::strcmp(v, "0") != 0;
   }();
   return on;
 }
@@ -282,6 +291,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1)),
                               .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2,
                               .ticket_entries_first = ticket_entries_first(),
+                              .serial_cluster_sums = serial_cluster_sums(),
                               .streaming_loads = streaming_loads()};
 }
 
@@ -315,8 +325,9 @@ LaunchPlan plan_launch(std::span<const CompressorParams> params, const IndexerPr
   compressor::LaunchArgs& launch = plan.launch;
   int hardware_cluster = 1, threads = 0;
   size_t smem = 0;
-  // Round s24 A/B switch DSV4_COMPRESSOR_SECOND_FIRST=1: a lean launch's second pool (a CSA layer's indexer
-  // compressor) takes the first CTAs.
+  // A lean launch's second pool (a CSA layer's indexer compressor) takes the first CTAs: behind the main pool's it ran
+  // last, alone on half-empty SMs (GPU round s24-1's trace, H200, 4096-token CSA pair: its 256 CTAs from 14.5 µs to the
+  // end, 0.5 resident per SM; first: 20.7 -> 17.8 µs). Round s24 A/B switch DSV4_COMPRESSOR_SECOND_FIRST=0: off.
   const bool reversed = lean && params.size() == 2 && second_pool_first();
   for (size_t k = 0; k < params.size(); ++k) {
     const size_t i = reversed ? params.size() - 1 - k : k;

@@ -54,6 +54,7 @@ namespace dsv4::cuda::compressor {
 
 inline constexpr int kMaxThreads = 512;
 inline constexpr int kMaxPools = 2;
+inline constexpr int kMaxClusterCtas = 8;  // CTAs per entry at most (the portable cluster size)
 inline constexpr int kSlotBatch = 4;    // slots whose loads a thread issues before using any
 inline constexpr int kUpdateBatch = 4;  // state values a thread loads before storing any
 // Staged slot loads (CompressorSlotLoads::Staged): CTAs of at most kStagedThreads threads, each thread's
@@ -137,6 +138,9 @@ struct PoolArgs {
   bool lean_csa_windows;
   // A run's last entry row pooled first (entry_row_at). Round s24 A/B switch (DSV4_COMPRESSOR_TICKETS_FIRST=0: off).
   bool ticket_entries_first;
+  // The cluster's sums by every thread in a loop of dependent loads (the session start's). Round s24 A/B switch
+  // (DSV4_COMPRESSOR_SERIAL_SUMS=1: on).
+  bool serial_cluster_sums;
   // Lean: kv and gate rows loaded as streamed (evict-first, load_row_quad). Round s24 A/B switch
   // (DSV4_COMPRESSOR_STREAMING=1: on).
   bool streaming_loads;
@@ -787,9 +791,20 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
   if (cluster_sync) {
     cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
     cluster.sync();
-    if (e.emitting) {
+    if (a.serial_cluster_sums && e.emitting) {
       const int first_rank = int(cluster.block_rank()) - e.place.rank;
       for (int i = 0; i < a.cluster_ctas; ++i) total += *cluster.map_shared_rank(square_sum, first_rank + i);
+    } else if (e.emitting && t.group == 0) {  // the sum's users (owner threads)
+      // Every CTA's sum loaded before any is added (a loop of dependent remote loads took ≈ 1 µs of a 4096-token HCA
+      // CTA's epilogue: GPU round s24-1's trace), then added in rank order as before.
+      const int first_rank = int(cluster.block_rank()) - e.place.rank;
+      float sums[kMaxClusterCtas];
+#pragma unroll
+      for (int i = 0; i < kMaxClusterCtas; ++i)
+        if (i < a.cluster_ctas) sums[i] = *cluster.map_shared_rank(square_sum, first_rank + i);
+#pragma unroll
+      for (int i = 0; i < kMaxClusterCtas; ++i)
+        if (i < a.cluster_ctas) total += sums[i];
     }
     if (arrive_after_read) __cluster_barrier_arrive();
   } else {
