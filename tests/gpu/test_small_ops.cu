@@ -556,6 +556,8 @@ TEST(SmallOpsGpu, RefusesUnsupportedCallsNamingTheProblem) {
                       .x_group_stride = 16});
       },
       "y must be x itself (with contiguous rows) or not overlap it");
+  expect_error([&] { run_rms_norm({.x = x.as<float>(), .rows = int64_t(1) << 32, .width = 1, .y = y.as<float>()}); },
+               "exceed the kernel's 32-bit row indices");
   expect_error(
       [&] { run_attention_index({.positions = x.as<int64_t>(), .tokens = 1, .window = 16, .ring_rows = 8}); },
       "the ring must hold a window");

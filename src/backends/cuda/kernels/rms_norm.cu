@@ -1,6 +1,7 @@
 #include "backends/cuda/kernels/rms_norm.hpp"
 
 #include <algorithm>
+#include <cstdint>
 
 #include "backends/cuda/kernels/rms_norm.cuh"
 #include "core/error.hpp"
@@ -9,6 +10,7 @@ namespace dsv4::cuda {
 namespace {
 
 constexpr int64_t kWarpRowMaxWidth = 32 * rms::kValuesPerThread;
+constexpr int64_t kMaxRows = int64_t(UINT32_MAX);  // rms_norm_rows divides row indices in 32 bits
 
 static_assert(kRmsNormMaxWidth == int64_t(rms::kThreads) * rms::kValuesPerThread,
               "the CTA-per-row kernel holds kRmsNormMaxWidth values in registers");
@@ -23,6 +25,8 @@ void check_rms_norm_params(const RmsNormParams& p) {
   const int64_t stride = p.x_row_stride == 0 ? p.width : p.x_row_stride;
   check(stride >= p.width, "rms_norm: x_row_stride ", p.x_row_stride, " is below the width ", p.width);
   check(p.rows_per_position >= 1, "rms_norm: rows_per_position ", p.rows_per_position, " must be at least 1");
+  check(p.rows <= kMaxRows && p.rows_per_position <= kMaxRows, "rms_norm: ", p.rows, " rows of ", p.rows_per_position,
+        " per position exceed the kernel's 32-bit row indices");
   const int64_t group_stride = p.x_group_stride == 0 ? p.rows_per_position * stride : p.x_group_stride;
   check(group_stride >= (p.rows_per_position - 1) * stride + p.width, "rms_norm: x_group_stride ", p.x_group_stride,
         " is below a group of ", p.rows_per_position, " rows ", stride, " apart");

@@ -8,8 +8,11 @@
 //   every thread: deterministic.
 // - Programmatic dependent launch: the weight is loaded into registers before the wait (a parameter, not a
 //   predecessor's output), x only after it. Each group stages its row's RoPE factors (the RoPE table's row of its
-//   position) in shared memory right after the wait, with x. The shared rows are the group's own: warp groups
+//   position) in shared memory once x's loads are issued. The shared rows are the group's own: warp groups
 //   synchronise with __syncwarp, so a warp never waits for the CTA's other rows.
+// - Plain loads, not __ldg: ptxas keeps plain loads in program order but moved the read-only (.nc) ones, the weights
+//   after the grid wait and the RoPE factors ahead of x's loads, so that every x load waited for the position's
+//   round trip.
 // - 16-value rows (the queries' 512-wide heads in warps: a b64 Flash step's 4096 heads in 512 CTAs) are compiled for
 //   4 CTAs per SM (≤ 64 registers; 67 before, 3 CTAs per SM: the grid ran in two waves, 396 CTAs then 116).
 // - rms_norm_rows is the whole body as a device function, so that kv_insert's fused launch runs the same code.
@@ -94,15 +97,16 @@ __device__ __forceinline__ void rms_norm_rows(const RmsNormArgs& args, int64_t c
 #pragma unroll
   for (int j = 0; j < kValues; ++j) {
     const int i = member + j * kGroupThreads;
-    weights[j] = args.weight != nullptr && i < args.width ? __ldg(args.weight + i) : 1.0f;
+    weights[j] = args.weight != nullptr && i < args.width ? args.weight[i] : 1.0f;
   }
   // The group's row of RoPE factors (rope_dim / 2 ≤ kRmsNormMaxRopePairs pairs), staged by the group's threads; the
-  // barrier after it is reached by every thread of the group (kRope is uniform). The position is loaded with x and its
-  // factors staged once x's loads are issued: one round trip after x's.
+  // barrier after it is reached by every thread of the group (kRope is uniform). The position is loaded before x and
+  // its factors once x's loads are issued: one round trip after x's.
   __shared__ float2 staged_rope[kRope ? kRowsPerCta<kGroupThreads> : 1][kRope ? kRmsNormMaxRopePairs : 1];
-  const auto load_position = [&] {
-    return kRope && active ? args.positions[row / args.rows_per_position] : int64_t(0);
-  };
+  // The row's position group (a token's heads) in 32 bits: rms_norm_launch checks that the rows fit.
+  const uint32_t position_group = uint32_t(row) / uint32_t(args.rows_per_position);
+  const uint32_t row_in_group = uint32_t(row) - position_group * uint32_t(args.rows_per_position);
+  const auto load_position = [&] { return kRope && active ? args.positions[position_group] : int64_t(0); };
   // A group's threads cover the pairs in kRopeSteps steps (a fixed trip count: no remainder loops).
   constexpr int kRopeSteps = (kRmsNormMaxRopePairs + kGroupThreads - 1) / kGroupThreads;
   const int pairs = args.rope_dim / 2;
@@ -111,24 +115,25 @@ __device__ __forceinline__ void rms_norm_rows(const RmsNormArgs& args, int64_t c
 #pragma unroll
       for (int step = 0; step < kRopeSteps; ++step) {
         const int k = member + step * kGroupThreads;
-        if (active && k < pairs) staged_rope[group][k] = __ldg(args.rope_table + position * pairs + k);
+        if (active && k < pairs) staged_rope[group][k] = args.rope_table[position * pairs + k];
       }
       group_sync<kGroupThreads>();
     }
   };
   wait_for_prior_grids();
   const int64_t position = load_position();
-  const float* x = args.x + (row / args.rows_per_position) * args.x_group_stride +
-                   (row % args.rows_per_position) * args.x_row_stride;
+  const float* x = args.x + int64_t(position_group) * args.x_group_stride + int64_t(row_in_group) * args.x_row_stride;
   float values[kValues];
-  float sum = 0.0f;
 #pragma unroll
   for (int j = 0; j < kValues; ++j) {
     const int i = member + j * kGroupThreads;
     values[j] = active && i < args.width ? x[i] : 0.0f;
-    sum = fmaf(values[j], values[j], sum);
   }
+  // x's loads are all issued before the RoPE factors' loads, which wait for the position.
   stage_rope(position);
+  float sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kValues; ++j) sum = fmaf(values[j], values[j], sum);
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
   if constexpr (kGroupThreads == kThreads) {
