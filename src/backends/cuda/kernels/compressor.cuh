@@ -301,29 +301,47 @@ struct OnlineSoftmax {
 // leaves it as skipping the group did (the sums are never −0), so every group's loads and expf issue together (with
 // the branch each group's chain of loads, expf and sums waited for the previous one's: GPU round s21-2, H200, a
 // completing decode step of the CSA pair 6.29 -> 6.08 µs, of HCA 9.65 -> 9.04; the same bits).
-// Unrolled by two, not by the compiler's choice: a CTA merges once, from cold instruction cache (the default
-// unrolling made the staged kernel's merge 25 KB of code, ≈ 1,380 of its 12,120 instructions). kOldCode: the
-// compiler's unrolling (round s24 A/B switch DSV4_COMPRESSOR_OLD_CODE=1).
-template <bool kOldCode, class Part>
+// (The session start's code, round s24 A/B switch DSV4_COMPRESSOR_OLD_CODE=1; merge_pair_partials otherwise.)
+template <class Part>
 __device__ __forceinline__ float merge_partials(int groups, Part part) {
   float m = kNegativeInfinity;
+  for (int g = 0; g < groups; ++g) m = fmaxf(m, part(g).max);
   float den = 0.0f, num = 0.0f;
-  const auto add = [&](int g) {
+  for (int g = 0; g < groups; ++g) {
     const OnlineSoftmax p = part(g);
     const float scale = expf(p.max - m);
     den += p.denominator * scale;
     num += p.numerator * scale;
-  };
-  if constexpr (kOldCode) {
-    for (int g = 0; g < groups; ++g) m = fmaxf(m, part(g).max);
-    for (int g = 0; g < groups; ++g) add(g);
-  } else {
-#pragma unroll 2
-    for (int g = 0; g < groups; ++g) m = fmaxf(m, part(g).max);
-#pragma unroll 2
-    for (int g = 0; g < groups; ++g) add(g);
   }
   return num / den;
+}
+
+// merge_partials of a channel pair at once (the same operations in the same order per channel: the same bits), each
+// group's partials of the pair as one 8-byte load from max[g · pairs], den[…], num[…] (float2 arrays: the pair's
+// channels adjacent). Unrolled by two, not by the compiler's choice: a CTA merges once, from cold instruction cache
+// (the compiler's unrolling made the staged kernel's merge 25 KB of code, ≈ 1,380 of its 12,120 instructions), and the
+// two channels' chains interleave (GPU round s24-1's trace, H200, 4096-token HCA chunk: one channel after the other
+// took 1.2 µs of the CTA's epilogue).
+__device__ __forceinline__ float2 merge_pair_partials(int groups, const float2* max, const float2* den, const float2* num,
+                                                      int pairs) {
+  float2 m = make_float2(kNegativeInfinity, kNegativeInfinity);
+#pragma unroll 2
+  for (int g = 0; g < groups; ++g) {
+    const float2 x = max[g * pairs];
+    m.x = fmaxf(m.x, x.x);
+    m.y = fmaxf(m.y, x.y);
+  }
+  float2 d = make_float2(0.0f, 0.0f), n = make_float2(0.0f, 0.0f);
+#pragma unroll 2
+  for (int g = 0; g < groups; ++g) {
+    const float2 x = max[g * pairs], pd = den[g * pairs], pn = num[g * pairs];
+    const float scale0 = expf(x.x - m.x), scale1 = expf(x.y - m.y);
+    d.x += pd.x * scale0;
+    n.x += pn.x * scale0;
+    d.y += pd.y * scale1;
+    n.y += pn.y * scale1;
+  }
+  return make_float2(n.x / d.x, n.y / d.y);
 }
 
 // A channel pair's share of the RMSNorm's sum of squares, and the norm's factor from the entry's sum.
@@ -767,14 +785,24 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
   float v[2] = {0.0f, 0.0f};
   if (owner) {
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int local_channel = 2 * t.pair + j;
-      v[j] = merge_partials<kOldCode>(a.groups, [&](int g) {
-        const int i = g * channels + local_channel;
-        return OnlineSoftmax{s.part_max[i], s.part_den[i], s.part_num[i]};
-      });
-      if (a.round_pooled_to_bf16) v[j] = round_to_bf16(v[j]);
+    if constexpr (kOldCode) {
+      for (int j = 0; j < 2; ++j) {
+        const int local_channel = 2 * t.pair + j;
+        v[j] = merge_partials(a.groups, [&](int g) {
+          const int i = g * channels + local_channel;
+          return OnlineSoftmax{s.part_max[i], s.part_den[i], s.part_num[i]};
+        });
+      }
+    } else {
+      // The pair's channels 2·pair, 2·pair + 1 of each group's row are adjacent (channels is even).
+      const auto pairs_of = [&](const float* part) { return reinterpret_cast<const float2*>(part) + t.pair; };
+      const float2 merged = merge_pair_partials(a.groups, pairs_of(s.part_max), pairs_of(s.part_den),
+                                                pairs_of(s.part_num), channels / 2);
+      v[0] = merged.x, v[1] = merged.y;
     }
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      if (a.round_pooled_to_bf16) v[j] = round_to_bf16(v[j]);
   }
   trace_point<kTrace>(trace, COMPRESSOR_TRACE_MERGED, __float_as_uint(v[0] + v[1]));
   // RMSNorm over all c channels: group 0's warps (0 .. pairs_padded / 32 − 1), then the entry's CTAs.
