@@ -25,7 +25,7 @@ void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttenti
   launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(kThreads)), kAllocationBytes, p.stream, dim3(1, 1, 1),
                  "sparse_attention_prefill", p, head_blocks, int(sms), prefetch,
                  RoundFlags{.late_ahead = options.late_ahead, .pages_first = options.pages_first,
-                            .q_after_resolve = options.q_after_resolve},
+                            .q_after_resolve = options.q_after_resolve, .stsm_staging = options.stsm_staging},
                  options.trace);
 }
 

@@ -167,9 +167,9 @@ __device__ __forceinline__ void consumer_named_barrier(int consumer) {
     barrier(std::integral_constant<int, kBase + 1>{});
 }
 
-// Round s24 A/B switches (SparseAttentionPrefillOptions): late_ahead, pages_first, q_after_resolve.
+// Round s24 A/B switches (SparseAttentionPrefillOptions): late_ahead, pages_first, q_after_resolve, stsm_staging.
 struct RoundFlags {
-  bool late_ahead = false, pages_first = false, q_after_resolve = false;
+  bool late_ahead = false, pages_first = false, q_after_resolve = false, stsm_staging = false;
 };
 
 // The CTA's mbarriers: full and empty per (buffer, half), valid per buffer, tile_full per (buffer, half, tile) for
@@ -633,6 +633,14 @@ __device__ __forceinline__ void store_weights(uint8_t* tile, const uint32_t (&pf
       *reinterpret_cast<uint32_t*>(tile + swizzled(16 * warp + g + 8 * r, n) + 4 * c) = pf[n / 2][(n % 2) * 2 + r];
 }
 
+// Four 8×8 b16 matrices from mma fragments to shared memory (stmatrix.x4): lane l gives the address of row l % 8 of
+// matrix l / 8; register i of every lane holds its two elements of matrix i (row lane / 4, columns 2 (lane % 4), +1).
+__device__ __forceinline__ void stmatrix_x4(uint32_t address, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(address), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
+}
+
 // Byte `byte` of output row `row` in the staging rows: 16-byte chunks swizzled by the row's low bits, so that the eight
 // rows a warp's fragment writes at once fall in different banks.
 __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
@@ -907,8 +915,8 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   static_assert(kHeads * kHeadDim <= kHalfTiles * kTileBytes, "a consumer's bf16 output rows fit a buffer half");
   constexpr int row_bytes = kHeadDim * 2;
   constexpr int staged_row_bytes = row_bytes / 2, row_chunks = staged_row_bytes / 16;
-#pragma unroll
-  for (int n = 0; n < 32; ++n) {
+  // The fragment's 8-dim block n normalised and rotated back, as bf16x2 of its rows g (packed[0]) and g + 8.
+  const auto output_pair = [&](int n, uint32_t (&packed)[2]) {
     const int dim = dim_base + 8 * n + 2 * c;
     float v[4];
 #pragma unroll
@@ -918,11 +926,30 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       rope_rotate_pair(v[0], v[1], f, true);
       rope_rotate_pair(v[2], v[3], f, true);
     }
+    packed[0] = pack_bf16x2(v[0], v[1]);
+    packed[1] = pack_bf16x2(v[2], v[3]);
+  };
+  if (flags.stsm_staging) {
+    // stsm_staging (round s24 A/B): blocks n and n + 1 of every warp's 16 rows by one stmatrix.x4 (matrix m: rows
+    // 8 (m % 2).., block n + m / 2), a quarter of the 4-byte stores.
+    const int matrix = lane / 8, row = 16 * warp + lane % 8 + 8 * (matrix % 2);
+    const uint32_t row_address = shared_address(staging) + uint32_t(row * staged_row_bytes);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = 16 * warp + g + 8 * r;
-      const uint32_t packed = pack_bf16x2(v[2 * r], v[2 * r + 1]);
-      *reinterpret_cast<uint32_t*>(staging + staged_offset(row, staged_row_bytes, (dim - dim_base) * 2)) = packed;
+    for (int n = 0; n < 32; n += 2) {
+      uint32_t low[2], high[2];
+      output_pair(n, low);
+      output_pair(n + 1, high);
+      stmatrix_x4(row_address + uint32_t(((n + matrix / 2) ^ (row & 7)) << 4), low[0], low[1], high[0], high[1]);
+    }
+  } else {
+#pragma unroll
+    for (int n = 0; n < 32; ++n) {
+      uint32_t packed[2];
+      output_pair(n, packed);
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        *reinterpret_cast<uint32_t*>(staging + staged_offset(16 * warp + g + 8 * r, staged_row_bytes, 16 * n + 4 * c)) =
+            packed[r];
     }
   }
   consumer_named_barrier<kWarpgroup, kBarrierStaged0, false>(consumer);

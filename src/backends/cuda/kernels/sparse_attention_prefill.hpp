@@ -90,6 +90,9 @@ struct SparseAttentionPrefillOptions {
   bool pages_first = false;
   // Round s24 A/B (with q_tiles): the consumers issue Q's copies once the producer has the first pair's entries.
   bool q_after_resolve = false;
+  // Round s24 A/B (bf16 out): the consumers stage their output rows by stmatrix.x4 (two 8-dim blocks of 16 rows per
+  // instruction) instead of 4-byte stores.
+  bool stsm_staging = false;
 };
 
 void run_sparse_attention_prefill(const SparseAttentionParams& params,
