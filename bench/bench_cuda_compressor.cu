@@ -35,8 +35,7 @@
 // them in L2), with the L2 hot (the same step just ran) or evicted first (weights and state cold, as in a model
 // step): per CTA its SM and points, in µs after that kernel's end, and when a dependent kernel's wait returned.
 // --trace-prefill: instead of timing, a traced prefill chunk of 4096 and of 512 tokens (the model's default prefill
-// step) from position 0 (the CSA layer's pair, HCA) summarised per pool (trace_prefill), each with the traced kernel's
-// code cold (its first run) and warm (a traced launch just before).
+// step) from position 0 (the CSA layer's pair, HCA) summarised per pool (trace_prefill).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -819,18 +818,14 @@ void trace_prefill(Compressor& main, Compressor& index, Compressor& hca, int64_t
   std::vector<uint64_t> host(size_t(kRoom) * kCompressorTracePoints);
   const Step s{"prefill chunk", -1, tokens, 1};
   const DeviceBuffer runs = runs_of(start_of(s, main), s.tokens, s.sequences);
-  // The traced launch behind an untraced one; code_warm: a traced launch ran just before, so the traced kernel's code
-  // is in the SMs' instruction caches (else its first run: cold, as a kernel in a model step between other kernels).
-  const auto traced = [&](const std::function<void(uint64_t*)>& launch, bool code_warm) {
+  const auto traced = [&](const std::function<void(uint64_t*)>& launch) {
     launch(nullptr);
-    if (code_warm) launch(trace.as<uint64_t>());
     trace.fill_bytes(0);
     launch(nullptr);
     launch(trace.as<uint64_t>());
     DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
     trace.download(host.data(), trace.bytes());
   };
-  const auto code = [](bool warm) { return warm ? ", code warm" : ", code cold"; };
   // The pools' CTA ranges as the launcher plans them.
   const auto range = [](const CompressorCtaRange& r) {
     return std::pair<int64_t, int64_t>{r.first_cta, r.first_cta + r.ctas};
@@ -838,33 +833,25 @@ void trace_prefill(Compressor& main, Compressor& index, Compressor& hca, int64_t
   const CompressorParams planned[2] = {main.params(0, runs, 1, s.tokens, stream),
                                        index.params(0, runs, 1, s.tokens, stream)};
   const CompressorLaunchShape pair = compressor_launch_shape(planned);
+  traced([&](uint64_t* t) {
+    CompressorParams both[2] = {main.params(main.next_copy(), runs, 1, s.tokens, stream),
+                                index.params(index.next_copy(), runs, 1, s.tokens, stream)};
+    both[0].trace = both[1].trace = t;
+    both[0].trace_ctas = both[1].trace_ctas = kRoom;
+    run_compressors(both);
+  });
   const std::string chunk = ", chunk of " + std::to_string(tokens);
-  for (const bool warm : {false, true}) {
-    traced(
-        [&](uint64_t* t) {
-          CompressorParams both[2] = {main.params(main.next_copy(), runs, 1, s.tokens, stream),
-                                      index.params(index.next_copy(), runs, 1, s.tokens, stream)};
-          both[0].trace = both[1].trace = t;
-          both[0].trace_ctas = both[1].trace_ctas = kRoom;
-          run_compressors(both);
-        },
-        warm);
-    print_prefill_trace("CSA layer main + indexer (lean)" + chunk + code(warm), host,
-                        {{"main", range(pair.pools[0])}, {"indexer", range(pair.pools[1])}});
-  }
+  print_prefill_trace("CSA layer main + indexer (lean)" + chunk, host,
+                      {{"main", range(pair.pools[0])}, {"indexer", range(pair.pools[1])}});
   const DeviceBuffer hca_runs = runs_of(start_of(s, hca), s.tokens, s.sequences);
   const CompressorParams hca_planned = hca.params(0, hca_runs, 1, s.tokens, stream);
   const CompressorLaunchShape alone = compressor_launch_shape({&hca_planned, 1});
-  for (const bool warm : {false, true}) {
-    traced(
-        [&](uint64_t* t) {
-          CompressorParams p = hca.params(hca.next_copy(), hca_runs, 1, s.tokens, stream);
-          p.trace = t, p.trace_ctas = kRoom;
-          run_compressor(p);
-        },
-        warm);
-    print_prefill_trace("HCA (staged)" + chunk + code(warm), host, {{"HCA", range(alone.pools[0])}});
-  }
+  traced([&](uint64_t* t) {
+    CompressorParams p = hca.params(hca.next_copy(), hca_runs, 1, s.tokens, stream);
+    p.trace = t, p.trace_ctas = kRoom;
+    run_compressor(p);
+  });
+  print_prefill_trace("HCA (staged)" + chunk, host, {{"HCA", range(alone.pools[0])}});
 }
 
 int run(int argc, char** argv) {
