@@ -25,7 +25,7 @@
 // launch floor in each shape). The decode cases' set-up is make_decode_step (tests/support/sparse_attention_cases.hpp).
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
 //                             [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab merge]
-//                             [--flush memset|read] [--out f32|bf16]
+//                             [--flush read|memset] [--out f32|bf16]
 //   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
 //   flash:swa:1,pro:csa:1:65536; flash:csa:256:65536 for one case under a profiler; a prefix that selects no case
 //   fails the run) and no prefill; --prefill-only
@@ -38,11 +38,14 @@
 //   alone (mma_rate_kernel) against a tile's flops at the same-run cuBLAS rate and at the nominal peak, nothing else.
 //   --trace times one cold traced call of each selected decode case on the head_dim 512 kernel (bf16 entries) and
 //   prints its CTAs' phases per wave with the floors of its tile pace and tail (run_trace_case); no prefill. --ab
-//   merge times each selected decode case with the round's merge variants old / factors / new / bulk (run_ab_case;
-//   no prefill).
-//   --flush memset|read: how L2 is flushed before each timed decode call (memset, the default: a memset of a 256 MB
-//   buffer, which leaves L2 full of dirty lines; read: a read sweep of it, clean lines). --out f32|bf16: the output
-//   type of --trace and --ab's calls (f32 by default; the model's decode writes bf16).
+//   merge times each selected decode case with the round's variants (run_ab_case: old / factors / new / bulk for a
+//   cluster merge, new / rolled for one split; no prefill).
+//   --flush read|memset: how L2 is flushed before each timed decode call (read, the default: a read sweep of a 256 MB
+//   buffer, which leaves L2 full of clean lines, as the model's weight-reading kernels do; memset: a memset of it, the
+//   sessions' flush up to 23, which leaves dirty lines that the timed call's misses write back: H200, round s24-1,
+//   Flash CSA 64K b64 29.0 us read against 31.6 memset, HCA 4K b64 18.0 against 18.9; the tile pace 1.38 against
+//   1.49 us). The prefill cases and the cuBLAS rate keep the memset. --out f32|bf16: the output type of --trace and
+//   --ab's calls (f32 by default; the model's decode writes bf16: level at b64 in round s24-1).
 //   Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -154,9 +157,10 @@ __global__ void l2_read_sweep(const uint4* data, size_t vectors, uint32_t* sink)
   if (x == 0x9E3779B9u) *sink = x;
 }
 
-// What each timed decode call finds in L2: the flush buffer's 256 MB written by a memset (the session-start bench: L2
-// is left full of dirty lines, which the call's own misses then write back to DRAM beside its reads and stores), read
-// by l2_read_sweep (L2 full of clean lines, as behind the model's weight-reading kernels), or nothing (--warm).
+// What each timed decode call finds in L2: the flush buffer's 256 MB read by l2_read_sweep (L2 full of clean lines, as
+// behind the model's weight-reading kernels; the default), written by a memset (the bench up to session 23: L2 is left
+// full of dirty lines, which the call's own misses then write back to DRAM beside its reads and stores), or nothing
+// (--warm).
 enum class FlushMode { Memset, Read };
 
 struct L2Flush {
@@ -774,19 +778,26 @@ void print_trace(const char* label, const std::vector<uint64_t>& trace, int ctas
 // its cluster-window address, d512_merge_own_through_cluster), factors = the factors formed by the producer, new =
 // the defaults (also the own partial through its local address), bulk = new with two splits' rows handed over by a
 // bulk copy (d512_bulk_merge; bf16 entries, fp32 partials, else as new).
-constexpr int kMergeVariants = 4, kNewVariant = 2;
-constexpr const char* kMergeVariantNames[kMergeVariants] = {"old", "factors", "new", "bulk"};
+// A single split's call (on the head_dim 512 kernel) has the variants new (the default epilogue) and rolled
+// (d512_rolled_epilogue: staged accumulators stored from a rolled loop).
+constexpr int kMergeVariants = 5, kNewVariant = 2, kRolledVariant = 4;
+constexpr const char* kMergeVariantNames[kMergeVariants] = {"old", "factors", "new", "bulk", "rolled"};
 
 SparseAttentionParams merge_variant(SparseAttentionParams call, int variant) {
   call.d512_consumer_merge_factors = variant == 0;
   call.d512_merge_own_through_cluster = variant <= 1;
   call.d512_bulk_merge = variant == 3;
+  call.d512_rolled_epilogue = variant == kRolledVariant;
   return call;
 }
 
-bool ab_serves(const SparseAttentionParams& call) {
-  return sparse_attention_head_split_splits(call) == 0 && !sparse_attention_uses_prefill_kernel(call) &&
-         call.splits > 1 && call.splits <= max_sparse_attention_cluster_splits();
+// The variants that apply to the call (the first is the reference of the byte comparison): its cluster merge's, its
+// single-split epilogue's, or none (the defaults alone).
+std::vector<int> ab_variants(const SparseAttentionParams& call) {
+  if (sparse_attention_head_split_splits(call) != 0 || sparse_attention_uses_prefill_kernel(call)) return {};
+  if (call.splits == 1) return {kNewVariant, kRolledVariant};
+  if (call.splits <= max_sparse_attention_cluster_splits()) return {0, 1, kNewVariant, 3};
+  return {};
 }
 
 void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, int64_t context, int sms,
@@ -813,9 +824,10 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
               model, to_string(kind), batch, static_cast<long long>(context), step->slots_per_query(), call.splits,
               tiles, ctas, to_string(flush.mode), out_dtype == AttentionDtype::F32 ? "fp32" : "bf16", floor_us);
   const double tile_bytes = double(kSparseAttentionTileEntries) * call.cache.layout.entry_bytes;
-  // The round's merge variants where they serve the call, else the defaults (new) alone.
-  for (int variant = 0; variant < kMergeVariants; ++variant) {
-    if (variant != kNewVariant && !ab_serves(call)) continue;
+  // The round's variants where they serve the call, else the defaults (new) alone.
+  std::vector<int> variants = ab_variants(call);
+  if (variants.empty()) variants.push_back(kNewVariant);
+  for (const int variant : variants) {
     SparseAttentionParams traced = merge_variant(call, variant);
     run_sparse_attention(traced);  // warm-up, untraced
     traced.d512_trace = d_trace.as<uint64_t>();
@@ -833,8 +845,9 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
 }
 
 // --ab merge: the route's decode call (bf16 q, --out's output type; the decode kernels, splits as the model chooses
-// them) in each merge variant (old, factors, new, bulk), timed alternately (median of 20 calls each after --flush's flush,
-// twice), each checked against the CPU and compared byte for byte with old.
+// them) in each variant that applies (ab_variants: old, factors, new, bulk for cluster-merged splits; new, rolled for
+// one split), timed alternately (median of 20 calls each after --flush's flush, twice), each checked against the CPU
+// and compared byte for byte with the first.
 void run_ab_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch, int64_t context,
                  double copy_gbps, double cublas_tflops, int sms, const L2Flush& flush, AttentionDtype out_dtype,
                  std::mt19937& rng) {
@@ -844,44 +857,49 @@ void run_ab_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat 
   call.prefill_kernel = false;
   call.out_dtype = out_dtype;
   call.splits = choose_sparse_attention_splits(batch, heads, kHeadDim, format, step->slots_per_query(), sms);
-  if (!ab_serves(call)) {
+  const std::vector<int> variants = ab_variants(call);
+  if (variants.empty()) {
     std::printf("%-6s %-4s %5d %8lld  not served by the variants (splits %d)\n", model, to_string(kind), batch,
                 static_cast<long long>(context), call.splits);
     return;
   }
+  const size_t n = variants.size();
   std::vector<DeviceBuffer> outs;
   std::vector<SparseAttentionParams> calls;
-  outs.reserve(kMergeVariants);
-  for (int v = 0; v < kMergeVariants; ++v) {
+  outs.reserve(n);
+  for (const int v : variants) {
     outs.emplace_back(out_bytes, "out");
     calls.push_back(merge_variant(call, v));
     calls.back().out = outs.back().data();
   }
-  double us[kMergeVariants][2];
+  std::vector<double> us(2 * n);
   for (int round = 0; round < 2; ++round)
-    for (int v = 0; v < kMergeVariants; ++v)
-      us[v][round] = 1e3 * cold_ms(20, flush, [&] { run_sparse_attention(calls[size_t(v)]); });
+    for (size_t i = 0; i < n; ++i)
+      us[2 * i + size_t(round)] = 1e3 * cold_ms(20, flush, [&] { run_sparse_attention(calls[i]); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   const std::vector<int64_t> sample{0, batch - 1};
   double worst_error = 0;
   size_t differing = 0;
-  std::vector<uint8_t> old_bytes(out_bytes), bytes(out_bytes);
-  outs[0].download(old_bytes.data(), out_bytes);
-  for (int v = 0; v < kMergeVariants; ++v) {
-    worst_error = std::max(worst_error, cpu_check(calls[size_t(v)], step->window_index, step->compressed_index,
-                                                  step->q, step->sink, step->positions, outs[size_t(v)], sample));
-    outs[size_t(v)].download(bytes.data(), out_bytes);
-    for (size_t i = 0; i < out_bytes; ++i) differing += bytes[i] != old_bytes[i];
+  std::vector<uint8_t> first_bytes(out_bytes), bytes(out_bytes);
+  outs[0].download(first_bytes.data(), out_bytes);
+  for (size_t i = 0; i < n; ++i) {
+    worst_error = std::max(worst_error, cpu_check(calls[i], step->window_index, step->compressed_index, step->q,
+                                                  step->sink, step->positions, outs[i], sample));
+    outs[i].download(bytes.data(), out_bytes);
+    for (size_t b = 0; b < out_bytes; ++b) differing += bytes[b] != first_bytes[b];
   }
   const double floor_us = std::max((step->kv_bytes() + double(out_bytes)) / (copy_gbps * 1e3),
                                    step->flops() / (cublas_tflops * 1e6));
   std::printf("%-6s %-4s %5d %8lld %6d %2d", model, to_string(kind), batch, static_cast<long long>(context),
               step->slots_per_query(), call.splits);
-  for (int v = 0; v < kMergeVariants; ++v)
-    std::printf("  %s %6.1f %6.1f us", kMergeVariantNames[v], us[v][0], us[v][1]);
-  std::printf(" (new %4.1f%% of floor %.1f)  cpu err %.1e  %zu bytes differ from old%s\n",
-              100.0 * floor_us / std::min(us[kNewVariant][0], us[kNewVariant][1]), floor_us,
-              worst_error, differing, worst_error <= kCpuCheckLimit ? "" : "  CPU CHECK FAILED");
+  double best = 1e30;
+  for (size_t i = 0; i < n; ++i) {
+    std::printf("  %s %6.1f %6.1f us", kMergeVariantNames[variants[i]], us[2 * i], us[2 * i + 1]);
+    best = std::min({best, us[2 * i], us[2 * i + 1]});
+  }
+  std::printf(" (best %4.1f%% of floor %.1f)  cpu err %.1e  %zu bytes differ from %s%s\n", 100.0 * floor_us / best,
+              floor_us, worst_error, differing, kMergeVariantNames[variants[0]],
+              worst_error <= kCpuCheckLimit ? "" : "  CPU CHECK FAILED");
   std::fflush(stdout);
 }
 
@@ -956,7 +974,7 @@ int run(int argc, char** argv) {
   bool prefill_only = false, warm = false, sweep = false, route = false, mma_rates = false, trace = false,
        ab = false;
   KvEntryFormat decode_format = KvEntryFormat::Fp8Reference;
-  FlushMode flush_mode = FlushMode::Memset;
+  FlushMode flush_mode = FlushMode::Read;
   AttentionDtype out_dtype = AttentionDtype::F32;
   bool out_given = false;
   for (int i = 1; i < argc; ++i) {
@@ -991,7 +1009,7 @@ int run(int argc, char** argv) {
     } else
       fail("unknown argument ", argv[i],
            " (usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] "
-           "[--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab merge] [--flush memset|read] "
+           "[--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab merge] [--flush read|memset] "
            "[--out f32|bf16])");
   }
   check(!out_given || trace || ab, "bench_cuda_attention: --out serves --trace and --ab only");
@@ -1059,7 +1077,8 @@ int run(int argc, char** argv) {
     std::printf("--ab merge: the decode call's cluster merge as at the session start (old: factors formed by the "
                 "consumers, the own partial through the cluster window), with the factors formed by the producer "
                 "(factors), and also the own partial through its local address (new, the default), two splits' rows by a "
-                "bulk copy (bulk: bf16 entries); us alternately "
+                "bulk copy and a rolled merge loop (bulk: bf16 entries); one split: the default epilogue (new) and a "
+                "rolled one (rolled); us alternately "
                 "(median of 20 flushed calls each, twice); floor = max(KV bytes and output at the copy rate, flops at "
                 "the cuBLAS rate)\n");
   else if (route)

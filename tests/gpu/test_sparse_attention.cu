@@ -289,6 +289,41 @@ TEST(SparseAttention, D512MergeFactorsSameBits) {
       }
 }
 
+// Round s24 A/B (d512_rolled_epilogue): the single-split epilogue from staged accumulators in a rolled loop gives the
+// default epilogue's bytes: fp32 and bf16 output, a padded head block (H 48), Pro's two head blocks, a query without
+// entries.
+TEST(SparseAttention, D512RolledEpilogueSameBits) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 120;
+  for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16}) {
+    std::vector<AttentionCase> cases = {
+        {"flash csa 1 split", format, 512, 64, 64, 128, 128, 512, {300, 2100, 40}, 1, 1, AttentionDtype::F32,
+         AttentionDtype::F32, true},
+        {"flash csa 1 split bf16 out", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 1, 1, AttentionDtype::Bf16,
+         AttentionDtype::Bf16},
+        {"h48 1 split", format, 512, 64, 48, 128, 128, 300, {900, 7}, 2, 1, AttentionDtype::F32, AttentionDtype::Bf16},
+        {"pro csa 1 split", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 1, 1, AttentionDtype::Bf16,
+         AttentionDtype::F32}};
+    for (const AttentionCase& c : cases) {
+      SCOPED_TRACE(std::string(c.name) + " " + to_string(format));
+      SparseAttentionCaseData data;
+      ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed++, data));
+      SparseAttentionParams call = data.call;
+      call.head_split = false;
+      call.prefill_kernel = false;
+      int splits = 0;
+      const std::vector<uint8_t> default_bytes = run_call(c, false, call, splits);
+      call.d512_rolled_epilogue = true;
+      const std::vector<uint8_t> rolled_bytes = run_call(c, false, call, splits);
+      ASSERT_EQ(default_bytes.size(), rolled_bytes.size());
+      size_t differing = 0;
+      for (size_t i = 0; i < default_bytes.size(); ++i) differing += default_bytes[i] != rolled_bytes[i];
+      EXPECT_EQ(differing, 0u) << "the rolled epilogue's bytes differ";
+      compare_with_cpu(c, false, call, data.expected, data.magnitude);
+    }
+  }
+}
+
 // The head-split path (small-batch decode, 16-head groups, each split's entries resident, splits merged in a
 // cluster) at every tile count per CTA: batch-1 SWA (one split, no merge), CSA with 2-20 splits, per-query counts
 // (splits past a query's count), a short wrapped window with unused slots, a query without entries, Pro's 8 groups,

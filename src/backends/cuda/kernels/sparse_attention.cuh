@@ -1203,14 +1203,7 @@ __device__ __forceinline__ void d512_bulk_merge(const SparseAttentionParams& p, 
   constexpr int kRowChunks = kD512HeadDim / 4, kRowStep = 2 * kWarpgroupThreads / kRowChunks, kPerThread = 16;
   static_assert(kRowStep * kPerThread == kBulkRows, "a thread's rows cover the set");
   const int chunk = thread256 % kRowChunks, row0 = thread256 / kRowChunks, dim = 4 * chunk;
-  uint4 own[kPerThread], peer[kPerThread];
-#pragma unroll
-  for (int k = 0; k < kPerThread; ++k)
-    own[k] = *reinterpret_cast<const uint4*>(smem + kBulkOwn + bulk_chunk_offset(row0 + kRowStep * k, chunk));
   sm90::mbarrier_wait(received, 0);
-#pragma unroll
-  for (int k = 0; k < kPerThread; ++k)
-    peer[k] = *reinterpret_cast<const uint4*>(smem + kBulkRecv + bulk_chunk_offset(row0 + kRowStep * k, chunk));
   sm90::named_barrier_sync<3 * kWarpgroupThreads>(kMergeFactorsBarrier);  // the producer's factors
   if (tracer) d512_trace_mark(p, kD512TraceMergeFactors);
   const float* merge_scale = reinterpret_cast<const float*>(smem + L::kExchange + kMergeScaleOffset);
@@ -1223,17 +1216,21 @@ __device__ __forceinline__ void d512_bulk_merge(const SparseAttentionParams& p, 
     rotate[pair] = p.rope_frequencies != nullptr && dim + 2 * pair >= layout.nope_dim;
     factors[pair] = rotate[pair] ? rope_table[(dim + 2 * pair - layout.nope_dim) / 2] : RopeFactors{1.0f, 0.0f};
   }
-#pragma unroll
+  // A rolled loop: this code runs once per CTA, and its unrolled form (≈ 1K instructions) took 7 us from cold
+  // instruction caches (round s24-1 trace: 16 rows' loads, multiply-adds and stores, all operands local).
+#pragma unroll 1
   for (int k = 0; k < kPerThread; ++k) {
-    const int h = split * kBulkRows + row0 + kRowStep * k;  // of the head block
+    const int row = row0 + kRowStep * k, h = split * kBulkRows + row;  // h: of the head block
     if (head_base + h >= p.heads) continue;
+    const uint4 own = *reinterpret_cast<const uint4*>(smem + kBulkOwn + bulk_chunk_offset(row, chunk));
+    const uint4 peer = *reinterpret_cast<const uint4*>(smem + kBulkRecv + bulk_chunk_offset(row, chunk));
     float scale[2];
     *reinterpret_cast<float2*>(scale) = reinterpret_cast<const float2*>(merge_scale)[h];
     // As d512_cluster_merge, split 0 first.
     float x[4] = {};
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
-      const uint4 v = s == split ? own[k] : peer[k];
+      const uint4 v = s == split ? own : peer;
       const uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
       for (int w = 0; w < 4; ++w) x[w] += scale[s] * __uint_as_float(words[w]);
@@ -1244,6 +1241,60 @@ __device__ __forceinline__ void d512_bulk_merge(const SparseAttentionParams& p, 
     store_output_quad(p, (t * p.heads + head_base + h) * kD512HeadDim, dim, x);
   }
   if (tracer) d512_trace_mark(p, kD512TraceMergeStored);
+}
+
+// Round s24 A/B (d512_rolled_epilogue): the single-split epilogue as a rolled loop. The consumers stage their raw
+// accumulators (rows kMergeRowFloats apart, as a cluster merge's partial) and each row's 1 / denominator in shared
+// memory, then each thread normalises, rotates back and stores 16-byte vectors of rows (consecutive threads along a
+// row) in a loop of a few dozen instructions instead of d512_store_output's unrolled ≈ 600, which runs once per CTA
+// from cold instruction caches (round s24-1 trace, Flash CSA 64K b256: 10.1 us from the last tile to the end in the
+// first wave, 4.8 in the second, whose SMs had just run it). Same arithmetic: the same multiply, rotation and
+// rounding per element.
+template <class L>
+__device__ __forceinline__ void d512_rolled_epilogue(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
+                                                     int head_base, int warp, int g, int c, int consumer, int dim_base,
+                                                     int thread256, const float (&o_acc)[128],
+                                                     const float (&inverse_denominator)[2], RopeFactors rope_pair) {
+  const KvEntryLayout& layout = p.cache.layout;
+  const bool rope = p.rope_frequencies != nullptr;
+  float* staged = reinterpret_cast<float*>(smem + L::kMergePartial);
+  float* inverse = reinterpret_cast<float*>(smem + L::kExchange + kMergeScaleOffset);
+  RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + L::kExchange + kMergeRopeOffset);
+  // Both consumers are done with Q, the KV stages and the exchange buffers.
+  sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+  if (rope && thread256 < layout.rope_dim / 2) rope_table[thread256] = rope_pair;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp * 16 + g + 8 * r;
+    float* staged_row = staged + row * kMergeRowFloats;
+#pragma unroll
+    for (int n = 0; n < 32; ++n)
+      *reinterpret_cast<float2*>(staged_row + dim_base + 8 * n + 2 * c) =
+          make_float2(o_acc[4 * n + 2 * r], o_acc[4 * n + 2 * r + 1]);
+    if (consumer == 0 && c == 0) inverse[row] = inverse_denominator[r];
+  }
+  sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+  constexpr int kRowQuads = kD512HeadDim / 4, kStep = 2 * kWarpgroupThreads;
+  const int dim = 4 * (thread256 % kRowQuads);
+  bool rotate[2];
+  RopeFactors factors[2];
+#pragma unroll
+  for (int pair = 0; pair < 2; ++pair) {
+    rotate[pair] = rope && dim + 2 * pair >= layout.nope_dim;
+    factors[pair] = rotate[pair] ? rope_table[(dim + 2 * pair - layout.nope_dim) / 2] : RopeFactors{1.0f, 0.0f};
+  }
+#pragma unroll 1
+  for (int v = thread256; v < kD512Heads * kRowQuads; v += kStep) {
+    const int row = v / kRowQuads;
+    if (head_base + row >= p.heads) continue;
+    const float4 quad = *reinterpret_cast<const float4*>(staged + row * kMergeRowFloats + dim);
+    const float scale = inverse[row];
+    float x[4] = {quad.x * scale, quad.y * scale, quad.z * scale, quad.w * scale};
+#pragma unroll
+    for (int pair = 0; pair < 2; ++pair)
+      if (rotate[pair]) rope_rotate_pair(x[2 * pair], x[2 * pair + 1], factors[pair], true);
+    store_output_quad(p, (t * p.heads + head_base + row) * kD512HeadDim, dim, x);
+  }
 }
 
 // The single-split epilogue of a consumer thread: its fragment rows (heads head[0], head[1])
@@ -1532,6 +1583,12 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
 
   float inverse_denominator[2];
   inverse_softmax_denominators(sink_log2, row_max, row_sum, inverse_denominator);
+  if (p.d512_rolled_epilogue) {
+    d512_rolled_epilogue<L>(p, smem, t, head_base, warp, g, c, consumer, dim_base, thread256, o_acc,
+                            inverse_denominator, rope_pair);
+    if (tracer) d512_trace_mark(p, kD512TraceEnd);
+    return;
+  }
   // The inverse RoPE's factors once per CTA, a pair per thread (rope_dim ≤ 512), into the exchange buffer (free once
   // both consumers have left the loop): evaluating sincos inside the unrolled store loop below cost each thread eight
   // double-precision evaluations and the code size of 32 copies (instruction-cache misses).

@@ -125,8 +125,12 @@ struct SparseAttentionParams {
   // session start, instead of its local shared-memory address. Same bits.
   bool d512_merge_own_through_cluster = false;
   // Round s24 A/B only: two cluster-merged splits on bf16 entries hand the rows each merges to it by one bulk copy
-  // into its shared memory (then a local merge) instead of its loads through distributed shared memory. Same bits.
+  // into its shared memory, then merge in a rolled loop (compact code), instead of their loads through distributed
+  // shared memory and an unrolled merge. Same bits.
   bool d512_bulk_merge = false;
+  // Round s24 A/B only: the head_dim 512 kernel's single-split epilogue stages the accumulators in shared memory and
+  // stores from a rolled loop (compact code) instead of its unrolled fragment stores. Same bits.
+  bool d512_rolled_epilogue = false;
   // Small-batch decode (head_dim 512, more than 32 heads): CTAs over (query, 16-head group, split of at most
   // head_split_tiles · 32 entries) instead of (query, 64-head block, split), the splits merged in a cluster; used
   // where the grid is one wave on the device and the slot bound fits the largest cluster (else the kernels above).
