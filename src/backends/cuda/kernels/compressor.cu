@@ -201,6 +201,15 @@ bool serial_cluster_sums() {
   return on;
 }
 
+// Round s24 A/B switch: DSV4_COMPRESSOR_TWO_PER_SM=1 (plan_launch).
+bool two_per_sm() {
+  static const bool on = [] {
+    const char* v = std::getenv("DSV4_COMPRESSOR_TWO_PER_SM");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+
 // Round s24 A/B switch: DSV4_COMPRESSOR_SECOND_FIRST=0 (plan_launch).
 bool second_pool_first() {
   static const bool on = [] {
@@ -372,6 +381,11 @@ LaunchPlan plan_launch(std::span<const CompressorParams> params, const IndexerPr
     plan.slice_updates = plan.slice_updates && launch.pools[i].entries_per_run == 1;
   if (plan.loads == CompressorSlotLoads::Staged && launch.pool_count > 0)
     smem += compressor::staging_smem_bytes(threads);
+  // Round s24 A/B switch DSV4_COMPRESSOR_TWO_PER_SM=1: a staged prefill launch asks for enough shared memory that at
+  // most two CTAs share an SM (round s24-1's trace, 4096-token HCA chunk: 256 CTAs on 124 SMs, up to 3 per SM, the
+  // pooling's slowest CTA 8.4 µs against 5.8 median, and a cluster waits for its slowest).
+  if (plan.loads == CompressorSlotLoads::Staged && !plan.slice_updates && two_per_sm())
+    smem = std::max(smem, size_t(80 * 1024));
   launch.trace = params[0].trace;
   plan.ctas = ctas, plan.threads = threads, plan.smem = smem;
   return plan;

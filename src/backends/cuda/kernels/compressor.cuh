@@ -784,8 +784,8 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
   const bool owner = e.emitting && t.group == 0 && t.active;
   float v[2] = {0.0f, 0.0f};
   if (owner) {
-#pragma unroll
     if constexpr (kOldCode) {
+#pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int local_channel = 2 * t.pair + j;
         v[j] = merge_partials(a.groups, [&](int g) {
