@@ -171,8 +171,9 @@ struct CompressorCtaRange {
   int64_t ctas = 0;
 };
 
-// Where run_compressors(params[, prepare]) puts its CTAs: pool i (params[i]; empty for a pool without runs) first,
-// then the indexer preparation's (prepare null or without tokens: empty); `ctas` the whole grid, `threads` per CTA.
+// Where run_compressors(params[, prepare]) puts its CTAs: pool i's range (params[i]; empty for a pool without runs;
+// the pools' ranges follow each other, params[1]'s first in a lean launch), then the indexer preparation's (prepare
+// null or without tokens: empty); `ctas` the whole grid, `threads` per CTA.
 // The launcher launches this plan; traces (CompressorParams::trace) are read by it.
 struct CompressorLaunchShape {
   CompressorCtaRange pools[2];
