@@ -13,7 +13,7 @@
 // "fused-router+tile-decode", the shared expert never split and split at every T <= 8 (MoeRunParams::
 // shared_expert_split; within one wave by default): "unsplit-shared", "split-shared-to-8", and without the down head
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
-// (MoeRunParams::column_stages; T <= 8 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
+// (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
 // default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item").
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
@@ -306,7 +306,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
     for (const PathSpec& spec : kPaths) {
       const Path path = spec.path;
       if ((path == Path::STREAMED && T > 1024) || (spec.option() && T > kOptionsMaxTokens) ||
-          (spec.other_columns && T > 8) ||
+          (spec.other_columns && T > 2) ||
           (spec.other_per_item && T > 8))
         continue;
       if (!paths.contains(path)) continue;
@@ -516,6 +516,7 @@ void print_trace(const Model& model, int T, WeightFormat routed_format, Path pat
   names[MOE_TRACE_START] = "CTA start", names[MOE_TRACE_ISSUED] = "first copies issued";
   names[MOE_TRACE_READY] = "inputs ready (wait passed)", names[MOE_TRACE_X_STAGED] = "x staged";
   names[MOE_TRACE_WRITTEN] = "rows written", names[MOE_TRACE_END] = "end (after the combine)";
+  names[MOE_TRACE_COMBINE_READY] = "combine: band arrived (summing CTAs)";
   static const char* kStageNames[2 * kMoeTraceStages] = {
       "stage 0 arrived", "stage 0 multiplied", "stage 1 arrived", "stage 1 multiplied", "stage 2 arrived",
       "stage 2 multiplied", "stage 3 arrived", "stage 3 multiplied", "stage 4 arrived", "stage 4 multiplied",

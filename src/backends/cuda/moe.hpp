@@ -87,10 +87,9 @@ struct MoeRunParams {
   // down CTA starts streaming its w2 band before waiting for the gate/up launch. The same bits. Same run: T = 1
   // 59.4 -> 56.9 us, T = 8 221.9 -> 219.1.
   bool down_head_start = true;
-  // MoeExpertGemmParams::column_stages for the streamed kernels at T <= 8: the fp4 stages of items of one or two rows
+  // MoeExpertGemmParams::column_stages for the streamed kernels at T <= 2: fp4 stages
   // sum each scale block of each item row in its own MMA output column and scale the fp32 column sums; the block
-  // sums in another order (as exact). Since session 24 at T = 3-8 too (routed items there have mostly one or two
-  // rows). bench_cuda_moe against the lean stages, H200 (GPU round s16-3): V4-Flash
+  // sums in another order (as exact). bench_cuda_moe against the lean stages, H200 (GPU round s16-3): V4-Flash
   // NVFP4 T = 1 51.3 -> 50.1 us, T = 2 87.8 -> 84.7, V4-Pro NVFP4 T = 1 114.3 -> 110.3; H100 (round s16-2, T = 1):
   // V4-Flash NVFP4 57.4 -> 56.5, MXFP4 60.3 -> 59.6, V4-Pro NVFP4 145.5 -> 138.5.
   bool column_stages = true;

@@ -29,28 +29,21 @@ int max_dynamic_smem() {
 
 // The one-tile (T <= 8) streamed kernel of these options (the head start exists for the down GEMM only; traced
 // launches, MoeExpertGemmParams::trace, with the lean decode only).
-template <moe::ExpertGemm G, bool kLean, bool kSplit, moe::ColumnStages kColumns = moe::ColumnStages::NONE,
-          bool kTrace = false>
+template <moe::ExpertGemm G, bool kLean, bool kSplit, bool kColumns = false, bool kTrace = false>
 auto* one_tile_kernel(bool head_start) {
   if constexpr (G == moe::ExpertGemm::DOWN)
     if (head_start) return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, true, kColumns, kTrace>;
   return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, false, kColumns, kTrace>;
 }
-// The column stages replace the fp4 stages of every item they take, so they come with the lean kernels only (the
-// other stages are the same).
-template <moe::ExpertGemm G, moe::ColumnStages kColumns, bool kTrace>
-auto* one_tile_column_kernel(bool split, bool head_start) {
-  return split ? one_tile_kernel<G, true, true, kColumns, kTrace>(head_start)
-               : one_tile_kernel<G, true, false, kColumns, kTrace>(head_start);
-}
+// The column stages replace every fp4 stage, so they come with the lean kernels only (the other stages are the same).
 template <moe::ExpertGemm G, bool kTrace = false>
-auto* one_tile_kernel(bool lean, bool split, bool head_start, moe::ColumnStages columns) {
-  if (columns == moe::ColumnStages::EVERY_ITEM)
-    return one_tile_column_kernel<G, moe::ColumnStages::EVERY_ITEM, kTrace>(split, head_start);
-  if (columns == moe::ColumnStages::SMALL_ITEMS)
-    return one_tile_column_kernel<G, moe::ColumnStages::SMALL_ITEMS, kTrace>(split, head_start);
+auto* one_tile_kernel(bool lean, bool split, bool head_start, bool columns) {
+  if (columns)
+    return split ? one_tile_kernel<G, true, true, true, kTrace>(head_start)
+                 : one_tile_kernel<G, true, false, true, kTrace>(head_start);
   if constexpr (kTrace)
-    return one_tile_column_kernel<G, moe::ColumnStages::NONE, true>(split, head_start);
+    return split ? one_tile_kernel<G, true, true, false, true>(head_start)
+                 : one_tile_kernel<G, true, false, false, true>(head_start);
   else
     return lean ? (split ? one_tile_kernel<G, true, true>(head_start) : one_tile_kernel<G, true, false>(head_start))
                 : (split ? one_tile_kernel<G, false, true>(head_start) : one_tile_kernel<G, false, false>(head_start));
@@ -69,9 +62,7 @@ int streamed_x_bytes_of(const MoeExpertGemmParams& p, int k_total) {
 template <moe::ExpertGemm G>
 void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, const char* name) {
   constexpr size_t kFixedSmem = moe::kStreamedRingBytes + moe::kStreamedExchangeBytes;
-  const moe::ColumnStages columns = !moe_column_stages_apply(p, args.k_total) ? moe::ColumnStages::NONE
-                                    : p.tokens <= moe::columns::kMaxRows    ? moe::ColumnStages::EVERY_ITEM
-                                                                             : moe::ColumnStages::SMALL_ITEMS;
+  const bool columns = moe_column_stages_apply(p, args.k_total);
   args.streamed_x_bytes = streamed_x_bytes_of(p, args.k_total);
   const size_t smem = kFixedSmem + size_t(args.streamed_x_bytes);
   // Items have at most min(T, kMoeRowsPerWorkItem) rows: one token tile serves every item at T <= 8.
@@ -199,9 +190,8 @@ DeviceBuffer encode_moe_stream_maps(const std::vector<MoeExpertView>& experts, s
 }
 
 bool moe_column_stages_apply(const MoeExpertGemmParams& p, int64_t k_total) {
-  if (!p.column_stages || !p.streamed || p.tokens > tile::kTokensPerMma) return false;
-  return moe::columns::x_bytes(int(k_total), std::min(p.tokens, moe::columns::kMaxRows)) + 15 <=
-         int(moe::kStreamedXBytes);
+  if (!p.column_stages || !p.streamed || p.tokens > moe::columns::kMaxRows) return false;
+  return moe::columns::x_bytes(int(k_total), p.tokens) + 15 <= int(moe::kStreamedXBytes);
 }
 
 bool moe_shared_expert_splits(const MoeExpertGemmParams& p, int multiprocessors) {

@@ -384,58 +384,28 @@ struct CombineSlot {
 };
 
 // The band's outputs, by its summing CTA: out[t, n] = down[T·top_k + t][n] + Σ_j weight(s) · down[row(s)][n] for
-// s = t·top_k + j in moe_combine's order (slot_of(s) gives slot s). Each thread sums up to kCombineOutputs outputs
-// and keeps the down rows of kCombineBatch slots of each in flight together (the loads are L2 round trips on the
-// launch's last path: one at a time they took ~6 us for a band at T = 8), then adds them in the order above.
-inline constexpr int kCombineOutputs = kMoeFusedCombineMaxTokens * kMoeDownBandRows / kExpertThreads;
-inline constexpr int kCombineBatch = 8;
-static_assert(kCombineOutputs * kExpertThreads == kMoeFusedCombineMaxTokens * kMoeDownBandRows,
-              "the combine's outputs per thread");
+// s = t·top_k + j in moe_combine's order (slot_of(s) gives slot s).
 template <class SlotOf>
 __device__ __forceinline__ void sum_combine_band(const ExpertGemmArgs& a, int band, SlotOf slot_of) {
   const MoeFusedCombine& c = a.combine;
   const int64_t n0 = int64_t(band) * kMoeDownBandRows;
   const int band_rows = int(min(int64_t(kMoeDownBandRows), a.n_total - n0));
   const int64_t shared_rows = int64_t(c.tokens) * c.top_k;
-  const int outputs = c.tokens * band_rows;  // <= kCombineOutputs · kExpertThreads (the kernels' block size)
-  int token[kCombineOutputs];
-  int64_t column[kCombineOutputs];
-  float acc[kCombineOutputs];
-#pragma unroll
-  for (int o = 0; o < kCombineOutputs; ++o) {
-    const int i = int(threadIdx.x) + o * kExpertThreads;
-    token[o] = i < outputs ? i / band_rows : -1;
-    column[o] = n0 + (i < outputs ? i % band_rows : 0);
-    // Written by other CTAs of this grid: through L2.
-    acc[o] = token[o] >= 0 ? __ldcg(a.down + (shared_rows + token[o]) * a.n_total + column[o]) : 0.0f;
+  for (int i = threadIdx.x; i < c.tokens * band_rows; i += blockDim.x) {
+    const int t = i / band_rows;
+    const int64_t n = n0 + i % band_rows;
+    float acc = __ldcg(a.down + (shared_rows + t) * a.n_total + n);  // written by other CTAs of this grid
+    for (int j = 0; j < c.top_k; ++j) {
+      const CombineSlot slot = slot_of(t * c.top_k + j);
+      acc = fmaf(slot.weight, __ldcg(a.down + int64_t(slot.row) * a.n_total + n), acc);
+    }
+    c.out[int64_t(t) * a.n_total + n] = acc;
   }
-  for (int j0 = 0; j0 < c.top_k; j0 += kCombineBatch) {
-    float value[kCombineOutputs][kCombineBatch];
-    float weight[kCombineOutputs][kCombineBatch];
-#pragma unroll
-    for (int o = 0; o < kCombineOutputs; ++o)
-#pragma unroll
-      for (int b = 0; b < kCombineBatch; ++b) {
-        value[o][b] = 0.0f, weight[o][b] = 0.0f;
-        if (token[o] >= 0 && j0 + b < c.top_k) {
-          const CombineSlot slot = slot_of(token[o] * c.top_k + j0 + b);
-          value[o][b] = __ldcg(a.down + int64_t(slot.row) * a.n_total + column[o]);
-          weight[o][b] = slot.weight;
-        }
-      }
-#pragma unroll
-    for (int o = 0; o < kCombineOutputs; ++o)
-#pragma unroll
-      for (int b = 0; b < kCombineBatch; ++b)
-        if (j0 + b < c.top_k) acc[o] = fmaf(weight[o][b], value[o][b], acc[o]);
-  }
-#pragma unroll
-  for (int o = 0; o < kCombineOutputs; ++o)
-    if (token[o] >= 0) c.out[int64_t(token[o]) * a.n_total + column[o]] = acc[o];
 }
 
 // sums: whether this CTA sums the band; others: the band's other CTAs (work items - 1 + the split shared expert's
 // second CTA).
+template <bool kTrace>
 __device__ __forceinline__ void combine_band(const ExpertGemmArgs& a, int band, bool sums, int others,
                                              uint8_t* scratch) {
   const MoeFusedCombine& c = a.combine;
@@ -459,6 +429,7 @@ __device__ __forceinline__ void combine_band(const ExpertGemmArgs& a, int band, 
   float* slot_weights = reinterpret_cast<float*>(scratch) + slots;
   if (int(threadIdx.x) < slots) slot_rows[threadIdx.x] = row, slot_weights[threadIdx.x] = weight;
   __syncthreads();
+  trace_point<kTrace>(a, MOE_TRACE_COMBINE_READY);
   sum_combine_band(a, band, [&](int s) { return CombineSlot{slot_rows[s], slot_weights[s]}; });
 }
 
@@ -689,11 +660,11 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_b
 }  // namespace lean
 
 // ---------------------------------------------------------------------------------------------------------------
-// Few-token fp4 stages with the block scales on the MMA's output columns (MoeExpertGemmParams::column_stages; items
-// of one or two rows, at T <= 8). In the lean stages six or seven of the MMA's eight token columns carry copies of
-// such an item's rows; here a column holds the partial sum of one scale block of one row instead, so the weights
-// enter the MMA as bare e2m1 bits and the block scales are applied to fp32 column sums after it: per 16 × 512 stage
-// the 128 bf16x2 factor multiplies and the per-row factor conversions go, 32 fp32 FMAs and 16 scale conversions come.
+// Few-token fp4 stages with the block scales on the MMA's output columns (MoeExpertGemmParams::
+// column_stages; items of one or two rows). At T <= 2 six or seven of the MMA's eight token columns carried
+// copies; here a column holds the partial sum of one scale block of one row instead, so the weights enter the MMA as
+// bare e2m1 bits and the block scales are applied to fp32 column sums after it: per 16 × 512 stage the 128 bf16x2
+// factor multiplies and the per-row factor conversions go, 32 fp32 FMAs and 16 scale conversions come.
 // - Lane t decodes 32 values of rows g and g + 8 per step (tile::detail::e2m1_row_bits): the first 16 (A half) feed
 //   four MMAs into sums_a, the last 16 (B half) four into sums_b, each MMA taking two of the half's pairs as its k slot
 //   pairs t and t + 4. B column n <= 3 holds the item's row 0 on slot pairs n and n + 4 only, column n + 4 its row 1
@@ -960,33 +931,6 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
   trace_point<kTrace>(a, MOE_TRACE_WRITTEN);
 }
 
-// Which fp4 items of a one-tile kernel take the column stages (MoeExpertGemmParams::column_stages where
-// moe_column_stages_apply).
-enum class ColumnStages {
-  NONE,
-  EVERY_ITEM,   // T <= 2: no item has more than columns::kMaxRows rows
-  SMALL_ITEMS,  // T = 3-8: the items of at most columns::kMaxRows rows; larger ones (the shared expert's, a routed
-                // expert that several tokens chose) the lean or tile stages
-};
-
-// One item of at most 8 rows (one token tile): run_streamed_item with NT = 1 and the column stages as kColumns says.
-template <tile::TileFormat F, ExpertGemm G, bool kLean, int kParts, ColumnStages kColumns, bool kCoherentX,
-          bool kTrace>
-__device__ __forceinline__ void run_one_tile_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
-                                                  const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
-                                                  bool started, int part) {
-  constexpr bool kFp4 = F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4;
-  if constexpr (kColumns == ColumnStages::SMALL_ITEMS && kFp4) {
-    if (item.row_count <= columns::kMaxRows) {
-      run_streamed_item<F, G, 1, kLean, kParts, true, kCoherentX, kTrace>(a, expert, item, band, smem, full, started,
-                                                                          part);
-      return;
-    }
-  }
-  run_streamed_item<F, G, 1, kLean, kParts, kColumns == ColumnStages::EVERY_ITEM, kCoherentX, kTrace>(
-      a, expert, item, band, smem, full, started, part);
-}
-
 // kMultiTile: items may have more than 8 rows (T > 8); without it the kernel holds only the one-tile path, the
 // decode launches' code (half the instructions to fetch at each CTA's cold start). kLean: fp4 stages by
 // lean::multiply_stage. kSplitShared (one-tile kernels; MoeExpertGemmParams::split_shared_expert): the shared
@@ -996,13 +940,13 @@ __device__ __forceinline__ void run_one_tile_item(const ExpertGemmArgs& a, const
 // start only once they have waited for the routing, so the work items are complete and visible at the GPU scope
 // (read through L2) while h is not (staged after the wait, read through L2). With item counters
 // (MoeExpertGemmParams::down_waits_per_item) the wait is for the item's own gate/up CTAs (wait_for_item_rows), which
-// the one-tile gate/up kernel then publishes. kColumns (one-tile kernels; MoeExpertGemmParams::column_stages): the
-// fp4 items of at most two rows by columns::multiply_stage (run_one_tile_item).
+// the one-tile gate/up kernel then publishes. kColumns (one-tile kernels of T <= 2 launches;
+// MoeExpertGemmParams::column_stages): fp4 items by columns::multiply_stage.
 template <ExpertGemm G, bool kMultiTile, bool kLean, bool kSplitShared = false, bool kHeadStart = false,
-          ColumnStages kColumns = ColumnStages::NONE, bool kTrace = false>
+          bool kColumns = false, bool kTrace = false>
 __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(const ExpertGemmArgs a) {
   static_assert(!(kSplitShared && kMultiTile), "the split shared expert is a one-tile kernel");
-  static_assert(kColumns == ColumnStages::NONE || !kMultiTile, "the column stages serve items of at most two rows");
+  static_assert(!(kColumns && kMultiTile), "the column stages serve items of at most two rows");
   static_assert(!kHeadStart || (G == ExpertGemm::DOWN && !kMultiTile), "the head start is a one-tile down kernel");
   static_assert(!(kTrace && kMultiTile), "traced launches are one-tile kernels");
   trace_point<kTrace>(a, MOE_TRACE_START);
@@ -1049,14 +993,14 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const MoeExpertView expert = a.experts[item.expert];
   if (kSplitShared && shared_item) {
     with_tile_format(format, [&]<tile::TileFormat F>() {
-      run_one_tile_item<F, G, kLean, kSharedParts, kColumns, kHeadStart, kTrace>(a, expert, item, band, smem, full,
-                                                                                 true, part);
+      run_streamed_item<F, G, 1, kLean, kSharedParts, kColumns, kHeadStart, kTrace>(a, expert, item, band, smem, full,
+                                                                                    true, part);
     });
   } else {
     with_tile_format(format, [&]<tile::TileFormat F>() {
       if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
-        run_one_tile_item<F, G, kLean, 1, kColumns, kHeadStart, kTrace>(a, expert, item, band, smem, full, started,
-                                                                        0);
+        run_streamed_item<F, G, 1, kLean, 1, kColumns, kHeadStart, kTrace>(a, expert, item, band, smem, full,
+                                                                           started);
       else
         run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, band, smem, full, started);
     });
@@ -1064,8 +1008,8 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   if (G == ExpertGemm::GATE_UP && !kMultiTile && a.item_counters != nullptr)
     publish_item_rows(a.item_counters, item_index);
   if (G == ExpertGemm::DOWN && a.combine.out != nullptr)
-    combine_band(a, band, item_index == items - 1 && part == 0, items + kSharedParts - 2,
-                 tile::stream::align_slots(smem));
+    combine_band<kTrace>(a, band, item_index == items - 1 && part == 0, items + kSharedParts - 2,
+                         tile::stream::align_slots(smem));
   trace_point<kTrace>(a, MOE_TRACE_END);
 }
 

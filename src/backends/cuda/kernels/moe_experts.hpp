@@ -95,11 +95,11 @@ struct MoeExpertGemmParams {
   // finish. Only valid where the previous launch on the stream is run_moe_gate_up of the same routing (run_moe's
   // order): its CTAs let this launch start only after the routing is complete. The same bits.
   bool down_head_start = false;
-  // Streamed kernels at T <= 8 where moe_column_stages_apply (no effect elsewhere): the fp4 items of one or two rows
-  // put each scale block's sum (per item row) in its own MMA output column and scale the fp32 column sums
-  // (moe_experts.cuh, namespace columns) instead of multiplying every weight pair by its factor (NVFP4 stage 586 ->
-  // 518 SASS instructions against the lean stages); larger items (at T >= 3) keep the lean or tile stages. The block
-  // sums in another fp32 order: as exact, not the same bits. x is staged × 2^64 (|x| must stay below 2^64).
+  // Streamed kernels at T <= 2 where moe_column_stages_apply (no effect elsewhere): fp4 stages put each scale
+  // block's sum (per item row) in its own MMA output column and scale the fp32 column sums (moe_experts.cuh,
+  // namespace columns) instead of multiplying every weight pair by its factor (NVFP4 stage 745 -> 675 SASS
+  // instructions). The block sums in another fp32 order: as exact, not the same bits. x is staged × 2^64 (|x| must
+  // stay below 2^64).
   bool column_stages = false;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
@@ -122,7 +122,8 @@ struct MoeExpertGemmParams {
 // The points of a traced launch (MoeExpertGemmParams::trace): the SM id, the CTA's start, its first weight copies
 // issued (0 where the CTA has no item), its item's inputs ready (the prior grids' wait or the item's gate/up CTAs
 // passed), x staged, for each of the first kMoeTraceStages stages its data in shared memory and its MMAs done, the
-// rows written, and the end (after the fused combine).
+// rows written, the band's other CTAs arrived (the fused combine's summing CTA only), and the end (after the fused
+// combine).
 inline constexpr int kMoeTraceStages = 8;
 enum MoeTraceSlot : int {
   MOE_TRACE_SM = 0,
@@ -132,6 +133,7 @@ enum MoeTraceSlot : int {
   MOE_TRACE_X_STAGED,
   MOE_TRACE_STAGE,  // + 2·j: stage j's data arrived; + 2·j + 1: stage j multiplied
   MOE_TRACE_WRITTEN = MOE_TRACE_STAGE + 2 * kMoeTraceStages,
+  MOE_TRACE_COMBINE_READY,
   MOE_TRACE_END,
   kMoeTraceSlots
 };
@@ -146,8 +148,8 @@ bool moe_streamed_tiles_apply(const std::vector<MoeExpertView>& experts);
 DeviceBuffer encode_moe_stream_maps(const std::vector<MoeExpertView>& experts, std::string_view what);
 
 // Whether a streamed GEMM of input size k_total takes the column stages (MoeExpertGemmParams::column_stages):
-// T <= 8 (the one-tile kernels) and min(T, 2) rows of the whole K, with the zero block, fit the x region (V4-Flash
-// both GEMMs; V4-Pro's gate/up at T >= 2 does not: d 7168).
+// T <= 2 and the item's rows of the whole K, with the zero block, fit the x region (V4-Flash both GEMMs; V4-Pro's
+// gate/up at T = 2 does not: d 7168).
 bool moe_column_stages_apply(const MoeExpertGemmParams& params, int64_t k_total);
 
 // K granularity of an expert format: one 16-byte load of stored weights (8 BF16, 16 FP8, 32 fp4 values).
