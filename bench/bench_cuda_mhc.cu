@@ -271,9 +271,6 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
   namespace tr = mhc_projection_trace;
   constexpr int64_t d = 4096, flat = kN * d;
   const int multiprocessors = list_devices().front().multiprocessors;
-  const HcProjectionConfig config = choose_hc_projection_config(tokens, d, multiprocessors, false);
-  check(config.slice_dims == 64 || config.slice_dims == 128, "--trace-persistent: the launch takes ",
-        config.slice_dims, "-dim slices; the traced copies are the 64- and 128-dim kernels");
   const DeviceBuffer X = random_buffer(size_t(tokens * flat), 1.0f, 0.0f, rng, "X");
   const DeviceBuffer fn = random_buffer(size_t(kSiteRows * flat), 2.0f / std::sqrt(float(flat)), 0.0f, rng, "fn");
   const DeviceBuffer base = random_buffer(kSiteRows, 0.5f, 0.0f, rng, "base");
@@ -287,7 +284,7 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
   workspace.fill_bytes(0);
   const char* const names[tr::kPhases] = {"top",        "tile landed", "projected", "published",
                                           "pre stored", "pre ready",   "collapsed", "summed"};
-  const auto trace = [&](auto head_constant, auto slice_dims_constant) {
+  const auto trace = [&](auto head_constant, auto slice_dims_constant, const HcProjectionConfig& config) {
     constexpr bool head = decltype(head_constant)::value;
     constexpr int slice_dims = decltype(slice_dims_constant)::value;
     // The launch as the library sizes it: the instance's shape and lags, its grid from size_projection_grid.
@@ -410,12 +407,16 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
                 slow_total[0] / runs, slow_total[1] / runs, slow_total[2] / runs, tiles * slices);
   };
   for (const bool head : {false, true}) {
+    const HcProjectionConfig config =
+        choose_hc_projection_config(tokens, d, multiprocessors, head ? HcProjectionOp::HEAD : HcProjectionOp::PRE);
+    check(config.slice_dims == 64 || config.slice_dims == 128, "--trace-persistent: the launch takes ",
+          config.slice_dims, "-dim slices; the traced copies are the 64- and 128-dim kernels");
     using Wide = std::integral_constant<int, 128>;
     using Default = std::integral_constant<int, 64>;
     if (head)
-      config.slice_dims == 128 ? trace(std::true_type{}, Wide{}) : trace(std::true_type{}, Default{});
+      config.slice_dims == 128 ? trace(std::true_type{}, Wide{}, config) : trace(std::true_type{}, Default{}, config);
     else
-      config.slice_dims == 128 ? trace(std::false_type{}, Wide{}) : trace(std::false_type{}, Default{});
+      config.slice_dims == 128 ? trace(std::false_type{}, Wide{}, config) : trace(std::false_type{}, Default{}, config);
   }
 }
 
@@ -639,11 +640,13 @@ int main(int argc, char** argv) {
           s.ids.upload(ids.data(), ids.size() * sizeof(int32_t));
           sets.push_back(std::move(s));
         }
-        for (const bool fused : {false, true}) {
-          const HcProjectionConfig config = choose_hc_projection_config(T, d, device.multiprocessors, fused);
+        for (const auto& [op, op_name] :
+             {std::pair{HcProjectionOp::PRE, "hc_pre"}, std::pair{HcProjectionOp::HEAD, "hc_head"},
+              std::pair{HcProjectionOp::POST_PRE, "hc_post_pre"}}) {
+          const HcProjectionConfig config = choose_hc_projection_config(T, d, device.multiprocessors, op);
           std::printf("%s T=%lld: %s in %lld slices of %d dims × %lld tiles of %d tokens, %d threads and %d X "
                       "stages per CTA\n",
-                      model, (long long)T, fused ? "hc_post_pre" : "hc_pre/hc_head", (long long)config.slices,
+                      model, (long long)T, op_name, (long long)config.slices,
                       config.slice_dims, (long long)config.token_tiles, config.token_tile, config.threads,
                       config.stages);
         }
@@ -722,56 +725,43 @@ int main(int argc, char** argv) {
         };
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
-        // Round s24-1 A/B where the default takes the persistent kernel on 64-dim slices: `body` (the default) with
-        // each of `variants` (space-separated switches: DSV4_MHC_WIDE_SLICES, 128-dim slices; DSV4_MHC_TILE_CLUSTERS,
-        // the single-cluster kernel at every size; DSV4_MHC_SPLIT_POST_PRE, hc_post_pre as hc_post then hc_pre;
-        // DSV4_MHC_FN_EARLY, hc_pre / hc_head's fn loaded before the grid-dependency wait; DSV4_MHC_LOADER_LATE, their
-        // X tiles issued by a thread of a warp that neither publishes nor sums first), then
-        // the default once more. `compare`: how far each variant's output (y of set 0) lies from the default's (another
-        // summation order, so other bits).
-        const bool wide_sized = choose_hc_projection_config(T, d, device.multiprocessors).slice_dims == 64;
-        const auto set_switches = [](std::string_view variant) {
-          for (const char* name :
-               {"DSV4_MHC_WIDE_SLICES", "DSV4_MHC_TILE_CLUSTERS", "DSV4_MHC_SPLIT_POST_PRE", "DSV4_MHC_FN_EARLY",
-                "DSV4_MHC_LOADER_LATE"})
-            variant.find(name) != std::string_view::npos ? setenv(name, "1", 1) : unsetenv(name);
-        };
+        // Round s24-2 A/B where the default takes the persistent kernel: `body` (the default) with
+        // DSV4_MHC_SCALED_SINKHORN (the post/comb tail a thread per token in scaling form), then the default once
+        // more; `compare`: how far that one's outputs (y, post, comb of set 0) lie from the default's (y and post the
+        // same bits, comb a few ulps).
         const auto switch_rows = [&](const char* op, int64_t default_min_tokens, const auto& body, double bytes,
-                                     const std::vector<const char*>& variants, bool compare) {
-          if (!wide_sized || T < default_min_tokens) return;
-          for (const char* variant : variants) {
-            set_switches(variant);
-            record((std::string(op) + " (" + variant + ")").c_str(), body, bytes, 0.0);
-          }
-          set_switches("");
+                                     bool compare) {
+          if (T < default_min_tokens) return;
+          constexpr const char* kSwitch = "DSV4_MHC_SCALED_SINKHORN";
+          setenv(kSwitch, "1", 1);
+          record((std::string(op) + " (" + kSwitch + "=1)").c_str(), body, bytes, 0.0);
+          unsetenv(kSwitch);
           record((std::string(op) + " (default again)").c_str(), body, bytes, 0.0);
           if (!compare || !only.selects(op)) return;
-          const auto output_of = [&](std::string_view variant) {
-            set_switches(variant);
+          const auto outputs_of = [&](bool switched) {
+            if (switched) setenv(kSwitch, "1", 1);
             body(0);
             DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-            set_switches("");
-            std::vector<float> y(size_t(T * d));
-            set(0).y.download(y.data(), y.size() * sizeof(float));
-            return y;
-          };
-          const std::vector<float> default_y = output_of("");
-          for (const char* variant : variants) {
-            const std::vector<float> switched_y = output_of(variant);
-            double largest = 0, difference = 0;
-            for (size_t e = 0; e < default_y.size(); ++e) {
-              largest = std::max(largest, double(std::fabs(default_y[e])));
-              difference = std::max(difference, double(std::fabs(default_y[e] - switched_y[e])));
+            unsetenv(kSwitch);
+            std::vector<std::vector<float>> all;
+            for (const DeviceBuffer* buffer : {&set(0).y, &set(0).post, &set(0).comb}) {
+              all.emplace_back(buffer->bytes() / sizeof(float));
+              buffer->download(all.back().data(), buffer->bytes());
             }
-            std::printf("%s T=%lld: %s output with %s against the default's: %s, max |difference| %.3g (max |value| "
-                        "%.3g)\n",
-                        model, (long long)T, op, variant, default_y == switched_y ? "byte-identical" : "other bits",
-                        difference, largest);
+            return all;
+          };
+          const auto default_outputs = outputs_of(false), switched_outputs = outputs_of(true);
+          const char* const names[] = {"y", "post", "comb"};
+          for (size_t b = 0; b < default_outputs.size(); ++b) {
+            double difference = 0;
+            for (size_t e = 0; e < default_outputs[b].size(); ++e)
+              difference = std::max(difference, double(std::fabs(default_outputs[b][e] - switched_outputs[b][e])));
+            std::printf("%s T=%lld: %s %s with %s against the default's: %s, max |difference| %.3g\n", model,
+                        (long long)T, op, names[b], kSwitch,
+                        default_outputs[b] == switched_outputs[b] ? "byte-identical" : "other bits", difference);
           }
         };
-        const std::vector<const char*> projection_variants = {"DSV4_MHC_WIDE_SLICES=1", "DSV4_MHC_TILE_CLUSTERS=1",
-                                                              "DSV4_MHC_FN_EARLY=1", "DSV4_MHC_LOADER_LATE=1"};
-        switch_rows("hc_pre", kAutoClusterPerTileMaxTokens + 1, hc_pre, pre_bytes, projection_variants, true);
+        switch_rows("hc_pre", kAutoClusterPerTileMaxTokens + 1, hc_pre, pre_bytes, true);
         const bool tile_clusters_sized = !decode_sized && T <= 1024;
         if (tile_clusters_sized) {
           record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
@@ -850,12 +840,7 @@ int main(int argc, char** argv) {
         const double mix_bytes = double(T * (kN + kN * kN)) * 4;
         const double post_pre_bytes = td_bytes + 2 * x_bytes + double(kSiteRows * flat) * 4 + td_bytes + 2 * mix_bytes;
         record("hc_post_pre (in place)", hc_post_pre, post_pre_bytes, time_ms(stream, iterations, hc_post_then_pre));
-        std::vector<const char*> post_pre_variants = {"DSV4_MHC_TILE_CLUSTERS=1"};
-        if (T >= kAutoWarpSpecializedPostPreMinTokens)
-          post_pre_variants.insert(post_pre_variants.end(),
-                                   {"DSV4_MHC_SPLIT_POST_PRE=1", "DSV4_MHC_SPLIT_POST_PRE=1 DSV4_MHC_WIDE_SLICES=1"});
-        switch_rows("hc_post_pre (in place)", kFusedPostPreMaxTokens + 1, hc_post_pre, post_pre_bytes,
-                    post_pre_variants, false);
+        switch_rows("hc_post_pre (in place)", kFusedPostPreMaxTokens + 1, hc_post_pre, post_pre_bytes, false);
         const auto roles_post_pre = [&](int i) {
           run_post_pre(set(i), HcKernelChoice::PERSISTENT_WARP_SPECIALIZED, false);
         };
@@ -914,8 +899,6 @@ int main(int argc, char** argv) {
         };
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
                time_ms(stream, iterations, head_baseline));
-        switch_rows("hc_head", kAutoClusterPerTileMaxHeadTokens + 1, hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
-                    projection_variants, true);
         if (tile_clusters_sized) {
           const auto persistent_norm = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT, true); };
           const auto default_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };

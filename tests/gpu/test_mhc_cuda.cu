@@ -491,59 +491,38 @@ TEST(MhcGpu, HcHeadMatchesCpu) {
         check_hc_head(T, d, round, kernels_for(T), seed++);
 }
 
-// GPU round s24-1's A/B switch DSV4_MHC_WIDE_SLICES: hc_pre and hc_head on 128-dim slices (one CTA of 512 threads per
-// SM) wherever the launcher takes 64, at every width (96: one partial slice; 260: a 4-dim last slice) at 1000 tokens
-// (more tiles per CTA than pipeline stages) and V4-Flash's and V4-Pro's at 64 tokens too (four tiles: a CTA each).
-TEST(MhcGpu, WideSlicesMatchCpu) {
+// hc_pre takes 128-dim slices from kWideSliceMinTiles token tiles (hc_head and hc_post_pre keep 64): the last launch
+// below the threshold and the first on it, V4-Flash and V4-Pro widths (HcPreMatchesCpu covers 1000 tokens at every
+// width, on 128-dim slices too).
+TEST(MhcGpu, HcPreTakesWideSlicesFromItsThreshold) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  setenv("DSV4_MHC_WIDE_SLICES", "1", 1);
+  const int multiprocessors = list_devices().front().multiprocessors;
+  constexpr int64_t kEdge = kWideSliceMinTiles * 16;
   uint32_t seed = 2100;
-  for (const int64_t d : kHiddenSizes)
-    for (const int64_t T : {int64_t(64), int64_t(1000)}) {
-      if (T == 64 && d < 4096) continue;
-      SCOPED_TRACE("wide slices T=" + std::to_string(T) + " d=" + std::to_string(d));
-      ASSERT_EQ(choose_hc_projection_config(T, d, list_devices().front().multiprocessors).slice_dims, 128);
-      for (const bool round : {false, true}) {
-        check_hc_pre(T, d, round, {HcKernelChoice::PERSISTENT}, seed++);
-        check_hc_head(T, d, round, {HcKernelChoice::PERSISTENT}, seed++);
-      }
-    }
-  unsetenv("DSV4_MHC_WIDE_SLICES");
-}
-
-// GPU round s24-1's A/B switches DSV4_MHC_FN_EARLY (fn before the grid wait) and DSV4_MHC_LOADER_LATE (another X
-// tile loader thread), alone and together, on 64- and 32-dim slices (V4-Flash and an odd width).
-TEST(MhcGpu, FnEarlyAndLoaderLateMatchCpu) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 2300;
-  for (const int which : {1, 2, 3}) {
-    (which & 1) != 0 ? setenv("DSV4_MHC_FN_EARLY", "1", 1) : unsetenv("DSV4_MHC_FN_EARLY");
-    (which & 2) != 0 ? setenv("DSV4_MHC_LOADER_LATE", "1", 1) : unsetenv("DSV4_MHC_LOADER_LATE");
-    SCOPED_TRACE("round switches " + std::to_string(which));
-    for (const int64_t d : {int64_t(4096), int64_t(260)})
-      for (const int64_t T : {int64_t(300), int64_t(1000)}) {
-        check_hc_pre(T, d, false, {HcKernelChoice::PERSISTENT}, seed++);
-        check_hc_head(T, d, false, {HcKernelChoice::PERSISTENT}, seed++);
-      }
+  for (const int64_t d : {int64_t(4096), int64_t(7168)}) {
+    SCOPED_TRACE("d=" + std::to_string(d));
+    ASSERT_EQ(choose_hc_projection_config(kEdge - 16, d, multiprocessors).slice_dims, 64);
+    ASSERT_EQ(choose_hc_projection_config(kEdge, d, multiprocessors).slice_dims, 128);
+    ASSERT_EQ(choose_hc_projection_config(kEdge, d, multiprocessors, HcProjectionOp::HEAD).slice_dims, 64);
+    ASSERT_EQ(choose_hc_projection_config(kEdge, d, multiprocessors, HcProjectionOp::POST_PRE).slice_dims, 64);
+    for (const bool round : {false, true})
+      for (const int64_t T : {kEdge - 16, kEdge, kEdge + 5}) check_hc_pre(T, d, round, kernels_for(T), seed++);
   }
-  unsetenv("DSV4_MHC_FN_EARLY");
-  unsetenv("DSV4_MHC_LOADER_LATE");
 }
 
-// GPU round s24-1's A/B switch DSV4_MHC_TILE_CLUSTERS: AUTO's single-cluster kernel (a cluster per 16-token tile,
-// hc_post_pre fused) past its usual token limits, at V4-Flash's width (a partial last tile at 300 and 1000).
-TEST(MhcGpu, TileClustersEverywhereMatchCpu) {
+// GPU round s24-2's A/B switch DSV4_MHC_SCALED_SINKHORN (the post/comb tail a thread per token, in scaling form): hc_pre
+// on 32-, 64- and 128-dim slices, hc_post_pre fused on the persistent kernel and on the warp-specialised one.
+TEST(MhcGpu, ScaledSinkhornTailMatchesCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  setenv("DSV4_MHC_TILE_CLUSTERS", "1", 1);
-  constexpr int64_t d = 4096;
+  setenv("DSV4_MHC_SCALED_SINKHORN", "1", 1);
   uint32_t seed = 2200;
-  for (const int64_t T : {int64_t(300), int64_t(1000)})
-    for (const bool round : {false, true}) {
-      check_hc_pre(T, d, round, {HcKernelChoice::AUTO}, seed++);
-      check_hc_head(T, d, round, {HcKernelChoice::AUTO}, seed++);
-      check_hc_post_pre(T, d, round, round, HcKernelChoice::AUTO, seed++);
-    }
-  unsetenv("DSV4_MHC_TILE_CLUSTERS");
+  for (const int64_t d : {int64_t(4096), int64_t(260)})
+    for (const int64_t T : {int64_t(300), int64_t(1000)})
+      for (const bool round : {false, true}) check_hc_pre(T, d, round, {HcKernelChoice::PERSISTENT}, seed++);
+  for (const int64_t T : {int64_t(64), int64_t(1000)})
+    for (const HcKernelChoice kernel : {HcKernelChoice::PERSISTENT, HcKernelChoice::PERSISTENT_WARP_SPECIALIZED})
+      check_hc_post_pre(T, 4096, false, true, kernel, seed++);
+  unsetenv("DSV4_MHC_SCALED_SINKHORN");
 }
 
 TEST(MhcGpu, HcPostMatchesCpuInPlaceAndOutOfPlace) {
@@ -641,13 +620,14 @@ TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
 }
 
 // The warp-specialised persistent kernel sums the same values in the same order as the persistent kernel where that
-// one takes 64-dim slices too (64 tokens and more at these widths): every output of hc_post_pre bit for bit (at 1000
-// tokens the warp-specialised kernel fuses it, the persistent path runs hc_post then hc_pre: the same arithmetic).
+// one takes 64-dim slices too (64 tokens and more at these widths, below kWideSliceMinTiles tiles for hc_pre): every
+// output of hc_post_pre bit for bit (at 496 tokens, more tiles per CTA than pipeline stages, the warp-specialised
+// kernel fuses it, the persistent path runs hc_post then hc_pre: the same arithmetic).
 TEST(MhcGpu, WarpSpecializedKernelRepeatsThePersistentKernelsBits) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 1200;
   for (const int64_t d : {int64_t(4096), int64_t(7168)})
-    for (const int64_t T : {int64_t(64), int64_t(1000)}) {
+    for (const int64_t T : {int64_t(64), kWideSliceMinTiles * 16 - 16}) {
       SCOPED_TRACE("T=" + std::to_string(T) + " d=" + std::to_string(d));
       ASSERT_EQ(choose_hc_projection_config(T, d, list_devices().front().multiprocessors).slice_dims, 64);
       const Inputs in = random_inputs(T, d, kSiteRows, 3, seed++);
@@ -874,7 +854,7 @@ TEST(MhcGpu, RefusesUnsupportedCallsNamingTheProblem) {
 // The pointers are distinct, aligned and never dereferenced (terabytes apart, as buffers of 2M tokens would be).
 TEST(MhcGpu, RefusesLaunchesPastTheWorkspacesWordIndex) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  constexpr int64_t T = int64_t(1) << 21, d = 4096;
+  constexpr int64_t T = int64_t(1) << 22, d = 4096;  // hc_pre on 128-dim slices: past about 2.6M tokens
   const auto region = [](int i) { return reinterpret_cast<float*>(uintptr_t(i) << 44); };
   const size_t bytes = hc_projection_workspace_bytes(T, d, list_devices().front().multiprocessors);
   const HcPreParams p{.X = region(1), .fn = region(2), .base = region(3), .scale = region(4), .tokens = T,

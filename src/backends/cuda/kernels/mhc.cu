@@ -47,10 +47,8 @@ void check_shape(const char* op, int64_t tokens, int64_t hidden, int streams) {
 }
 
 // 64-dim slices (fewer partial sums to reduce, fn held by fewer CTAs) when they still give about every SM a CTA.
-// Two 64-dim CTAs per SM overlap each other's per-tile chains; one 128-dim CTA (512 threads, an SM to itself) was
-// slower up to 256 tokens (H200, V4-Flash hc_pre at 64 tokens: 20.0 vs 14.2 µs) and 6 % faster at 4096.
-// A/B switch for GPU round s24-1 only (`wide`: DSV4_MHC_WIDE_SLICES set, hc_pre and hc_head): 128-dim slices where
-// 64 would be taken.
+// Two 64-dim CTAs per SM overlap each other's per-tile chains. `wide` (hc_pre from kWideSliceMinTiles tiles): 128-dim
+// slices, one CTA of 512 threads per SM, where 64 would be taken (see kWideSliceMinTiles).
 int choose_slice_dims(int64_t token_tiles, int64_t hidden, int multiprocessors, bool wide = false) {
   if (ceil_div(hidden, 64) * token_tiles * 4 < int64_t(multiprocessors) * 3) return 32;
   return wide ? 128 : 64;
@@ -125,28 +123,14 @@ void mhc::size_projection_grid(ProjectionArgs& args, const void* kernel, int thr
 
 namespace {
 
-template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant, int kRound>
-void launch_projection_instance(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
+template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant = mhc::ProjectionVariant::kShared>
+void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
   using Shape = mhc::ProjectionShape<kHead, kPost, kSliceDims, kVariant>;
-  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant, kRound>;
+  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant>;
   mhc::size_projection_grid(args, reinterpret_cast<const void*>(kernel), Shape::kThreads, Shape::kSmemBytes,
                             multiprocessors, op);
   launch_chained(kernel, dim3(unsigned(args.groups) * unsigned(args.slices)), dim3(Shape::kThreads),
                  size_t(Shape::kSmemBytes), stream, args, op);
-}
-
-template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant = mhc::ProjectionVariant::kShared>
-void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
-  // A/B switches for GPU round s24-1 only (hc_pre and hc_head): DSV4_MHC_FN_EARLY, DSV4_MHC_LOADER_LATE (the kernel's
-  // kRound bits).
-  if constexpr (!kPost && kVariant == mhc::ProjectionVariant::kShared) {
-    const int round = (std::getenv("DSV4_MHC_FN_EARLY") != nullptr ? mhc::kRoundFnEarly : 0) |
-                      (std::getenv("DSV4_MHC_LOADER_LATE") != nullptr ? mhc::kRoundLoaderLate : 0);
-    if (round == 1) return launch_projection_instance<kHead, false, kSliceDims, kVariant, 1>(args, multiprocessors, stream, op);
-    if (round == 2) return launch_projection_instance<kHead, false, kSliceDims, kVariant, 2>(args, multiprocessors, stream, op);
-    if (round == 3) return launch_projection_instance<kHead, false, kSliceDims, kVariant, 3>(args, multiprocessors, stream, op);
-  }
-  launch_projection_instance<kHead, kPost, kSliceDims, kVariant, 0>(args, multiprocessors, stream, op);
 }
 
 // The warp-specialised variant serves PERSISTENT_WARP_SPECIALIZED hc_post_pre launches where the card holds a CTA per
@@ -162,13 +146,17 @@ template <bool kHead, bool kPost>
 void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stream, const char* op,
                     HcKernelChoice choice) {
   const int multiprocessors = current_multiprocessors();
-  const HcProjectionConfig config = choose_hc_projection_config(args.tokens, args.hidden, multiprocessors, kPost);
+  const HcProjectionConfig config = choose_hc_projection_config(
+      args.tokens, args.hidden, multiprocessors,
+      kPost ? HcProjectionOp::POST_PRE : kHead ? HcProjectionOp::HEAD : HcProjectionOp::PRE);
   check(config.token_tiles <= 0x7FFFFFFF, op, ": ", args.tokens, " tokens exceed the supported tile count");
   // The kernel indexes the workspace's words in 32 bits: tiles × (slices + 1) × kTileWords < 2^31 (V4-Flash, 64
   // slices of 64 dims: about 1.3M tokens per launch; V4-Pro, 112 slices: about 760K).
   check(size_t(config.token_tiles) * size_t(config.slices + 1) * mhc::kTileWords <= 0x7FFFFFFF, op, ": ", args.tokens,
         " tokens × ", config.slices, " slices exceed the workspace words a launch can index");
   mhc::place_projection_launch(args, workspace, int(config.slices), int(config.token_tiles), op);
+  // A/B switch for GPU round s24-2 only: the post/comb tail a thread per token in scaling form (the kernel's notes).
+  args.scaled_sinkhorn = std::getenv("DSV4_MHC_SCALED_SINKHORN") != nullptr;
   if constexpr (kPost) {
     if (warp_specialized_serves(choice, args.hidden, multiprocessors)) {
       args.slices = int(ceil_div(args.hidden, 64));
@@ -333,16 +321,10 @@ bool single_cluster_fits() {
 
 // The single-cluster decode kernel serves AUTO launches within its limits (mhc.hpp; above 16 tokens a cluster per
 // 16-token tile) where the card holds its cluster.
-// A/B switch for GPU round s24-1 only: DSV4_MHC_TILE_CLUSTERS set, AUTO takes the single-cluster kernel (a cluster per
-// 16-token tile; hc_post_pre fused, the output norm fused) at every token count its hidden sizes allow.
-bool tile_clusters_everywhere() { return std::getenv("DSV4_MHC_TILE_CLUSTERS") != nullptr; }
-
 template <bool kHead, bool kPost>
 bool single_cluster_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
   const int vectors = mhc::single_cluster_vectors(hidden);
-  const int64_t tile_clusters_max = tile_clusters_everywhere() ? tokens
-                                    : kHead                    ? kAutoClusterPerTileMaxHeadTokens
-                                                               : kAutoClusterPerTileMaxTokens;
+  const int64_t tile_clusters_max = kHead ? kAutoClusterPerTileMaxHeadTokens : kAutoClusterPerTileMaxTokens;
   if (choice != HcKernelChoice::AUTO || vectors == 0 ||
       tokens > (vectors == 1 ? tile_clusters_max : single_cluster_max_tokens(vectors)))
     return false;
@@ -382,18 +364,20 @@ void run_output_norm(float* y, __nv_bfloat16* y_bf16, const float* weight, bool 
 
 }  // namespace
 
-HcProjectionConfig choose_hc_projection_config(int64_t tokens, int64_t hidden, int multiprocessors, bool post_pre) {
+HcProjectionConfig choose_hc_projection_config(int64_t tokens, int64_t hidden, int multiprocessors, HcProjectionOp op) {
   check(tokens >= 0 && hidden > 0 && hidden % 4 == 0, "hc projection: bad shape tokens=", tokens,
         " hidden=", hidden);
   HcProjectionConfig config;
   config.token_tile = mhc::kTileTokens;
   config.token_tiles = ceil_div(tokens, mhc::kTileTokens);
   config.slice_dims = choose_slice_dims(std::max<int64_t>(config.token_tiles, 1), hidden, multiprocessors,
-                                       !post_pre && std::getenv("DSV4_MHC_WIDE_SLICES") != nullptr);
+                                       op == HcProjectionOp::PRE && config.token_tiles >= kWideSliceMinTiles);
   config.slices = ceil_div(hidden, config.slice_dims);
   config.threads = mhc::projection_threads(config.slice_dims);
-  config.stages = mhc::projection_stages(config.slice_dims, mhc::kPartialRows<false>, post_pre);
-  config.smem_bytes = size_t(mhc::projection_smem_bytes(config.slice_dims, mhc::kPartialRows<false>, post_pre));
+  const bool post_pre = op == HcProjectionOp::POST_PRE;
+  const int partial_rows = op == HcProjectionOp::HEAD ? mhc::kPartialRows<true> : mhc::kPartialRows<false>;
+  config.stages = mhc::projection_stages(config.slice_dims, partial_rows, post_pre);
+  config.smem_bytes = size_t(mhc::projection_smem_bytes(config.slice_dims, partial_rows, post_pre));
   return config;
 }
 
@@ -522,16 +506,10 @@ void run_hc_post_pre(const HcPostPreParams& params) {
   check_hc_post_pre_params(params);
   if (params.tokens == 0) return;
   HcPostPreParams p = params;
-  // A/B switch for GPU round s24-1 only: DSV4_MHC_SPLIT_POST_PRE set, AUTO runs these launches as hc_post, then hc_pre
-  // on the persistent kernel (on 128-dim slices where DSV4_MHC_WIDE_SLICES is set too).
-  // (With DSV4_MHC_TILE_CLUSTERS, single_cluster_serves below decides first.)
-  const bool tile_clusters = tile_clusters_everywhere() && single_cluster_serves<false, true>(p.kernel, p.tokens, p.hidden);
-  if (!tile_clusters && p.kernel == HcKernelChoice::AUTO && p.tokens >= kAutoWarpSpecializedPostPreMinTokens)
-    p.kernel = std::getenv("DSV4_MHC_SPLIT_POST_PRE") != nullptr ? HcKernelChoice::PERSISTENT
-                                                                  : HcKernelChoice::PERSISTENT_WARP_SPECIALIZED;
+  if (p.kernel == HcKernelChoice::AUTO && p.tokens >= kAutoWarpSpecializedPostPreMinTokens)
+    p.kernel = HcKernelChoice::PERSISTENT_WARP_SPECIALIZED;
   // The warp-specialised variant fuses at every token count.
-  if (!tile_clusters && p.tokens > kFusedPostPreMaxTokens &&
-      !warp_specialized_serves(p.kernel, p.hidden, current_multiprocessors())) {
+  if (p.tokens > kFusedPostPreMaxTokens && !warp_specialized_serves(p.kernel, p.hidden, current_multiprocessors())) {
     run_hc_post({.out = p.out, .X = p.X, .post = p.post, .comb = p.comb, .tokens = p.tokens, .hidden = p.hidden,
                  .streams = p.streams, .round_to_bf16 = p.round_to_bf16, .X_out = p.X_out, .stream = p.stream});
     run_hc_pre(next_site_pre_params(p));

@@ -195,11 +195,11 @@ __host__ __device__ constexpr int projection_smem_bytes(int slice_dims, int part
 
 // One persistent kernel instance's launch shape and software pipeline, for the kernel, its launcher and
 // bench_cuda_mhc --trace-persistent: CTA threads, X stages and dynamic shared memory; tile j is projected in iteration
-// j, its slices summed in j + kSumLag and collapsed in j + kCollapseLag. The stages hold the tiles from j − kCollapseLag
-// on, the rest loading: one (hc_pre, hc_head: tile j + 1 is asked for past tile j's projection barrier) or two (the
-// fused variant). More stages, more slack for each cross-CTA hop. (hc_pre / hc_head with two loading, lags 2 and 3:
-// H200, V4-Flash, session 19, same runs: hc_head 4096 tokens 161.6 / 171.2 µs against 150.6 / 163.9, 1000 tokens 49.2
-// vs 47.1, 256 16.7 vs 15.6; hc_pre 4096 221.1 / 227.8 vs 218.6 / 225.7.)
+// j, its slices summed in j + kSumLag and collapsed in j + kCollapseLag. The stages hold the tiles from
+// j − kCollapseLag on, the rest loading: one (hc_pre, hc_head: tile j + 1 is asked for past tile j's projection
+// barrier) or two (the fused variant). More stages, more slack for each cross-CTA hop. (hc_pre / hc_head with two
+// loading, lags 2 and 3: H200, V4-Flash, session 19, same runs: hc_head 4096 tokens 161.6 / 171.2 µs against 150.6 /
+// 163.9, 1000 tokens 49.2 vs 47.1, 256 16.7 vs 15.6; hc_pre 4096 221.1 / 227.8 vs 218.6 / 225.7.)
 template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared>
 struct ProjectionShape {
   static constexpr int kThreads = projection_cta_threads(kSliceDims, kVariant);
@@ -241,6 +241,7 @@ struct ProjectionArgs : SiteArgs {
   unsigned* header;                // [0] launch epoch, [1] finished CTAs
   unsigned long long* sums;        // [tiles][partial rows][16] tagged: Σ over the slices
   unsigned long long* partials;    // [tiles][S][partial rows][16] tagged
+  bool scaled_sinkhorn;            // round s24-2 A/B only (DSV4_MHC_SCALED_SINKHORN): the post/comb tail's form
 };
 
 // A tile's words in the workspace (hc_head uses the same strides, with fewer rows filled).
@@ -739,7 +740,8 @@ struct SplitOnUse {
 
 // Σ over slices part, part + lanes, … < slices of the tagged words at source (kPartialFloats apart), each waited for
 // until it carries `tag`, summed in that order from 0: sum_slices' value when a word it read early was stale (out of
-// line, so the per-tile loop stays short). The trace counts it once, as a stale slice sum, not its words as stale words.
+// line, so the per-tile loop stays short). The trace counts it once, as a stale slice sum, not its words as stale
+// words.
 static __device__ __noinline__ float sum_slice_words_slowly(const unsigned long long* source, int part, int lanes,
                                                             int slices, int stride, unsigned tag) {
   DSV4_MHC_PROJECTION_SLOW(ProjectionSlowPath::kStaleSliceSum);
@@ -752,12 +754,7 @@ static __device__ __noinline__ float sum_slice_words_slowly(const unsigned long 
   return sum;
 }
 
-// Round s24-1 A/B switches (kShared: hc_pre and hc_head), kRound's bits: kRoundFnEarly (DSV4_MHC_FN_EARLY), fn's
-// fragments loaded before the grid-dependency wait (weights); kRoundLoaderLate (DSV4_MHC_LOADER_LATE), the X tiles
-// issued by a thread of the third warp from the end (no publication item at hc_head, no slice sum, not a pre
-// reader) instead of thread 0 (whose warp publishes and sums right after the refill).
-inline constexpr int kRoundFnEarly = 1, kRoundLoaderLate = 2;
-template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared, int kRound = 0>
+template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared>
 __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const __grid_constant__ ProjectionArgs args) {
@@ -790,8 +787,14 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // Flash 4096: 27 % of the stall samples in the projection group waiting for stages, the finisher at 2.7 µs a tile).
   constexpr int kFinisherLag = 5;
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
-  constexpr bool kFnEarly = (kRound & kRoundFnEarly) != 0;
-  static_assert(kRound == 0 || (!kPost && !kRoles), "the round's switches: hc_pre and hc_head only");
+  // hc_pre and hc_head (kShared without the fused update): fn's fragments (weights) loaded before the grid-dependency
+  // wait, so a CTA started while the previous kernel drains has them, and the X tiles issued by the first thread of
+  // the third warp from the end (no hc_head publication item, no slice sum, not a pre reader) instead of thread 0,
+  // whose warp publishes and sums right after each refill. Same bits. H200, V4-Flash, session 24 round 1, same
+  // process, 256 / 512 / 4096 tokens (graph µs): fn early hc_pre 22.3 / 35.7 / 188.8 -> 20.7 / 34.3 / 187.7, hc_head
+  // 13.9 / 23.1 / 122.1 -> 13.3 / 22.7 / 122.1; the loader hc_head 4096 122.1 -> 120.2, elsewhere level. (The fused
+  // variants keep thread 0 and load fn after the wait: not measured.)
+  constexpr bool kLeanStart = !kPost && !kRoles;
   static_assert(kVariant == ProjectionVariant::kShared || kSliceDims == 64, "one CTA per SM runs 64-dim slices");
   static_assert(kVariant == ProjectionVariant::kShared || kPost, "the warp-specialised variant runs hc_post_pre");
   static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
@@ -862,7 +865,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // The CTA's j-th X tile into its stage by the loading group's first thread: the boxes of its 64 (token, stream) rows
   // at the slice's columns. The stage's earlier reads are done (the callers passed a barrier); the fused update's
   // writes were fenced for the TMA's proxy by their threads.
-  constexpr int kLoader = (kRound & kRoundLoaderLate) != 0 ? 32 * (kWarps - 3) : 0;
+  constexpr int kLoader = kLeanStart ? 32 * (kWarps - 3) : 0;
   const bool tile_loader = ltid == kLoader && (!kRoles || finisher);
   if (tile_loader) sm90::prefetch_tensor_map(&args.x_map);
   const auto load_tile = [&](int j) {
@@ -888,8 +891,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     }
     arrive_when_copies_land(&post_full[j % kPostSlots]);
   };
-  float fn_frag[2][kNTiles][4] = {};  // below
-  if constexpr (kFnEarly)  // the round's switch: the same fragments as below (its indices spelled out), earlier
+  float fn_frag[2][kNTiles][4] = {};  // this warp's columns of fn (below)
+  if constexpr (kLeanStart)  // before the wait: the fragments below, their (stream, column0, g) spelled out here
     load_fn_fragments<kRows>(fn_frag, args.fn + int64_t(warp / kWarpsPerStream) * d + i0, flat,
                              (warp % kWarpsPerStream) * 32 + 4 * (lane & 3), width, lane >> 2);
   // Programmatic dependent launch: the dependents are released at once; X, out, post/comb and the workspace's
@@ -912,7 +915,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   const int g = lane >> 2, t4 = lane & 3;
   const int stream = warp / kWarpsPerStream;
   const int column0 = (warp % kWarpsPerStream) * 32 + 4 * t4;
-  if (!kFnEarly && !finisher)  // a finisher warp's `stream` is past the 4 streams
+  if (!kLeanStart && !finisher)  // a finisher warp's `stream` is past the 4 streams
     load_fn_fragments<kRows>(fn_frag, args.fn + int64_t(stream) * d + i0, flat, column0, width, g);
   // The thread's A fragments of each 16-column half p: token g at stage offset projected[p] (token g + 8 eight tokens'
   // rows on).
@@ -1149,10 +1152,46 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   }
 
   if constexpr (!kHead) {
+    const int owned_tiles = slice < count ? (count - slice + slices - 1) / slices : 0;
+    // Round s24-2 A/B (DSV4_MHC_SCALED_SINKHORN): a thread per token of tile j (j mod S = this slice), its 21 words
+    // read at once, Sinkhorn in the decode kernels' scaling form (round s24-1's trace: the half-warp form below keeps
+    // hc_pre's owners 4.5 µs past the loop, hc_head's CTAs end 0.35 µs after it).
+    if (args.scaled_sinkhorn) {
+      const int tokens_owned = owned_tiles * kTileTokens;
+      for (int first = 0; first < tokens_owned; first += kCtaThreads) {
+        const int owned = first + tid;
+        const int jt = slice + (owned / kTileTokens) * slices, t = owned % kTileTokens;
+        if (owned >= tokens_owned || t >= valid_of(jt)) continue;
+        const unsigned long long* const sums = sums_of(jt) + t;
+        const auto mix_word = [&](int r) { return sums + (1 + kStreams + r) * kTileTokens; };  // post, then comb
+        unsigned long long words[kMixFloats];
+        const unsigned long long squares_read = load_relaxed_u64(sums);
+#pragma unroll
+        for (int r = 0; r < kMixFloats; ++r) words[r] = load_relaxed_u64(mix_word(r));
+        const float inv_rms = inverse_rms(tagged_value(squares_read, sums, tag), float(flat), args.norm_eps);
+        const int64_t token = first_token_of(jt) + t;
+#pragma unroll
+        for (int k = 0; k < kStreams; ++k) {
+          const float mix = tagged_value(words[k], mix_word(k), tag) * inv_rms;
+          args.post[token * kStreams + k] = 2.0f * sigmoid(mix * args.scale[1] + args.base[kStreams + k]);
+        }
+        float c[kStreams * kStreams];
+#pragma unroll
+        for (int l = 0; l < kStreams * kStreams; ++l) {
+          const float mix = tagged_value(words[kStreams + l], mix_word(kStreams + l), tag) * inv_rms;
+          c[l] = mix * args.scale[2] + args.base[2 * kStreams + l];
+        }
+        sinkhorn_4x4_scaled(c, args.sinkhorn_iters, args.hc_eps);
+#pragma unroll
+        for (int l = 0; l < kStreams * kStreams; ++l) args.comb[token * kStreams * kStreams + l] = c[l];
+      }
+      finish_cta(args.header, tag);
+      DSV4_MHC_PROJECTION_MARK(kCtaEndMark, count + kCollapseLag);
+      return;
+    }
     // post and comb of the tokens of tile j (j mod S = this slice), two tokens per warp (a half-warp each):
     // lane l of a half takes comb[l / 4][l % 4], lanes 0..3 also post[l]. A lane's three words are all read before
     // the first is waited for.
-    const int owned_tiles = slice < count ? (count - slice + slices - 1) / slices : 0;
     const int pairs = owned_tiles * kTileTokens;
     const int half = lane >> 4, l = lane & 15;
     constexpr int kCtaWarps = kCtaThreads / 32;

@@ -9,15 +9,16 @@
 // - hc_pre / hc_head / hc_post_pre run persistent CTAs: each owns a d-slice (all n streams) with its columns of fn
 //   held in registers, and walks its group's token tiles (16 tokens) with the X tiles streamed in several stages ahead.
 //   The projection runs on the tensor cores in 3xTF32 (fp32-class accuracy). The slices' partial sums of a tile are
-//   summed in slice order by the tile's CTAs (deterministic: bit-identical across runs); every CTA then collapses
-//   its own slice, still in shared memory. The CTAs of a tile wait for each other: the launcher sizes the grid to
+//   summed in slice order by the tile's CTAs (deterministic: bit-identical across runs; the bits depend on the slice
+//   width the launch takes, choose_hc_projection_config); every CTA then collapses its own slice, still in shared
+//   memory. The CTAs of a tile wait for each other: the launcher sizes the grid to
 //   what the card holds at once.
 // - Scratch: `hc_projection_workspace_bytes` bytes, zero-filled ONCE after allocation (cudaMemsetAsync). The CTAs
 //   hand each other values tagged with a launch epoch kept in the workspace (advanced by every launch), so the
 //   buffer is reused without re-zeroing (graph-capturable). One workspace serves one launch at a time (not two
 //   streams concurrently). A workspace sized for T tokens serves any launch with fewer tokens, hc_pre, hc_head and
 //   hc_post_pre alike. The persistent kernel indexes the words in 32 bits: a launch needing more (V4-Flash: about
-//   1.3M tokens in one launch, V4-Pro about 760K) is refused.
+//   1.3M tokens in one launch, 2.6M for hc_pre on 128-dim slices; V4-Pro about 760K, 1.5M) is refused.
 // - Single-cluster decode kernel (kernel = AUTO, the default; T ≤ kAutoClusterPerTileMaxTokens (hc_head:
 //   kAutoClusterPerTileMaxHeadTokens) and hidden a multiple of kHcSingleClusterHiddenQuantum up to
 //   kHcSingleClusterMaxHidden, or T = 1 and hidden a multiple of kHcSingleClusterWideHiddenQuantum up to
@@ -191,11 +192,21 @@ struct HcPostPreParams {
   cudaStream_t stream = nullptr;
 };
 
-// How hc_pre / hc_head (post_pre = false) or hc_post_pre (true) cover [T, n·d]: tiles of `token_tile` tokens ×
-// slices of `slice_dims` dims (all n streams).
+// The op a persistent launch serves: its slices and stages depend on it.
+enum class HcProjectionOp : uint8_t { PRE, HEAD, POST_PRE };
+
+// From this many token tiles (512 tokens) hc_pre takes 128-dim slices (one CTA of 512 threads per SM, half the
+// slices per tile: half the cross-CTA words, a tile group of half the CTAs) where 64 would be taken. H200, V4-Flash,
+// session 24 round 1, same process, graph µs: 256 tokens 22.3 -> 22.5, 512 35.7 -> 34.9, 4096 188.8 -> 182.7
+// (trace: an iteration of 4645 SM cycles for the 128-dim tile against 5046 for the 64-dim one, the publication
+// spread over the slices 4.0 -> 2.7 µs); hc_head lost on them (13.9 -> 14.5, 23.1 -> 24.5, 122.1 -> 132.1).
+// Other bits than 64-dim slices (another summation order).
+inline constexpr int64_t kWideSliceMinTiles = 32;
+
+// How `op` covers [T, n·d]: tiles of `token_tile` tokens × slices of `slice_dims` dims (all n streams).
 struct HcProjectionConfig {
   int token_tile = 0;      // 16
-  int slice_dims = 0;      // 32 or 64: the widest that still gives about every SM a CTA
+  int slice_dims = 0;      // 32 or 64: the widest that still gives about every SM a CTA; 128 (kWideSliceMinTiles)
   int64_t token_tiles = 0;
   int64_t slices = 0;      // CTAs per token tile (must be resident together)
   int threads = 0;         // per CTA: a warp per 32 of the slice's n·slice_dims columns
@@ -204,7 +215,7 @@ struct HcProjectionConfig {
 };
 
 HcProjectionConfig choose_hc_projection_config(int64_t tokens, int64_t hidden, int multiprocessors,
-                                               bool post_pre = false);
+                                               HcProjectionOp op = HcProjectionOp::PRE);
 size_t hc_projection_workspace_bytes(int64_t tokens, int64_t hidden, int multiprocessors);
 
 // Throw (naming the field at fault) unless the launch is supported.
