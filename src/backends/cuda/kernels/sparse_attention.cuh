@@ -644,7 +644,8 @@ inline constexpr int kMergeRowBf16 = kD512HeadDim + 8;       // the same for bf1
 // Cluster merge: offsets in the exchange region (free after the loop) of the per-head (max, sum) pairs the peers
 // read, this CTA's merge factors [head][split] (up to kSparseAttentionMaxClusterSplits per head) and its inverse-RoPE
 // table.
-inline constexpr int kMergeStatsOffset = 0, kMergeScaleOffset = 512, kMergeRopeOffset = 8192;
+// (The tables start 4 KB in: a bulk merge's received rows end 3 KB into the region.)
+inline constexpr int kMergeStatsOffset = 4096, kMergeScaleOffset = 4608, kMergeRopeOffset = 8704;
 static_assert(kD512ProducerRegisters * kWarpgroupThreads + 2 * kD512ConsumerRegisters * kWarpgroupThreads <= 65536,
               "register budget of one SM");
 
@@ -689,7 +690,7 @@ struct D512Layout {
   // the exchange region.
   static constexpr int kMergePartial = 0;
   static_assert(kD512Heads * kMergeRowFloats * 4 <= kExchange, "the merge partial fits below the exchange region");
-  static_assert(kMergeScaleOffset >= kD512Heads * 8 &&
+  static_assert(kMergeScaleOffset >= kMergeStatsOffset + kD512Heads * 8 &&
                     kMergeRopeOffset >= kMergeScaleOffset + kSparseAttentionMaxClusterSplits * kD512Heads * 4 &&
                     kMergeRopeOffset + kD512HeadDim / 2 * 8 <= 2 * kExchangeFloats * 4,
                 "the merge tables fit the exchange region");
@@ -1132,22 +1133,23 @@ __device__ __forceinline__ void d512_cluster_merge_for(const SparseAttentionPara
 }
 
 // Round s24 A/B (d512_bulk_merge): the two-split merge's rows handed over by one bulk copy. Each CTA writes the 32
-// rows it merges (kBulkOwn) and the 32 its peer merges (kBulkSend) unpadded, 16-byte chunk k of row r at k ^ (r % 8)
-// (conflict-free fragment stores and row reads), over Q and KV stages 0-1; after the cluster barrier one thread copies
-// kBulkSend into the peer's kBulkRecv (KV stages 2-3) by cp.async.bulk completing on the peer's mbarrier (in the
-// exchange region), so the merge reads only local shared memory; the factors come from the producer
+// rows it merges (kBulkOwn) and the 32 its peer merges (kBulkSend), rows kMergeRowFloats apart as a pull merge's
+// partial, over Q and the KV stages; after the cluster barrier one thread copies kBulkSend into the peer's kBulkRecv
+// (the rest of the KV stages and the exchange region's first 3 KB) by cp.async.bulk completing on the peer's mbarrier
+// (in the exchange region), so the merge reads only local shared memory; the factors come from the producer
 // (d512_merge_factors). bf16 entries (the fp8 layout has no room for the three row sets), fp32 partials.
-inline constexpr int kBulkRowBytes = kD512HeadDim * 4, kBulkRows = kD512Heads / 2;
-inline constexpr int kBulkBytes = kBulkRows * kBulkRowBytes;  // 64 KB
+inline constexpr int kBulkRowBytes = kMergeRowFloats * 4, kBulkRows = kD512Heads / 2;
+inline constexpr int kBulkBytes = kBulkRows * kBulkRowBytes;  // 65 KB
 inline constexpr int kBulkOwn = 0, kBulkSend = kBulkBytes, kBulkRecv = 2 * kBulkBytes;
-inline constexpr int kMergeBulkBarrierOffset = 10240;  // past the rope table (kMergeRopeOffset + 256 pairs)
+inline constexpr int kMergeBulkBarrierOffset = kMergeRopeOffset + kD512HeadDim / 2 * 8;  // past the rope table
 
 template <class L>
 __device__ __forceinline__ bool d512_bulk_merge_serves(const SparseAttentionParams& p) {
   if constexpr (L::kFp8Entries) {
     return false;
   } else {
-    static_assert(kBulkRecv + kBulkBytes <= L::kExchange, "the three row sets fit below the exchange region");
+    static_assert(kBulkRecv + kBulkBytes <= L::kExchange + kMergeStatsOffset,
+                  "the three row sets end below the exchange region's tables");
     static_assert(kMergeBulkBarrierOffset >= kMergeRopeOffset + kD512HeadDim / 2 * 8 &&
                       kMergeBulkBarrierOffset + 8 <= 2 * L::kExchangeFloats * 4,
                   "the bulk merge's mbarrier fits the exchange region past the tables");
@@ -1157,21 +1159,17 @@ __device__ __forceinline__ bool d512_bulk_merge_serves(const SparseAttentionPara
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a row set.
 __device__ __forceinline__ int bulk_chunk_offset(int row, int chunk) {
-  return row * kBulkRowBytes + ((chunk ^ (row % 8)) * 16);
+  return row * kBulkRowBytes + chunk * 16;
 }
 
 // A consumer thread's fragment row r (head row of the block) into the own or the send set; dim0 = its first dim.
 __device__ __forceinline__ void d512_bulk_write_row(uint8_t* smem, int row, int split, int dim0,
                                                     const float (&o_acc)[128], int r) {
   const bool own = row / kBulkRows == split;  // warp-uniform
-  const int set_row = row % kBulkRows;
-  uint8_t* set = smem + (own ? kBulkOwn : kBulkSend);
+  float* set_row = reinterpret_cast<float*>(smem + (own ? kBulkOwn : kBulkSend) + (row % kBulkRows) * kBulkRowBytes);
 #pragma unroll
-  for (int n = 0; n < 32; ++n) {
-    const int dim = dim0 + 8 * n;
-    *reinterpret_cast<float2*>(set + bulk_chunk_offset(set_row, dim / 4) + (dim % 4) * 4) =
-        make_float2(o_acc[4 * n + 2 * r], o_acc[4 * n + 2 * r + 1]);
-  }
+  for (int n = 0; n < 32; ++n)
+    *reinterpret_cast<float2*>(set_row + dim0 + 8 * n) = make_float2(o_acc[4 * n + 2 * r], o_acc[4 * n + 2 * r + 1]);
 }
 
 // Before the cluster barrier: the send set to the async proxy, and thread 0 sets up this CTA's receive mbarrier (one
