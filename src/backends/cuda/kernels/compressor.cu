@@ -201,6 +201,15 @@ bool serial_cluster_sums() {
   return on;
 }
 
+// Round s24 A/B switch: DSV4_COMPRESSOR_APE_SMEM=1 (plan_launch).
+bool ape_in_smem() {
+  static const bool on = [] {
+    const char* v = std::getenv("DSV4_COMPRESSOR_APE_SMEM");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+
 // Round s24 A/B switch: DSV4_COMPRESSOR_TWO_PER_SM=1 (plan_launch).
 bool two_per_sm() {
   static const bool on = [] {
@@ -300,6 +309,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1)),
                               .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2,
                               .ticket_entries_first = ticket_entries_first(),
+                              .ape_staged = false,
                               .serial_cluster_sums = serial_cluster_sums(),
                               .streaming_loads = streaming_loads()};
 }
@@ -381,6 +391,18 @@ LaunchPlan plan_launch(std::span<const CompressorParams> params, const IndexerPr
     plan.slice_updates = plan.slice_updates && launch.pools[i].entries_per_run == 1;
   if (plan.loads == CompressorSlotLoads::Staged && launch.pool_count > 0)
     smem += compressor::staging_smem_bytes(threads);
+  // Round s24 A/B switch DSV4_COMPRESSOR_APE_SMEM=1: a staged prefill launch's CTAs copy their ape slice into shared
+  // memory (after the ring) before the grid-dependency wait (PoolArgs::ape_staged), where its rows are 16-byte aligned.
+  if (plan.loads == CompressorSlotLoads::Staged && !plan.slice_updates && ape_in_smem()) {
+    size_t ape_bytes = 0;
+    for (int i = 0; i < launch.pool_count; ++i) {
+      compressor::PoolArgs& pool = launch.pools[i];
+      const int64_t slots = pool.overlapping ? 2 * pool.ratio : pool.ratio;
+      pool.ape_staged = pool.channels_per_cta % 4 == 0 && pool.c % 4 == 0 && aligned16(pool.ape);
+      if (pool.ape_staged) ape_bytes = std::max(ape_bytes, size_t(slots * pool.channels_per_cta) * sizeof(float));
+    }
+    smem += ape_bytes;
+  }
   // Round s24 A/B switch DSV4_COMPRESSOR_TWO_PER_SM=1: a staged prefill launch asks for enough shared memory that at
   // most two CTAs share an SM (round s24-1's trace, 4096-token HCA chunk: 256 CTAs on 124 SMs, up to 3 per SM, the
   // pooling's slowest CTA 8.4 µs against 5.8 median, and a cluster waits for its slowest).

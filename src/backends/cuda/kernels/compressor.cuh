@@ -139,6 +139,9 @@ struct PoolArgs {
   bool lean_csa_windows;
   // A run's last entry row pooled first (entry_row_at). Round s24 A/B switch (DSV4_COMPRESSOR_TICKETS_FIRST=0: off).
   bool ticket_entries_first;
+  // Staged prefill: the CTA's ape slice copied into shared memory before the grid-dependency wait, and windows in the run
+  // read it there instead of through the ring (stage_ape). Round s24 A/B switch (DSV4_COMPRESSOR_APE_SMEM=1: on).
+  bool ape_staged;
   // The cluster's sums by every thread in a loop of dependent loads (the session start's). Round s24 A/B switch
   // (DSV4_COMPRESSOR_SERIAL_SUMS=1: on).
   bool serial_cluster_sums;
@@ -407,11 +410,12 @@ __device__ __forceinline__ int64_t window_first_position(const PoolArgs& a, int6
 // Loads as cp.async copies into the thread's part of the ring (kStages batches in flight, no registers held while
 // they are): a prefill CTA keeps its window's bytes in flight with the registers of a few values. kWindowInRun: the
 // window lies wholly in the run (known at compile time: the loop's code holds one address path, not both per slot);
-// kOldCode: the decision per slot at run time (the session start's code; round s24 A/B switch).
+// kOldCode: the decision per slot at run time (the session start's code; round s24 A/B switch). A window in the run
+// with the pool's ape staged (PoolArgs::ape_staged) reads slot s's ape pair at ape_slice[s · channels_per_cta].
 template <bool kWindowInRun, bool kOldCode>
 __device__ __forceinline__ void pool_from_staging_loop(const PoolArgs& a, const RunView& r, const PoolingTask& t,
-                                                       float2* ring, RopeFactors& rope, OnlineSoftmax& channel0,
-                                                       OnlineSoftmax& channel1) {
+                                                       float2* ring, const float* ape_slice, RopeFactors& rope,
+                                                       OnlineSoftmax& channel0, OnlineSoftmax& channel1) {
   const int step = kSlotBatch * a.groups;
   const int batches = (t.slots - t.group + step - 1) / step;  // group < groups ≤ slots
   const int threads = int(blockDim.x);
@@ -423,6 +427,7 @@ __device__ __forceinline__ void pool_from_staging_loop(const PoolArgs& a, const 
   const int64_t first_q = window_first_position(a, t.w);
   const bool window_in_run = kOldCode ? first_q >= r.start : kWindowInRun;
   const int64_t window_offset = (first_q - r.start) * a.row_stride + t.channel;
+  const bool staged_ape = kWindowInRun && !kOldCode && a.ape_staged;  // CTA-uniform
   const auto issue = [&](int batch, int stage) {
 #pragma unroll
     for (int k = 0; k < kSlotBatch; ++k) {
@@ -440,7 +445,7 @@ __device__ __forceinline__ void pool_from_staging_loop(const PoolArgs& a, const 
       }
       ptx::cp_async_or_zero<8>(uint32_t(__cvta_generic_to_shared(at(stage, k, 0))), source.value, true);
       ptx::cp_async_or_zero<8>(uint32_t(__cvta_generic_to_shared(at(stage, k, 1))), source.score, true);
-      ptx::cp_async_or_zero<8>(uint32_t(__cvta_generic_to_shared(at(stage, k, 2))), source.ape, true);
+      if (!staged_ape) ptx::cp_async_or_zero<8>(uint32_t(__cvta_generic_to_shared(at(stage, k, 2))), source.ape, true);
     }
     ptx::cp_async_commit();
   };
@@ -462,7 +467,10 @@ __device__ __forceinline__ void pool_from_staging_loop(const PoolArgs& a, const 
       const int slot_index = t.group + b * step + k * a.groups;
       // Every position of a window in the run is ≥ 0.
       valid[k] = window_in_run ? slot_index < t.slots : pooled_slot(a, t.w, slot_index, t.slots, t.channel).valid;
-      slot[k] = slot_value(*at(stage, k, 0), *at(stage, k, 1), *at(stage, k, 2));
+      const float2 bias = staged_ape ? *reinterpret_cast<const float2*>(
+                                           ape_slice + min(slot_index, t.slots - 1) * a.channels_per_cta)
+                                     : *at(stage, k, 2);
+      slot[k] = slot_value(*at(stage, k, 0), *at(stage, k, 1), bias);
     }
     add_batch(channel0, channel1, slot, valid);
     compiler_memory_fence();  // this stage's reads come before its refill
@@ -472,14 +480,33 @@ __device__ __forceinline__ void pool_from_staging_loop(const PoolArgs& a, const 
 
 template <bool kOldCode>
 __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunView& r, const PoolingTask& t,
-                                                  float2* ring, RopeFactors& rope, OnlineSoftmax& channel0,
-                                                  OnlineSoftmax& channel1) {
+                                                  float2* ring, const float* ape_slice, RopeFactors& rope,
+                                                  OnlineSoftmax& channel0, OnlineSoftmax& channel1) {
   if constexpr (kOldCode)
-    pool_from_staging_loop<false, true>(a, r, t, ring, rope, channel0, channel1);
+    pool_from_staging_loop<false, true>(a, r, t, ring, ape_slice, rope, channel0, channel1);
   else if (window_first_position(a, t.w) >= r.start)  // CTA-uniform
-    pool_from_staging_loop<true, false>(a, r, t, ring, rope, channel0, channel1);
+    pool_from_staging_loop<true, false>(a, r, t, ring, ape_slice, rope, channel0, channel1);
   else
-    pool_from_staging_loop<false, false>(a, r, t, ring, rope, channel0, channel1);
+    pool_from_staging_loop<false, false>(a, r, t, ring, ape_slice, rope, channel0, channel1);
+}
+
+// The staged ring's end (the ape region of PoolArgs::ape_staged): after kStages batches of (value, score, ape) pairs
+// per thread.
+__device__ __forceinline__ float* staged_ape_region(float2* ring) {
+  return reinterpret_cast<float*>(ring + kStages * kSlotBatch * 3 * int(blockDim.x));
+}
+
+// The CTA's ape slice (every window slot's channels_per_cta channels from `first` on, CSA's second halves c columns
+// on) copied into `region` ([slot][channel]) by 16-byte cp.async in one group: it depends on no earlier kernel.
+__device__ __forceinline__ void stage_ape(const PoolArgs& a, int first, float* region) {
+  const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio), quads = a.channels_per_cta / 4;
+  for (int j = int(threadIdx.x); j < slots * quads; j += int(blockDim.x)) {
+    const int s = j / quads, q = j - s * quads;
+    const bool second = a.overlapping && s >= a.ratio;
+    const float* src = a.ape + (second ? s - a.ratio : s) * width_of(a) + first + 4 * q + (second ? a.c : 0);
+    ptx::cp_async_or_zero<16>(uint32_t(__cvta_generic_to_shared(region + s * a.channels_per_cta + 4 * q)), src, true);
+  }
+  ptx::cp_async_commit();
 }
 
 // float_to_e4m3 then e4m3_to_float of both values by the hardware conversions (round to nearest even, saturating
@@ -943,6 +970,9 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   // began (runs_ready_at_launch) load before the wait, so their round trip overlaps the previous kernel.
   CompressorRun run{};
   if (a.runs_before_wait) run = a.runs[place.run_index];
+  float2* const ring = reinterpret_cast<float2*>(s.entry_vector + channels);
+  const bool ape_staged = kStaged && !kSliceUpdates && !kOldCode && a.ape_staged;  // CTA-uniform
+  if (ape_staged) stage_ape(a, place.rank * channels, staged_ape_region(ring));
   wait_for_prior_grids();
   trace_point<kTrace>(trace, COMPRESSOR_TRACE_PRIOR_DONE);
   if (!a.runs_before_wait) run = a.runs[place.run_index];
@@ -977,6 +1007,10 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
     return;
   }
 
+  if (ape_staged) {  // every thread's ape copies landed, then everyone's visible
+    ptx::cp_async_wait<0>();
+    __syncthreads();
+  }
   RopeFactors rope{1.0f, 0.0f};
   if (e.emitting && t.active) {
     // The RoPE factors are made (or loaded) while the first loads are in flight.
@@ -989,8 +1023,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
                            .frequency = frequency};
     OnlineSoftmax channel0, channel1;
     if constexpr (kStaged)
-      pool_from_staging<kOldCode>(a, r, task, reinterpret_cast<float2*>(s.entry_vector + channels), rope, channel0,
-                                  channel1);
+      pool_from_staging<kOldCode>(a, r, task, ring, staged_ape_region(ring) + 2 * t.pair, rope, channel0, channel1);
     else
       pool_from_registers(a, r, task, rope, channel0, channel1);
     const int local_channel = t.group * channels + 2 * t.pair;
