@@ -306,6 +306,7 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
     args.post = head ? nullptr : post.as<float>();
     args.comb = head ? nullptr : comb.as<float>();
     mhc::place_projection_launch(args, workspace.data(), int(config.slices), int(config.token_tiles), "traced");
+    args.scaled_sinkhorn = std::getenv("DSV4_MHC_SCALED_SINKHORN") != nullptr;  // the launcher's round switch
     mhc::size_projection_grid(args, reinterpret_cast<const void*>(kernel), threads, size_t(smem), multiprocessors,
                               "traced persistent kernel");
     const int slices = args.slices, tiles = args.tiles;

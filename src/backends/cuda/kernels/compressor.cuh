@@ -19,10 +19,10 @@
 //   channels are split over CTAs of a cluster (slices of whole 64-channel fp8 blocks); the RMSNorm's sum of squares
 //   is then added over those CTAs through distributed shared memory, in rank order (the same sum in every CTA).
 // - Up to two compressors (a CSA layer's main and indexer compressors, "pools") share one launch: the pools' CTA
-//   ranges follow each other (a lean launch's second pool first), each a whole number of hardware clusters. The launch's cluster is the largest split
-//   of its pools; a pool that splits its entries over fewer CTAs packs several entries into one hardware cluster
-//   (and pads its last one), and every CTA of a cluster takes part in the cluster barriers (which one entry's
-//   cluster skips together when the step completes no entry).
+//   ranges follow each other (a lean launch's second pool first), each a whole number of hardware clusters. The
+//   launch's cluster is the largest split of its pools; a pool that splits its entries over fewer CTAs packs several
+//   entries into one hardware cluster (and pads its last one), and every CTA of a cluster takes part in the cluster
+//   barriers (which one entry's cluster skips together when the step completes no entry).
 // - Pairs are padded to whole warps so that an fp8 block of 64 channels is exactly one warp of group 0.
 // - A prefill chunk's entries whose window lies wholly in the run ("in-run entries": all but the first one or two)
 //   read nothing of the state, so their CTAs take no ticket (no fence, no contended atomic): the run's state is
