@@ -566,12 +566,14 @@ void print_trace(const Model& model, int T, WeightFormat routed_format, Path pat
 // (8 warps a CTA, 2 CTAs per SM), with no multiply (or a spin of the stage's multiply time). "rows": the stage's
 // boxes cut from 16 rows of 2048 bytes (16 pieces of 256 bytes, 2 KB apart; scales 16 × 32 bytes, 256 apart);
 // "tiled": the same bytes as if each band's stages were stored one after another (4 KB then 512 bytes contiguous).
+// "start": cycles each CTA waits before its first copies (the MoE CTAs' item and view reads before theirs).
 namespace layout_probe {
 
 constexpr int kWarps = 8, kSlots = 2, kRowBytes = 2048, kStages = kRowBytes / tile::stream::kRowBytes;
 
 __global__ void __launch_bounds__(kWarps * 32, 2)
-    stream_probe_kernel(const tile::stream::StreamMaps* maps, int tiled, int spin_cycles, uint32_t* sink) {
+    stream_probe_kernel(const tile::stream::StreamMaps* maps, int tiled, int spin_cycles, int start_cycles,
+                        uint32_t* sink) {
   namespace st = tile::stream;
   constexpr tile::TileFormat F = tile::TileFormat::NVFP4;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -584,6 +586,12 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
     const int64_t k0 = tiled ? 0 : int64_t(j) * st::stage_k(F);
     st::issue_stage<F>(maps, row0, k0, ring + (j % kSlots) * st::kSlotBytes, &full[warp][j % kSlots]);
   };
+  auto spin = [](int cycles) {
+    const long long start = clock64();
+    while (clock64() - start < cycles) {
+    }
+  };
+  spin(start_cycles);
   st::init_ring(full[warp], kSlots);
   __syncwarp();
   for (int j = 0; j < kSlots; ++j) issue(j);
@@ -591,11 +599,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   for (int j = 0; j < kStages; ++j) {
     sm90::mbarrier_wait(&full[warp][j % kSlots], uint32_t(j / kSlots) & 1u);
     acc += *reinterpret_cast<const uint32_t*>(ring + (j % kSlots) * st::kSlotBytes + 4 * (threadIdx.x % 32));
-    if (spin_cycles > 0) {
-      const long long start = clock64();
-      while (clock64() - start < spin_cycles) {
-      }
-    }
+    spin(spin_cycles);
     __syncwarp();
     if (j + kSlots < kStages) issue(j + kSlots);
   }
@@ -628,21 +632,25 @@ void run(cudaStream_t stream, double copy_gbps) {
   std::printf("stream layout probe: %lld CTAs of %d warps, %.0f MB, ring %d slots; copy %.0f GB/s\n",
               (long long)ctas, kWarps, bytes / 1e6, kSlots, copy_gbps);
   StreamTimer timer;
-  for (const int spin : {0, 800, 1600}) {
-    std::vector<float> ms[2];
-    for (int rep = 0; rep < 7; ++rep)
-      for (int tiled = 0; tiled < 2; ++tiled)
-        ms[tiled].push_back(timer.elapsed_ms(stream, [&] {
-          stream_probe_kernel<<<unsigned(ctas), kWarps * 32, smem, stream>>>(
-              maps.as<st::StreamMaps>() + tiled, tiled, spin, sink.as<uint32_t>());
-          DSV4_CUDA_CHECK(cudaGetLastError());
-        }));
-    for (int tiled = 0; tiled < 2; ++tiled) {
-      std::sort(ms[tiled].begin(), ms[tiled].end());
-      const double us = 1e3 * ms[tiled][ms[tiled].size() / 2];
-      std::printf("  %-5s spin %4d cycles/stage: %8.1f us  %6.0f GB/s  %5.1f %% of copy\n", tiled ? "tiled" : "rows",
-                  spin, us, bytes / us / 1e3, 100.0 * bytes / us / 1e3 / copy_gbps);
-    }
+  struct Case {
+    int tiled, spin, start;
+  };
+  const Case cases[] = {{0, 0, 0}, {1, 0, 0}, {0, 1600, 0}, {1, 1600, 0}, {0, 1600, 4000}, {0, 1600, 8000}};
+  std::vector<float> ms[std::size(cases)];
+  for (int rep = 0; rep < 7; ++rep)
+    for (size_t c = 0; c < std::size(cases); ++c)
+      ms[c].push_back(timer.elapsed_ms(stream, [&] {
+        stream_probe_kernel<<<unsigned(ctas), kWarps * 32, smem, stream>>>(
+            maps.as<st::StreamMaps>() + cases[c].tiled, cases[c].tiled, cases[c].spin, cases[c].start,
+            sink.as<uint32_t>());
+        DSV4_CUDA_CHECK(cudaGetLastError());
+      }));
+  for (size_t c = 0; c < std::size(cases); ++c) {
+    std::sort(ms[c].begin(), ms[c].end());
+    const double us = 1e3 * ms[c][ms[c].size() / 2];
+    std::printf("  %-5s spin %4d cycles/stage, start %4d cycles: %8.1f us  %6.0f GB/s  %5.1f %% of copy\n",
+                cases[c].tiled ? "tiled" : "rows", cases[c].spin, cases[c].start, us, bytes / us / 1e3,
+                100.0 * bytes / us / 1e3 / copy_gbps);
   }
 }
 
