@@ -651,7 +651,10 @@ int main(int argc, char** argv) {
                       config.slice_dims, (long long)config.token_tiles, config.token_tile, config.threads,
                       config.stages);
         }
+        // Round s24-2: the workspace sized for DSV4_MHC_NARROW_HEAD's rows too (hc_head on 32-dim slices).
+        setenv("DSV4_MHC_NARROW_HEAD", "1", 1);
         const size_t workspace_bytes = hc_projection_workspace_bytes(T, d, device.multiprocessors);
+        unsetenv("DSV4_MHC_NARROW_HEAD");
         DeviceBuffer workspace(workspace_bytes, "mhc workspace");
         workspace.fill_bytes(0);
         const int iterations = iteration_limit > 0 ? iteration_limit : T >= 4096 ? 30 : 200;
@@ -726,43 +729,47 @@ int main(int argc, char** argv) {
         };
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
-        // Round s24-2 A/B where the default takes the persistent kernel: `body` (the default) with
-        // DSV4_MHC_SCALED_SINKHORN (the post/comb tail a thread per token in scaling form), then the default once
-        // more; `compare`: how far that one's outputs (y, post, comb of set 0) lie from the default's (y and post the
-        // same bits, comb a few ulps).
+        // Round s24-2 A/B where the default takes the persistent kernel: `body` (the default) with the switch `name`
+        // set (DSV4_MHC_SCALED_SINKHORN: the post/comb tail a thread per token in scaling form; DSV4_MHC_NARROW_HEAD:
+        // hc_head on 32-dim slices), then the default once more; `outputs`: how far that one's outputs of set 0 lie
+        // from the default's (the scaled tail: y and post the same bits, comb a few ulps; 32-dim slices: other bits).
         const auto switch_rows = [&](const char* op, int64_t default_min_tokens, const auto& body, double bytes,
-                                     bool compare) {
+                                     const char* name, std::initializer_list<const char*> outputs) {
           if (T < default_min_tokens) return;
-          constexpr const char* kSwitch = "DSV4_MHC_SCALED_SINKHORN";
-          setenv(kSwitch, "1", 1);
-          record((std::string(op) + " (" + kSwitch + "=1)").c_str(), body, bytes, 0.0);
-          unsetenv(kSwitch);
+          setenv(name, "1", 1);
+          record((std::string(op) + " (" + name + "=1)").c_str(), body, bytes, 0.0);
+          unsetenv(name);
           record((std::string(op) + " (default again)").c_str(), body, bytes, 0.0);
-          if (!compare || !only.selects(op)) return;
+          if (outputs.size() == 0 || !only.selects(op)) return;
           const auto outputs_of = [&](bool switched) {
-            if (switched) setenv(kSwitch, "1", 1);
+            if (switched) setenv(name, "1", 1);
             body(0);
             DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-            unsetenv(kSwitch);
+            unsetenv(name);
             std::vector<std::vector<float>> all;
-            for (const DeviceBuffer* buffer : {&set(0).y, &set(0).post, &set(0).comb}) {
-              all.emplace_back(buffer->bytes() / sizeof(float));
-              buffer->download(all.back().data(), buffer->bytes());
+            for (const char* output : outputs) {
+              const DeviceBuffer& buffer = std::string_view(output) == "y"      ? set(0).y
+                                           : std::string_view(output) == "post" ? set(0).post
+                                                                                : set(0).comb;
+              all.emplace_back(buffer.bytes() / sizeof(float));
+              buffer.download(all.back().data(), buffer.bytes());
             }
             return all;
           };
           const auto default_outputs = outputs_of(false), switched_outputs = outputs_of(true);
-          const char* const names[] = {"y", "post", "comb"};
-          for (size_t b = 0; b < default_outputs.size(); ++b) {
+          size_t b = 0;
+          for (const char* output : outputs) {
             double difference = 0;
             for (size_t e = 0; e < default_outputs[b].size(); ++e)
               difference = std::max(difference, double(std::fabs(default_outputs[b][e] - switched_outputs[b][e])));
             std::printf("%s T=%lld: %s %s with %s against the default's: %s, max |difference| %.3g\n", model,
-                        (long long)T, op, names[b], kSwitch,
+                        (long long)T, op, output, name,
                         default_outputs[b] == switched_outputs[b] ? "byte-identical" : "other bits", difference);
+            ++b;
           }
         };
-        switch_rows("hc_pre", kAutoClusterPerTileMaxTokens + 1, hc_pre, pre_bytes, true);
+        switch_rows("hc_pre", kAutoClusterPerTileMaxTokens + 1, hc_pre, pre_bytes, "DSV4_MHC_SCALED_SINKHORN",
+                    {"y", "post", "comb"});
         const bool tile_clusters_sized = !decode_sized && T <= 1024;
         if (tile_clusters_sized) {
           record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
@@ -841,7 +848,8 @@ int main(int argc, char** argv) {
         const double mix_bytes = double(T * (kN + kN * kN)) * 4;
         const double post_pre_bytes = td_bytes + 2 * x_bytes + double(kSiteRows * flat) * 4 + td_bytes + 2 * mix_bytes;
         record("hc_post_pre (in place)", hc_post_pre, post_pre_bytes, time_ms(stream, iterations, hc_post_then_pre));
-        switch_rows("hc_post_pre (in place)", kFusedPostPreMaxTokens + 1, hc_post_pre, post_pre_bytes, false);
+        switch_rows("hc_post_pre (in place)", kFusedPostPreMaxTokens + 1, hc_post_pre, post_pre_bytes,
+                    "DSV4_MHC_SCALED_SINKHORN", {});
         const auto roles_post_pre = [&](int i) {
           run_post_pre(set(i), HcKernelChoice::PERSISTENT_WARP_SPECIALIZED, false);
         };
@@ -900,6 +908,8 @@ int main(int argc, char** argv) {
         };
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
                time_ms(stream, iterations, head_baseline));
+        switch_rows("hc_head", kAutoClusterPerTileMaxHeadTokens + 1, hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
+                    "DSV4_MHC_NARROW_HEAD", {"y"});
         if (tile_clusters_sized) {
           const auto persistent_norm = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT, true); };
           const auto default_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };

@@ -525,6 +525,22 @@ TEST(MhcGpu, ScaledSinkhornTailMatchesCpu) {
   unsetenv("DSV4_MHC_SCALED_SINKHORN");
 }
 
+// GPU round s24-2's A/B switch DSV4_MHC_NARROW_HEAD: hc_head on 32-dim slices where 64 would be taken (the
+// workspaces sized under the switch fit them).
+TEST(MhcGpu, NarrowHeadMatchesCpu) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  setenv("DSV4_MHC_NARROW_HEAD", "1", 1);
+  uint32_t seed = 2400;
+  for (const int64_t d : {int64_t(4096), int64_t(7168), int64_t(260)})
+    for (const int64_t T : {int64_t(300), int64_t(1000)}) {
+      ASSERT_EQ(choose_hc_projection_config(T, d, list_devices().front().multiprocessors, HcProjectionOp::HEAD)
+                    .slice_dims,
+                32);
+      for (const bool round : {false, true}) check_hc_head(T, d, round, {HcKernelChoice::PERSISTENT}, seed++);
+    }
+  unsetenv("DSV4_MHC_NARROW_HEAD");
+}
+
 TEST(MhcGpu, HcPostMatchesCpuInPlaceAndOutOfPlace) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 200;

@@ -69,6 +69,10 @@ size_t partial_bytes(int64_t token_tiles, int64_t hidden, int multiprocessors) {
   return size_t(token_tiles * slices) * mhc::kTileWords * 8;
 }
 
+// A/B switch for GPU round s24-2 only: DSV4_MHC_NARROW_HEAD set, hc_head takes 32-dim slices (four CTAs of 128 threads
+// per SM) where 64 would be taken (round s24-1: 128-dim slices lost for hc_head); workspaces then fit them.
+bool narrow_head() { return std::getenv("DSV4_MHC_NARROW_HEAD") != nullptr; }
+
 // Common checks of hc_pre and hc_head: the projection inputs, the output pair and the workspace.
 void check_projection(const char* op, const float* X, const float* fn, const float* base, const float* scale,
                       int64_t tokens, int64_t hidden, int streams, const float* out, const void* out_bf16,
@@ -372,6 +376,7 @@ HcProjectionConfig choose_hc_projection_config(int64_t tokens, int64_t hidden, i
   config.token_tiles = ceil_div(tokens, mhc::kTileTokens);
   config.slice_dims = choose_slice_dims(std::max<int64_t>(config.token_tiles, 1), hidden, multiprocessors,
                                        op == HcProjectionOp::PRE && config.token_tiles >= kWideSliceMinTiles);
+  if (op == HcProjectionOp::HEAD && narrow_head()) config.slice_dims = 32;
   config.slices = ceil_div(hidden, config.slice_dims);
   config.threads = mhc::projection_threads(config.slice_dims);
   const bool post_pre = op == HcProjectionOp::POST_PRE;
@@ -393,6 +398,7 @@ size_t hc_projection_workspace_bytes(int64_t tokens, int64_t hidden, int multipr
     }
     partials = std::max(partials, partial_bytes(t, hidden, multiprocessors));
   }
+  if (narrow_head()) partials = std::max(partials, size_t(tiles * ceil_div(hidden, 32)) * mhc::kTileWords * 8);
   return mhc::kHeaderBytes + std::max(size_t(tiles) * mhc::kTileWords * 8 + partials, decode_word_count(hidden) * 8);
 }
 
