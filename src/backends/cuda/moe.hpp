@@ -114,6 +114,15 @@ struct MoeRunParams {
   // of the shared expert and of T = 1 without a row_tokens load, T = 64 831-835 vs 824-826, e2e b64 8331; two or
   // four bands per routed CTA at T = 2-8 (the ring streaming on from band to band, x staged once), T = 2 75.1 / 116.3
   // vs 69.8, T = 8 201.4 / 219.6 vs 199.3: CTAs alone on an SM leave its fp4 decode issue-bound.)
+  // (Session 24, H200, same measure. Kept, same bits: the down CTAs hold their SMs only for their own work (the fused
+  // combine's band summed by its last item's CTA while the others release their arrival and leave; no per-item seen
+  // atomic, the routing zeroes the counts): T = 1 47.3 / 47.4 / 47.4 vs 47.3 / 47.1 / 47.4 us, T = 2 68.8 vs 70.2,
+  // T = 8 197.2-197.3 vs 200.4-200.6; e2e 8 layers b8 2900 / 2915 vs 2883 / 2862 t/s, b1 and b64 level. Removed: the
+  // column stages at T = 3-8 for the items of one or two rows (T = 8 206.8 vs 200.7 us, e2e b8 2829 vs 2876: the
+  // routed gate/up CTAs 9 % shorter, the launch no shorter), the combine's loads all in flight at once (level). The
+  // weight copies alone (bench_cuda_moe --stream-layout) reach 85-88 % of copy, a band-tiled layout +1-3 %; a 4 us
+  // delay before each CTA's first copies drops them to 77 %, the experts' rate at T = 8, whose CTAs take 3-4 us from
+  // their start to their first copies (item and view reads).)
   // Optional (benchmarks): traced expert launches (MoeExpertGemmParams::trace; the streamed one-tile kernels with the
   // lean decode, T <= 8), each buffer moe_expert_trace_words(...) entries.
   uint64_t* trace_gate_up = nullptr;
