@@ -5,8 +5,8 @@
 // - Five launches (three at T <= 8 with fused_small_batches), all on params.stream, no host
 //   round-trip, no allocation, no synchronisation, so the sub-block can be captured in a CUDA graph: router GEMV
 //   (+ u → bf16), scoring/top-k (or hash) + bucketing (fused: in the router launch's last CTA), grouped gate/up GEMM
-//   with the clamped SwiGLU (bf16 h), grouped down GEMM (fp32 per-row outputs), combine (fused: by the down launch's
-//   last CTA of each band, moe_experts.hpp MoeFusedCombine; the same sums in the same order). The grouped launches
+//   with the clamped SwiGLU (bf16 h), grouped down GEMM (fp32 per-row outputs), combine (fused: by one CTA of each
+//   band of the down launch once the band is done, moe_experts.hpp MoeFusedCombine; the same sums in the same order). The grouped launches
 //   are sized for the worst case (T·top_k routed rows + T shared rows); CTAs without work exit. The launches are
 //   chained with programmatic dependent launch: each kernel's CTAs may start while its predecessor drains (the
 //   router's rows and the shared expert's weights start streaming before their inputs are known) and wait for its

@@ -41,8 +41,9 @@ inline constexpr int kMoeFusedCombineMaxTokens = 8;
 // The most work items MoeExpertGemmParams::down_waits_per_item serves (its per-item counters).
 inline constexpr int kMoeCountedItemsMax = 64;
 
-// The combine done by the down GEMM itself (few tokens): when the last CTA of a band of kMoeDownBandRows weight rows
-// finishes, over every work item, it writes out[t, n] = down[T·top_k + t][n] + Σ_j weight[t, j] · down[row(t, j)][n]
+// The combine done by the down GEMM itself (few tokens): once every CTA of a band of kMoeDownBandRows weight rows has
+// finished, over every work item, one of them (the streamed kernels: the band's CTA of the last work item; the
+// register kernel: the last to arrive) writes out[t, n] = down[T·top_k + t][n] + Σ_j weight[t, j] · down[row(t, j)][n]
 // for the band's n, in moe_combine's order (bit-identical to run_moe_combine), so the combine launch goes.
 struct MoeFusedCombine {
   float* out = nullptr;                   // [T, d]; null: no fused combine
