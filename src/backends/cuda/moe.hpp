@@ -6,12 +6,13 @@
 //   round-trip, no allocation, no synchronisation, so the sub-block can be captured in a CUDA graph: router GEMV
 //   (+ u → bf16), scoring/top-k (or hash) + bucketing (fused: in the router launch's last CTA), grouped gate/up GEMM
 //   with the clamped SwiGLU (bf16 h), grouped down GEMM (fp32 per-row outputs), combine (fused: by one CTA of each
-//   band of the down launch once the band is done, moe_experts.hpp MoeFusedCombine; the same sums in the same order). The grouped launches
-//   are sized for the worst case (T·top_k routed rows + T shared rows); CTAs without work exit. The launches are
-//   chained with programmatic dependent launch: each kernel's CTAs may start while its predecessor drains (the
-//   router's rows and the shared expert's weights start streaming before their inputs are known) and wait for its
-//   results before reading them. The expert GEMMs run the streamed kernels (weights through shared memory, 8-16
-//   rows per pass) while the experts get few rows each, the register kernels otherwise (MoeExpertKernels).
+//   band of the down launch once the band is done, moe_experts.hpp MoeFusedCombine; the same sums in the same
+//   order). The grouped launches are sized for the worst case (T·top_k routed rows + T shared rows); CTAs without
+//   work exit. The launches are chained with programmatic dependent launch: each kernel's CTAs may start while its
+//   predecessor drains (the router's rows and the shared expert's weights start streaming before their inputs are
+//   known) and wait for its results before reading them. The expert GEMMs run the streamed kernels (weights through
+//   shared memory, 8-16 rows per pass) while the experts get few rows each, the register kernels otherwise
+//   (MoeExpertKernels).
 // - u is fp32 [T, d] (the ffn_norm output); the router reads it in fp32, the expert GEMMs read it rounded to bf16 and
 //   keep the SwiGLU output h in bf16 (fp32 accumulation everywhere; the combine is fp32 in a fixed order, so the
 //   result is deterministic run to run).
