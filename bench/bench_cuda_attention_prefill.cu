@@ -18,10 +18,6 @@
 // copy bandwidth, flops at the cuBLAS bf16 rate), with the same output comparison (the larger of the two). The decode
 // step is make_decode_step's (tests/support/sparse_attention_cases.hpp, as bench_cuda_attention's).
 // Entries are fill_random_entries' (finite, no NaN codes); prefill q is a hash of its positions.
-// Round s24 A/B: the bf16-q call with SparseAttentionPrefillOptions::late_ahead (late us), pages_first (pages us),
-// stsm_staging (stsm us), q_tiles (qt us; bf16 entries only, as the next three), q_tiles with q_after_resolve (qt+r
-// us), all five (all us), all but q_after_resolve (all-r us), all but stsm_staging (all-s us), then the default once
-// more (the second bf16q us); bits: the variants' output bytes against the default's. --trace: the default, then all.
 // --quick: the prefill cases without today's path and the comparison with it (the kernel's variants only).
 // --trace: each prefill case's bf16-q call once more as a traced launch (SparseAttentionPrefillOptions::trace, after an
 // L2 flush): medians over the CTAs of each phase of a CTA's timeline (start to Q staged, entries resolved, first data,
@@ -173,15 +169,12 @@ void print_clock_trace(int64_t ctas, int pairs, const Record& record) {
 }
 
 // One traced launch of `call` (L2 flushed first): medians of its CTAs' phases in µs.
-void print_trace(const SparseAttentionParams& call, int64_t ctas, int pairs, void* flush, size_t flush_bytes,
-                 SparseAttentionPrefillOptions options = {}) {
+void print_trace(const SparseAttentionParams& call, int64_t ctas, int pairs, void* flush, size_t flush_bytes) {
     const size_t words = size_t(ctas) * kPrefillTraceWarps * kPrefillTraceSlots;
   DeviceBuffer trace(words * 8, "trace");
   trace.fill_bytes(0);
   DSV4_CUDA_CHECK(cudaMemsetAsync(flush, 0x5A, flush_bytes));
-  options.prefetch_resolved = PrefetchResolved::Off;
-  options.trace = trace.as<uint64_t>();
-  run_sparse_attention_prefill(call, options);
+  run_sparse_attention_prefill(call, {.prefetch_resolved = PrefetchResolved::Off, .trace = trace.as<uint64_t>()});
   synchronize_or_exit("sparse_attention_prefill (traced)");
   std::vector<uint64_t> w(words);
   trace.download(w.data(), words * 8);
@@ -258,11 +251,6 @@ struct Case {
   double bf16_q_us, bf16_q_tflops;  // the prefill kernel with q in bf16 (its MMA input: same result, half the bytes)
   double bf16_q_prefetch_us;        // the same with SparseAttentionPrefillOptions::prefetch_resolved
   double bf16_q_no_entries_us;      // the same call with every slot unused: no entry reads (the kernel's own floor)
-  // Round s24 A/B: the variants (SparseAttentionPrefillOptions) on the bf16-q call, the default timed once more after
-  // them, and whether their output bytes equal the default's.
-  static constexpr int kVariants = 8;
-  double variant_us[kVariants] = {NAN, NAN, NAN, NAN, NAN, NAN, NAN, NAN}, bf16_q_again_us = NAN;
-  bool variants_same = true;
 };
 
 Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
@@ -325,49 +313,6 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, plain); });
   const double bf16_q_prefetch_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, prefetch); });
-  // Round s24 A/B: a variant's time on the bf16-q call; `same` stays true while its output bytes equal the default's.
-  bool variants_same = true;
-  const auto variant_ms = [&](const SparseAttentionPrefillOptions& options, const char* name) {
-    DeviceBuffer out(outputs * 2, name);
-    SparseAttentionParams call = prefill_bf16_q;
-    call.out = out.data();
-    out.fill_bytes(0xFF);
-    run_sparse_attention_prefill(call, options);
-    synchronize_or_exit(name);
-    std::vector<uint8_t> expected(outputs * 2), got(outputs * 2);
-    bf16_q_out.download(expected.data(), outputs * 2);
-    out.download(got.data(), outputs * 2);
-    if (expected != got) {
-      std::printf("  %s: output bytes differ from the default's\n", name);
-      variants_same = false;
-    }
-    const double ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(call, options); });
-    DSV4_CUDA_CHECK(cudaDeviceSynchronize());  // before the buffer goes
-    return ms;
-  };
-  SparseAttentionPrefillOptions late = plain, pages = plain, stsm = plain, q_tiles = plain, q_resolve = plain,
-                                all = plain;
-  late.late_ahead = true;
-  pages.pages_first = true;
-  stsm.stsm_staging = true;
-  q_tiles.q_tiles = true;
-  q_resolve.q_tiles = q_resolve.q_after_resolve = true;
-  all.late_ahead = all.pages_first = all.q_tiles = all.q_after_resolve = all.stsm_staging = true;
-  SparseAttentionPrefillOptions all_but_resolve = all, all_but_stsm = all;
-  all_but_resolve.q_after_resolve = false;
-  all_but_stsm.stsm_staging = false;
-  const bool bf16 = format == KvEntryFormat::Bf16;
-  double variant_result_ms[Case::kVariants];
-  variant_result_ms[0] = variant_ms(late, "late_ahead");
-  variant_result_ms[1] = variant_ms(pages, "pages_first");
-  variant_result_ms[2] = variant_ms(stsm, "stsm_staging");
-  variant_result_ms[3] = bf16 ? variant_ms(q_tiles, "q_tiles") : NAN;
-  variant_result_ms[4] = bf16 ? variant_ms(q_resolve, "q_tiles + q_after_resolve") : NAN;
-  variant_result_ms[5] = bf16 ? variant_ms(all, "all") : NAN;
-  variant_result_ms[6] = bf16 ? variant_ms(all_but_resolve, "all but q_after_resolve") : NAN;
-  variant_result_ms[7] = bf16 ? variant_ms(all_but_stsm, "all but stsm_staging") : NAN;
-  const double bf16_q_again_ms =
-      median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, plain); });
   // --no-kv: every slot −1, the producer zero-fills its buffers without reading an entry (the diagnostic's floor).
   double no_entries_ms = NAN;
   if (no_kv) {
@@ -384,15 +329,7 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
     DSV4_CUDA_CHECK(cudaDeviceSynchronize());  // before the buffers go
   }
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  if (trace) {
-    print_trace(prefill_bf16_q, sparse_attention_prefill_ctas(prefill_bf16_q), (kWindow + kTopK + 127) / 128, flush,
-                flush_bytes);
-    if (format == KvEntryFormat::Bf16) {
-      std::printf("  all variants:\n");
-      print_trace(prefill_bf16_q, sparse_attention_prefill_ctas(prefill_bf16_q), (kWindow + kTopK + 127) / 128, flush,
-                  flush_bytes, all);
-    }
-  }
+  if (trace) print_trace(prefill_bf16_q, sparse_attention_prefill_ctas(prefill_bf16_q), (kWindow + kTopK + 127) / 128, flush, flush_bytes);
 
 
   Case r;
@@ -410,9 +347,6 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   r.bf16_q_tflops = flops / (bf16_q_ms * 1e9);
   r.bf16_q_prefetch_us = bf16_q_prefetch_ms * 1e3;
   r.bf16_q_no_entries_us = no_entries_ms * 1e3;
-  for (int v = 0; v < Case::kVariants; ++v) r.variant_us[v] = variant_result_ms[v] * 1e3;
-  r.bf16_q_again_us = bf16_q_again_ms * 1e3;
-  r.variants_same = variants_same;
   r.percent_of_cublas = 100.0 * r.new_tflops / cublas_tflops;
   r.percent_of_peak = 100.0 * r.new_tflops / peak_tflops;
   r.relative_difference =
@@ -540,11 +474,9 @@ int run(int argc, char** argv) {
     std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = "
                 "run_sparse_attention\n",
                 static_cast<long long>(kTokens), kWindow, kTopK);
-    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s %8s | %8s %8s %8s "
-                "%8s %8s %8s %8s %8s %8s %5s\n",
-                "model", "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas",
-                "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "noKV us", "late us",
-                "pages us", "stsm us", "qt us", "qt+r us", "all us", "all-r us", "all-s us", "bf16q us", "bits");
+    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s %8s\n", "model",
+                "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas", "%peak",
+                "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "noKV us");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -555,16 +487,13 @@ int run(int argc, char** argv) {
         const Case r = run_case(model, heads, format, context, cublas_tflops, peak_tflops, device.multiprocessors,
                                 flush.data(), flush_bytes, trace, quick, no_kv, rng);
         const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
-        ok = ok && agrees && r.variants_same;
+        ok = ok && agrees;
         std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f "
-                    "%7.1f%% %8.1f %8.1f | %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %5s%s\n",
+                    "%7.1f%% %8.1f %8.1f%s\n",
                     r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
                     r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
                     r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
                     100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, r.bf16_q_no_entries_us,
-                    r.variant_us[0], r.variant_us[1], r.variant_us[2], r.variant_us[3], r.variant_us[4],
-                    r.variant_us[5], r.variant_us[6], r.variant_us[7], r.bf16_q_again_us,
-                    r.variants_same ? "same" : "DIFF",
                     agrees ? "" : " FAIL");
         std::fflush(stdout);
         cases.push_back(r);

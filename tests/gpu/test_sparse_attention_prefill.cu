@@ -119,57 +119,6 @@ TEST(SparseAttentionPrefill, ProChunksMatchCpu) {
                     seed++);
 }
 
-// Round s24 A/Bs: SparseAttentionPrefillOptions::late_ahead, pages_first and stsm_staging (both formats; bf16 out
-// for the last), q_tiles with and without q_after_resolve (bf16 entries and q; refused otherwise), all five.
-TEST(SparseAttentionPrefill, RoundVariantsMatchCpu) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 600;
-  const SparseAttentionPrefillOptions late{.prefetch_resolved = PrefetchResolved::Off, .late_ahead = true};
-  const SparseAttentionPrefillOptions pages{.prefetch_resolved = PrefetchResolved::Off, .pages_first = true};
-  for (const KvEntryFormat format : kFormats) {
-    check_attention({"flash csa chunk late ahead", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12}, seed++, late);
-    AttentionCase hca{"flash hca chunk counts pages first", format, 512, 64, 64, 128, 128, 100, {3000, 700}, 8};
-    hca.counts = true;
-    check_attention(hca, seed++, pages);
-    // stsm_staging: padded heads (48), 128 rope dims (the inverse RoPE over both consumers' ranges).
-    const SparseAttentionPrefillOptions stsm{.prefetch_resolved = PrefetchResolved::Off, .stsm_staging = true};
-    check_attention({"h48 padded stsm", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, AttentionDtype::F32,
-                     AttentionDtype::Bf16, true},
-                    seed++, stsm);
-    check_attention({"rope 128 stsm", format, 512, 128, 64, 32, 40, 96, {500}, 3, AttentionDtype::Bf16,
-                     AttentionDtype::Bf16},
-                    seed++, stsm);
-  }
-  // q_tiles: padded heads and a query without entries (its Q copies never waited on), two head blocks.
-  const SparseAttentionPrefillOptions q_tiles{.prefetch_resolved = PrefetchResolved::Off, .q_tiles = true};
-  const SparseAttentionPrefillOptions q_resolve{
-      .prefetch_resolved = PrefetchResolved::Off, .q_tiles = true, .q_after_resolve = true};
-  const SparseAttentionPrefillOptions all{.prefetch_resolved = PrefetchResolved::Off, .late_ahead = true,
-                                          .q_tiles = true, .pages_first = true, .q_after_resolve = true,
-                                          .stsm_staging = true};
-  check_attention({"flash csa chunk q tiles", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100}, 12,
-                   AttentionDtype::Bf16},
-                  seed++, q_tiles);
-  check_attention({"h48 padded q after resolve", KvEntryFormat::Bf16, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2,
-                   AttentionDtype::Bf16, AttentionDtype::Bf16, true},
-                  seed++, q_resolve);
-  check_attention({"pro csa chunk bf16 io all", KvEntryFormat::Bf16, 512, 64, 128, 128, 128, 512, {5000, 90}, 6,
-                   AttentionDtype::Bf16, AttentionDtype::Bf16},
-                  seed++, all);
-  const AttentionCase fp8{"flash csa chunk fp8 q tiles", KvEntryFormat::Fp8Reference, 512, 64, 64, 128, 128, 512,
-                          {300}, 2, AttentionDtype::Bf16};
-  SparseAttentionCaseData data;
-  ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(fp8, seed++, data));
-  DeviceBuffer out(size_t(data.call.tokens) * data.call.heads * 512 * 4, "out");
-  data.call.out = out.data();
-  testing::expect_error([&] { run_sparse_attention_prefill(data.call, q_tiles); }, "q_tiles serves bf16 entries");
-  testing::expect_error(
-      [&] {
-        run_sparse_attention_prefill(data.call, {.prefetch_resolved = PrefetchResolved::Off, .q_after_resolve = true});
-      },
-      "q_after_resolve needs q_tiles");
-}
-
 TEST(SparseAttentionPrefill, OddShapesMatchCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 300;

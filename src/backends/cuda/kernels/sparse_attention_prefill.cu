@@ -12,9 +12,9 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
-template <bool kFp8, bool kTrace, bool kQTiles = false>
+template <bool kFp8, bool kTrace>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace, kQTiles>;
+  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
@@ -23,10 +23,7 @@ void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttenti
                         (options.prefetch_resolved == PrefetchResolved::Auto &&
                          ctas <= int64_t(kSparseAttentionPrefillPrefetchWaves) * sms);
   launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(kThreads)), kAllocationBytes, p.stream, dim3(1, 1, 1),
-                 "sparse_attention_prefill", p, head_blocks, int(sms), prefetch,
-                 RoundFlags{.late_ahead = options.late_ahead, .pages_first = options.pages_first,
-                            .q_after_resolve = options.q_after_resolve, .stsm_staging = options.stsm_staging},
-                 options.trace);
+                 "sparse_attention_prefill", p, head_blocks, int(sms), prefetch, options.trace);
 }
 
 }  // namespace
@@ -69,14 +66,6 @@ void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAt
   if (p.tokens == 0) return;
   const int head_blocks = (p.heads + kHeads - 1) / kHeads;
   const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
-  check(options.q_tiles || !options.q_after_resolve, "sparse_attention_prefill: q_after_resolve needs q_tiles");
-  if (options.q_tiles) {
-    check(!fp8 && p.q_dtype == AttentionDtype::Bf16,
-          "sparse_attention_prefill: q_tiles serves bf16 entries and bf16 q only (round A/B)");
-    options.trace != nullptr ? launch<false, true, true>(p, head_blocks, options)
-                             : launch<false, false, true>(p, head_blocks, options);
-    return;
-  }
   if (options.trace != nullptr)
     fp8 ? launch<true, true>(p, head_blocks, options) : launch<false, true>(p, head_blocks, options);
   else

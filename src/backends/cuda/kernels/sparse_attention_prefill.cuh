@@ -52,7 +52,16 @@
 // Kept: each consumer stores its own output half, the entries in registers, (0, 1) refilled first, the maxima handed
 // on first (Flash 8K 878.9 → 829.9 µs over rounds 1-2). Lost (same runs): consumer 0 handing its weights over while its
 // own PV runs and consumer 1 before it waits (883.2 / 1731.9 / 905.9 against 878.9 / 1729.0 / 897.8), consumer 1
-// adding consumer 0's block first to release (0, 1) sooner (905.7 / 1773.0 / 930.3, other bits).
+// adding consumer 0's block first to release (0, 1) sooner (905.7 / 1773.0 / 930.3, other bits). Session 24 (same
+// bits throughout; Flash 8K / Flash 64K, bf16 q and out): a pair's page-table loads issued together (against the
+// session start in one job, round 1: 833.4 / 863.3 → 822.0 / 836.8 µs, Pro 8K 1631.0 → 1613.3), then (round 2, same
+// process, default 853.0 / 880.3) the next pair's page loads before the last copies, the next item's q prefetched
+// late, Q by cp.async per tile and the output rows staged by stmatrix together 827.7 / 841.2 (alone 840.6 / 872.9,
+// 837.3 / 857.6, 837.3 / 862.3, 827.8 / 853.7). Lost: Q's copies issued only once the producer had the first pair
+// resolved (846.7 / 883.7 with Q by tiles; with the four 828.0 / 842.9), consumer 1's PV on buffer 0's half 1 one
+// 64-dim tile at a time, each tile released and refilled as its PV ended (round 1: 878.5 / 887.3 against 822.0 /
+// 836.8, Pro 8K 1723.9 / 1613.3): every PV then in m64n64 blocks of the accumulator (ptxas serialises every wgmma of
+// a kernel that mixes m64n64 blocks of one accumulator with m64n256 on all of it).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -138,9 +147,9 @@ inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [32]: the
 inline constexpr int kSum = kMax + 32 * 8;                   // float2 [64]: the consumers' row sums
 inline constexpr int kRope = kSum + 64 * 8;                  // RopeFactors [kMaxRopePairs]
 inline constexpr int kPhysical = kRope + kMaxRopePairs * 8;  // int32 [2 × 4][producer thread]: its slots' entries
-// full[2][2], empty[2][2], valid[2], rope, tile_full[2][2][3], q_full[8], first_resolved
+// full[2][2], empty[2][2], valid[2], rope, tile_full[2][2][3], q_full[8]
 inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;
-inline constexpr int kBarrierCount = 11, kTileBarrierCount = 12, kQBarrierCount = 9;
+inline constexpr int kBarrierCount = 11, kTileBarrierCount = 12, kQBarrierCount = 8;
 static_assert(kTileBarrierCount == 2 * 2 * (kHalfTiles - 1), "a barrier per (buffer, half, tile but the last)");
 inline constexpr int kBytes = kBarriers + (kBarrierCount + kTileBarrierCount + kQBarrierCount) * 8;
 inline constexpr int kAllocationBytes = kBytes + 1024;       // room to align the base to 1024
@@ -167,11 +176,6 @@ __device__ __forceinline__ void consumer_named_barrier(int consumer) {
     barrier(std::integral_constant<int, kBase + 1>{});
 }
 
-// Round s24 A/B switches (SparseAttentionPrefillOptions): late_ahead, pages_first, q_after_resolve, stsm_staging.
-struct RoundFlags {
-  bool late_ahead = false, pages_first = false, q_after_resolve = false, stsm_staging = false;
-};
-
 // The CTA's mbarriers: full and empty per (buffer, half), valid per buffer, tile_full per (buffer, half, tile) for
 // every tile of a half but its last (whose arrival is full's; bf16 entries only).
 struct Barriers {
@@ -186,12 +190,10 @@ struct Barriers {
     return tile < kHalfTiles - 1 ? base + kBarrierCount + (buffer * 2 + half) * (kHalfTiles - 1) + tile
                                  : full(buffer, half);
   }
-  // q_tiles: Q's 64-dim tile `tile` landed (every consumer thread's cp.async arrival).
+  // q_tiles (bf16 q, bf16 entries): Q's 64-dim tile `tile` landed (every consumer thread's cp.async arrival).
   __device__ __forceinline__ uint64_t* q_full(int tile) const {
     return base + kBarrierCount + kTileBarrierCount + tile;
   }
-  // q_after_resolve: the producer has resolved the first pair's entries (the consumers' Q copies wait for it).
-  __device__ __forceinline__ uint64_t* first_resolved() const { return q_full(kDimTiles); }
   // Where a half's tile `tile` arrives: bf16 entries tile by tile, fp8 entries (stored through registers) all on full.
   template <bool kFp8>
   __device__ __forceinline__ uint64_t* arrival(int buffer, int half, int tile) const {
@@ -216,7 +218,7 @@ __device__ __forceinline__ void trace_point(uint64_t* trace, int slot) {
 }
 
 // Lane 0 of each warpgroup's first warp: %clock64 at event `event` of pair `pair` (kept for pair < kClockPairs).
-// Diagnostic only: the traced fp8 instance spills 16 bytes with these marks (the untraced kernels do not).
+// Diagnostic only: the traced instances spill with these marks (16 / 52 bytes; the untraced kernels do not).
 template <bool kTrace>
 __device__ __forceinline__ void pair_point(uint64_t* trace, int pair, int event) {
   if constexpr (kTrace)
@@ -247,7 +249,7 @@ __device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
 template <bool kFp8, bool kTrace>
 __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int pairs,
                                         bool prefetch_resolved, const Barriers& barriers, int64_t ahead_t,
-                                        int ahead_head_base, RoundFlags flags, uint64_t* trace) {
+                                        int ahead_head_base, uint64_t* trace) {
   const int thread = int(threadIdx.x) - 2 * kWarpgroup;
   const int chunk = thread % 8, row0 = thread / 8;
   const int64_t slots = query_slot_count(p, t);
@@ -287,8 +289,10 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   };
   // Every page-table load of the pair is issued before any is used: one round trip, not eight in a row (each entry
   // waited for its page before the next load was issued: ≈ 4000 cycles a pair in round s23-2's trace).
-  // pages_first (round s24 A/B): a later pair's page-table loads are issued before the last half's copies of the pair
-  // before it, not behind them (round s24-1's trace: ≈ 3500 cycles from those copies to the resolved entries).
+  // load_pages(pair) issues them into `pages`, resolve_entries(pair) forms the entries; a later pair's page-table
+  // loads go out before the last half's copies of the pair before it, not behind them in the memory pipeline (round
+  // s24-1's trace: ≈ 3500 cycles from those copies to the resolved entries; round s24-2, same process, Flash 8K /
+  // 64K: 853.0 → 840.6 µs, 880.3 → 872.9).
   int32_t pages[2][4];
   const auto load_pages = [&](int pair) {
 #pragma unroll
@@ -416,22 +420,6 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     if (pairs > 1) load_rows(1);
     trace_point<kTrace>(trace, prefill_trace::kResolved);
   }
-  if (flags.q_after_resolve) sm90::mbarrier_arrive(barriers.first_resolved());
-  // The item about one wave later (ahead_t ≥ 0): its q rows and index lines into L2 while this CTA runs, so that its
-  // start waits for L2 instead of DRAM (64 heads of fp32 q are 128 KB, loaded before its first scores).
-  // late_ahead (round s24 A/B): after this CTA's last copies and rope factors instead, ≈ 6 µs before that item
-  // starts rather than ≈ 27 (round s23-2's trace: its Q staged 4700 cycles after its start, as if from DRAM).
-  const auto prefetch_ahead = [&] {
-    if (ahead_t < 0) return;
-    const int64_t element_bytes = p.q_dtype == AttentionDtype::F32 ? 4 : 2;
-    const int64_t bytes = int64_t(min(kHeads, p.heads - ahead_head_base)) * kHeadDim * element_bytes;
-    const uint8_t* q =
-        static_cast<const uint8_t*>(p.q) + (ahead_t * p.heads + ahead_head_base) * kHeadDim * element_bytes;
-    for (int64_t offset = int64_t(thread) * 128; offset < bytes; offset += int64_t(kWarpgroup) * 128)
-      ptx::prefetch_l2(q + offset);
-    prefetch_index_lines(ahead_t, query_slot_count(p, ahead_t));
-  };
-  if (!flags.late_ahead) prefetch_ahead();
   for (int i = 0; i < pairs; ++i) {
     // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
     // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that).
@@ -458,12 +446,11 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     sm90::mbarrier_wait(barriers.empty(1, 0), parity);
     pair_point<kTrace>(trace, i, prefill_trace::kEmpty10);
     if (i < prefill_trace::kPairs) trace_point<kTrace>(trace, prefill_trace::kLastHalfReleased + i);
-    if (flags.pages_first && i + 1 < pairs) load_pages(i + 1);
+    if (i + 1 < pairs) load_pages(i + 1);
     load_half(1, 0);
     publish_half(1, 0);
     pair_point<kTrace>(trace, i, prefill_trace::kLastIssued);
     if (i + 1 < pairs) {
-      if (!flags.pages_first) load_pages(i + 1);
       resolve_entries(i + 1);
       if (i + 2 < pairs) load_rows(i + 2);
       pair_point<kTrace>(trace, i, prefill_trace::kNextResolved);
@@ -478,7 +465,19 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
       rope_table[pair] = rope_factors(position, p.rope_frequencies[pair]);
     sm90::mbarrier_arrive(barriers.rope_ready());
   }
-  if (flags.late_ahead) prefetch_ahead();
+  // The item about one wave later (ahead_t ≥ 0): its q rows and index lines into L2 (64 heads of fp32 q are 128 KB,
+  // loaded before its first scores), once this CTA's copies and rope factors are issued: ≈ 6 µs before that item
+  // starts rather than ≈ 27 from the start, and off this CTA's own start (round s24-2, same process:
+  // 853.0 → 837.3 µs, 880.3 → 857.6; round s24-1: 822.0 → 816.6, 836.8 → 826.3, Pro 8K 1613.3 → 1606.9).
+  if (ahead_t >= 0) {
+    const int64_t element_bytes = p.q_dtype == AttentionDtype::F32 ? 4 : 2;
+    const int64_t bytes = int64_t(min(kHeads, p.heads - ahead_head_base)) * kHeadDim * element_bytes;
+    const uint8_t* q =
+        static_cast<const uint8_t*>(p.q) + (ahead_t * p.heads + ahead_head_base) * kHeadDim * element_bytes;
+    for (int64_t offset = int64_t(thread) * 128; offset < bytes; offset += int64_t(kWarpgroup) * 128)
+      ptx::prefetch_l2(q + offset);
+    prefetch_index_lines(ahead_t, query_slot_count(p, ahead_t));
+  }
   if constexpr (!kFp8) asm volatile("cp.async.wait_all;\n" ::: "memory");
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
@@ -647,9 +646,9 @@ __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
   return row * row_bytes + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
-template <bool kFp8, bool kTrace, bool kQTiles>
+template <bool kFp8, bool kTrace>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
-                                        const Barriers& barriers, RoundFlags flags, uint64_t* trace) {
+                                        const Barriers& barriers, uint64_t* trace) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
   const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroup, 0);
   const int thread256 = int(threadIdx.x);
@@ -663,14 +662,14 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   wait_for_prior_grids();
   const int pairs = query_pairs(p, t);
 
-  // Q (64 heads × 512 dims as bf16, swizzled; heads past H zero), by both consumers.
+  // Q (64 heads × 512 dims as bf16, swizzled; heads past H zero), by both consumers. bf16 q with bf16 entries
+  // (q_tiles): by cp.async, tile by tile (two 16-byte chunks per thread and tile), each tile on its own mbarrier, so
+  // that the first scores start on Q's first tiles while the rest lands (round s24-2: 853.0 → 837.3 µs, 880.3 →
+  // 862.3; round s24-1: 822.0 → 815.0, 836.8 → 831.3, Pro 8K 1613.3 → 1600.2); fp32 q (converted) and fp8 entries
+  // through registers behind a named barrier.
   const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + kRope);
-  if constexpr (kQTiles) {
-    // q_tiles (round s24 A/B; bf16 q, bf16 entries): by cp.async, tile by tile (two 16-byte chunks per thread and
-    // tile), each tile on its own mbarrier, so that the first scores start on Q's first tiles while the rest lands.
-    // q_after_resolve (round s24 A/B): once the producer has the first pair's entries, so that its index and
-    // page-table loads do not queue behind Q's 64 KB (round s24-1's trace: resolved 4600 cycles after the start).
-    if (flags.q_after_resolve) sm90::mbarrier_wait(barriers.first_resolved(), 0);
+  const bool q_tiles = !kFp8 && p.q_dtype == AttentionDtype::Bf16;
+  if (q_tiles) {
 #pragma unroll
     for (int tile = 0; tile < kDimTiles; ++tile) {
 #pragma unroll
@@ -751,8 +750,8 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
         trace_point<kTrace>(trace, prefill_trace::kFirstData);
       }
       sm90::wgmma_fence();
-      qk_half<kFp8>(s, smem, 0, 0, true, barriers, 0, kQTiles);
-      qk_half<kFp8>(s, smem, 0, 1, false, barriers, 0, kQTiles);
+      qk_half<kFp8>(s, smem, 0, 0, true, barriers, 0, q_tiles);
+      qk_half<kFp8>(s, smem, 0, 1, false, barriers, 0, q_tiles);
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(s);
@@ -827,13 +826,13 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       const uint32_t parity = i & 1;
       pair_point<kTrace>(trace, i, prefill_trace::kC1Issued);
       sm90::wgmma_fence();
-      qk_half<kFp8>(s, smem, 1, 1, true, barriers, parity, kQTiles && i == 0);
+      qk_half<kFp8>(s, smem, 1, 1, true, barriers, parity, q_tiles && i == 0);
       if (kTrace) {
         wait_full<kFp8>(barriers.arrival<kFp8>(1, 0, 0), parity);
         if (i < prefill_trace::kConsumer1Pairs) trace_point<kTrace>(trace, prefill_trace::kLastHalfArrived + i);
         pair_point<kTrace>(trace, i, prefill_trace::kC1LateTile);
       }
-      qk_half<kFp8>(s, smem, 1, 0, false, barriers, parity, kQTiles && i == 0);
+      qk_half<kFp8>(s, smem, 1, 0, false, barriers, parity, q_tiles && i == 0);
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(s);
@@ -875,7 +874,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   }
 
   // q_tiles: this thread's Q copies are complete before the CTA can end (a query without pairs never waited on them).
-  if constexpr (kQTiles) asm volatile("cp.async.wait_all;\n" ::: "memory");
+  if (q_tiles) asm volatile("cp.async.wait_all;\n" ::: "memory");
   // Both consumers end on the last pair's max; their row sums add up.
   if (pairs == 0) publish_final_row_sums();
   consumer_named_barrier<2 * kWarpgroup, kBarrierSum0, false>(consumer ^ 1);
@@ -929,9 +928,9 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     packed[0] = pack_bf16x2(v[0], v[1]);
     packed[1] = pack_bf16x2(v[2], v[3]);
   };
-  if (flags.stsm_staging) {
-    // stsm_staging (round s24 A/B): blocks n and n + 1 of every warp's 16 rows by one stmatrix.x4 (matrix m: rows
-    // 8 (m % 2).., block n + m / 2), a quarter of the 4-byte stores.
+  {
+    // Blocks n and n + 1 of every warp's 16 rows by one stmatrix.x4 (matrix m: rows 8 (m % 2).., block n + m / 2):
+    // a quarter of the 4-byte stores (round s24-2: 853.0 → 827.8 µs, 880.3 → 853.7).
     const int matrix = lane / 8, row = 16 * warp + lane % 8 + 8 * (matrix % 2);
     const uint32_t row_address = shared_address(staging) + uint32_t(row * staged_row_bytes);
 #pragma unroll
@@ -940,16 +939,6 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       output_pair(n, low);
       output_pair(n + 1, high);
       stmatrix_x4(row_address + uint32_t(((n + matrix / 2) ^ (row & 7)) << 4), low[0], low[1], high[0], high[1]);
-    }
-  } else {
-#pragma unroll
-    for (int n = 0; n < 32; ++n) {
-      uint32_t packed[2];
-      output_pair(n, packed);
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        *reinterpret_cast<uint32_t*>(staging + staged_offset(16 * warp + g + 8 * r, staged_row_bytes, 16 * n + 4 * c)) =
-            packed[r];
     }
   }
   consumer_named_barrier<kWarpgroup, kBarrierStaged0, false>(consumer);
@@ -971,12 +960,10 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
 
-template <bool kFp8, bool kTrace, bool kQTiles>
+template <bool kFp8, bool kTrace>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
-                                    const int resident_ctas, const bool prefetch_resolved, const RoundFlags flags,
-                                    uint64_t* trace) {
-  static_assert(!(kFp8 && kQTiles), "q_tiles: bf16 entries only (round A/B)");
+                                    const int resident_ctas, const bool prefetch_resolved, uint64_t* trace) {
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
   // The swizzled tiles and the descriptors' zero base offset need a 1024-byte aligned base.
@@ -990,9 +977,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // rope_ready: every producer thread.
     for (int i = 0; i < kBarrierCount + (kFp8 ? 0 : kTileBarrierCount); ++i)
       sm90::mbarrier_init(barriers.base + i, kWarpgroup);
-    if constexpr (kQTiles) {
+    if constexpr (!kFp8) {  // q_tiles' barriers (bf16 entries)
       for (int tile = 0; tile < kDimTiles; ++tile) sm90::mbarrier_init(barriers.q_full(tile), 2 * kWarpgroup);
-      sm90::mbarrier_init(barriers.first_resolved(), kWarpgroup);
     }
     sm90::fence_mbarrier_init();
   }
@@ -1005,10 +991,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t ahead = int64_t(blockIdx.x) + resident_ctas;
     const bool ahead_exists = ahead < p.tokens * head_blocks;
     produce<kFp8, kTrace>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers,
-                          ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, flags, trace);
+                          ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8, kTrace, kQTiles>(p, smem, t, head_block * kHeads, barriers, flags, trace);
+    consume<kFp8, kTrace>(p, smem, t, head_block * kHeads, barriers, trace);
   }
 }
 

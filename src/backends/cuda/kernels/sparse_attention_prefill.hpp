@@ -80,19 +80,6 @@ struct SparseAttentionPrefillOptions {
   PrefetchResolved prefetch_resolved = PrefetchResolved::Auto;
   // Traced launch: tokens × head blocks × kPrefillTraceWarps × kPrefillTraceSlots words (nullptr: untraced kernel).
   uint64_t* trace = nullptr;
-  // Round s24 A/B: the producer asks L2 for the next item's q rows and index lines (the CTA one wave later) after its
-  // last copies instead of before its first.
-  bool late_ahead = false;
-  // Round s24 A/B (bf16 entries and q only; refused otherwise): the consumers copy Q by cp.async tile by tile, each
-  // 64-dim tile on its own mbarrier, and their first scores start on Q's first tiles.
-  bool q_tiles = false;
-  // Round s24 A/B: the producer issues a pair's page-table loads before the previous pair's last copies.
-  bool pages_first = false;
-  // Round s24 A/B (with q_tiles): the consumers issue Q's copies once the producer has the first pair's entries.
-  bool q_after_resolve = false;
-  // Round s24 A/B (bf16 out): the consumers stage their output rows by stmatrix.x4 (two 8-dim blocks of 16 rows per
-  // instruction) instead of 4-byte stores.
-  bool stsm_staging = false;
 };
 
 void run_sparse_attention_prefill(const SparseAttentionParams& params,
