@@ -24,8 +24,8 @@
 // empty kernel on the same grid in its clusters, without clusters and as one CTA per (query, head group) (a call's
 // launch floor in each shape). The decode cases' set-up is make_decode_step (tests/support/sparse_attention_cases.hpp).
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
-//                             [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab merge]
-//                             [--flush read|memset] [--out f32|bf16]
+//                             [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--flush read|memset]
+//                             [--out f32|bf16]
 //   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
 //   flash:swa:1,pro:csa:1:65536; flash:csa:256:65536 for one case under a profiler; a prefix that selects no case
 //   fails the run) and no prefill; --prefill-only
@@ -37,15 +37,13 @@
 //   batch 128). --mma-rates times the head_dim 512 kernel's tensor-core work per tile
 //   alone (mma_rate_kernel) against a tile's flops at the same-run cuBLAS rate and at the nominal peak, nothing else.
 //   --trace times one cold traced call of each selected decode case on the head_dim 512 kernel (bf16 entries) and
-//   prints its CTAs' phases per wave with the floors of its tile pace and tail (run_trace_case); no prefill. --ab
-//   merge times each selected decode case with the round's variants (run_ab_case: old / factors / new / bulk for a
-//   cluster merge, new / rolled for one split; no prefill).
+//   prints its CTAs' phases per wave with the floors of its tile pace and tail (run_trace_case); no prefill.
 //   --flush read|memset: how L2 is flushed before each timed decode call (read, the default: a read sweep of a 256 MB
 //   buffer, which leaves L2 full of clean lines, as the model's weight-reading kernels do; memset: a memset of it, the
 //   sessions' flush up to 23, which leaves dirty lines that the timed call's misses write back: H200, round s24-1,
 //   Flash CSA 64K b64 29.0 us read against 31.6 memset, HCA 4K b64 18.0 against 18.9; the tile pace 1.38 against
-//   1.49 us). The prefill cases and the cuBLAS rate keep the memset. --out f32|bf16: the output type of --trace and
-//   --ab's calls (f32 by default; the model's decode writes bf16: level at b64 in round s24-1).
+//   1.49 us). The prefill cases and the cuBLAS rate keep the memset. --out f32|bf16: the output type of --trace's
+//   calls (f32 by default; the model's decode writes bf16: level with f32 at b64 in round s24-1).
 //   Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -773,33 +771,6 @@ void print_trace(const char* label, const std::vector<uint64_t>& trace, int ctas
   }
 }
 
-// The round's A/B variants of the cluster merge (--ab merge and the --trace rows; calls of cluster-merged splits): old
-// = the session start's (factors formed by the consumers, d512_consumer_merge_factors; the CTA's own partial through
-// its cluster-window address, d512_merge_own_through_cluster), factors = the factors formed by the producer, new =
-// the defaults (also the own partial through its local address), bulk = new with two splits' rows handed over by a
-// bulk copy (d512_bulk_merge; bf16 entries, fp32 partials, else as new).
-// A single split's call (on the head_dim 512 kernel) has the variants new (the default epilogue) and rolled
-// (d512_rolled_epilogue: staged accumulators stored from a rolled loop).
-constexpr int kMergeVariants = 5, kNewVariant = 2, kRolledVariant = 4;
-constexpr const char* kMergeVariantNames[kMergeVariants] = {"old", "factors", "new", "bulk", "rolled"};
-
-SparseAttentionParams merge_variant(SparseAttentionParams call, int variant) {
-  call.d512_consumer_merge_factors = variant == 0;
-  call.d512_merge_own_through_cluster = variant <= 1;
-  call.d512_bulk_merge = variant == 3;
-  call.d512_rolled_epilogue = variant == kRolledVariant;
-  return call;
-}
-
-// The variants that apply to the call (the first is the reference of the byte comparison): its cluster merge's, its
-// single-split epilogue's, or none (the defaults alone).
-std::vector<int> ab_variants(const SparseAttentionParams& call) {
-  if (sparse_attention_head_split_splits(call) != 0 || sparse_attention_uses_prefill_kernel(call)) return {};
-  if (call.splits == 1) return {kNewVariant, kRolledVariant};
-  if (call.splits <= max_sparse_attention_cluster_splits()) return {0, 1, kNewVariant, 3};
-  return {};
-}
-
 void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, int64_t context, int sms,
                     double copy_gbps, const L2Flush& flush, AttentionDtype out_dtype, std::mt19937& rng) {
   const std::unique_ptr<SparseAttentionDecodeStep> step =
@@ -824,82 +795,16 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
               model, to_string(kind), batch, static_cast<long long>(context), step->slots_per_query(), call.splits,
               tiles, ctas, to_string(flush.mode), out_dtype == AttentionDtype::F32 ? "fp32" : "bf16", floor_us);
   const double tile_bytes = double(kSparseAttentionTileEntries) * call.cache.layout.entry_bytes;
-  // The round's variants where they serve the call, else the defaults (new) alone.
-  std::vector<int> variants = ab_variants(call);
-  if (variants.empty()) variants.push_back(kNewVariant);
-  for (const int variant : variants) {
-    SparseAttentionParams traced = merge_variant(call, variant);
-    run_sparse_attention(traced);  // warm-up, untraced
-    traced.d512_trace = d_trace.as<uint64_t>();
-    d_trace.fill_bytes(0);
-    flush.run(0);
-    StreamTimer timer;
-    const double ms = timer.elapsed_ms(nullptr, [&] { run_sparse_attention(traced); });
-    std::vector<uint64_t> trace(size_t(ctas) * kSparseAttentionTraceSlots);
-    d_trace.download(trace.data(), trace.size() * 8);
-    const char* label = kMergeVariantNames[variant];
-    std::printf("  %s: %.1f us (events), %.1f %% of the floor\n", label, ms * 1e3, 100.0 * floor_us / (ms * 1e3));
-    print_trace(label, trace, ctas, tiles, tile_bytes, output_bytes / ctas, copy_gbps);
-  }
-  std::fflush(stdout);
-}
-
-// --ab merge: the route's decode call (bf16 q, --out's output type; the decode kernels, splits as the model chooses
-// them) in each variant that applies (ab_variants: old, factors, new, bulk for cluster-merged splits; new, rolled for
-// one split), timed alternately (median of 20 calls each after --flush's flush, twice), each checked against the CPU
-// and compared byte for byte with the first.
-void run_ab_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch, int64_t context,
-                 double copy_gbps, double cublas_tflops, int sms, const L2Flush& flush, AttentionDtype out_dtype,
-                 std::mt19937& rng) {
-  const std::unique_ptr<SparseAttentionDecodeStep> step = make_decode_step(format, heads, kind, batch, context, rng);
-  const size_t out_bytes = size_t(batch) * heads * kHeadDim * (out_dtype == AttentionDtype::F32 ? 4 : 2);
-  SparseAttentionParams call = step->call;
-  call.prefill_kernel = false;
-  call.out_dtype = out_dtype;
-  call.splits = choose_sparse_attention_splits(batch, heads, kHeadDim, format, step->slots_per_query(), sms);
-  const std::vector<int> variants = ab_variants(call);
-  if (variants.empty()) {
-    std::printf("%-6s %-4s %5d %8lld  not served by the variants (splits %d)\n", model, to_string(kind), batch,
-                static_cast<long long>(context), call.splits);
-    return;
-  }
-  const size_t n = variants.size();
-  std::vector<DeviceBuffer> outs;
-  std::vector<SparseAttentionParams> calls;
-  outs.reserve(n);
-  for (const int v : variants) {
-    outs.emplace_back(out_bytes, "out");
-    calls.push_back(merge_variant(call, v));
-    calls.back().out = outs.back().data();
-  }
-  std::vector<double> us(2 * n);
-  for (int round = 0; round < 2; ++round)
-    for (size_t i = 0; i < n; ++i)
-      us[2 * i + size_t(round)] = 1e3 * cold_ms(20, flush, [&] { run_sparse_attention(calls[i]); });
-  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  const std::vector<int64_t> sample{0, batch - 1};
-  double worst_error = 0;
-  size_t differing = 0;
-  std::vector<uint8_t> first_bytes(out_bytes), bytes(out_bytes);
-  outs[0].download(first_bytes.data(), out_bytes);
-  for (size_t i = 0; i < n; ++i) {
-    worst_error = std::max(worst_error, cpu_check(calls[i], step->window_index, step->compressed_index, step->q,
-                                                  step->sink, step->positions, outs[i], sample));
-    outs[i].download(bytes.data(), out_bytes);
-    for (size_t b = 0; b < out_bytes; ++b) differing += bytes[b] != first_bytes[b];
-  }
-  const double floor_us = std::max((step->kv_bytes() + double(out_bytes)) / (copy_gbps * 1e3),
-                                   step->flops() / (cublas_tflops * 1e6));
-  std::printf("%-6s %-4s %5d %8lld %6d %2d", model, to_string(kind), batch, static_cast<long long>(context),
-              step->slots_per_query(), call.splits);
-  double best = 1e30;
-  for (size_t i = 0; i < n; ++i) {
-    std::printf("  %s %6.1f %6.1f us", kMergeVariantNames[variants[i]], us[2 * i], us[2 * i + 1]);
-    best = std::min({best, us[2 * i], us[2 * i + 1]});
-  }
-  std::printf(" (best %4.1f%% of floor %.1f)  cpu err %.1e  %zu bytes differ from %s%s\n", 100.0 * floor_us / best,
-              floor_us, worst_error, differing, kMergeVariantNames[variants[0]],
-              worst_error <= kCpuCheckLimit ? "" : "  CPU CHECK FAILED");
+  run_sparse_attention(call);  // warm-up, untraced
+  call.d512_trace = d_trace.as<uint64_t>();
+  d_trace.fill_bytes(0);
+  flush.run(0);
+  StreamTimer timer;
+  const double ms = timer.elapsed_ms(nullptr, [&] { run_sparse_attention(call); });
+  std::vector<uint64_t> trace(size_t(ctas) * kSparseAttentionTraceSlots);
+  d_trace.download(trace.data(), trace.size() * 8);
+  std::printf("  %.1f us (events), %.1f %% of the floor\n", ms * 1e3, 100.0 * floor_us / (ms * 1e3));
+  print_trace("traced", trace, ctas, tiles, tile_bytes, output_bytes / ctas, copy_gbps);
   std::fflush(stdout);
 }
 
@@ -971,8 +876,7 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
 int run(int argc, char** argv) {
   std::string json_path;
   OnlySelection only;  // --only's comma-separated prefixes
-  bool prefill_only = false, warm = false, sweep = false, route = false, mma_rates = false, trace = false,
-       ab = false;
+  bool prefill_only = false, warm = false, sweep = false, route = false, mma_rates = false, trace = false;
   KvEntryFormat decode_format = KvEntryFormat::Fp8Reference;
   FlushMode flush_mode = FlushMode::Read;
   AttentionDtype out_dtype = AttentionDtype::F32;
@@ -996,10 +900,7 @@ int run(int argc, char** argv) {
       mma_rates = true;
     else if (std::strcmp(argv[i], "--trace") == 0)
       trace = true;
-    else if (std::strcmp(argv[i], "--ab") == 0 && i + 1 < argc && std::strcmp(argv[i + 1], "merge") == 0) {
-      ab = true;
-      ++i;
-    } else if (std::strcmp(argv[i], "--flush") == 0 && i + 1 < argc &&
+    else if (std::strcmp(argv[i], "--flush") == 0 && i + 1 < argc &&
                (std::strcmp(argv[i + 1], "memset") == 0 || std::strcmp(argv[i + 1], "read") == 0))
       flush_mode = std::strcmp(argv[++i], "read") == 0 ? FlushMode::Read : FlushMode::Memset;
     else if (std::strcmp(argv[i], "--out") == 0 && i + 1 < argc &&
@@ -1009,10 +910,10 @@ int run(int argc, char** argv) {
     } else
       fail("unknown argument ", argv[i],
            " (usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] "
-           "[--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--ab merge] [--flush read|memset] "
+           "[--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace] [--flush read|memset] "
            "[--out f32|bf16])");
   }
-  check(!out_given || trace || ab, "bench_cuda_attention: --out serves --trace and --ab only");
+  check(!out_given || trace, "bench_cuda_attention: --out serves --trace only");
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
     std::fprintf(stderr, "no CUDA device\n");
@@ -1073,14 +974,6 @@ int run(int argc, char** argv) {
                 "(points inside the call: the call's time and floor head its rows); us/tile between tile 0 and the "
                 "last, its floor a tile's entries for each of the wave's CTAs at the copy rate; N->end from the last "
                 "tile to the end, its floor the wave's output bytes at the copy rate\n");
-  else if (ab)
-    std::printf("--ab merge: the decode call's cluster merge as at the session start (old: factors formed by the "
-                "consumers, the own partial through the cluster window), with the factors formed by the producer "
-                "(factors), and also the own partial through its local address (new, the default), two splits' rows by a "
-                "bulk copy and a rolled merge loop (bulk: bf16 entries); one split: the default epilogue (new) and a "
-                "rolled one (rolled); us alternately "
-                "(median of 20 flushed calls each, twice); floor = max(KV bytes and output at the copy rate, flops at "
-                "the cuBLAS rate)\n");
   else if (route)
     std::printf("--route: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "
                 "prefill kernel, bf16 q; slots per query; routed = run_sparse_attention's defaults send the call to "
@@ -1093,7 +986,7 @@ int run(int argc, char** argv) {
               "partials; floor = max(KV bytes at copy rate, flops at cuBLAS rate); bound us = HCA under the 1M slot "
               "bound + counts; cl = the cluster merge; cpu err = worst |error| / max |output| over sampled queries and "
               "heads\n");
-  if (!route && !trace && !ab)
+  if (!route && !trace)
     std::printf("%-6s %-4s %5s %8s %6s %6s %10s %10s %8s %8s %9s %8s %12s %8s %10s %12s %9s %9s %9s %9s %9s %9s "
               "%9s %9s %9s\n",
               "model", "kind", "batch", "context", "slots", "splits", "us", "GB/s", "%copy", "%total", "floor us",
@@ -1116,7 +1009,7 @@ int run(int argc, char** argv) {
       for (const int64_t context : {int64_t(4096), int64_t(65536), int64_t(262144), int64_t(1) << 20})
         for (const int batch : {1, 8, 64, 128, 256}) {
           // 128: between a wave of one-block CTAs and two, for the routing threshold of --route.
-          if (batch == 128 && !route && !trace && !ab) continue;
+          if (batch == 128 && !route && !trace) continue;
           if (prefill_only || (kind == DecodeLayout::Swa && context != 4096)) continue;
           // 256K: an HCA list between 64K's and 1M's (2176 slots), for the routing threshold of --route.
           if (context == 262144 && !(route && kind == DecodeLayout::Hca)) continue;
@@ -1132,11 +1025,6 @@ int run(int argc, char** argv) {
           if (trace) {
             run_trace_case(model, heads, kind, batch, context, device.multiprocessors, copy_gbps, l2_flush, out_dtype,
                            rng);
-            continue;
-          }
-          if (ab) {
-            run_ab_case(model, heads, kind, decode_format, batch, context, copy_gbps, cublas_tflops,
-                        device.multiprocessors, l2_flush, out_dtype, rng);
             continue;
           }
           if (route) {
@@ -1174,7 +1062,7 @@ int run(int argc, char** argv) {
           std::fflush(stdout);
           results.push_back(r);
         }
-  if (!route && !trace && !ab && only.all()) {
+  if (!route && !trace && only.all()) {
     std::printf("\nprefill (4096 queries, CSA 128 + 512 slots)\n");
     std::printf("%-6s %-13s %8s %6s %10s %8s %8s %8s %10s %9s\n", "model", "entries", "context", "splits", "us",
                 "TFLOP/s", "%cublas", "%peak", "bf16q us", "bf16q TF/s");
@@ -1183,7 +1071,7 @@ int run(int argc, char** argv) {
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
       for (const int64_t context : {int64_t(8192), int64_t(65536)}) {
-        if (!only.all() || route || trace || ab) continue;
+        if (!only.all() || route || trace) continue;
         const PrefillResult r = run_prefill_case(model, heads, format, context, cublas_tflops, peak_tflops,
                                                  device.multiprocessors, flush.data(), flush_bytes, rng);
         std::printf("%-6s %-13s %8lld %6d %10.1f %8.1f %7.1f%% %7.1f%% %10.1f %9.1f\n", r.model.c_str(),

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdlib>
 #include <limits>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -163,22 +162,11 @@ bool merges_in_cluster(const SparseAttentionParams& p) {
 }
 
 template <bool kFp8, bool kTrace = false>
-void launch_d512(const SparseAttentionParams& params) {
+void launch_d512(const SparseAttentionParams& p) {
   constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
   const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace>;
   d512_device_limits();  // the kernel's attributes on this device
-  // Round s24 A/B only, for the e2e bench: DSV4_ATTENTION_OLD_MERGE=1 sets d512_consumer_merge_factors and
-  // d512_merge_own_through_cluster (the session start's merge), DSV4_ATTENTION_BULK_MERGE=1 d512_bulk_merge,
-  // DSV4_ATTENTION_ROLLED_EPILOGUE=1 d512_rolled_epilogue.
-  static const bool old_merge = std::getenv("DSV4_ATTENTION_OLD_MERGE") != nullptr,
-                    bulk_merge = std::getenv("DSV4_ATTENTION_BULK_MERGE") != nullptr,
-                    rolled_epilogue = std::getenv("DSV4_ATTENTION_ROLLED_EPILOGUE") != nullptr;
-  SparseAttentionParams p = params;
-  p.d512_consumer_merge_factors = p.d512_consumer_merge_factors || old_merge;
-  p.d512_merge_own_through_cluster = p.d512_merge_own_through_cluster || old_merge;
-  p.d512_bulk_merge = p.d512_bulk_merge || bulk_merge;
-  p.d512_rolled_epilogue = p.d512_rolled_epilogue || rolled_epilogue;
   const int head_blocks = d512_head_blocks(p.heads);
   const bool cluster = merges_in_cluster(p);
   launch_chained(kernel, dim3(unsigned(d512_ctas(p))), dim3(unsigned(kD512Threads)),

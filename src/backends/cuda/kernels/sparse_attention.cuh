@@ -506,7 +506,7 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 // per-head-tile re-reads of K and V through ldmatrix are gone.
 // bf16 entries (session 19) skip the raw stages and the expansion pass: each producer thread copies its 16-byte chunks
 // of an entry straight to their swizzled places by cp.async (d512_produce_bf16), four KV stages deep; a single
-// split's epilogue fixes its row pointers and output type before its unrolled store loop (d512_store_output).
+// split's epilogue stores from a rolled loop over accumulators staged in shared memory (d512_store_single_split).
 //
 // NOTES:
 // - A 584-byte fp8 entry is only 8-byte aligned; the copy engine needs 16. Each entry is fetched as the 592-byte
@@ -622,6 +622,19 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   default places it ≈ 260 KB past it, after the consumer's): level (31.2 / 30.9 → 30.9 / 30.9). Cold trace of the
 //   start (CSA b64, new marks): grid wait 2.7-3.3 µs after the CTA's start, index rows +1.3-1.6, page entries +0.5,
 //   first copies issued +0.8-1.0, the first tile +1.5-1.6.
+// - Session 24 (H200, bench --ab, same process, bytes compared; two rounds). The bench's L2 flush by memset left L2
+//   full of dirty lines that each call's misses wrote back: Flash CSA 64K b64 31.6 → 29.0 µs with a read-sweep flush
+//   (the tile pace 1.49 → 1.38 µs), HCA 4K b64 18.9 → 18.0; bf16 output is level with fp32 at b64, so the merge's and
+//   the epilogue's stores are not bound by their bytes. Kept: the merge factors formed by the idle producer
+//   warpgroup (the consumers' stats loads sat behind their own batch of peer partials): CSA b64 29.0 → 28.6 µs over
+//   four runs, HCA b64 17.8 → 17.6, SWA b64 15.9 → 15.6 (fp8 entries 31.0 → 30.4); the single-split epilogue from
+//   staged accumulators in a rolled loop (d512_store_single_split): CSA b128 44.4 → 42.0, b256 81.3 → 77.2 (the
+//   first wave's tail 10.7 → 5.9 µs), Pro CSA b64 43.5 → 39.8, fp8 b256 90.9 → 89.4. Level and removed: the own
+//   partial read through its local address instead of the cluster window; the two-split merge's peer rows handed over
+//   by one cp.async.bulk (64 KB in ≈ 2 µs) with a rolled local merge loop (CSA b64 28.8 against 28.6, HCA 17.7 against
+//   17.5; its trace ended 3.5 µs earlier but the medians did not follow). The merge's store phase took 4-7 µs for 32-64
+//   KB a CTA whatever the bytes: code run once per CTA from cold instruction caches (round 1: 16 local rows a thread
+//   7.4 µs unrolled).
 
 inline constexpr int kD512HeadDim = 512;
 inline constexpr int kD512Heads = 64;  // one wgmma M
@@ -644,8 +657,7 @@ inline constexpr int kMergeRowBf16 = kD512HeadDim + 8;       // the same for bf1
 // Cluster merge: offsets in the exchange region (free after the loop) of the per-head (max, sum) pairs the peers
 // read, this CTA's merge factors [head][split] (up to kSparseAttentionMaxClusterSplits per head) and its inverse-RoPE
 // table.
-// (The tables start 4 KB in: a bulk merge's received rows end 3 KB into the region.)
-inline constexpr int kMergeStatsOffset = 4096, kMergeScaleOffset = 4608, kMergeRopeOffset = 8704;
+inline constexpr int kMergeStatsOffset = 0, kMergeScaleOffset = 512, kMergeRopeOffset = 8192;
 static_assert(kD512ProducerRegisters * kWarpgroupThreads + 2 * kD512ConsumerRegisters * kWarpgroupThreads <= 65536,
               "register budget of one SM");
 
@@ -690,7 +702,7 @@ struct D512Layout {
   // the exchange region.
   static constexpr int kMergePartial = 0;
   static_assert(kD512Heads * kMergeRowFloats * 4 <= kExchange, "the merge partial fits below the exchange region");
-  static_assert(kMergeScaleOffset >= kMergeStatsOffset + kD512Heads * 8 &&
+  static_assert(kMergeScaleOffset >= kD512Heads * 8 &&
                     kMergeRopeOffset >= kMergeScaleOffset + kSparseAttentionMaxClusterSplits * kD512Heads * 4 &&
                     kMergeRopeOffset + kD512HeadDim / 2 * 8 <= 2 * kExchangeFloats * 4,
                 "the merge tables fit the exchange region");
@@ -992,7 +1004,7 @@ __device__ __forceinline__ void d512_merge_factors_for(const SparseAttentionPara
 // are bf16 (rows kMergeRowBf16 apart; p.cluster_merge_bf16_partials), fp32 otherwise (rows kMergeRowFloats apart).
 template <class L, int kMaxSplits, bool kBf16Partials>
 __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int split,
-                                                   int head_base, int thread256, float merge_sink_log2, bool tracer) {
+                                                   int head_base, int thread256, bool tracer) {
   static_assert(kMaxSplits == 2 || kMaxSplits == 4 || kMaxSplits == 8 || kMaxSplits == 16, "a power of two ≥ 2");
   static_assert(kMaxSplits <= kSparseAttentionMaxClusterSplits, "the merge tables hold that many splits");
   using ScaleVector = MergeScaleVector<kMaxSplits>;
@@ -1004,12 +1016,8 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
   const uint4* partial = reinterpret_cast<const uint4*>(smem + L::kMergePartial);
 
   const uint4* peer_partial[kMaxSplits];
-  // This CTA's own partial through its local shared-memory address (not the cluster window; round s24 A/B:
-  // d512_merge_own_through_cluster keeps the session start's window address).
-  const bool own_local = !p.d512_merge_own_through_cluster;
 #pragma unroll
-  for (int s = 0; s < kMaxSplits; ++s)
-    peer_partial[s] = own_local && s == split ? partial : sm90::cluster_peer(partial, s < splits ? s : 0);
+  for (int s = 0; s < kMaxSplits; ++s) peer_partial[s] = sm90::cluster_peer(partial, s < splits ? s : 0);
   // This CTA's slice of the output's 16-byte vectors of partials (kVectorDims dims: 4 fp32 or 8 bf16);
   // consecutive threads read consecutive vectors of a row. A thread's vectors are kStride apart, a whole number of
   // rows: they share their dims (and inverse-RoPE factors) and step kHeadStep heads, so their addresses are immediate
@@ -1038,34 +1046,8 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
     }
   };
   load_batch(0);
-  if (p.d512_consumer_merge_factors) {
-    // Round s24 A/B: the session start's factors, formed here (the stats loads sit behind the batch).
-    if (thread256 < kD512Heads) {
-      const float2* stats = reinterpret_cast<const float2*>(smem + L::kExchange + kMergeStatsOffset);
-      float2 split_stats[kMaxSplits];
-#pragma unroll
-      for (int s = 0; s < kMaxSplits; ++s)
-        split_stats[s] = s < splits ? sm90::cluster_peer(stats, s)[thread256] : make_float2(-INFINITY, 0.0f);
-      float factor[kMaxSplits];
-      merge_factors(split_stats, merge_sink_log2, factor);
-      ScaleVector* row =
-          reinterpret_cast<ScaleVector*>(smem + L::kExchange + kMergeScaleOffset) + thread256 * kScaleVectors;
-#pragma unroll
-      for (int v = 0; v < kScaleVectors; ++v) {
-        float f[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int e = 0; e < kScaleLanes; ++e) f[e] = factor[v * kScaleLanes + e];
-        if constexpr (kMaxSplits == 2)
-          row[v] = make_float2(f[0], f[1]);
-        else
-          row[v] = make_float4(f[0], f[1], f[2], f[3]);
-      }
-    }
-    sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
-  } else {
-    // The producer warpgroup's merge factors (d512_merge_factors), formed while this batch is in flight.
-    sm90::named_barrier_sync<3 * kWarpgroupThreads>(kMergeFactorsBarrier);
-  }
+  // The producer warpgroup's merge factors (d512_merge_factors), formed while this batch is in flight.
+  sm90::named_barrier_sync<3 * kWarpgroupThreads>(kMergeFactorsBarrier);
   if (tracer) d512_trace_mark(p, kD512TraceMergeFactors);
 
   const KvEntryLayout& layout = p.cache.layout;
@@ -1120,139 +1102,28 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
 // The merge's instantiation for p.splits (the next power of two) and the partials' type.
 template <class L, bool kBf16Partials>
 __device__ __forceinline__ void d512_cluster_merge_for(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
-                                                       int split, int head_base, int thread256, float merge_sink_log2,
-                                                       bool tracer) {
+                                                       int split, int head_base, int thread256, bool tracer) {
   if (p.splits <= 2)
-    d512_cluster_merge<L, 2, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2, tracer);
+    d512_cluster_merge<L, 2, kBf16Partials>(p, smem, t, split, head_base, thread256, tracer);
   else if (p.splits <= 4)
-    d512_cluster_merge<L, 4, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2, tracer);
+    d512_cluster_merge<L, 4, kBf16Partials>(p, smem, t, split, head_base, thread256, tracer);
   else if (p.splits <= 8)
-    d512_cluster_merge<L, 8, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2, tracer);
+    d512_cluster_merge<L, 8, kBf16Partials>(p, smem, t, split, head_base, thread256, tracer);
   else
-    d512_cluster_merge<L, 16, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2, tracer);
+    d512_cluster_merge<L, 16, kBf16Partials>(p, smem, t, split, head_base, thread256, tracer);
 }
 
-// Round s24 A/B (d512_bulk_merge): the two-split merge's rows handed over by one bulk copy. Each CTA writes the 32
-// rows it merges (kBulkOwn) and the 32 its peer merges (kBulkSend), rows kMergeRowFloats apart as a pull merge's
-// partial, over Q and the KV stages; after the cluster barrier one thread copies kBulkSend into the peer's kBulkRecv
-// (the rest of the KV stages and the exchange region's first 3 KB) by cp.async.bulk completing on the peer's mbarrier
-// (in the exchange region), so the merge reads only local shared memory; the factors come from the producer
-// (d512_merge_factors). bf16 entries (the fp8 layout has no room for the three row sets), fp32 partials.
-inline constexpr int kBulkRowBytes = kMergeRowFloats * 4, kBulkRows = kD512Heads / 2;
-inline constexpr int kBulkBytes = kBulkRows * kBulkRowBytes;  // 65 KB
-inline constexpr int kBulkOwn = 0, kBulkSend = kBulkBytes, kBulkRecv = 2 * kBulkBytes;
-inline constexpr int kMergeBulkBarrierOffset = kMergeRopeOffset + kD512HeadDim / 2 * 8;  // past the rope table
-
+// The single-split epilogue of the consumers (256 threads): they stage their raw accumulators (rows kMergeRowFloats
+// apart, as a cluster merge's partial) and each row's 1 / denominator in the free Q and KV stages, then each thread
+// normalises, rotates back and stores 16-byte vectors of rows (consecutive threads along a row) from a rolled loop of
+// a few dozen instructions. This code runs once per CTA from cold instruction caches: the unrolled fragment stores it
+// replaces (≈ 600 instructions, session 19's d512_store_output) took 10.1 µs from a first-wave CTA's last tile to its
+// end against 4.8 in the second wave, whose SMs had just run them (round s24-1 trace, Flash CSA 64K b256).
 template <class L>
-__device__ __forceinline__ bool d512_bulk_merge_serves(const SparseAttentionParams& p) {
-  if constexpr (L::kFp8Entries) {
-    return false;
-  } else {
-    static_assert(kBulkRecv + kBulkBytes <= L::kExchange + kMergeStatsOffset,
-                  "the three row sets end below the exchange region's tables");
-    static_assert(kMergeBulkBarrierOffset >= kMergeRopeOffset + kD512HeadDim / 2 * 8 &&
-                      kMergeBulkBarrierOffset + 8 <= 2 * L::kExchangeFloats * 4,
-                  "the bulk merge's mbarrier fits the exchange region past the tables");
-    return p.d512_bulk_merge && p.splits == 2 && !p.cluster_merge_bf16_partials && !p.d512_consumer_merge_factors;
-  }
-}
-
-// Byte offset of 16-byte chunk `chunk` of row `row` in a row set.
-__device__ __forceinline__ int bulk_chunk_offset(int row, int chunk) {
-  return row * kBulkRowBytes + chunk * 16;
-}
-
-// A consumer thread's fragment row r (head row of the block) into the own or the send set; dim0 = its first dim.
-__device__ __forceinline__ void d512_bulk_write_row(uint8_t* smem, int row, int split, int dim0,
-                                                    const float (&o_acc)[128], int r) {
-  const bool own = row / kBulkRows == split;  // warp-uniform
-  float* set_row = reinterpret_cast<float*>(smem + (own ? kBulkOwn : kBulkSend) + (row % kBulkRows) * kBulkRowBytes);
-#pragma unroll
-  for (int n = 0; n < 32; ++n)
-    *reinterpret_cast<float2*>(set_row + dim0 + 8 * n) = make_float2(o_acc[4 * n + 2 * r], o_acc[4 * n + 2 * r + 1]);
-}
-
-// Before the cluster barrier: the send set to the async proxy, and thread 0 sets up this CTA's receive mbarrier (one
-// arrival, the peer's 64 KB).
-__device__ __forceinline__ void d512_bulk_arm(uint8_t* exchange, int thread256) {
-  sm90::fence_proxy_async_shared();
-  if (thread256 == 0) {
-    uint64_t* received = reinterpret_cast<uint64_t*>(exchange + kMergeBulkBarrierOffset);
-    sm90::mbarrier_init(received, 1);
-    sm90::fence_mbarrier_init();
-    sm90::mbarrier_arrive_expect_tx(received, kBulkBytes);
-  }
-}
-
-template <class L>
-__device__ __forceinline__ void d512_bulk_merge(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int split,
-                                                int head_base, int thread256, bool tracer) {
-  uint64_t* received = reinterpret_cast<uint64_t*>(smem + L::kExchange + kMergeBulkBarrierOffset);
-  if (thread256 == 0) {
-    const int peer = 1 - split;
-    asm volatile(
-        "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-            sm90::cluster_shared_address(smem + kBulkRecv, uint32_t(peer))),
-        "r"(shared_address(smem + kBulkSend)), "r"(uint32_t(kBulkBytes)),
-        "r"(sm90::cluster_shared_address(received, uint32_t(peer)))
-        : "memory");
-  }
-  // Thread (row0, chunk): chunk `chunk` (dims 4·chunk..+4) of rows row0 + 2k, k < 16, of this CTA's 32 heads.
-  constexpr int kRowChunks = kD512HeadDim / 4, kRowStep = 2 * kWarpgroupThreads / kRowChunks, kPerThread = 16;
-  static_assert(kRowStep * kPerThread == kBulkRows, "a thread's rows cover the set");
-  const int chunk = thread256 % kRowChunks, row0 = thread256 / kRowChunks, dim = 4 * chunk;
-  sm90::mbarrier_wait(received, 0);
-  sm90::named_barrier_sync<3 * kWarpgroupThreads>(kMergeFactorsBarrier);  // the producer's factors
-  if (tracer) d512_trace_mark(p, kD512TraceMergeFactors);
-  const float* merge_scale = reinterpret_cast<const float*>(smem + L::kExchange + kMergeScaleOffset);
-  const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + L::kExchange + kMergeRopeOffset);
-  const KvEntryLayout& layout = p.cache.layout;
-  bool rotate[2];
-  RopeFactors factors[2];
-#pragma unroll
-  for (int pair = 0; pair < 2; ++pair) {
-    rotate[pair] = p.rope_frequencies != nullptr && dim + 2 * pair >= layout.nope_dim;
-    factors[pair] = rotate[pair] ? rope_table[(dim + 2 * pair - layout.nope_dim) / 2] : RopeFactors{1.0f, 0.0f};
-  }
-  // A rolled loop: this code runs once per CTA, and its unrolled form (≈ 1K instructions) took 7 us from cold
-  // instruction caches (round s24-1 trace: 16 rows' loads, multiply-adds and stores, all operands local).
-#pragma unroll 1
-  for (int k = 0; k < kPerThread; ++k) {
-    const int row = row0 + kRowStep * k, h = split * kBulkRows + row;  // h: of the head block
-    if (head_base + h >= p.heads) continue;
-    const uint4 own = *reinterpret_cast<const uint4*>(smem + kBulkOwn + bulk_chunk_offset(row, chunk));
-    const uint4 peer = *reinterpret_cast<const uint4*>(smem + kBulkRecv + bulk_chunk_offset(row, chunk));
-    float scale[2];
-    *reinterpret_cast<float2*>(scale) = reinterpret_cast<const float2*>(merge_scale)[h];
-    // As d512_cluster_merge, split 0 first.
-    float x[4] = {};
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      const uint4 v = s == split ? own : peer;
-      const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int w = 0; w < 4; ++w) x[w] += scale[s] * __uint_as_float(words[w]);
-    }
-#pragma unroll
-    for (int pair = 0; pair < 2; ++pair)
-      if (rotate[pair]) rope_rotate_pair(x[2 * pair], x[2 * pair + 1], factors[pair], true);
-    store_output_quad(p, (t * p.heads + head_base + h) * kD512HeadDim, dim, x);
-  }
-  if (tracer) d512_trace_mark(p, kD512TraceMergeStored);
-}
-
-// Round s24 A/B (d512_rolled_epilogue): the single-split epilogue as a rolled loop. The consumers stage their raw
-// accumulators (rows kMergeRowFloats apart, as a cluster merge's partial) and each row's 1 / denominator in shared
-// memory, then each thread normalises, rotates back and stores 16-byte vectors of rows (consecutive threads along a
-// row) in a loop of a few dozen instructions instead of d512_store_output's unrolled ≈ 600, which runs once per CTA
-// from cold instruction caches (round s24-1 trace, Flash CSA 64K b256: 10.1 us from the last tile to the end in the
-// first wave, 4.8 in the second, whose SMs had just run it). Same arithmetic: the same multiply, rotation and
-// rounding per element.
-template <class L>
-__device__ __forceinline__ void d512_rolled_epilogue(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
-                                                     int head_base, int warp, int g, int c, int consumer, int dim_base,
-                                                     int thread256, const float (&o_acc)[128],
-                                                     const float (&inverse_denominator)[2], RopeFactors rope_pair) {
+__device__ __forceinline__ void d512_store_single_split(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
+                                                        int head_base, int warp, int g, int c, int consumer,
+                                                        int dim_base, int thread256, const float (&o_acc)[128],
+                                                        const float (&inverse_denominator)[2], RopeFactors rope_pair) {
   const KvEntryLayout& layout = p.cache.layout;
   const bool rope = p.rope_frequencies != nullptr;
   float* staged = reinterpret_cast<float*>(smem + L::kMergePartial);
@@ -1295,51 +1166,6 @@ __device__ __forceinline__ void d512_rolled_epilogue(const SparseAttentionParams
   }
 }
 
-// The single-split epilogue of a consumer thread: its fragment rows (heads head[0], head[1])
-// times their 1 / denominator, dims dim0 + 8n, +1 (n < 32) rotated back where they are rope dims (factors from
-// rope_table), stored as Out (float or bf16); steps below kRopeFrom have no rope dims (24: rope_dim ≤ 64, the DSV4
-// layouts; 0: any). The row pointers and the output type are fixed before the unrolled loop and only the rope steps
-// carry the rotation, so a step is a few multiplies and two stores: the generic fragment store (the dtype test and
-// the rope test with its rotation in every step) made this ≈ 28 KB of straight-line code, a quarter of the kernel's
-// warp samples in ncu (round s19-1, Flash CSA 64K batch 256), mostly instruction-fetch stalls; most of them were
-// warps with nothing else to do: the kernel gained 0.5-2 % (round s19-2, H200, bf16 entries, batch 256: 84.3 → 83.9
-// µs with bulk copies, 80.1 → 78.5 with 64-entry steps; Pro CSA batch 64 40.1 → 39.5).
-template <class Out, int kRopeFrom>
-__device__ __forceinline__ void d512_store_output(const SparseAttentionParams& p, int64_t t, const int (&head)[2],
-                                                  int dim0, const float (&o_acc)[128],
-                                                  const float (&inverse_denominator)[2], bool rope,
-                                                  const RopeFactors* rope_table) {
-  const int nope_dim = p.cache.layout.nope_dim;
-  Out* row[2];
-  bool live[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    live[r] = head[r] < p.heads;
-    row[r] = static_cast<Out*>(p.out) + (t * p.heads + (live[r] ? head[r] : 0)) * kD512HeadDim + dim0;
-  }
-  // Rope dims from step first_rope on (warp-uniform where nope_dim is a multiple of 8).
-  const int first_rope = rope ? nope_dim - dim0 : kD512HeadDim;
-#pragma unroll
-  for (int n = 0; n < 32; ++n) {
-    float v[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) v[e] = o_acc[4 * n + e] * inverse_denominator[e / 2];
-    if (n >= kRopeFrom && 8 * n >= first_rope) {
-      const RopeFactors f = rope_table[(dim0 + 8 * n - nope_dim) / 2];
-      rope_rotate_pair(v[0], v[1], f, true);
-      rope_rotate_pair(v[2], v[3], f, true);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (!live[r]) continue;
-      if constexpr (std::is_same_v<Out, float>)
-        *reinterpret_cast<float2*>(row[r] + 8 * n) = make_float2(v[2 * r], v[2 * r + 1]);
-      else
-        *reinterpret_cast<uint32_t*>(row[r] + 8 * n) = pack_bf16x2(v[2 * r], v[2 * r + 1]);
-    }
-  }
-}
-
 // L: the CTA's D512Layout (its entry format); kTrace: consumer 0's thread 0 marks its phases
 // (SparseAttentionTraceMark).
 template <class L, bool kTrace>
@@ -1356,12 +1182,11 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   const KvEntryLayout& layout = p.cache.layout;
 
   // Weights first (nothing an earlier kernel writes): this thread's rope frequency (pair thread256), the sinks of its
-  // fragment rows and (round s24 A/B, d512_consumer_merge_factors) of head thread256.
+  // fragment rows.
   const bool rope = p.rope_frequencies != nullptr;
   const float frequency = rope && thread256 < layout.rope_dim / 2 ? p.rope_frequencies[thread256] : 0.0f;
   const int head[2] = {head_base + warp * 16 + g, head_base + warp * 16 + g + 8};
   const float sink_log2[2] = {head_sink_log2(p, head[0]), head_sink_log2(p, head[1])};
-  const float merge_sink_log2 = thread256 < kD512Heads ? head_sink_log2(p, head_base + thread256) : -INFINITY;
   wait_for_prior_grids();
   const bool tracer = kTrace && thread256 == 0;
   if (tracer) d512_trace_mark(p, kD512TraceConsumerWaited);
@@ -1525,13 +1350,10 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     if (rope && thread256 < layout.rope_dim / 2)
       reinterpret_cast<RopeFactors*>(smem + L::kExchange + kMergeRopeOffset)[thread256] = rope_pair;
     const bool bf16_partials = p.cluster_merge_bf16_partials;
-    const bool bulk = d512_bulk_merge_serves<L>(p);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = warp * 16 + g + 8 * r;
-      if (bulk) {
-        d512_bulk_write_row(smem, row, split, dim_base + 2 * c, o_acc, r);
-      } else if (bf16_partials) {
+      if (bf16_partials) {
         uint32_t* partial = reinterpret_cast<uint32_t*>(smem + L::kMergePartial) + row * (kMergeRowBf16 / 2);
 #pragma unroll
         for (int n = 0; n < 32; ++n)
@@ -1546,16 +1368,13 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
       if (consumer == 0 && c == 0)
         reinterpret_cast<float2*>(smem + L::kExchange + kMergeStatsOffset)[row] = make_float2(row_max[r], row_sum[r]);
     }
-    if (bulk) d512_bulk_arm(smem + L::kExchange, thread256);
     if (tracer) d512_trace_mark(p, kD512TraceMergeWritten);
     sm90::cluster_sync();
     if (tracer) d512_trace_mark(p, kD512TraceMergeSynced);
-    if (bulk)
-      d512_bulk_merge<L>(p, smem, t, split, head_base, thread256, tracer);
-    else if (bf16_partials)
-      d512_cluster_merge_for<L, true>(p, smem, t, split, head_base, thread256, merge_sink_log2, tracer);
+    if (bf16_partials)
+      d512_cluster_merge_for<L, true>(p, smem, t, split, head_base, thread256, tracer);
     else
-      d512_cluster_merge_for<L, false>(p, smem, t, split, head_base, thread256, merge_sink_log2, tracer);
+      d512_cluster_merge_for<L, false>(p, smem, t, split, head_base, thread256, tracer);
     sm90::cluster_sync_relaxed();  // the peers have read this CTA's partial (their loads returned before their arrive)
     if (tracer) d512_trace_mark(p, kD512TraceEnd);
     return;
@@ -1581,34 +1400,8 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
 
   float inverse_denominator[2];
   inverse_softmax_denominators(sink_log2, row_max, row_sum, inverse_denominator);
-  if (p.d512_rolled_epilogue) {
-    d512_rolled_epilogue<L>(p, smem, t, head_base, warp, g, c, consumer, dim_base, thread256, o_acc,
-                            inverse_denominator, rope_pair);
-    if (tracer) d512_trace_mark(p, kD512TraceEnd);
-    return;
-  }
-  // The inverse RoPE's factors once per CTA, a pair per thread (rope_dim ≤ 512), into the exchange buffer (free once
-  // both consumers have left the loop): evaluating sincos inside the unrolled store loop below cost each thread eight
-  // double-precision evaluations and the code size of 32 copies (instruction-cache misses).
-  RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + L::kExchange);
-  if (rope) {
-    sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
-    if (thread256 < layout.rope_dim / 2) rope_table[thread256] = rope_pair;
-    sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
-  }
-  const int dim0 = dim_base + 2 * c;
-  const bool last64 = layout.nope_dim >= kD512HeadDim - 64;  // rope dims only in steps 24-31
-  if (p.out_dtype == AttentionDtype::F32) {
-    if (last64)
-      d512_store_output<float, 24>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
-    else
-      d512_store_output<float, 0>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
-  } else {
-    if (last64)
-      d512_store_output<__nv_bfloat16, 24>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
-    else
-      d512_store_output<__nv_bfloat16, 0>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
-  }
+  d512_store_single_split<L>(p, smem, t, head_base, warp, g, c, consumer, dim_base, thread256, o_acc,
+                             inverse_denominator, rope_pair);
   if (tracer) d512_trace_mark(p, kD512TraceEnd);
 }
 
@@ -1686,7 +1479,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
       d512_produce_bf16<kTrace>(p, smem, work.t, split_slot_range(p, work.t, work.split));
     if (cluster_merge) {  // the producer warps take part in the consumers' two cluster barriers
       sm90::cluster_sync();
-      if (!p.d512_consumer_merge_factors) d512_merge_factors_for<L>(p, smem, merge_sink_log2);
+      d512_merge_factors_for<L>(p, smem, merge_sink_log2);
       sm90::cluster_sync_relaxed();
     }
   } else {

@@ -117,20 +117,6 @@ struct SparseAttentionParams {
   // bytes of the merge, which the SM-to-SM network bounds at batch 1 (ncu, Flash SWA: 40 % of the consumers' time);
   // each split's unnormalised partial is rounded once (2^-9 of its share of the output).
   bool cluster_merge_bf16_partials = false;
-  // Round s24 A/B only (bench_cuda_attention --ab factors): the head_dim 512 kernel's cluster merge forms its factors
-  // in the consumers as at the session start (their stats loads behind their first batch of partials) instead of in
-  // the producer warpgroup while that batch is in flight. Same bits.
-  bool d512_consumer_merge_factors = false;
-  // Round s24 A/B only: the cluster merge reads this CTA's own partial through its cluster-window address as at the
-  // session start, instead of its local shared-memory address. Same bits.
-  bool d512_merge_own_through_cluster = false;
-  // Round s24 A/B only: two cluster-merged splits on bf16 entries hand the rows each merges to it by one bulk copy
-  // into its shared memory, then merge in a rolled loop (compact code), instead of their loads through distributed
-  // shared memory and an unrolled merge. Same bits.
-  bool d512_bulk_merge = false;
-  // Round s24 A/B only: the head_dim 512 kernel's single-split epilogue stages the accumulators in shared memory and
-  // stores from a rolled loop (compact code) instead of its unrolled fragment stores. Same bits.
-  bool d512_rolled_epilogue = false;
   // Small-batch decode (head_dim 512, more than 32 heads): CTAs over (query, 16-head group, split of at most
   // head_split_tiles · 32 entries) instead of (query, 64-head block, split), the splits merged in a cluster; used
   // where the grid is one wave on the device and the slot bound fits the largest cluster (else the kernels above).
