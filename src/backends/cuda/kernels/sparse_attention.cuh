@@ -1477,7 +1477,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
       d512_produce_fp8(p, smem, work.t, split_slot_range(p, work.t, work.split));
     else
       d512_produce_bf16<kTrace>(p, smem, work.t, split_slot_range(p, work.t, work.split));
-    if (cluster_merge) {  // the producer warps take part in the consumers' two cluster barriers
+    if (cluster_merge) {  // the producer warps take part in the consumers' two cluster barriers, and form the factors
       sm90::cluster_sync();
       d512_merge_factors_for<L>(p, smem, merge_sink_log2);
       sm90::cluster_sync_relaxed();
