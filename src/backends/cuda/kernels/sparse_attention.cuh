@@ -627,7 +627,7 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   (the tile pace 1.49 → 1.38 µs), HCA 4K b64 18.9 → 18.0; bf16 output is level with fp32 at b64, so the merge's and
 //   the epilogue's stores are not bound by their bytes. Kept: the merge factors formed by the idle producer
 //   warpgroup (the consumers' stats loads sat behind their own batch of peer partials): CSA b64 29.0 → 28.6 µs over
-//   four runs, HCA b64 17.8 → 17.6, SWA b64 15.9 → 15.6 (fp8 entries 31.0 → 30.4); the single-split epilogue from
+//   four runs, HCA b64 17.8 → 17.6, SWA b64 level (fp8 entries 31.0 → 30.4); the single-split epilogue from
 //   staged accumulators in a rolled loop (d512_store_single_split): CSA b128 44.4 → 42.0, b256 81.3 → 77.2 (the
 //   first wave's tail 10.7 → 5.9 µs), Pro CSA b64 43.5 → 39.8, fp8 b256 90.9 → 89.4. Level and removed: the own
 //   partial read through its local address instead of the cluster window; the two-split merge's peer rows handed over
