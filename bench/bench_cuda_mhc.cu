@@ -30,7 +30,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <initializer_list>
 #include <random>
 #include <string>
 #include <string_view>
@@ -263,10 +262,11 @@ static_assert(int(mhc::ProjectionPhase::kPreStored) == mhc_projection_trace::kPr
               "the persistent trace's phases and slow paths");
 
 // --trace-persistent: V4-Flash hc_pre and hc_head at `tokens` tokens on the traced persistent kernel (the slices the
-// launcher takes: 64 dims, 128 under DSV4_MHC_WIDE_SLICES), `runs` launches each. Per CTA and iteration of the steady
-// state (every phase present): the SM cycles of each phase, the iteration's period; per tile: the slack of each
-// cross-CTA hop (from the last slice's store to the first reader's early read, global timer; negative: a reader read
-// before the last store) and the spread of the slices' publications; per launch: the slow paths taken.
+// launcher takes: 64 dims, hc_pre 128 from kWideSliceMinTiles tiles), `runs` launches each. Per CTA and iteration of
+// the steady state (every phase present): the SM cycles of each phase, the iteration's period; per tile: the slack of
+// each cross-CTA hop (from the last slice's store to the first reader's early read, global timer; negative: a reader
+// read before the last store) and the spread of the slices' publications; per launch: the span and each CTA's start
+// and tail, the slow paths taken.
 void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt19937& rng) {
   namespace tr = mhc_projection_trace;
   constexpr int64_t d = 4096, flat = kN * d;
@@ -306,7 +306,6 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
     args.post = head ? nullptr : post.as<float>();
     args.comb = head ? nullptr : comb.as<float>();
     mhc::place_projection_launch(args, workspace.data(), int(config.slices), int(config.token_tiles), "traced");
-    args.scaled_sinkhorn = std::getenv("DSV4_MHC_SCALED_SINKHORN") != nullptr;  // the launcher's round switch
     mhc::size_projection_grid(args, reinterpret_cast<const void*>(kernel), threads, size_t(smem), multiprocessors,
                               "traced persistent kernel");
     const int slices = args.slices, tiles = args.tiles;
@@ -410,12 +409,12 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
   for (const bool head : {false, true}) {
     const HcProjectionConfig config =
         choose_hc_projection_config(tokens, d, multiprocessors, head ? HcProjectionOp::HEAD : HcProjectionOp::PRE);
-    check(config.slice_dims == 64 || config.slice_dims == 128, "--trace-persistent: the launch takes ",
-          config.slice_dims, "-dim slices; the traced copies are the 64- and 128-dim kernels");
+    check(config.slice_dims == 64 || (!head && config.slice_dims == 128), "--trace-persistent: the launch takes ",
+          config.slice_dims, "-dim slices; the traced copies are the 64-dim kernels and hc_pre's 128-dim one");
     using Wide = std::integral_constant<int, 128>;
     using Default = std::integral_constant<int, 64>;
-    if (head)
-      config.slice_dims == 128 ? trace(std::true_type{}, Wide{}, config) : trace(std::true_type{}, Default{}, config);
+    if (head)  // hc_head keeps 64-dim slices
+      trace(std::true_type{}, Default{}, config);
     else
       config.slice_dims == 128 ? trace(std::false_type{}, Wide{}, config) : trace(std::false_type{}, Default{}, config);
   }
@@ -651,10 +650,7 @@ int main(int argc, char** argv) {
                       config.slice_dims, (long long)config.token_tiles, config.token_tile, config.threads,
                       config.stages);
         }
-        // Round s24-2: the workspace sized for DSV4_MHC_NARROW_HEAD's rows too (hc_head on 32-dim slices).
-        setenv("DSV4_MHC_NARROW_HEAD", "1", 1);
         const size_t workspace_bytes = hc_projection_workspace_bytes(T, d, device.multiprocessors);
-        unsetenv("DSV4_MHC_NARROW_HEAD");
         DeviceBuffer workspace(workspace_bytes, "mhc workspace");
         workspace.fill_bytes(0);
         const int iterations = iteration_limit > 0 ? iteration_limit : T >= 4096 ? 30 : 200;
@@ -729,47 +725,6 @@ int main(int argc, char** argv) {
         };
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
-        // Round s24-2 A/B where the default takes the persistent kernel: `body` (the default) with the switch `name`
-        // set (DSV4_MHC_SCALED_SINKHORN: the post/comb tail a thread per token in scaling form; DSV4_MHC_NARROW_HEAD:
-        // hc_head on 32-dim slices), then the default once more; `outputs`: how far that one's outputs of set 0 lie
-        // from the default's (the scaled tail: y and post the same bits, comb a few ulps; 32-dim slices: other bits).
-        const auto switch_rows = [&](const char* op, int64_t default_min_tokens, const auto& body, double bytes,
-                                     const char* name, std::initializer_list<const char*> outputs) {
-          if (T < default_min_tokens) return;
-          setenv(name, "1", 1);
-          record((std::string(op) + " (" + name + "=1)").c_str(), body, bytes, 0.0);
-          unsetenv(name);
-          record((std::string(op) + " (default again)").c_str(), body, bytes, 0.0);
-          if (outputs.size() == 0 || !only.selects(op)) return;
-          const auto outputs_of = [&](bool switched) {
-            if (switched) setenv(name, "1", 1);
-            body(0);
-            DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-            unsetenv(name);
-            std::vector<std::vector<float>> all;
-            for (const char* output : outputs) {
-              const DeviceBuffer& buffer = std::string_view(output) == "y"      ? set(0).y
-                                           : std::string_view(output) == "post" ? set(0).post
-                                                                                : set(0).comb;
-              all.emplace_back(buffer.bytes() / sizeof(float));
-              buffer.download(all.back().data(), buffer.bytes());
-            }
-            return all;
-          };
-          const auto default_outputs = outputs_of(false), switched_outputs = outputs_of(true);
-          size_t b = 0;
-          for (const char* output : outputs) {
-            double difference = 0;
-            for (size_t e = 0; e < default_outputs[b].size(); ++e)
-              difference = std::max(difference, double(std::fabs(default_outputs[b][e] - switched_outputs[b][e])));
-            std::printf("%s T=%lld: %s %s with %s against the default's: %s, max |difference| %.3g\n", model,
-                        (long long)T, op, output, name,
-                        default_outputs[b] == switched_outputs[b] ? "byte-identical" : "other bits", difference);
-            ++b;
-          }
-        };
-        switch_rows("hc_pre", kAutoClusterPerTileMaxTokens + 1, hc_pre, pre_bytes, "DSV4_MHC_SCALED_SINKHORN",
-                    {"y", "post", "comb"});
         const bool tile_clusters_sized = !decode_sized && T <= 1024;
         if (tile_clusters_sized) {
           record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
@@ -848,8 +803,6 @@ int main(int argc, char** argv) {
         const double mix_bytes = double(T * (kN + kN * kN)) * 4;
         const double post_pre_bytes = td_bytes + 2 * x_bytes + double(kSiteRows * flat) * 4 + td_bytes + 2 * mix_bytes;
         record("hc_post_pre (in place)", hc_post_pre, post_pre_bytes, time_ms(stream, iterations, hc_post_then_pre));
-        switch_rows("hc_post_pre (in place)", kFusedPostPreMaxTokens + 1, hc_post_pre, post_pre_bytes,
-                    "DSV4_MHC_SCALED_SINKHORN", {});
         const auto roles_post_pre = [&](int i) {
           run_post_pre(set(i), HcKernelChoice::PERSISTENT_WARP_SPECIALIZED, false);
         };
@@ -908,8 +861,6 @@ int main(int argc, char** argv) {
         };
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
                time_ms(stream, iterations, head_baseline));
-        switch_rows("hc_head", kAutoClusterPerTileMaxHeadTokens + 1, hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
-                    "DSV4_MHC_NARROW_HEAD", {"y"});
         if (tile_clusters_sized) {
           const auto persistent_norm = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT, true); };
           const auto default_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };

@@ -1,7 +1,6 @@
 #include "backends/cuda/kernels/mhc.hpp"
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -68,10 +67,6 @@ size_t partial_bytes(int64_t token_tiles, int64_t hidden, int multiprocessors) {
   const int64_t slices = ceil_div(hidden, choose_slice_dims(token_tiles, hidden, multiprocessors));
   return size_t(token_tiles * slices) * mhc::kTileWords * 8;
 }
-
-// A/B switch for GPU round s24-2 only: DSV4_MHC_NARROW_HEAD set, hc_head takes 32-dim slices (four CTAs of 128 threads
-// per SM) where 64 would be taken (round s24-1: 128-dim slices lost for hc_head); workspaces then fit them.
-bool narrow_head() { return std::getenv("DSV4_MHC_NARROW_HEAD") != nullptr; }
 
 // Common checks of hc_pre and hc_head: the projection inputs, the output pair and the workspace.
 void check_projection(const char* op, const float* X, const float* fn, const float* base, const float* scale,
@@ -159,16 +154,14 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   check(size_t(config.token_tiles) * size_t(config.slices + 1) * mhc::kTileWords <= 0x7FFFFFFF, op, ": ", args.tokens,
         " tokens × ", config.slices, " slices exceed the workspace words a launch can index");
   mhc::place_projection_launch(args, workspace, int(config.slices), int(config.token_tiles), op);
-  // A/B switch for GPU round s24-2 only: the post/comb tail a thread per token in scaling form (the kernel's notes).
-  args.scaled_sinkhorn = std::getenv("DSV4_MHC_SCALED_SINKHORN") != nullptr;
   if constexpr (kPost) {
     if (warp_specialized_serves(choice, args.hidden, multiprocessors)) {
       args.slices = int(ceil_div(args.hidden, 64));
       return launch_projection<false, true, 64, mhc::ProjectionVariant::kRoles>(args, multiprocessors, stream, op);
     }
   }
-  if constexpr (!kPost)
-    if (config.slice_dims == 128) return launch_projection<kHead, false, 128>(args, multiprocessors, stream, op);
+  if constexpr (!kPost && !kHead)
+    if (config.slice_dims == 128) return launch_projection<false, false, 128>(args, multiprocessors, stream, op);
   if (config.slice_dims == 64) return launch_projection<kHead, kPost, 64>(args, multiprocessors, stream, op);
   launch_projection<kHead, kPost, 32>(args, multiprocessors, stream, op);
 }
@@ -376,7 +369,6 @@ HcProjectionConfig choose_hc_projection_config(int64_t tokens, int64_t hidden, i
   config.token_tiles = ceil_div(tokens, mhc::kTileTokens);
   config.slice_dims = choose_slice_dims(std::max<int64_t>(config.token_tiles, 1), hidden, multiprocessors,
                                        op == HcProjectionOp::PRE && config.token_tiles >= kWideSliceMinTiles);
-  if (op == HcProjectionOp::HEAD && narrow_head()) config.slice_dims = 32;
   config.slices = ceil_div(hidden, config.slice_dims);
   config.threads = mhc::projection_threads(config.slice_dims);
   const bool post_pre = op == HcProjectionOp::POST_PRE;
@@ -398,7 +390,6 @@ size_t hc_projection_workspace_bytes(int64_t tokens, int64_t hidden, int multipr
     }
     partials = std::max(partials, partial_bytes(t, hidden, multiprocessors));
   }
-  if (narrow_head()) partials = std::max(partials, size_t(tiles * ceil_div(hidden, 32)) * mhc::kTileWords * 8);
   return mhc::kHeaderBytes + std::max(size_t(tiles) * mhc::kTileWords * 8 + partials, decode_word_count(hidden) * 8);
 }
 

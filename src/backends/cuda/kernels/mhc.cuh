@@ -70,6 +70,20 @@
 //   but the pre readers' tag check waits for the early loads there and delays their publication: spread 3.6 -> 4.7 µs,
 //   the partials' hop 57 % stale, the iteration 4891 -> 5294 cycles); the slice sums before the collapse again, 394.1 /
 //   239.1; both 388.8 / 242.4. (V4-Flash rows of that run overlapped another process on the card.)
+// - Session 24 (H200, graph µs, bench_cuda_mhc against the session start's build, outputs checked by the tests): hc_pre
+//   on 128-dim slices from 512 tokens (kWideSliceMinTiles; one 512-thread CTA per SM, half the cross-CTA words, a tile
+//   group of 32 CTAs: the iteration 4645 SM cycles for a 128-dim tile against 5046 for a 64-dim one), hc_pre and
+//   hc_head's fn loaded before the grid-dependency wait and their X tiles issued off warp 0: V4-Flash hc_pre 256 / 512
+//   / 4096 tokens 22.3 / 35.6 / 188.0 -> 20.9 / 32.7 / 177.8 (44 % of copy), hc_head 13.9 / 23.3 / 122.0 -> 13.4 /
+//   22.6 / 120.2 (66 %); V4-Pro hc_pre 512 / 4096 57.0 / 368.3 -> 51.5 / 332.8, hc_head 37.5 / 232.0 -> 36.5 / 227.6.
+//   Tried and removed: hc_head on 128-dim slices (4096 tokens 122.1 -> 132.1) or 32-dim ones (138.3; V4-Pro 591.6);
+//   the single-cluster kernel per 16-token tile at every size (hc_pre 4096 344.9: every cluster reads all of fn);
+//   hc_post_pre of 2048 tokens and more as hc_post then hc_pre (339.8, on 128-dim slices 333.3, against 316.1); the
+//   post/comb tail a thread per token in the decode kernels' scaling form (hc_pre 0.5-1.3 % faster, the
+//   warp-specialised hc_post_pre 315.7 -> 328.3). The trace (bench_cuda_mhc --trace-persistent, CTA start and end
+//   marks): hc_pre's owner CTAs end ≈ 4.4 µs after their last iteration, mostly waiting for the last tiles' sums (the
+//   faster Sinkhorn took 0.3 µs off it); a CTA starts ≈ 2.7 µs (hc_pre, 128-dim) / 1.1 µs (hc_head) before its first
+//   iteration at 512 tokens.
 // - The fused hc_post + hc_pre (kPost) also stages the tile's `out` rows and its 16 tokens' post/comb in a ring of
 //   kPostSlots (they die at the update, the X stage lives on until the collapse), applies the residual update to the
 //   staged X in place, writes it to X_out, and projects and collapses the updated X: X is read once.
@@ -241,7 +255,6 @@ struct ProjectionArgs : SiteArgs {
   unsigned* header;                // [0] launch epoch, [1] finished CTAs
   unsigned long long* sums;        // [tiles][partial rows][16] tagged: Σ over the slices
   unsigned long long* partials;    // [tiles][S][partial rows][16] tagged
-  bool scaled_sinkhorn;            // round s24-2 A/B only (DSV4_MHC_SCALED_SINKHORN): the post/comb tail's form
 };
 
 // A tile's words in the workspace (hc_head uses the same strides, with fewer rows filled).
@@ -798,8 +811,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   static_assert(kVariant == ProjectionVariant::kShared || kSliceDims == 64, "one CTA per SM runs 64-dim slices");
   static_assert(kVariant == ProjectionVariant::kShared || kPost, "the warp-specialised variant runs hc_post_pre");
   static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
-  static_assert(kSliceDims == 32 || kSliceDims == 64 || (kSliceDims == 128 && !kPost && !kRoles),
-                "a warp covers 32 columns of one stream; 128-dim slices (one CTA per SM) for hc_pre and hc_head");
+  static_assert(kSliceDims == 32 || kSliceDims == 64 || (kSliceDims == 128 && !kHead && !kPost && !kRoles),
+                "a warp covers 32 columns of one stream; 128-dim slices (one CTA per SM) for hc_pre alone");
   static_assert(kThreads == kTileTokens * kVectorsPerRow, "the update and the collapse give each thread one vector");
 
   extern __shared__ float4 dynamic_smem[];
@@ -1152,46 +1165,10 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   }
 
   if constexpr (!kHead) {
-    const int owned_tiles = slice < count ? (count - slice + slices - 1) / slices : 0;
-    // Round s24-2 A/B (DSV4_MHC_SCALED_SINKHORN): a thread per token of tile j (j mod S = this slice), its 21 words
-    // read at once, Sinkhorn in the decode kernels' scaling form (round s24-1's trace: the half-warp form below keeps
-    // hc_pre's owners 4.5 µs past the loop, hc_head's CTAs end 0.35 µs after it).
-    if (args.scaled_sinkhorn) {
-      const int tokens_owned = owned_tiles * kTileTokens;
-      for (int first = 0; first < tokens_owned; first += kCtaThreads) {
-        const int owned = first + tid;
-        const int jt = slice + (owned / kTileTokens) * slices, t = owned % kTileTokens;
-        if (owned >= tokens_owned || t >= valid_of(jt)) continue;
-        const unsigned long long* const sums = sums_of(jt) + t;
-        const auto mix_word = [&](int r) { return sums + (1 + kStreams + r) * kTileTokens; };  // post, then comb
-        unsigned long long words[kMixFloats];
-        const unsigned long long squares_read = load_relaxed_u64(sums);
-#pragma unroll
-        for (int r = 0; r < kMixFloats; ++r) words[r] = load_relaxed_u64(mix_word(r));
-        const float inv_rms = inverse_rms(tagged_value(squares_read, sums, tag), float(flat), args.norm_eps);
-        const int64_t token = first_token_of(jt) + t;
-#pragma unroll
-        for (int k = 0; k < kStreams; ++k) {
-          const float mix = tagged_value(words[k], mix_word(k), tag) * inv_rms;
-          args.post[token * kStreams + k] = 2.0f * sigmoid(mix * args.scale[1] + args.base[kStreams + k]);
-        }
-        float c[kStreams * kStreams];
-#pragma unroll
-        for (int l = 0; l < kStreams * kStreams; ++l) {
-          const float mix = tagged_value(words[kStreams + l], mix_word(kStreams + l), tag) * inv_rms;
-          c[l] = mix * args.scale[2] + args.base[2 * kStreams + l];
-        }
-        sinkhorn_4x4_scaled(c, args.sinkhorn_iters, args.hc_eps);
-#pragma unroll
-        for (int l = 0; l < kStreams * kStreams; ++l) args.comb[token * kStreams * kStreams + l] = c[l];
-      }
-      finish_cta(args.header, tag);
-      DSV4_MHC_PROJECTION_MARK(kCtaEndMark, count + kCollapseLag);
-      return;
-    }
     // post and comb of the tokens of tile j (j mod S = this slice), two tokens per warp (a half-warp each):
     // lane l of a half takes comb[l / 4][l % 4], lanes 0..3 also post[l]. A lane's three words are all read before
     // the first is waited for.
+    const int owned_tiles = slice < count ? (count - slice + slices - 1) / slices : 0;
     const int pairs = owned_tiles * kTileTokens;
     const int half = lane >> 4, l = lane & 15;
     constexpr int kCtaWarps = kCtaThreads / 32;
