@@ -2,8 +2,6 @@
 
 #include <algorithm>
 #include <bit>
-#include <cstdlib>
-#include <cstring>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/compressor.cuh"
@@ -163,71 +161,6 @@ const char* lean_refusal(const CompressorParams& p) {
 }
 
 
-// Round s24 A/B switch: DSV4_COMPRESSOR_TICKETS_FIRST=0 pools the entries in row order (compressor::entry_row_at).
-bool ticket_entries_first() {
-  static const bool on = [] {
-    const char* v = std::getenv("DSV4_COMPRESSOR_TICKETS_FIRST");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return on;
-}
-
-// Round s24 A/B switch: DSV4_COMPRESSOR_STREAMING=1 loads the lean path's kv and gate rows evict-first.
-bool streaming_loads() {
-  static const bool on = [] {
-    const char* v = std::getenv("DSV4_COMPRESSOR_STREAMING");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
-  return on;
-}
-
-// Round s24 A/B switch: DSV4_COMPRESSOR_OLD_CODE=1 takes the staged and register kernels with the session start's code
-// layout (merge_partials unrolled by the compiler, pool_from_staging deciding per slot whether the window is in the
-// run).
-bool old_code() {
-  static const bool on = [] {
-    const char* v = std::getenv("DSV4_COMPRESSOR_OLD_CODE");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
-  return on;
-}
-
-// Round s24 A/B switch: DSV4_COMPRESSOR_SERIAL_SUMS=1 reads the cluster's norm sums as the session start did.
-bool serial_cluster_sums() {
-  static const bool on = [] {
-    const char* v = std::getenv("DSV4_COMPRESSOR_SERIAL_SUMS");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
-  return on;
-}
-
-// Round s24 A/B switch: DSV4_COMPRESSOR_APE_SMEM=1 (plan_launch).
-bool ape_in_smem() {
-  static const bool on = [] {
-    const char* v = std::getenv("DSV4_COMPRESSOR_APE_SMEM");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
-  return on;
-}
-
-// Round s24 A/B switch: DSV4_COMPRESSOR_TWO_PER_SM=1 (plan_launch).
-bool two_per_sm() {
-  static const bool on = [] {
-    const char* v = std::getenv("DSV4_COMPRESSOR_TWO_PER_SM");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
-  return on;
-}
-
-// Round s24 A/B switch: DSV4_COMPRESSOR_SECOND_FIRST=0 (plan_launch).
-bool second_pool_first() {
-  static const bool on = [] {
-    const char* v = std::getenv("DSV4_COMPRESSOR_SECOND_FIRST");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return on;
-}
-
 // One pool's launch shape: the entries' split over CTAs and the CTA's thread layout for the launch's slot loads (lean:
 // the staged path's slot-group order of visits, which fixes its summation order, and teams of c / 4 threads).
 compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads loads) {
@@ -307,11 +240,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .lean_teams = lean_teams,
                               .rows = entries,
                               .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1)),
-                              .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2,
-                              .ticket_entries_first = ticket_entries_first(),
-                              .ape_staged = false,
-                              .serial_cluster_sums = serial_cluster_sums(),
-                              .streaming_loads = streaming_loads()};
+                              .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2};
 }
 
 // A launch of the pools (and the indexer's query preparation when `prepare` is given, checked by the caller): its
@@ -346,8 +275,9 @@ LaunchPlan plan_launch(std::span<const CompressorParams> params, const IndexerPr
   size_t smem = 0;
   // A lean launch's second pool (a CSA layer's indexer compressor) takes the first CTAs: behind the main pool's it ran
   // last, alone on half-empty SMs (GPU round s24-1's trace, H200, 4096-token CSA pair: its 256 CTAs from 14.5 µs to the
-  // end, 0.5 resident per SM; first: 20.7 -> 17.8 µs). Round s24 A/B switch DSV4_COMPRESSOR_SECOND_FIRST=0: off.
-  const bool reversed = lean && params.size() == 2 && second_pool_first();
+  // end, 0.5 resident per SM; first: 20.7 -> 17.8 µs; round s24-2: 20.6 -> 17.8, the 512-token chunk, one wave of
+  // CTAs, 8.6 -> 8.9).
+  const bool reversed = lean && params.size() == 2;
   for (size_t k = 0; k < params.size(); ++k) {
     const size_t i = reversed ? params.size() - 1 - k : k;
     const CompressorParams& p = params[i];
@@ -391,23 +321,6 @@ LaunchPlan plan_launch(std::span<const CompressorParams> params, const IndexerPr
     plan.slice_updates = plan.slice_updates && launch.pools[i].entries_per_run == 1;
   if (plan.loads == CompressorSlotLoads::Staged && launch.pool_count > 0)
     smem += compressor::staging_smem_bytes(threads);
-  // Round s24 A/B switch DSV4_COMPRESSOR_APE_SMEM=1: a staged prefill launch's CTAs copy their ape slice into shared
-  // memory (after the ring) before the grid-dependency wait (PoolArgs::ape_staged), where its rows are 16-byte aligned.
-  if (plan.loads == CompressorSlotLoads::Staged && !plan.slice_updates && ape_in_smem()) {
-    size_t ape_bytes = 0;
-    for (int i = 0; i < launch.pool_count; ++i) {
-      compressor::PoolArgs& pool = launch.pools[i];
-      const int64_t slots = pool.overlapping ? 2 * pool.ratio : pool.ratio;
-      pool.ape_staged = pool.channels_per_cta % 4 == 0 && pool.c % 4 == 0 && aligned16(pool.ape);
-      if (pool.ape_staged) ape_bytes = std::max(ape_bytes, size_t(slots * pool.channels_per_cta) * sizeof(float));
-    }
-    smem += ape_bytes;
-  }
-  // Round s24 A/B switch DSV4_COMPRESSOR_TWO_PER_SM=1: a staged prefill launch asks for enough shared memory that at
-  // most two CTAs share an SM (round s24-1's trace, 4096-token HCA chunk: 256 CTAs on 124 SMs, up to 3 per SM, the
-  // pooling's slowest CTA 8.4 µs against 5.8 median, and a cluster waits for its slowest).
-  if (plan.loads == CompressorSlotLoads::Staged && !plan.slice_updates && two_per_sm())
-    smem = std::max(smem, size_t(80 * 1024));
   launch.trace = params[0].trace;
   plan.ctas = ctas, plan.threads = threads, plan.smem = smem;
   return plan;
@@ -424,21 +337,15 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
         "compressor: a traced decode launch needs the registers slot loads");
   check(!traced || plan.ctas <= params[0].trace_ctas, "compressor: a traced launch of ", plan.ctas,
         " CTAs, its trace holds ", params[0].trace_ctas);
-  const bool old = old_code();
-  const auto kernel =
-      lean            ? (traced ? compressor::compressor_kernel<false, Lean, true>
-                                : compressor::compressor_kernel<false, Lean>)
-      : slice_updates ? (staged   ? (old ? compressor::compressor_kernel<true, Staged, false, true>
-                                          : compressor::compressor_kernel<true, Staged>)
-                         : traced ? compressor::compressor_kernel<true, Registers, true>
-                         : old    ? compressor::compressor_kernel<true, Registers, false, true>
-                                  : compressor::compressor_kernel<true, Registers>)
-                      : (staged   ? (traced ? compressor::compressor_kernel<false, Staged, true>
-                                     : old ? compressor::compressor_kernel<false, Staged, false, true>
-                                            : compressor::compressor_kernel<false, Staged>)
-                         : traced ? compressor::compressor_kernel<false, Registers, true>
-                         : old    ? compressor::compressor_kernel<false, Registers, false, true>
-                                  : compressor::compressor_kernel<false, Registers>);
+  const auto kernel = lean            ? (traced ? compressor::compressor_kernel<false, Lean, true>
+                                                : compressor::compressor_kernel<false, Lean>)
+                      : slice_updates ? (staged   ? compressor::compressor_kernel<true, Staged>
+                                         : traced ? compressor::compressor_kernel<true, Registers, true>
+                                                  : compressor::compressor_kernel<true, Registers>)
+                                      : (staged   ? (traced ? compressor::compressor_kernel<false, Staged, true>
+                                                            : compressor::compressor_kernel<false, Staged>)
+                                         : traced ? compressor::compressor_kernel<false, Registers, true>
+                                                  : compressor::compressor_kernel<false, Registers>);
   if (plan.smem > 48 * 1024) {
     const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
     check(plan.smem <= size_t(limit), "compressor: ", plan.smem, " bytes of shared memory per CTA exceed the device's ",

@@ -137,17 +137,6 @@ struct PoolArgs {
   FastDivisor team_div;
   // Lean CSA windows of ratio 4 wholly in the run take straight-line loads (load_csa_window).
   bool lean_csa_windows;
-  // A run's last entry row pooled first (entry_row_at). Round s24 A/B switch (DSV4_COMPRESSOR_TICKETS_FIRST=0: off).
-  bool ticket_entries_first;
-  // Staged prefill: the CTA's ape slice copied into shared memory before the grid-dependency wait, and windows in the run
-  // read it there instead of through the ring (stage_ape). Round s24 A/B switch (DSV4_COMPRESSOR_APE_SMEM=1: on).
-  bool ape_staged;
-  // The cluster's sums by every thread in a loop of dependent loads (the session start's). Round s24 A/B switch
-  // (DSV4_COMPRESSOR_SERIAL_SUMS=1: on).
-  bool serial_cluster_sums;
-  // Lean: kv and gate rows loaded as streamed (evict-first, load_row_quad). Round s24 A/B switch
-  // (DSV4_COMPRESSOR_STREAMING=1: on).
-  bool streaming_loads;
 };
 
 struct LaunchArgs {
@@ -305,29 +294,16 @@ struct OnlineSoftmax {
 // leaves it as skipping the group did (the sums are never −0), so every group's loads and expf issue together (with
 // the branch each group's chain of loads, expf and sums waited for the previous one's: GPU round s21-2, H200, a
 // completing decode step of the CSA pair 6.29 -> 6.08 µs, of HCA 9.65 -> 9.04; the same bits).
-// (The session start's code, round s24 A/B switch DSV4_COMPRESSOR_OLD_CODE=1; merge_pair_partials otherwise.)
-template <class Part>
-__device__ __forceinline__ float merge_partials(int groups, Part part) {
-  float m = kNegativeInfinity;
-  for (int g = 0; g < groups; ++g) m = fmaxf(m, part(g).max);
-  float den = 0.0f, num = 0.0f;
-  for (int g = 0; g < groups; ++g) {
-    const OnlineSoftmax p = part(g);
-    const float scale = expf(p.max - m);
-    den += p.denominator * scale;
-    num += p.numerator * scale;
-  }
-  return num / den;
-}
-
-// merge_partials of a channel pair at once (the same operations in the same order per channel: the same bits), each
-// group's partials of the pair as one 8-byte load from max[g · pairs], den[…], num[…] (float2 arrays: the pair's
+// A channel pair at once (the same operations in the same order per channel as one channel at a time: the same bits),
+// each group's partials of the pair as one 8-byte load from max[g · pairs], den[…], num[…] (float2 arrays: the pair's
 // channels adjacent). Unrolled by two, not by the compiler's choice: a CTA merges once, from cold instruction cache
 // (the compiler's unrolling made the staged kernel's merge 25 KB of code, ≈ 1,380 of its 12,120 instructions), and the
 // two channels' chains interleave (GPU round s24-1's trace, H200, 4096-token HCA chunk: one channel after the other
-// took 1.2 µs of the CTA's epilogue).
-__device__ __forceinline__ float2 merge_pair_partials(int groups, const float2* max, const float2* den, const float2* num,
-                                                      int pairs) {
+// took 1.2 µs of the CTA's epilogue, 0.86 µs interleaved in round s24-2's). With pool_from_staging_loop's in-run
+// specialisation (GPU round s24-2, H200, against the session start's code): HCA 4096-token chunk 13.0 -> 11.6 µs,
+// 512-token chunk 9.6 -> 7.6, decode steps completing a window 8.8 -> 8.0 (HCA), 6.0 -> 5.5 (CSA pair).
+__device__ __forceinline__ float2 merge_pair_partials(int groups, const float2* max, const float2* den,
+                                                      const float2* num, int pairs) {
   float2 m = make_float2(kNegativeInfinity, kNegativeInfinity);
 #pragma unroll 2
   for (int g = 0; g < groups; ++g) {
@@ -409,12 +385,11 @@ __device__ __forceinline__ int64_t window_first_position(const PoolArgs& a, int6
 
 // Loads as cp.async copies into the thread's part of the ring (kStages batches in flight, no registers held while
 // they are): a prefill CTA keeps its window's bytes in flight with the registers of a few values. kWindowInRun: the
-// window lies wholly in the run (known at compile time: the loop's code holds one address path, not both per slot);
-// kOldCode: the decision per slot at run time (the session start's code; round s24 A/B switch). A window in the run
-// with the pool's ape staged (PoolArgs::ape_staged) reads slot s's ape pair at ape_slice[s · channels_per_cta].
-template <bool kWindowInRun, bool kOldCode>
+// window lies wholly in the run (known at compile time: the loop's code holds one address path, not both per slot,
+// and the in-run path's copies sit in ≈ 12 KB of code instead of spread over 50 KB).
+template <bool kWindowInRun>
 __device__ __forceinline__ void pool_from_staging_loop(const PoolArgs& a, const RunView& r, const PoolingTask& t,
-                                                       float2* ring, const float* ape_slice, RopeFactors& rope,
+                                                       float2* ring, RopeFactors& rope,
                                                        OnlineSoftmax& channel0, OnlineSoftmax& channel1) {
   const int step = kSlotBatch * a.groups;
   const int batches = (t.slots - t.group + step - 1) / step;  // group < groups ≤ slots
@@ -425,15 +400,14 @@ __device__ __forceinline__ void pool_from_staging_loop(const PoolArgs& a, const 
   // A window wholly in the run (every entry of a prefill chunk but its first): slot s's row is the window's first
   // plus s (second halves: plus s − ratio and c columns on), so its addresses need no per-slot source selection.
   const int64_t first_q = window_first_position(a, t.w);
-  const bool window_in_run = kOldCode ? first_q >= r.start : kWindowInRun;
+  constexpr bool window_in_run = kWindowInRun;
   const int64_t window_offset = (first_q - r.start) * a.row_stride + t.channel;
-  const bool staged_ape = kWindowInRun && !kOldCode && a.ape_staged;  // CTA-uniform
   const auto issue = [&](int batch, int stage) {
 #pragma unroll
     for (int k = 0; k < kSlotBatch; ++k) {
       const int slot = t.group + batch * step + k * a.groups;
       SlotSource source;
-      if (window_in_run) {  // CTA-uniform (a constant but with kOldCode)
+      if constexpr (window_in_run) {
         const int s = min(slot, t.slots - 1);  // past the window: a valid address, its value dropped
         const bool second = a.overlapping && s >= a.ratio;
         const int64_t offset = window_offset + int64_t(s) * a.row_stride + (second ? a.c : 0);
@@ -445,7 +419,7 @@ __device__ __forceinline__ void pool_from_staging_loop(const PoolArgs& a, const 
       }
       ptx::cp_async_or_zero<8>(uint32_t(__cvta_generic_to_shared(at(stage, k, 0))), source.value, true);
       ptx::cp_async_or_zero<8>(uint32_t(__cvta_generic_to_shared(at(stage, k, 1))), source.score, true);
-      if (!staged_ape) ptx::cp_async_or_zero<8>(uint32_t(__cvta_generic_to_shared(at(stage, k, 2))), source.ape, true);
+      ptx::cp_async_or_zero<8>(uint32_t(__cvta_generic_to_shared(at(stage, k, 2))), source.ape, true);
     }
     ptx::cp_async_commit();
   };
@@ -467,10 +441,7 @@ __device__ __forceinline__ void pool_from_staging_loop(const PoolArgs& a, const 
       const int slot_index = t.group + b * step + k * a.groups;
       // Every position of a window in the run is ≥ 0.
       valid[k] = window_in_run ? slot_index < t.slots : pooled_slot(a, t.w, slot_index, t.slots, t.channel).valid;
-      const float2 bias = staged_ape ? *reinterpret_cast<const float2*>(
-                                           ape_slice + min(slot_index, t.slots - 1) * a.channels_per_cta)
-                                     : *at(stage, k, 2);
-      slot[k] = slot_value(*at(stage, k, 0), *at(stage, k, 1), bias);
+      slot[k] = slot_value(*at(stage, k, 0), *at(stage, k, 1), *at(stage, k, 2));
     }
     add_batch(channel0, channel1, slot, valid);
     compiler_memory_fence();  // this stage's reads come before its refill
@@ -478,35 +449,13 @@ __device__ __forceinline__ void pool_from_staging_loop(const PoolArgs& a, const 
   }
 }
 
-template <bool kOldCode>
 __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunView& r, const PoolingTask& t,
-                                                  float2* ring, const float* ape_slice, RopeFactors& rope,
+                                                  float2* ring, RopeFactors& rope,
                                                   OnlineSoftmax& channel0, OnlineSoftmax& channel1) {
-  if constexpr (kOldCode)
-    pool_from_staging_loop<false, true>(a, r, t, ring, ape_slice, rope, channel0, channel1);
-  else if (window_first_position(a, t.w) >= r.start)  // CTA-uniform
-    pool_from_staging_loop<true, false>(a, r, t, ring, ape_slice, rope, channel0, channel1);
+  if (window_first_position(a, t.w) >= r.start)  // CTA-uniform
+    pool_from_staging_loop<true>(a, r, t, ring, rope, channel0, channel1);
   else
-    pool_from_staging_loop<false, false>(a, r, t, ring, ape_slice, rope, channel0, channel1);
-}
-
-// The staged ring's end (the ape region of PoolArgs::ape_staged): after kStages batches of (value, score, ape) pairs
-// per thread.
-__device__ __forceinline__ float* staged_ape_region(float2* ring) {
-  return reinterpret_cast<float*>(ring + kStages * kSlotBatch * 3 * int(blockDim.x));
-}
-
-// The CTA's ape slice (every window slot's channels_per_cta channels from `first` on, CSA's second halves c columns
-// on) copied into `region` ([slot][channel]) by 16-byte cp.async in one group: it depends on no earlier kernel.
-__device__ __forceinline__ void stage_ape(const PoolArgs& a, int first, float* region) {
-  const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio), quads = a.channels_per_cta / 4;
-  for (int j = int(threadIdx.x); j < slots * quads; j += int(blockDim.x)) {
-    const int s = j / quads, q = j - s * quads;
-    const bool second = a.overlapping && s >= a.ratio;
-    const float* src = a.ape + (second ? s - a.ratio : s) * width_of(a) + first + 4 * q + (second ? a.c : 0);
-    ptx::cp_async_or_zero<16>(uint32_t(__cvta_generic_to_shared(region + s * a.channels_per_cta + 4 * q)), src, true);
-  }
-  ptx::cp_async_commit();
+    pool_from_staging_loop<false>(a, r, t, ring, rope, channel0, channel1);
 }
 
 // float_to_e4m3 then e4m3_to_float of both values by the hardware conversions (round to nearest even, saturating
@@ -707,13 +656,13 @@ struct ItemPlace {
   bool real;
 };
 
-// The entry row of the launch's `position`-th entry (positions [run][k]). With ticket_entries_first a run's last entry
-// row comes first, then its rows in order: the run's ticket-taking entries (its last row, and the first one or two,
-// whose windows reach before the run) are in the launch's first wave, so the state update by the last of them overlaps
-// the in-run entries' CTAs instead of ending the launch (GPU round s23-1's trace, H200, 4096-token CSA pair: the
-// updating CTA started last, at 14.2 µs, and spent 6 µs in the update after its entry).
+// The entry row of the launch's `position`-th entry (positions [run][k]): a run's last entry row comes first, then its
+// rows in order. The run's ticket-taking entries (its last row, and the first one or two, whose windows reach before
+// the run) are then in the launch's first wave, and the state update by the last of them overlaps the in-run entries'
+// CTAs instead of ending the launch (GPU round s23-1's trace, H200, 4096-token CSA pair: the updating CTA started
+// last, at 14.2 µs, and spent 6 µs in the update after its entry; round s24-2, H200, the 4096-token CSA pair 23.1 ->
+// 17.8 µs).
 __device__ __forceinline__ int entry_row_at(const PoolArgs& a, int position) {
-  if (!a.ticket_entries_first) return position;
   const int run = int(a.entries_div.div(uint32_t(position))), per_run = int(a.entries_div.divisor);
   const int k = position - run * per_run;
   return run * per_run + (k == 0 ? per_run - 1 : k - 1);
@@ -803,7 +752,7 @@ __device__ __forceinline__ PoolSmem pool_smem(const PoolArgs& a, float* smem) {
 // split read through distributed shared memory after the cluster barrier when cluster_sync; arrive_after_read: this
 // CTA's arrival on the next cluster barrier follows its reads), RoPE, the stored rounding and the output stores.
 // kTrace: a traced launch (trace_point).
-template <bool kTrace, bool kOldCode>
+template <bool kTrace>
 __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem& e, const FinishThread& t,
                                              const RopeFactors& rope, const PoolSmem& s, float* warp_partials,
                                              float* square_sum, bool cluster_sync, bool arrive_after_read,
@@ -812,22 +761,11 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
   const bool owner = e.emitting && t.group == 0 && t.active;
   float v[2] = {0.0f, 0.0f};
   if (owner) {
-    if constexpr (kOldCode) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int local_channel = 2 * t.pair + j;
-        v[j] = merge_partials(a.groups, [&](int g) {
-          const int i = g * channels + local_channel;
-          return OnlineSoftmax{s.part_max[i], s.part_den[i], s.part_num[i]};
-        });
-      }
-    } else {
-      // The pair's channels 2·pair, 2·pair + 1 of each group's row are adjacent (channels is even).
-      const auto pairs_of = [&](const float* part) { return reinterpret_cast<const float2*>(part) + t.pair; };
-      const float2 merged = merge_pair_partials(a.groups, pairs_of(s.part_max), pairs_of(s.part_den),
-                                                pairs_of(s.part_num), channels / 2);
-      v[0] = merged.x, v[1] = merged.y;
-    }
+    // The pair's channels 2·pair, 2·pair + 1 of each group's row are adjacent (channels is even).
+    const auto pairs_of = [&](const float* part) { return reinterpret_cast<const float2*>(part) + t.pair; };
+    const float2 merged = merge_pair_partials(a.groups, pairs_of(s.part_max), pairs_of(s.part_den),
+                                              pairs_of(s.part_num), channels / 2);
+    v[0] = merged.x, v[1] = merged.y;
 #pragma unroll
     for (int j = 0; j < 2; ++j)
       if (a.round_pooled_to_bf16) v[j] = round_to_bf16(v[j]);
@@ -847,12 +785,10 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
   if (cluster_sync) {
     cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
     cluster.sync();
-    if (a.serial_cluster_sums && e.emitting) {
-      const int first_rank = int(cluster.block_rank()) - e.place.rank;
-      for (int i = 0; i < a.cluster_ctas; ++i) total += *cluster.map_shared_rank(square_sum, first_rank + i);
-    } else if (e.emitting && t.group == 0) {  // the sum's users (owner threads)
-      // Every CTA's sum loaded before any is added (a loop of dependent remote loads took ≈ 1 µs of a 4096-token HCA
-      // CTA's epilogue: GPU round s24-1's trace), then added in rank order as before.
+    if (e.emitting && t.group == 0) {  // the sum's users (owner threads)
+      // Every CTA's sum loaded before any is added, then added in rank order (the same bits as a loop of dependent
+      // remote loads by every thread: GPU round s24-2, H200, HCA 4096-token chunk 11.9 -> 11.6 µs, decode step
+      // completing a window 8.3 -> 8.0).
       const int first_rank = int(cluster.block_rank()) - e.place.rank;
       float sums[kMaxClusterCtas];
 #pragma unroll
@@ -951,8 +887,8 @@ __device__ __forceinline__ void update_state_if_last(const PoolArgs& a, const Ru
 // kSliceUpdates: every run of the launch has at most `ratio` tokens (entries_per_run = 1), and each CTA updates its
 // channel slice of its run's state; otherwise the run's last ticket-taking CTA updates all of it.
 // kStaged: the pooling's slot loads go through the shared-memory ring (pool_from_staging), after the entry vector.
-// kTrace: a traced launch (trace_point). kOldCode: see merge_partials and pool_from_staging.
-template <bool kSliceUpdates, bool kStaged, bool kTrace, bool kOldCode>
+// kTrace: a traced launch (trace_point).
+template <bool kSliceUpdates, bool kStaged, bool kTrace>
 __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int hardware_cluster, float* smem,
                                          uint64_t* trace) {
   const int channels = a.channels_per_cta;
@@ -971,8 +907,6 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   CompressorRun run{};
   if (a.runs_before_wait) run = a.runs[place.run_index];
   float2* const ring = reinterpret_cast<float2*>(s.entry_vector + channels);
-  const bool ape_staged = kStaged && !kSliceUpdates && !kOldCode && a.ape_staged;  // CTA-uniform
-  if (ape_staged) stage_ape(a, place.rank * channels, staged_ape_region(ring));
   wait_for_prior_grids();
   trace_point<kTrace>(trace, COMPRESSOR_TRACE_PRIOR_DONE);
   if (!a.runs_before_wait) run = a.runs[place.run_index];
@@ -1007,10 +941,6 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
     return;
   }
 
-  if (ape_staged) {  // every thread's ape copies landed, then everyone's visible
-    ptx::cp_async_wait<0>();
-    __syncthreads();
-  }
   RopeFactors rope{1.0f, 0.0f};
   if (e.emitting && t.active) {
     // The RoPE factors are made (or loaded) while the first loads are in flight.
@@ -1023,7 +953,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
                            .frequency = frequency};
     OnlineSoftmax channel0, channel1;
     if constexpr (kStaged)
-      pool_from_staging<kOldCode>(a, r, task, ring, staged_ape_region(ring) + 2 * t.pair, rope, channel0, channel1);
+      pool_from_staging(a, r, task, ring, rope, channel0, channel1);
     else
       pool_from_registers(a, r, task, rope, channel0, channel1);
     const int local_channel = t.group * channels + 2 * t.pair;
@@ -1044,7 +974,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
     __threadfence();
     ticket = atomicAdd(r.state.finished_ctas, 1u);
   }
-  finish_entry<kTrace, kOldCode>(a, e, t, rope, s, warp_partials, &cta_square_sum, cluster_barriers, true, trace);
+  finish_entry<kTrace>(a, e, t, rope, s, warp_partials, &cta_square_sum, cluster_barriers, true, trace);
   trace_point<kTrace>(trace, COMPRESSOR_TRACE_FINISHED);
 
   if (place.real) {
@@ -1076,13 +1006,6 @@ struct Quad {
 
 __device__ __forceinline__ Quad load_quad(const float* p) {
   const float4 x = *reinterpret_cast<const float4*>(p);
-  return {{x.x, x.y, x.z, x.w}};
-}
-
-// A kv or gate row's four channels, read once: with `streaming` as evict-first (ld.global.cs), so that the rows
-// leave L1 and L2 before the ape and weights every entry rereads.
-__device__ __forceinline__ Quad load_row_quad(const float* p, bool streaming) {
-  const float4 x = streaming ? __ldcs(reinterpret_cast<const float4*>(p)) : *reinterpret_cast<const float4*>(p);
   return {{x.x, x.y, x.z, x.w}};
 }
 
@@ -1124,14 +1047,14 @@ __device__ __forceinline__ float window_softmax(const float (&value)[kSlots], co
 // channel), in the visit order lean_slot(·, kGroups): offsets known at compile time but for the row stride and c.
 template <int kGroups>
 __device__ __forceinline__ void load_csa_window(const float* kv, const float* gate, const float* ape, int row_stride,
-                                                int c, bool streaming, Quad (&value)[kLeanSlots],
-                                                Quad (&score)[kLeanSlots], Quad (&bias)[kLeanSlots]) {
+                                                int c, Quad (&value)[kLeanSlots], Quad (&score)[kLeanSlots],
+                                                Quad (&bias)[kLeanSlots]) {
   constexpr int kRatio = kLeanSlots / 2;
 #pragma unroll
   for (int v = 0; v < kLeanSlots; ++v) {
     const int s = lean_slot(v, kGroups);
     const int offset = s * row_stride + (s >= kRatio ? c : 0);
-    value[v] = load_row_quad(kv + offset, streaming), score[v] = load_row_quad(gate + offset, streaming);
+    value[v] = load_quad(kv + offset), score[v] = load_quad(gate + offset);
   }
 #pragma unroll
   for (int v = 0; v < kLeanSlots; ++v) {
@@ -1198,11 +1121,9 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
     const int64_t base = (window_first_position(a, e.w) - r.start) * row_stride + channel;
     Quad value[kLeanSlots], score[kLeanSlots], ape[kLeanSlots];
     if (a.groups == 1)
-      load_csa_window<1>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, a.streaming_loads, value, score,
-                         ape);
+      load_csa_window<1>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
     else
-      load_csa_window<2>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, a.streaming_loads, value, score,
-                         ape);
+      load_csa_window<2>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
     look_up_entry();
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -1225,8 +1146,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
         valid[v] = s < slots;
         if (valid[v]) {
           const int offset = base + s * row_stride + (a.overlapping && s >= a.ratio ? a.c : 0);
-          value[v] = load_row_quad(r.kv + offset, a.streaming_loads);
-          score[v] = load_row_quad(r.gate + offset, a.streaming_loads);
+          value[v] = load_quad(r.kv + offset), score[v] = load_quad(r.gate + offset);
         }
       }
     } else {
@@ -1360,8 +1280,8 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
 // not registers, holds the loads in flight; the decode steps' early state loads need more); the lean kernel three
 // 128-thread CTAs per SM (a window's slots and the softmaxes of four channels take ≈ 160 registers; two channels per
 // thread in 256-thread CTAs at 116 registers were slower for a CSA layer's pair: 31.3 vs 28.6 µs, H200).
-// kTrace: a traced launch (CompressorParams::trace). kOldCode: see merge_partials and pool_from_staging.
-template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false, bool kOldCode = false>
+// kTrace: a traced launch (CompressorParams::trace).
+template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false>
 __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLeanThreads
                                   : kLoads == CompressorSlotLoads::Staged ? kStagedThreads
                                                                           : kMaxThreads,
@@ -1381,7 +1301,7 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLea
   if constexpr (kLoads == CompressorSlotLoads::Lean)
     compress_lean<kTrace>(a, int64_t(blockIdx.x) - a.first_cta, launch.trace);
   else
-    compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged, kTrace, kOldCode>(
+    compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged, kTrace>(
         a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem, launch.trace);
 }
 
