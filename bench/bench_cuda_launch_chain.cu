@@ -7,7 +7,8 @@
 // e2m1 routed experts with e4m3 block scales (0.5625 byte per weight), the fp8 shared expert, the bf16 router and the
 // fp32 mHC projections; the small kernels between them (norms, kv_insert, attention at a short context) read ≈ 0 and
 // are kept as launches of 0 bytes. Each launch is 132 × k CTAs of 1024 / k threads, 16-byte loads, 4 in flight per
-// thread (64 KB in flight per SM: ptxas keeps no more than 4 of a thread's loads outstanding here).
+// thread (up to 64 KB in flight per SM: ptxas keeps no more than 4 of a thread's loads outstanding here). Each row is
+// the median of 5 timings of 5 graph replays.
 // Rows:
 //   - one launch: a layer's bytes in one kernel (no launch boundary);
 //   - chain, strict: each kernel waits for its predecessor (griddepcontrol.wait) before its first load;
@@ -19,6 +20,7 @@
 // Usage: bench_cuda_launch_chain [--layers N] [--early KB]
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -39,7 +41,7 @@ namespace {
 
 constexpr int kThreadsPerSm = 1024;
 constexpr int kLoadsInFlight = 4;
-constexpr int kSms = 132;
+constexpr int kTimings = 5;
 
 // XOR of `words` 16-byte words of `data` (this CTA's share) into sink[blockIdx.x], so the loads are not dropped.
 // kStrict: wait for the previous grid before any load; else prefetch the share's first `early_bytes` to L2 first.
@@ -129,7 +131,9 @@ int run(int argc, char** argv) {
   // Every launch of every layer reads its own bytes (a step reads each weight once): layers × the layer's bytes.
   DeviceBuffer weights(size_t(layer_bytes) * size_t(layers), "launch chain weights");
   DSV4_CUDA_CHECK(cudaMemsetAsync(weights.data(), 0x5a, weights.bytes(), stream));
-  DeviceBuffer sink(size_t(kSms) * 4 * sizeof(uint32_t), "launch chain sink");
+  int sms = 0;
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  DeviceBuffer sink(size_t(sms) * 2 * sizeof(uint32_t), "launch chain sink");
   const auto* words = static_cast<const uint4*>(weights.data());
   auto* sink_words = static_cast<uint32_t*>(sink.data());
 
@@ -149,7 +153,7 @@ int run(int argc, char** argv) {
   // A graph of `layers` layers, each either one launch over its bytes or its launches in order.
   auto time_layers = [&](bool one_launch, bool strict, const ChainShape& shape) {
     const auto kernel = strict ? read_share_kernel<true> : read_share_kernel<false>;
-    const dim3 grid(kSms * shape.ctas_per_sm), block(kThreadsPerSm / shape.ctas_per_sm);
+    const dim3 grid(sms * shape.ctas_per_sm), block(kThreadsPerSm / shape.ctas_per_sm);
     cudaGraph_t graph = capture_calls(stream, 1, [&](cudaStream_t s) {
       int64_t offset = 0;  // in 16-byte words
       for (int l = 0; l < layers; ++l) {
@@ -168,7 +172,26 @@ int run(int argc, char** argv) {
     });
     return graph_replay_us(stream, graph, 1) / layers;
   };
+  auto median_us = [&](bool one_launch, bool strict, const ChainShape& shape) {
+    std::vector<double> us;
+    for (int t = 0; t < kTimings; ++t) us.push_back(time_layers(one_launch, strict, shape));
+    std::sort(us.begin(), us.end());
+    return us[us.size() / 2];
+  };
+  // What the rows mean rests on residency: a chained kernel's CTAs fit beside the running kernel's in the shape without
+  // shared memory (at least twice its CTAs per SM) and not in the 120 KB shape (exactly one).
+  auto check_residency = [&](const ChainShape& shape, int wanted_min, int wanted_max) {
+    for (const auto kernel : {read_share_kernel<true>, read_share_kernel<false>}) {
+      int resident = 0;
+      DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &resident, kernel, kThreadsPerSm / shape.ctas_per_sm, size_t(shape.smem_bytes)));
+      check(resident >= wanted_min && resident <= wanted_max, "bench_cuda_launch_chain: ", resident,
+            " resident CTAs per SM in the shape '", shape.name, "', which needs ", wanted_min, " to ", wanted_max);
+    }
+  };
   const ChainShape shapes[] = {{"1 CTA/SM, 120 KB smem", 1, kBigSmem}, {"2 CTAs/SM, no smem", 2, 0}};
+  check_residency(shapes[0], 1, 1);
+  check_residency(shapes[1], 4, 1 << 30);
   for (const ChainShape& shape : shapes) {
     struct Row {
       const char* name;
@@ -176,7 +199,7 @@ int run(int argc, char** argv) {
     };
     for (const Row row : {Row{"one launch per layer", true, true}, Row{"chain, strict", false, true},
                           Row{"chain, early L2 prefetch", false, false}}) {
-      const double us = time_layers(row.one_launch, row.strict, shape);
+      const double us = median_us(row.one_launch, row.strict, shape);
       std::printf("| %s | %d | %d | %d KB | %.2f | %.1f %% |\n", row.name, shape.ctas_per_sm,
                   kThreadsPerSm / shape.ctas_per_sm, shape.smem_bytes / 1024, us, 100.0 * floor_us / us);
     }
