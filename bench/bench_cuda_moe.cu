@@ -26,9 +26,10 @@
 // routing, SwiGLU or combine). Reported: its time, and "x baseline" = baseline time / run_moe time.
 // Usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] [--format mxfp4|nvfp4]
 //                       [--paths streamed,...] [--trace]
+//        bench_cuda_moe --stream-layout
 // (--paths: only those paths, e.g. to profile one kernel set; --trace: instead of timing, the expert launches'
 // timeline of one cold call at each T <= 8, see print_trace: the default streamed path, or each streamed path that
-// --paths names).
+// --paths names; --stream-layout: the weight copies alone, see layout_probe, with no other option).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -716,13 +717,19 @@ int main(int argc, char** argv) {
       }
     } else {
       std::fprintf(stderr, "usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] "
-                           "[--format mxfp4|nvfp4] [--trace] [--stream-layout] "
+                           "[--format mxfp4|nvfp4] [--trace] "
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
                            "down-waits-grid|down-waits-item,"
-                           "register]\n");
+                           "register]\n"
+                           "       bench_cuda_moe --stream-layout\n");
       return 2;
     }
+  }
+  if (stream_layout && argc != 2) {
+    std::fprintf(stderr, "bench_cuda_moe: --stream-layout runs alone (it takes none of --json, --tokens, --model, "
+                         "--format, --paths, --trace)\n");
+    return 2;
   }
   try {
     const std::vector<DeviceInfo> devices = list_devices();

@@ -834,9 +834,10 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
 // after every call, and the per-item counts of the down CTAs' waits (left as counted) are zeroed by the next call's
 // routing: calls through one workspace, with new inputs (a new routing) each time, eagerly and as replays of one CUDA
 // graph, at T = 8 and then T = 1, 9 (no fused combine) and 3 on the same workspace, each equal to a run on a fresh
-// workspace; with the defaults and the other down wait.
+// workspace; with the defaults and the other down wait. Every other call finds the per-item counts poisoned (past any
+// item's gate/up CTAs): a routing that no longer zeroes them lets the down CTAs read h before it is written.
 TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
-  constexpr size_t kItemCountWords = 128;  // moe.cu WorkspaceLayout::item_counters / 4
+  constexpr size_t kItemCountWords = kMoeItemCountersOffset / sizeof(uint32_t);
   for (const Kernels kernels : {kStreamedKernels, kStreamedOtherWait}) {
     SCOPED_TRACE(kernels.name());
     constexpr int graph_tokens = 8;
@@ -862,6 +863,9 @@ TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
       const std::vector<float> u = random_input(T, S, seed++);
       d_u.upload(u.data(), u.size() * sizeof(float));
       out.fill_bytes(0xFF);
+      if (seed % 2 == 0)
+        DSV4_CUDA_CHECK(cudaMemsetAsync(workspace.as<uint8_t>() + kMoeItemCountersOffset, 0xFF,
+                                        kMoeCountedItemsMax * sizeof(uint32_t), stream));
       call();
       DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
       expect_identical_outputs(download(out.as<float>(), u.size()), run_output(weights, u, T, kStreamedKernels));

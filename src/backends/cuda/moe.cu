@@ -15,8 +15,8 @@ constexpr size_t kWorkspaceAlignment = 256;
 // Byte offsets of every buffer in the workspace. The counters come first at a fixed place, so a workspace sized
 // for a larger T keeps them where prepare_moe_workspace zeroed them.
 struct WorkspaceLayout {
-  static constexpr size_t finished_ctas = 0, status = 4, work_item_count = 8, band_tickets = 16, item_counters = 512,
-                          counters_end = 1024;
+  static constexpr size_t finished_ctas = 0, status = 4, work_item_count = 8, band_tickets = 16,
+                          item_counters = kMoeItemCountersOffset, counters_end = 1024;
   static constexpr int band_ticket_capacity = int((item_counters - band_tickets) / sizeof(uint32_t));
   static_assert(item_counters + kMoeCountedItemsMax * sizeof(uint32_t) <= counters_end,
                 "the per-item counters fit the counters");

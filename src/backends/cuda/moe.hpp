@@ -20,9 +20,10 @@
 //   format. d and I: multiples of 32 for fp4 experts (16 FP8, 8 BF16), from the tiny test models to V4-Pro.
 // - Any T >= 1, experts with no token included.
 // - Workspace: moe_workspace_bytes(config, T) bytes, 256-byte aligned, from the caller. Its first 1024 bytes hold
-//   counters that must be zero before the first call (prepare_moe_workspace); every call leaves them zero (the
-//   expert GEMMs' per-item counts: the next call's routing zeroes them), so one workspace serves any number of calls
-//   and any T up to the one it was sized for.
+//   counters that must be zero before the first call (prepare_moe_workspace); every call leaves them zero except the
+//   expert GEMMs' per-item counts (kMoeItemCountersOffset, kMoeCountedItemsMax words), which the next call's routing
+//   zeroes before any expert launch reads them, so one workspace serves any number of calls and any T up to the one
+//   it was sized for.
 // - Hash layers: a token id outside the table is routed like token 0 and recorded; check_moe_status reports it.
 #pragma once
 
@@ -115,15 +116,8 @@ struct MoeRunParams {
   // of the shared expert and of T = 1 without a row_tokens load, T = 64 831-835 vs 824-826, e2e b64 8331; two or
   // four bands per routed CTA at T = 2-8 (the ring streaming on from band to band, x staged once), T = 2 75.1 / 116.3
   // vs 69.8, T = 8 201.4 / 219.6 vs 199.3: CTAs alone on an SM leave its fp4 decode issue-bound.)
-  // (Session 24, H200, same measure. Kept, same bits: the down CTAs hold their SMs only for their own work (the fused
-  // combine's band summed by its last item's CTA while the others release their arrival and leave; no per-item seen
-  // atomic, the routing zeroes the counts): T = 1 47.3 / 47.4 / 47.4 vs 47.3 / 47.1 / 47.4 us, T = 2 68.8 vs 70.2,
-  // T = 8 197.2-197.3 vs 200.4-200.6; e2e 8 layers b8 2900 / 2915 vs 2883 / 2862 t/s, b1 and b64 level. Removed: the
-  // column stages at T = 3-8 for the items of one or two rows (T = 8 206.8 vs 200.7 us, e2e b8 2829 vs 2876: the
-  // routed gate/up CTAs 9 % shorter, the launch no shorter), the combine's loads all in flight at once (level). The
-  // weight copies alone (bench_cuda_moe --stream-layout) reach 85-88 % of copy, a band-tiled layout +1-3 %; a 4 us
-  // delay before each CTA's first copies drops them to 77 %, the experts' rate at T = 8, whose CTAs take 3-4 us from
-  // their start to their first copies (item and view reads).)
+  // (Session 24: the down CTAs hold their SMs only for their own work, the band's last item's CTA summing the
+  // fused combine; measurements and removed variants in bench/NOTES.md.)
   // Optional (benchmarks): traced expert launches (MoeExpertGemmParams::trace; the streamed one-tile kernels with the
   // lean decode, T <= 8), each buffer moe_expert_trace_words(...) entries.
   uint64_t* trace_gate_up = nullptr;
@@ -142,6 +136,9 @@ bool moe_splits_shared_expert(const DeviceMoeWeights& weights, const MoeRunParam
 int moe_launches(const DeviceMoeWeights& weights, const MoeRunParams& params);
 
 size_t moe_workspace_bytes(const MoeConfig& config, int64_t tokens);
+// Byte offset in the workspace of the expert GEMMs' per-item counts (kMoeCountedItemsMax uint32 words, among the
+// counters of its first 1 KB; left as counted by a call, zeroed by the next call's routing).
+inline constexpr size_t kMoeItemCountersOffset = 512;
 
 // Zeroes the workspace's counters (its first 1 KB, asynchronously on `stream`); once per workspace.
 void prepare_moe_workspace(void* workspace, size_t workspace_bytes, cudaStream_t stream);

@@ -58,7 +58,7 @@ int streamed_x_bytes_of(const MoeExpertGemmParams& p, int k_total) {
 }
 
 // One streamed launch. The kernel's shared-memory limit is set once per device, to the most any launch asks (the x
-// region at its cap).
+// region at its cap), and its resident CTAs per SM at that limit (a lower bound for every launch) read once.
 template <moe::ExpertGemm G>
 void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, const char* name) {
   constexpr size_t kFixedSmem = moe::kStreamedRingBytes + moe::kStreamedExchangeBytes;
@@ -75,12 +75,24 @@ void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, con
                                              : moe::moe_expert_streamed_kernel<G, true, false>)
                             : p.trace != nullptr ? one_tile_kernel<G, true>(true, split, p.down_head_start, columns)
                                                  : one_tile_kernel<G>(p.lean_decode, split, p.down_head_start, columns);
-  static PerDeviceCache<bool> configured;
-  configured.get(reinterpret_cast<const void*>(kernel), [&] {
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(kFixedSmem + moe::kStreamedXBytes)));
-    return true;
+  static PerDeviceCache<int> resident;
+  const int per_sm = resident.get(reinterpret_cast<const void*>(kernel), [&] {
+    const int max_smem = int(kFixedSmem + moe::kStreamedXBytes);
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
+    int ctas = 0;
+    DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, moe::kExpertThreads, max_smem));
+    return ctas;
   });
+  // The fused combine's summing CTAs (one per band, MoeFusedCombine) spin until their bands' other CTAs arrive: the
+  // GPU must hold every band's spinning CTA and still have room for one more CTA, or the launch can hang (then trap).
+  if (G == moe::ExpertGemm::DOWN && p.combine.out != nullptr) {
+    const int64_t bands = (args.n_total + kMoeDownBandRows - 1) / kMoeDownBandRows;
+    const int64_t slots = int64_t(device_multiprocessors()) * per_sm;
+    check(bands < slots, "moe ", name, ": the fused combine's ", bands, " bands (hidden size ", args.n_total,
+          ") would each keep a CTA waiting for the band's others, but this GPU holds only ", slots,
+          " CTAs of the kernel at once (", device_multiprocessors(), " SMs × ", per_sm,
+          "): no forward progress guaranteed; run without the fused combine (MoeRunParams::fused_small_batches off)");
+  }
   launch_chained(kernel, grid, dim3(moe::kExpertThreads), smem, p.stream, args, name);
 }
 

@@ -311,9 +311,15 @@ __device__ __forceinline__ int work_items_after_prior_grids(const ExpertGemmArgs
 }
 
 // A count that has not reached its target after this long means a pairing of CTAs broke (a gate/up CTA that never
-// publishes, a down CTA that never arrives at its band's ticket, a wrong expected count): the kernel traps (a launch
-// error) instead of hanging the device.
-inline constexpr uint64_t kCountTimeoutNs = 2'000'000'000;
+// publishes, a down CTA that never arrives at its band's ticket, a wrong expected count): the kernel traps instead of
+// hanging the device. The trap is a sticky error: it poisons the CUDA context, so every later call in the process
+// fails. A healthy wait can trip it too where the GPU stops running the kernel for that long (a debugger halting it,
+// time-slicing with other processes' contexts). The seconds are a macro so that the trap's message prints the same
+// number.
+#define DSV4_MOE_COUNT_TIMEOUT_S 2
+#define DSV4_MOE_STRINGIFY_(x) #x
+#define DSV4_MOE_STRINGIFY(x) DSV4_MOE_STRINGIFY_(x)
+inline constexpr uint64_t kCountTimeoutNs = uint64_t(DSV4_MOE_COUNT_TIMEOUT_S) * 1'000'000'000;
 // Polls before the deadline is first read: a short wait reads no timer; a longer one moves to the out-of-line loop,
 // whose timer read per poll is small beside the poll's sleep.
 inline constexpr int kCountQuickPolls = 64;
@@ -328,8 +334,8 @@ static __device__ __noinline__ void wait_for_count_slowly(const uint32_t* counte
     __nanosleep(64);
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
     if (now - start > kCountTimeoutNs) {
-      printf("MoE down: CTA (%d, %d) waited 2 s for %s %d: %u of %u arrivals\n", int(blockIdx.x), int(blockIdx.y),
-             what, index, seen, target);
+      printf("MoE down: CTA (%d, %d) waited " DSV4_MOE_STRINGIFY(DSV4_MOE_COUNT_TIMEOUT_S) " s for %s %d: %u of %u "
+             "arrivals\n", int(blockIdx.x), int(blockIdx.y), what, index, seen, target);
       __trap();
     }
   }

@@ -45,6 +45,11 @@ inline constexpr int kMoeCountedItemsMax = 64;
 // finished, over every work item, one of them (the streamed kernels: the band's CTA of the last work item; the
 // register kernel: the last to arrive) writes out[t, n] = down[T·top_k + t][n] + Σ_j weight[t, j] · down[row(t, j)][n]
 // for the band's n, in moe_combine's order (bit-identical to run_moe_combine), so the combine launch goes.
+// Forward progress: the streamed kernels' summing CTA waits (acquire loads, no barrier the hardware knows of) for its
+// band's other CTAs, so it relies on them being scheduled while up to one summing CTA per band occupies an SM slot.
+// run_moe_down refuses such a launch unless the bands are fewer than the CTAs of the kernel the GPU holds at once
+// (SMs × resident CTAs per SM at the kernel's largest shared memory); the register kernel's summing CTA (the last to
+// arrive) waits for nobody.
 struct MoeFusedCombine {
   float* out = nullptr;                   // [T, d]; null: no fused combine
   const float* expert_weights = nullptr;  // [T, top_k]

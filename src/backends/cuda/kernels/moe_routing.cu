@@ -39,6 +39,9 @@ void check_moe_routing_params(const MoeRoutingParams& p) {
   check(o.logits && o.u_bf16 && o.expert_ids && o.expert_weights && o.expert_offsets && o.row_tokens && o.slot_rows &&
             o.work_items && o.work_item_count && o.finished_ctas && o.status,
         "moe routing: an output or scratch buffer pointer is null");
+  check(o.item_counter_count >= 0, "moe routing: item_counter_count is negative (", o.item_counter_count, ")");
+  check(o.item_counter_count == 0 || o.item_counters != nullptr, "moe routing: ", o.item_counter_count,
+        " item counters to zero, but item_counters is null");
   check(reinterpret_cast<uintptr_t>(o.u_bf16) % 16 == 0, "moe routing: u_bf16 must be 16-byte aligned");
 }
 
