@@ -26,8 +26,8 @@
 // Projections rotate over copies beyond the L2, so the prefill chunk streams them from HBM. Times are GPU time per
 // call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs them: no host launch cost;
 // the compressor is a programmatic dependent launch, so one call's start overlaps the previous one's end.
-// Usage: bench_cuda_compressor [--json PATH] [--only TEXT] [--trace] [--trace-prefill]: --only times just the rows
-// whose "op, case" contains TEXT, or one of TEXT's '|'-separated parts (every compressor's state is still filled
+// Usage: bench_cuda_compressor [--json PATH] [--only TEXT[|TEXT...]] [--trace] [--trace-prefill]: --only times just
+// the rows whose "op, case" contains one of the '|'-separated TEXTs (every compressor's state is still filled
 // first: 64 launches each, CSA main, CSA indexer, then HCA); a part that selects no row fails the run.
 // --trace: instead of timing, the timeline of one batch-1 decode launch (a CSA layer's pair with the indexer's query
 // preparation, and HCA; a step that stores its token and one that completes a window) from CompressorParams::trace,

@@ -538,35 +538,35 @@ int main(int argc, char** argv) {
                  "[--iterations N]\n");
     return 2;
   };
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
-      json_path = argv[++i];
-    } else if (std::strcmp(argv[i], "--tokens") == 0 && i + 1 < argc) {
-      token_counts.clear();
-      for (const char* p = argv[++i]; *p != '\0';) {
-        char* end = nullptr;
-        const long long T = std::strtoll(p, &end, 10);
-        if (end == p || T < 1) return usage();
-        token_counts.push_back(T);
-        p = *end == ',' ? end + 1 : end;
-        if (*end != ',' && *end != '\0') return usage();
+  try {  // OnlySelection refuses an empty selection by throwing
+    for (int i = 1; i < argc; ++i) {
+      if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
+        json_path = argv[++i];
+      } else if (std::strcmp(argv[i], "--tokens") == 0 && i + 1 < argc) {
+        token_counts.clear();
+        for (const char* p = argv[++i]; *p != '\0';) {
+          char* end = nullptr;
+          const long long T = std::strtoll(p, &end, 10);
+          if (end == p || T < 1) return usage();
+          token_counts.push_back(T);
+          p = *end == ',' ? end + 1 : end;
+          if (*end != ',' && *end != '\0') return usage();
+        }
+      } else if (std::strcmp(argv[i], "--iterations") == 0 && i + 1 < argc) {
+        iteration_limit = std::atoi(argv[++i]);
+        if (iteration_limit < 1) return usage();
+      } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
+        only = OnlySelection(argv[++i], '|', OnlyMatch::Substring);
+      } else if (std::strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
+        only_model = OnlySelection(argv[++i], '|', OnlyMatch::Substring);
+      } else if (std::strcmp(argv[i], "--trace") == 0) {
+        trace = true;
+      } else if (std::strcmp(argv[i], "--trace-persistent") == 0) {
+        trace_persistent = true;
+      } else {
+        return usage();
       }
-    } else if (std::strcmp(argv[i], "--iterations") == 0 && i + 1 < argc) {
-      iteration_limit = std::atoi(argv[++i]);
-      if (iteration_limit < 1) return usage();
-    } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
-      only = OnlySelection(argv[++i], '|', OnlyMatch::Substring);
-    } else if (std::strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
-      only_model = OnlySelection(argv[++i], '|', OnlyMatch::Substring);
-    } else if (std::strcmp(argv[i], "--trace") == 0) {
-      trace = true;
-    } else if (std::strcmp(argv[i], "--trace-persistent") == 0) {
-      trace_persistent = true;
-    } else {
-      return usage();
     }
-  }
-  try {
     const std::vector<DeviceInfo> devices = list_devices();
     if (devices.empty()) {
       std::fprintf(stderr, "bench_cuda_mhc: no CUDA device\n");

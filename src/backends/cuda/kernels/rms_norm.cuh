@@ -13,8 +13,9 @@
 // - Plain loads, not __ldg: ptxas keeps plain loads in program order but moved the read-only (.nc) ones, the weights
 //   after the grid wait and the RoPE factors ahead of x's loads, so that every x load waited for the position's
 //   round trip.
-// - 16-value rows (the queries' 512-wide heads in warps: a b64 Flash step's 4096 heads in 512 CTAs) are compiled for
-//   4 CTAs per SM (≤ 64 registers; 67 before, 3 CTAs per SM: the grid ran in two waves, 396 CTAs then 116).
+// - Every rms_norm_kernel of 16-value rows (any group, with or without RoPE; the queries' 512-wide heads in warps: a
+//   b64 Flash step's 4096 heads in 512 CTAs) is compiled for 4 CTAs per SM (≤ 64 registers), so that grid runs in
+//   one wave on a 132-SM GPU rather than two at 3 CTAs per SM.
 // - rms_norm_rows is the whole body as a device function, so that kv_insert's fused launch runs the same code.
 #pragma once
 
