@@ -27,6 +27,7 @@
 #include <functional>
 #include <optional>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -473,31 +474,78 @@ void check_case(const CompressorCase& c, const std::string& chunks, uint32_t see
   check.finish();
 }
 
-// Two cases sharing every launch (run_compressors) while both have steps left, then the longer one alone. With
-// `prepare`, every shared launch also runs that indexer preparation, and check_prepare() follows each step.
-void check_pair(CaseCheck& first, CaseCheck& second, const IndexerPrepareParams* prepare = nullptr,
-                const std::function<void()>& check_prepare = {}) {
+// Two cases stepped together: run_both launches the steps both take (after_both() then checks what it added), the
+// longer one's remaining steps run alone.
+void step_pair(CaseCheck& first, CaseCheck& second, const std::function<void(std::span<CompressorParams>)>& run_both,
+               const std::function<void()>& after_both = {}) {
   SCOPED_TRACE(first.name() + " + " + second.name());
   ASSERT_FALSE(::testing::Test::HasFatalFailure());
   for (;;) {
     CompressorParams p[2];
     const bool has_first = first.next_step(p[0]), has_second = second.next_step(p[1]);
     if (!has_first && !has_second) break;
-    if (has_first && has_second && prepare != nullptr)
-      run_compressors(p, *prepare);
-    else if (has_first && has_second)
-      run_compressors(p);
+    if (has_first && has_second)
+      run_both(p);
     else
       run_compressor(has_first ? p[0] : p[1]);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_FALSE(::testing::Test::HasFatalFailure());
     if (has_first) first.check_step();
     if (has_second) second.check_step();
-    if (has_first && has_second && check_prepare) check_prepare();
+    if (has_first && has_second && after_both) after_both();
     ASSERT_FALSE(::testing::Test::HasFatalFailure());
   }
   first.finish();
   second.finish();
 }
+
+// Two cases sharing every launch (run_compressors) while both have steps left, then the longer one alone. With
+// `prepare`, every shared launch also runs that indexer preparation, and check_prepare() follows each step.
+void check_pair(CaseCheck& first, CaseCheck& second, const IndexerPrepareParams* prepare = nullptr,
+                const std::function<void()>& check_prepare = {}) {
+  step_pair(
+      first, second,
+      [&](std::span<CompressorParams> p) {
+        if (prepare != nullptr)
+          run_compressors(p, *prepare);
+        else
+          run_compressors(p);
+      },
+      check_prepare);
+}
+
+// An indexer query preparation's device inputs (3 tokens × 64 heads × 128 normal random values, RoPE on 64 dims of
+// three positions) and its params for them, outputs left to the caller.
+struct PrepareInputs {
+  static constexpr int64_t kTokens = 3, kHeads = 64, kHeadDim = 128, kRopeDim = 64;
+  static constexpr size_t kValues = size_t(kTokens * kHeads * kHeadDim);
+  DeviceBuffer q, frequencies, positions;
+
+  explicit PrepareInputs(uint32_t seed)
+      : q(to_device(random_queries(seed), "q")),
+        frequencies(
+            to_device(cpu::RopeTable(160000.0, kRopeDim, cpu::YarnScaling{}).frequencies(), "rope frequencies")),
+        positions(to_device(std::vector<int64_t>{5, 130, 4097}, "positions")) {}
+
+  IndexerPrepareParams params(bool reference_rounding) const {
+    return {.input = q.as<float>(),
+            .tokens = kTokens,
+            .heads = kHeads,
+            .head_dim = kHeadDim,
+            .positions = positions.as<int64_t>(),
+            .rope_frequencies = frequencies.as<float>(),
+            .rope_dim = kRopeDim,
+            .reference_rounding = reference_rounding};
+  }
+
+  static std::vector<float> random_queries(uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> q(kValues);
+    for (float& v : q) v = normal(rng);
+    return q;
+  }
+};
 
 const CompressorCase kCases[] = {
     {"CSA main c=512 exact", 512, 4, true, 64, 57, CompressorStoredRounding::None, false, false},
@@ -578,29 +626,17 @@ TEST(Compressor, TwoCompressorsInOneLaunchMatchTheCpu) {
 // equal bit for bit to run_indexer_prepare's after every step (its output poisoned before each launch).
 TEST(Compressor, IndexerPrepareInTheCompressorsLaunch) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  constexpr int64_t kTokens = 3, kHeads = 64, kHeadDim = 128, kRopeDim = 64;
-  std::mt19937 rng(77);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> q(size_t(kTokens * kHeads * kHeadDim));
-  for (float& v : q) v = normal(rng);
-  const cpu::RopeTable rope(160000.0, kRopeDim, cpu::YarnScaling{});
-  const DeviceBuffer d_q = to_device(q, "q"), d_freq = to_device(rope.frequencies(), "rope frequencies");
-  const DeviceBuffer d_positions = to_device(std::vector<int64_t>{5, 130, 4097}, "positions");
-  const size_t bytes = q.size() * 2, scale_bytes = size_t(kTokens * kHeads) * 4;
+  constexpr int64_t kTokens = PrepareInputs::kTokens, kHeads = PrepareInputs::kHeads;
+  constexpr int64_t kHeadDim = PrepareInputs::kHeadDim;
+  const PrepareInputs inputs(77);
+  const size_t bytes = PrepareInputs::kValues * 2, scale_bytes = size_t(kTokens * kHeads) * 4;
   DeviceBuffer fused(bytes, "fused prepared q"), alone(bytes, "prepared q"), fused_scales(scale_bytes, "fused scales"),
       alone_scales(scale_bytes, "scales");
   uint32_t seed = 1500;
   for (const bool fp8 : {false, true})
     for (const bool reference : {false, true}) {
       SCOPED_TRACE(std::string(fp8 ? "fp8" : "bf16") + (reference ? " reference" : " exact") + " prepared q");
-      IndexerPrepareParams prepare{.input = d_q.as<float>(),
-                                   .tokens = kTokens,
-                                   .heads = kHeads,
-                                   .head_dim = kHeadDim,
-                                   .positions = d_positions.as<int64_t>(),
-                                   .rope_frequencies = d_freq.as<float>(),
-                                   .rope_dim = kRopeDim,
-                                   .reference_rounding = reference};
+      IndexerPrepareParams prepare = inputs.params(reference);
       IndexerPrepareParams separate = prepare;
       if (fp8) {
         prepare.output_fp8 = fused.as<uint8_t>(), prepare.output_scales = fused_scales.as<float>();
@@ -631,7 +667,7 @@ TEST(Compressor, IndexerPrepareInTheCompressorsLaunch) {
   // The preparation alone in the launch (no compressor has runs this step) and its stream rule.
   DeviceCompressorState state(4, kHeadDim, true);
   const CompressorParams none{.head_dim = kHeadDim, .ratio = 4, .overlapping = true, .state = state.view()};
-  IndexerPrepareParams prepare{.input = d_q.as<float>(),
+  IndexerPrepareParams prepare{.input = inputs.q.as<float>(),
                                .output = fused.as<__nv_bfloat16>(),
                                .tokens = kTokens,
                                .heads = kHeads,
@@ -794,27 +830,14 @@ TEST(Compressor, TracedPrefillLaunchesMatchTheCpu) {
 TEST(Compressor, TracedLaunchesRunEveryPlannedRange) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   constexpr int64_t kRoom = 1 << 12;  // CTAs
-  constexpr int64_t kTokens = 3, kHeads = 64, kHeadDim = 128, kRopeDim = 64;
+  constexpr int64_t kHeadDim = PrepareInputs::kHeadDim;
   DeviceBuffer trace(size_t(kRoom) * kCompressorTracePoints * 8, "trace");
   std::vector<uint64_t> host(size_t(kRoom) * kCompressorTracePoints);
-  std::mt19937 rng(79);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> q(size_t(kTokens * kHeads * kHeadDim));
-  for (float& v : q) v = normal(rng);
-  const cpu::RopeTable rope(160000.0, kRopeDim, cpu::YarnScaling{});
-  const DeviceBuffer d_q = to_device(q, "q"), d_freq = to_device(rope.frequencies(), "rope frequencies");
-  const DeviceBuffer d_positions = to_device(std::vector<int64_t>{5, 130, 4097}, "positions");
-  const size_t bytes = q.size() * 2;
+  const PrepareInputs inputs(79);
+  const size_t bytes = PrepareInputs::kValues * 2;
   DeviceBuffer fused(bytes, "fused prepared q"), alone(bytes, "prepared q");
-  const IndexerPrepareParams prepare{.input = d_q.as<float>(),
-                                     .output = fused.as<__nv_bfloat16>(),
-                                     .tokens = kTokens,
-                                     .heads = kHeads,
-                                     .head_dim = kHeadDim,
-                                     .positions = d_positions.as<int64_t>(),
-                                     .rope_frequencies = d_freq.as<float>(),
-                                     .rope_dim = kRopeDim,
-                                     .reference_rounding = true};
+  IndexerPrepareParams prepare = inputs.params(true);
+  prepare.output = fused.as<__nv_bfloat16>();
   IndexerPrepareParams separate = prepare;
   separate.output = alone.as<__nv_bfloat16>();
 
@@ -832,20 +855,23 @@ TEST(Compressor, TracedLaunchesRunEveryPlannedRange) {
     std::vector<uint8_t> got(bytes), want(bytes);
     fused.download(got.data(), bytes), alone.download(want.data(), bytes);
     ASSERT_EQ(got, want) << "prepared q";
-    // The ranges (the pools', empty ones skipped, then the preparation's) in grid order, inside the grid, disjoint.
-    std::vector<CompressorCtaRange> ranges;
-    for (size_t i = 0; i < pools.size(); ++i)
-      if (shape.pools[i].ctas > 0) ranges.push_back(shape.pools[i]);
+    // The ranges (the pools', empty ones skipped, then the preparation's) in the planned grid order, inside the grid,
+    // disjoint: a lean pair's second pool (a CSA layer's indexer compressor) first, otherwise the params' order.
     for (size_t i = pools.size(); i < 2; ++i) EXPECT_EQ(shape.pools[i].ctas, 0) << "pool " << i << " not launched";
-    std::sort(ranges.begin(), ranges.end(),
-              [](const CompressorCtaRange& x, const CompressorCtaRange& y) { return x.first_cta < y.first_cta; });
+    const bool reversed = pools.size() == 2 && compressor_slot_loads(pools) == CompressorSlotLoads::Lean;
+    std::vector<CompressorCtaRange> ranges;
+    for (size_t k = 0; k < pools.size(); ++k) {
+      const size_t i = reversed ? pools.size() - 1 - k : k;
+      if (shape.pools[i].ctas > 0) ranges.push_back(shape.pools[i]);
+    }
     ranges.push_back(shape.prepare);
     EXPECT_EQ(ranges.front().first_cta, 0);
     for (size_t i = 0; i + 1 < ranges.size(); ++i)
       EXPECT_GE(ranges[i + 1].first_cta, ranges[i].first_cta + ranges[i].ctas) << "range " << i + 1 << " overlaps";
     // The preparation's CTAs end the grid (then at most the padding of its last hardware cluster).
     EXPECT_LE(shape.prepare.first_cta + shape.prepare.ctas, shape.ctas);
-    EXPECT_LT(shape.ctas - (shape.prepare.first_cta + shape.prepare.ctas), 8) << "padding after the preparation";
+    EXPECT_LT(shape.ctas - (shape.prepare.first_cta + shape.prepare.ctas), compressor::kMaxClusterCtas)
+        << "padding after the preparation";
     trace.download(host.data(), trace.bytes());
     for (int64_t c = 0; c < kRoom; ++c) {
       const uint64_t* r = host.data() + size_t(c) * kCompressorTracePoints;
@@ -860,9 +886,10 @@ TEST(Compressor, TracedLaunchesRunEveryPlannedRange) {
         ASSERT_GE(r[COMPRESSOR_TRACE_END], r[COMPRESSOR_TRACE_START]) << "CTA " << c;
       }
     }
-    // CTAs of the grid outside every range: only the padding that completes a pool's last cluster (fewer than 8).
+    // CTAs of the grid outside every range: only the padding that completes a pool's last cluster.
     for (size_t i = 0; i + 1 < ranges.size(); ++i)
-      EXPECT_LT(ranges[i + 1].first_cta - (ranges[i].first_cta + ranges[i].ctas), 8) << "gap after range " << i;
+      EXPECT_LT(ranges[i + 1].first_cta - (ranges[i].first_cta + ranges[i].ctas), compressor::kMaxClusterCtas)
+          << "gap after range " << i;
   };
 
   struct Pair {
@@ -877,25 +904,8 @@ TEST(Compressor, TracedLaunchesRunEveryPlannedRange) {
   for (const Pair& pair : pairs) {
     CaseCheck first(kCases[pair.first], pair.chunks, seed++, pair.first_to_cache);
     CaseCheck second(kCases[pair.second], pair.chunks, seed++);
-    SCOPED_TRACE(first.name() + " + " + second.name());
-    // Every step that both take traced with the preparation, then the longer one's alone (untraced), as check_pair.
-    for (;;) {
-      CompressorParams p[2];
-      const bool has_first = first.next_step(p[0]), has_second = second.next_step(p[1]);
-      if (!has_first && !has_second) break;
-      if (has_first && has_second) {
-        traced_launch(p);
-      } else {
-        run_compressor(has_first ? p[0] : p[1]);
-        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      }
-      ASSERT_FALSE(HasFatalFailure());
-      if (has_first) first.check_step();
-      if (has_second) second.check_step();
-      ASSERT_FALSE(HasFatalFailure());
-    }
-    first.finish();
-    second.finish();
+    // Every step that both take traced with the preparation, then the longer one's alone (untraced).
+    step_pair(first, second, traced_launch);
     ASSERT_FALSE(HasFatalFailure());
   }
   // The preparation alone (no pool has runs): both pool ranges empty, the preparation's from CTA 0.

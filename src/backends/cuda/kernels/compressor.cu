@@ -273,10 +273,8 @@ LaunchPlan plan_launch(std::span<const CompressorParams> params, const IndexerPr
   compressor::LaunchArgs& launch = plan.launch;
   int hardware_cluster = 1, threads = 0;
   size_t smem = 0;
-  // A lean launch's second pool (a CSA layer's indexer compressor) takes the first CTAs: behind the main pool's it ran
-  // last, alone on half-empty SMs (GPU round s24-1's trace, H200, 4096-token CSA pair: its 256 CTAs from 14.5 µs to the
-  // end, 0.5 resident per SM; first: 20.7 -> 17.8 µs; round s24-2: 20.6 -> 17.8, the 512-token chunk, one wave of
-  // CTAs, 8.6 -> 8.9).
+  // A lean launch's second pool (a CSA layer's indexer compressor) first, not last on half-empty SMs: the e2e prefill
+  // decided (faster), not the isolated one-wave 512-token chunk (slower).
   const bool reversed = lean && params.size() == 2;
   for (size_t k = 0; k < params.size(); ++k) {
     const size_t i = reversed ? params.size() - 1 - k : k;

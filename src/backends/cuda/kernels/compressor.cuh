@@ -289,19 +289,12 @@ struct OnlineSoftmax {
   }
 };
 
-// A channel's pooled value from its slot groups' partial softmaxes (part(g), g < groups), merged in group order.
-// Without a branch per group: a group that pooled nothing (max −∞, sums 0) adds 0 · expf(−∞) = +0 to each sum, which
-// leaves it as skipping the group did (the sums are never −0), so every group's loads and expf issue together (with
-// the branch each group's chain of loads, expf and sums waited for the previous one's: GPU round s21-2, H200, a
-// completing decode step of the CSA pair 6.29 -> 6.08 µs, of HCA 9.65 -> 9.04; the same bits).
-// A channel pair at once (the same operations in the same order per channel as one channel at a time: the same bits),
-// each group's partials of the pair as one 8-byte load from max[g · pairs], den[…], num[…] (float2 arrays: the pair's
-// channels adjacent). Unrolled by two, not by the compiler's choice: a CTA merges once, from cold instruction cache
-// (the compiler's unrolling made the staged kernel's merge 25 KB of code, ≈ 1,380 of its 12,120 instructions), and the
-// two channels' chains interleave (GPU round s24-1's trace, H200, 4096-token HCA chunk: one channel after the other
-// took 1.2 µs of the CTA's epilogue, 0.86 µs interleaved in round s24-2's). With pool_from_staging_loop's in-run
-// specialisation (GPU round s24-2, H200, against the session start's code): HCA 4096-token chunk 13.0 -> 11.6 µs,
-// 512-token chunk 9.6 -> 7.6, decode steps completing a window 8.8 -> 8.0 (HCA), 6.0 -> 5.5 (CSA pair).
+// A channel pair's pooled values from its slot groups' partial softmaxes (max[g · pairs], den[…], num[…], g < groups;
+// float2: the pair's channels adjacent), merged in group order with per channel the same operations as alone (the same
+// bits). No branch per group, so every group's loads and expf issue together: a group that pooled nothing (max −∞,
+// sums 0) adds 0 · expf(−∞) = +0 to each sum, as skipping it did (the sums are never −0).
+// Unrolled by two, not by the compiler's choice: a CTA merges once, from cold instruction cache, and the pair's two
+// chains interleave.
 __device__ __forceinline__ float2 merge_pair_partials(int groups, const float2* max, const float2* den,
                                                       const float2* num, int pairs) {
   float2 m = make_float2(kNegativeInfinity, kNegativeInfinity);
@@ -399,15 +392,14 @@ __device__ __forceinline__ void pool_from_staging_loop(const PoolArgs& a, const 
   const auto at = [&](int stage, int k, int kind) { return mine + ((stage * kSlotBatch + k) * 3 + kind) * threads; };
   // A window wholly in the run (every entry of a prefill chunk but its first): slot s's row is the window's first
   // plus s (second halves: plus s − ratio and c columns on), so its addresses need no per-slot source selection.
-  const int64_t first_q = window_first_position(a, t.w);
-  constexpr bool window_in_run = kWindowInRun;
-  const int64_t window_offset = (first_q - r.start) * a.row_stride + t.channel;
+  const int64_t window_offset =
+      kWindowInRun ? (window_first_position(a, t.w) - r.start) * a.row_stride + t.channel : 0;
   const auto issue = [&](int batch, int stage) {
 #pragma unroll
     for (int k = 0; k < kSlotBatch; ++k) {
       const int slot = t.group + batch * step + k * a.groups;
       SlotSource source;
-      if constexpr (window_in_run) {
+      if constexpr (kWindowInRun) {
         const int s = min(slot, t.slots - 1);  // past the window: a valid address, its value dropped
         const bool second = a.overlapping && s >= a.ratio;
         const int64_t offset = window_offset + int64_t(s) * a.row_stride + (second ? a.c : 0);
@@ -440,7 +432,7 @@ __device__ __forceinline__ void pool_from_staging_loop(const PoolArgs& a, const 
     for (int k = 0; k < kSlotBatch; ++k) {
       const int slot_index = t.group + b * step + k * a.groups;
       // Every position of a window in the run is ≥ 0.
-      valid[k] = window_in_run ? slot_index < t.slots : pooled_slot(a, t.w, slot_index, t.slots, t.channel).valid;
+      valid[k] = kWindowInRun ? slot_index < t.slots : pooled_slot(a, t.w, slot_index, t.slots, t.channel).valid;
       slot[k] = slot_value(*at(stage, k, 0), *at(stage, k, 1), *at(stage, k, 2));
     }
     add_batch(channel0, channel1, slot, valid);
@@ -657,11 +649,9 @@ struct ItemPlace {
 };
 
 // The entry row of the launch's `position`-th entry (positions [run][k]): a run's last entry row comes first, then its
-// rows in order. The run's ticket-taking entries (its last row, and the first one or two, whose windows reach before
-// the run) are then in the launch's first wave, and the state update by the last of them overlaps the in-run entries'
-// CTAs instead of ending the launch (GPU round s23-1's trace, H200, 4096-token CSA pair: the updating CTA started
-// last, at 14.2 µs, and spent 6 µs in the update after its entry; round s24-2, H200, the 4096-token CSA pair 23.1 ->
-// 17.8 µs).
+// rows in order: each run's ticket-taking entries first (its last row, and the first one or two, whose windows reach
+// before the run), so the state update by the last of them overlaps the in-run entries' CTAs instead of ending the
+// launch.
 __device__ __forceinline__ int entry_row_at(const PoolArgs& a, int position) {
   const int run = int(a.entries_div.div(uint32_t(position))), per_run = int(a.entries_div.divisor);
   const int k = position - run * per_run;
@@ -786,9 +776,8 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
     cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
     cluster.sync();
     if (e.emitting && t.group == 0) {  // the sum's users (owner threads)
-      // Every CTA's sum loaded before any is added, then added in rank order (the same bits as a loop of dependent
-      // remote loads by every thread: GPU round s24-2, H200, HCA 4096-token chunk 11.9 -> 11.6 µs, decode step
-      // completing a window 8.3 -> 8.0).
+      // Every CTA's sum loaded before any is added (their round trips overlap), then added in rank order (the same
+      // bits as a loop of dependent remote loads).
       const int first_rank = int(cluster.block_rank()) - e.place.rank;
       float sums[kMaxClusterCtas];
 #pragma unroll
