@@ -70,20 +70,6 @@
 //   but the pre readers' tag check waits for the early loads there and delays their publication: spread 3.6 -> 4.7 µs,
 //   the partials' hop 57 % stale, the iteration 4891 -> 5294 cycles); the slice sums before the collapse again, 394.1 /
 //   239.1; both 388.8 / 242.4. (V4-Flash rows of that run overlapped another process on the card.)
-// - Session 24 (H200, graph µs, bench_cuda_mhc against the session start's build, outputs checked by the tests): hc_pre
-//   on 128-dim slices from 512 tokens (kWideSliceMinTiles; one 512-thread CTA per SM, half the cross-CTA words, a tile
-//   group of 32 CTAs: the iteration 4645 SM cycles for a 128-dim tile against 5046 for a 64-dim one), hc_pre and
-//   hc_head's fn loaded before the grid-dependency wait and their X tiles issued off warp 0: V4-Flash hc_pre 256 / 512
-//   / 4096 tokens 22.3 / 35.6 / 188.0 -> 20.9 / 32.7 / 177.8 (44 % of copy), hc_head 13.9 / 23.3 / 122.0 -> 13.4 /
-//   22.6 / 120.2 (66 %); V4-Pro hc_pre 512 / 4096 57.0 / 368.3 -> 51.5 / 332.8, hc_head 37.5 / 232.0 -> 36.5 / 227.6.
-//   Tried and removed: hc_head on 128-dim slices (4096 tokens 122.1 -> 132.1) or 32-dim ones (138.3; V4-Pro 591.6);
-//   the single-cluster kernel per 16-token tile at every size (hc_pre 4096 344.9: every cluster reads all of fn);
-//   hc_post_pre of 2048 tokens and more as hc_post then hc_pre (339.8, on 128-dim slices 333.3, against 316.1); the
-//   post/comb tail a thread per token in the decode kernels' scaling form (hc_pre 0.5-1.3 % faster, the
-//   warp-specialised hc_post_pre 315.7 -> 328.3). The trace (bench_cuda_mhc --trace-persistent, CTA start and end
-//   marks): hc_pre's owner CTAs end ≈ 4.4 µs after their last iteration, mostly waiting for the last tiles' sums (the
-//   faster Sinkhorn took 0.3 µs off it); a CTA starts ≈ 2.7 µs (hc_pre, 128-dim) / 1.1 µs (hc_head) before its first
-//   iteration at 512 tokens.
 // - The fused hc_post + hc_pre (kPost) also stages the tile's `out` rows and its 16 tokens' post/comb in a ring of
 //   kPostSlots (they die at the update, the X stage lives on until the collapse), applies the residual update to the
 //   staged X in place, writes it to X_out, and projects and collapses the updated X: X is read once.
@@ -346,13 +332,18 @@ static __device__ __noinline__ float wait_for_tag(const unsigned long long* addr
   return __uint_as_float(unsigned(word));
 }
 
-// The value of a tagged word once it carries `tag`: `word` was read earlier (its latency hidden). The trace counts
-// each re-read here as a stale word.
+// The value of a tagged word once it carries `tag`: `word` was read earlier (its latency hidden). Uncounted: for
+// callers that the trace counts otherwise.
+__device__ __forceinline__ float tagged_value_uncounted(unsigned long long word, const unsigned long long* address,
+                                                        unsigned tag) {
+  return unsigned(word >> 32) == tag ? __uint_as_float(unsigned(word)) : wait_for_tag(address, tag);
+}
+
+// tagged_value_uncounted's value; the trace counts each re-read here as a stale word.
 __device__ __forceinline__ float tagged_value(unsigned long long word, const unsigned long long* address,
                                               unsigned tag) {
-  if (unsigned(word >> 32) == tag) return __uint_as_float(unsigned(word));
-  DSV4_MHC_PROJECTION_SLOW(ProjectionSlowPath::kStaleWord);
-  return wait_for_tag(address, tag);
+  if (unsigned(word >> 32) != tag) DSV4_MHC_PROJECTION_SLOW(ProjectionSlowPath::kStaleWord);
+  return tagged_value_uncounted(word, address, tag);
 }
 
 // The end of a CTA of a kernel that counts its finished CTAs: once all its threads are done, the launch's last CTA
@@ -761,8 +752,7 @@ static __device__ __noinline__ float sum_slice_words_slowly(const unsigned long 
   float sum = 0.f;
   for (int s = part; s < slices; s += lanes) {
     const unsigned long long* const address = source + s * stride;
-    const unsigned long long word = load_relaxed_u64(address);
-    sum += unsigned(word >> 32) == tag ? __uint_as_float(unsigned(word)) : wait_for_tag(address, tag);
+    sum += tagged_value_uncounted(load_relaxed_u64(address), address, tag);
   }
   return sum;
 }
@@ -801,12 +791,9 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   constexpr int kFinisherLag = 5;
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
   // hc_pre and hc_head (kShared without the fused update): fn's fragments (weights) loaded before the grid-dependency
-  // wait, so a CTA started while the previous kernel drains has them, and the X tiles issued by the first thread of
-  // the third warp from the end (no hc_head publication item, no slice sum, not a pre reader) instead of thread 0,
-  // whose warp publishes and sums right after each refill. Same bits. H200, V4-Flash, session 24 round 1, same
-  // process, 256 / 512 / 4096 tokens (graph µs): fn early hc_pre 22.3 / 35.7 / 188.8 -> 20.7 / 34.3 / 187.7, hc_head
-  // 13.9 / 23.1 / 122.1 -> 13.3 / 22.7 / 122.1; the loader hc_head 4096 122.1 -> 120.2, elsewhere level. (The fused
-  // variants keep thread 0 and load fn after the wait: not measured.)
+  // wait, so a CTA started while the previous kernel drains has them; the X tiles issued by the first thread of the
+  // third warp from the end instead of thread 0, whose warp publishes and sums right after each refill (on 64- and
+  // 128-dim slices that thread has no hc_head publication item, no slice sum and is not a pre reader). Same bits.
   constexpr bool kLeanStart = !kPost && !kRoles;
   static_assert(kVariant == ProjectionVariant::kShared || kSliceDims == 64, "one CTA per SM runs 64-dim slices");
   static_assert(kVariant == ProjectionVariant::kShared || kPost, "the warp-specialised variant runs hc_post_pre");

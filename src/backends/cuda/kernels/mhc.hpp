@@ -13,6 +13,9 @@
 //   width the launch takes, choose_hc_projection_config); every CTA then collapses its own slice, still in shared
 //   memory. The CTAs of a tile wait for each other: the launcher sizes the grid to
 //   what the card holds at once.
+// - Programmatic dependent launch (ptx/dependent_launch.cuh) in every mHC kernel: only the weights are read before
+//   the grid-dependency wait (the persistent hc_pre / hc_head's fn fragments, the decode kernels' fn columns), so the
+//   kernels chained before an mHC launch must not write fn.
 // - Scratch: `hc_projection_workspace_bytes` bytes, zero-filled ONCE after allocation (cudaMemsetAsync). The CTAs
 //   hand each other values tagged with a launch epoch kept in the workspace (advanced by every launch), so the
 //   buffer is reused without re-zeroing (graph-capturable). One workspace serves one launch at a time (not two
@@ -33,9 +36,8 @@
 //   cluster for hc_pre's post/comb) projects its slice once; each sum over the slices is one cluster (DSMEM) step and
 //   one global hop, no pipeline. Its sums run in another order than the persistent kernel's (a launch's results depend
 //   on which kernel served it, not on T otherwise), and its Sinkhorn scales by hardware reciprocals instead of dividing
-//   (a few ulps; in scaling form). Programmatic dependent launch (ptx/dependent_launch.cuh), as every mHC kernel: only
-//   the weights are read before the grid-dependency wait. Same workspace as the persistent kernel. Its cluster steps
-//   run through st.async and mbarriers (no cluster barriers).
+//   (a few ulps; in scaling form). Same workspace as the persistent kernel. Its cluster steps run through st.async and
+//   mbarriers (no cluster barriers).
 // - Fused output norm (out_norm_weight set): y (then required; h for hc_head) and y_bf16 hold, instead of y,
 //   z = y · rsqrt(mean over d of y² + norm_eps) · out_norm_weight (y as above, so rounded to bf16 first in Reference
 //   numerics), rounded to bf16 in the fp32 buffer when out_norm_round_to_bf16: what run_rms_norm({.x = y, .weight =
@@ -195,12 +197,9 @@ struct HcPostPreParams {
 // The op a persistent launch serves: its slices and stages depend on it.
 enum class HcProjectionOp : uint8_t { PRE, HEAD, POST_PRE };
 
-// From this many token tiles (512 tokens) hc_pre takes 128-dim slices (one CTA of 512 threads per SM, half the
-// slices per tile: half the cross-CTA words, a tile group of half the CTAs) where 64 would be taken. H200, V4-Flash,
-// session 24 round 1, same process, graph µs: 256 tokens 22.3 -> 22.5, 512 35.7 -> 34.9, 4096 188.8 -> 182.7
-// (trace: an iteration of 4645 SM cycles for the 128-dim tile against 5046 for the 64-dim one, the publication
-// spread over the slices 4.0 -> 2.7 µs); hc_head lost on them (13.9 -> 14.5, 23.1 -> 24.5, 122.1 -> 132.1).
-// Other bits than 64-dim slices (another summation order).
+// From this many token tiles (512 tokens) hc_pre takes 128-dim slices where 64 would be taken: one CTA of 512
+// threads per SM and half the slices per tile, so half the cross-CTA words (faster from 512 tokens, slower below and
+// for hc_head). Other bits than 64-dim slices (another summation order).
 inline constexpr int64_t kWideSliceMinTiles = 32;
 
 // How `op` covers [T, n·d]: tiles of `token_tile` tokens × slices of `slice_dims` dims (all n streams).
