@@ -199,20 +199,6 @@ __device__ __forceinline__ int32_t slot_row(const SparseAttentionParams& p, int6
                             : p.compressed_index[t * p.compressed_slots + (s - p.window_slots)];
 }
 
-// Page-table entry of `row` of slot `s`'s array (−1: unused row, a row outside the array's pages, or a free page).
-__device__ __forceinline__ int32_t slot_page(const SparseAttentionParams& p, int sequence_slot, int64_t s,
-                                             int32_t row) {
-  const KvCacheView& cache = p.cache;
-  if (row < 0 || (row >> cache.page_shift) >= cache.max_pages_per_array) return -1;
-  return cache.pages_of(sequence_slot, p.layer, s < p.window_slots ? KvArray::Window : KvArray::Compressed)
-      [row >> cache.page_shift];
-}
-
-// Physical entry of a row on a page (−1 when the page is −1).
-__device__ __forceinline__ int32_t slot_physical(const KvCacheView& cache, int32_t page, int32_t row) {
-  return page >= 0 ? (page << cache.page_shift) + (row & ((1 << cache.page_shift) - 1)) : -1;
-}
-
 // The (query, head block, split) of this CTA. Splits vary fastest, so that the splits of one (query, head block) are
 // consecutive blocks: one cluster when they merge in a cluster.
 struct CtaWork {
@@ -622,19 +608,10 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   default places it ≈ 260 KB past it, after the consumer's): level (31.2 / 30.9 → 30.9 / 30.9). Cold trace of the
 //   start (CSA b64, new marks): grid wait 2.7-3.3 µs after the CTA's start, index rows +1.3-1.6, page entries +0.5,
 //   first copies issued +0.8-1.0, the first tile +1.5-1.6.
-// - Session 24 (H200, bench --ab, same process, bytes compared; two rounds). The bench's L2 flush by memset left L2
-//   full of dirty lines that each call's misses wrote back: Flash CSA 64K b64 31.6 → 29.0 µs with a read-sweep flush
-//   (the tile pace 1.49 → 1.38 µs), HCA 4K b64 18.9 → 18.0; bf16 output is level with fp32 at b64, so the merge's and
-//   the epilogue's stores are not bound by their bytes. Kept: the merge factors formed by the idle producer
-//   warpgroup (the consumers' stats loads sat behind their own batch of peer partials): CSA b64 29.0 → 28.6 µs over
-//   four runs, HCA b64 17.8 → 17.6, SWA b64 level (fp8 entries 31.0 → 30.4); the single-split epilogue from
-//   staged accumulators in a rolled loop (d512_store_single_split): CSA b128 44.4 → 42.0, b256 81.3 → 77.2 (the
-//   first wave's tail 10.7 → 5.9 µs), Pro CSA b64 43.5 → 39.8, fp8 b256 90.9 → 89.4. Level and removed: the own
-//   partial read through its local address instead of the cluster window; the two-split merge's peer rows handed over
-//   by one cp.async.bulk (64 KB in ≈ 2 µs) with a rolled local merge loop (CSA b64 28.8 against 28.6, HCA 17.7 against
-//   17.5; its trace ended 3.5 µs earlier but the medians did not follow). The merge's store phase took 4-7 µs for 32-64
-//   KB a CTA whatever the bytes: code run once per CTA from cold instruction caches (round 1: 16 local rows a thread
-//   7.4 µs unrolled).
+// - Session 24 (numbers in bench/NOTES.md): the bench flushes L2 by a read sweep (a memset left dirty lines that each
+//   call's misses wrote back). Kept: the merge factors formed by the idle producer warpgroup and the single-split
+//   epilogue from staged accumulators in a rolled loop (code run once per CTA from cold instruction caches). Level and
+//   removed: the own partial read through its local address, the two-split merge's peer rows by one cp.async.bulk.
 
 inline constexpr int kD512HeadDim = 512;
 inline constexpr int kD512Heads = 64;  // one wgmma M
@@ -942,6 +919,31 @@ __device__ __forceinline__ void d512_produce_bf16(const SparseAttentionParams& p
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
+// Merge factors of entry `index` of each cluster CTA's stats (max, sum) array (merge_factors; splits past `splits`
+// contribute nothing).
+template <int kMaxSplits>
+__device__ __forceinline__ void cluster_merge_factors(const float2* stats, int index, int splits, float sink_log2,
+                                                      float (&factor)[kMaxSplits]) {
+  float2 split_stats[kMaxSplits];
+#pragma unroll
+  for (int s = 0; s < kMaxSplits; ++s)
+    split_stats[s] = s < splits ? sm90::cluster_peer(stats, s)[index] : make_float2(-INFINITY, 0.0f);
+  merge_factors(split_stats, sink_log2, factor);
+}
+
+// The inverse-RoPE setup of output dims [dim, dim + 2 kPairs): per pair whether it rotates back (`rope` and a rope
+// dim) and its factors from `rope_table` (identity otherwise).
+template <int kPairs>
+__device__ __forceinline__ void inverse_rope_pairs(const KvEntryLayout& layout, bool rope, int dim,
+                                                   const RopeFactors* rope_table, bool (&rotate)[kPairs],
+                                                   RopeFactors (&factors)[kPairs]) {
+#pragma unroll
+  for (int pair = 0; pair < kPairs; ++pair) {
+    rotate[pair] = rope && dim + 2 * pair >= layout.nope_dim;
+    factors[pair] = rotate[pair] ? rope_table[(dim + 2 * pair - layout.nope_dim) / 2] : RopeFactors{1.0f, 0.0f};
+  }
+}
+
 // The merge factors' vectors in the merge table [head][kMaxSplits] (one 8- or 16-byte load per vector).
 template <int kMaxSplits>
 using MergeScaleVector = std::conditional_t<kMaxSplits == 2, float2, float4>;
@@ -949,23 +951,18 @@ using MergeScaleVector = std::conditional_t<kMaxSplits == 2, float2, float4>;
 // The cluster merge's factors, formed by the producer warpgroup (idle by then) while the consumers' first batch of
 // partials is in flight (d512_cluster_merge): thread h < 64 loads head h's (max, sum) from every CTA of the cluster
 // and stores the head's weight 2^(m_s − M) / denominator for each split s (the sink once in the denominator) in the
-// merge table; every producer thread then arrives on kMergeFactorsBarrier, where the consumers wait. The consumers
-// formed them before: each factor thread's stats loads then sat behind its own batch of partials (a thread's
-// distributed shared-memory loads return in order), and the barrier held every store until the whole batch had
-// landed.
+// merge table; every producer thread then arrives on kMergeFactorsBarrier, where the consumers wait. Formed by the
+// consumers, each factor thread's stats loads sat behind its own batch of partials (a thread's distributed
+// shared-memory loads return in order).
 template <class L, int kMaxSplits>
 __device__ __forceinline__ void d512_merge_factors(const SparseAttentionParams& p, uint8_t* smem, float sink_log2) {
   using ScaleVector = MergeScaleVector<kMaxSplits>;
   constexpr int kScaleLanes = int(sizeof(ScaleVector) / sizeof(float)), kScaleVectors = kMaxSplits / kScaleLanes;
   const int thread = threadIdx.x % kWarpgroupThreads, splits = p.splits;
   if (thread < kD512Heads) {
-    const float2* stats = reinterpret_cast<const float2*>(smem + L::kExchange + kMergeStatsOffset);
-    float2 split_stats[kMaxSplits];
-#pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s)
-      split_stats[s] = s < splits ? sm90::cluster_peer(stats, s)[thread] : make_float2(-INFINITY, 0.0f);
     float factor[kMaxSplits];
-    merge_factors(split_stats, sink_log2, factor);
+    cluster_merge_factors(reinterpret_cast<const float2*>(smem + L::kExchange + kMergeStatsOffset), thread, splits,
+                          sink_log2, factor);
     ScaleVector* row =
         reinterpret_cast<ScaleVector*>(smem + L::kExchange + kMergeScaleOffset) + thread * kScaleVectors;
 #pragma unroll
@@ -1054,11 +1051,7 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
   constexpr int kPairs = kVectorDims / 2;
   bool rotate[kPairs];
   RopeFactors factors[kPairs];
-#pragma unroll
-  for (int pair = 0; pair < kPairs; ++pair) {
-    rotate[pair] = p.rope_frequencies != nullptr && dim + 2 * pair >= layout.nope_dim;
-    factors[pair] = rotate[pair] ? rope_table[(dim + 2 * pair - layout.nope_dim) / 2] : RopeFactors{1.0f, 0.0f};
-  }
+  inverse_rope_pairs(layout, p.rope_frequencies != nullptr, dim, rope_table, rotate, factors);
   for (int batch_head = 0; batch_head < live_heads; batch_head += kBatch * kHeadStep) {
     if (batch_head != 0) load_batch(batch_head);
 #pragma unroll
@@ -1116,9 +1109,8 @@ __device__ __forceinline__ void d512_cluster_merge_for(const SparseAttentionPara
 // The single-split epilogue of the consumers (256 threads): they stage their raw accumulators (rows kMergeRowFloats
 // apart, as a cluster merge's partial) and each row's 1 / denominator in the free Q and KV stages, then each thread
 // normalises, rotates back and stores 16-byte vectors of rows (consecutive threads along a row) from a rolled loop of
-// a few dozen instructions. This code runs once per CTA from cold instruction caches: the unrolled fragment stores it
-// replaces (≈ 600 instructions, session 19's d512_store_output) took 10.1 µs from a first-wave CTA's last tile to its
-// end against 4.8 in the second wave, whose SMs had just run them (round s24-1 trace, Flash CSA 64K b256).
+// a few dozen instructions. This code runs once per CTA from cold instruction caches, where unrolled fragment stores
+// took about twice as long in the first wave as in the second.
 template <class L>
 __device__ __forceinline__ void d512_store_single_split(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
                                                         int head_base, int warp, int g, int c, int consumer,
@@ -1147,11 +1139,7 @@ __device__ __forceinline__ void d512_store_single_split(const SparseAttentionPar
   const int dim = 4 * (thread256 % kRowQuads);
   bool rotate[2];
   RopeFactors factors[2];
-#pragma unroll
-  for (int pair = 0; pair < 2; ++pair) {
-    rotate[pair] = rope && dim + 2 * pair >= layout.nope_dim;
-    factors[pair] = rotate[pair] ? rope_table[(dim + 2 * pair - layout.nope_dim) / 2] : RopeFactors{1.0f, 0.0f};
-  }
+  inverse_rope_pairs(layout, rope, dim, rope_table, rotate, factors);
 #pragma unroll 1
   for (int v = thread256; v < kD512Heads * kRowQuads; v += kStep) {
     const int row = v / kRowQuads;
@@ -1618,13 +1606,8 @@ __device__ __forceinline__ void head_split_cluster_merge(const SparseAttentionPa
   // Per head: weight 2^(m_s − M) / denominator for each split s, the sink once in the denominator.
   float* merge_scale = reinterpret_cast<float*>(smem + L::kScale);
   if (tid < kHeadSplitHeads) {
-    const float2* stats = reinterpret_cast<const float2*>(smem + L::kStats);
-    float2 split_stats[kMaxSplits];
-#pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s)
-      split_stats[s] = s < splits ? sm90::cluster_peer(stats, s)[tid] : make_float2(-INFINITY, 0.0f);
     float factor[kMaxSplits];
-    merge_factors(split_stats, merge_sink_log2, factor);
+    cluster_merge_factors(reinterpret_cast<const float2*>(smem + L::kStats), tid, splits, merge_sink_log2, factor);
 #pragma unroll
     for (int s = 0; s < kMaxSplits; ++s) merge_scale[tid * kSparseAttentionMaxClusterSplits + s] = factor[s];
   }

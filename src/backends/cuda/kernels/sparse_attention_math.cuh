@@ -112,4 +112,30 @@ __device__ __forceinline__ void store_output_fragment(const SparseAttentionParam
   }
 }
 
+// Page-table entry of `row` of slot `s`'s array (−1: unused row, a row outside the array's pages, or a free page).
+__device__ __forceinline__ int32_t slot_page(const SparseAttentionParams& p, int sequence_slot, int64_t s,
+                                             int32_t row) {
+  const KvCacheView& cache = p.cache;
+  if (row < 0 || (row >> cache.page_shift) >= cache.max_pages_per_array) return -1;
+  return cache.pages_of(sequence_slot, p.layer, s < p.window_slots ? KvArray::Window : KvArray::Compressed)
+      [row >> cache.page_shift];
+}
+
+// The page-table word of logical row `row` of slot s's array (sequence slot `sequence_slot`), or nullptr for an unused
+// slot or a row outside its array's pages: slot_page with its load left to the caller (the prefill kernel issues a
+// pair's loads together).
+__device__ __forceinline__ const int32_t* slot_page_word(const SparseAttentionParams& p, int sequence_slot, int64_t s,
+                                                         int32_t row) {
+  const KvCacheView& cache = p.cache;
+  if (row < 0 || (row >> cache.page_shift) >= cache.max_pages_per_array) return nullptr;
+  const bool window = s < p.window_slots;
+  return cache.pages_of(sequence_slot, p.layer, window ? KvArray::Window : KvArray::Compressed) +
+         (row >> cache.page_shift);
+}
+
+// Physical entry of a row on a page (−1 when the page is −1).
+__device__ __forceinline__ int32_t slot_physical(const KvCacheView& cache, int32_t page, int32_t row) {
+  return page >= 0 ? (page << cache.page_shift) + (row & ((1 << cache.page_shift) - 1)) : -1;
+}
+
 }  // namespace dsv4::cuda::sparse_attention_math

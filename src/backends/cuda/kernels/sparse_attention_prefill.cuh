@@ -23,18 +23,9 @@
 // and stores them with its own warpgroup, with the streaming (evict-first) policy.
 // Numerics: q rounded to bf16; scores, softmax and accumulation fp32; P rounded to bf16 once (the row sums add the
 // rounded weights), rounded again only where a later block raises the row's maximum.
-// Where a CTA's time goes (H200, 4096 × 640 Flash, bf16 q and out, bench_cuda_attention_prefill --trace, round s23-2,
-// the kept kernel; %clock64 cycles within a CTA, ≈ 1.85 per ns): 26.9 µs per CTA (48400 cycles), of which 10100
-// before the first scores (Q staged 4730, the first pair resolved 5880, its first copies issued 7200, first data
-// 7600), pairs of ≈ 7300 cycles (4.1 µs; the last, half-used pair 2.3 µs) and an epilogue of 4300 (normalise and
-// stage 1.28 µs, stores 1.02); 0.5 µs to the SM's next CTA. Pair 1 from consumer 0's previous scores done: consumer
-// 0 has its valid flags at 470, hands its max on at 1090, its own PV ends (buffer (0, 0) released) at 2480, the
-// pair's max arrives at 2620, consumer 1's weights at 3730, its late half (1, 0) at 4250, its other PV ends at 5820
-// and the next pair's scores at 7280 (waiting for (0, 1), which consumer 1 released at 4160); consumer 1's scores end
-// at 960, it receives the max at 1180, returns the pair's max at 1840, has consumer 0's weights at 3280 and ends its
-// PVs at 3640 / 4160. The producer passes (0, 0)'s release at −3870, (0, 1)'s at −2880, (1, 1)'s at −2240, (1, 0)'s
-// at −1380, has issued the last copies at −600 and the next pair's entries resolved at +3370 (its page-table loads),
-// so the next (0, 0) is refilled ≈ 900 cycles after its release. ncu (session 23): tensor pipe 40 %, issue 37 %.
+// Where a CTA's time goes (bench_cuda_attention_prefill --trace; the cycle counts are in bench/NOTES.md): a pair's
+// time is the chain of the consumers' softmax, max and weight hand-offs and their PVs, and the producer refills a
+// released buffer shortly after its release.
 // Session 22 (round s22-2): with no entry reads the kernel took 820 µs against 905 (KV traffic 9 %); stalls per
 // issued instruction long scoreboard 2.3, wait 1.6, barrier 1.0 (L2 throughput 23 %, DRAM 9 %):
 // the consumers' hand-offs, not the memory, set the pace. Lost (session 21, same runs): a persistent grid overlapping
@@ -52,16 +43,12 @@
 // Kept: each consumer stores its own output half, the entries in registers, (0, 1) refilled first, the maxima handed
 // on first (Flash 8K 878.9 → 829.9 µs over rounds 1-2). Lost (same runs): consumer 0 handing its weights over while its
 // own PV runs and consumer 1 before it waits (883.2 / 1731.9 / 905.9 against 878.9 / 1729.0 / 897.8), consumer 1
-// adding consumer 0's block first to release (0, 1) sooner (905.7 / 1773.0 / 930.3, other bits). Session 24 (same
-// bits throughout; Flash 8K / Flash 64K, bf16 q and out): a pair's page-table loads issued together (against the
-// session start in one job, round 1: 833.4 / 863.3 → 822.0 / 836.8 µs, Pro 8K 1631.0 → 1613.3), then (round 2, same
-// process, default 853.0 / 880.3) the next pair's page loads before the last copies, the next item's q prefetched
-// late, Q by cp.async per tile and the output rows staged by stmatrix together 827.7 / 841.2 (alone 840.6 / 872.9,
-// 837.3 / 857.6, 837.3 / 862.3, 827.8 / 853.7). Lost: Q's copies issued only once the producer had the first pair
-// resolved (846.7 / 883.7 with Q by tiles; with the four 828.0 / 842.9), consumer 1's PV on buffer 0's half 1 one
-// 64-dim tile at a time, each tile released and refilled as its PV ended (round 1: 878.5 / 887.3 against 822.0 /
-// 836.8, Pro 8K 1723.9 / 1613.3): every PV then in m64n64 blocks of the accumulator (ptxas serialises every wgmma of
-// a kernel that mixes m64n64 blocks of one accumulator with m64n256 on all of it).
+// adding consumer 0's block first to release (0, 1) sooner (905.7 / 1773.0 / 930.3, other bits).
+// Session 24 (numbers in bench/NOTES.md): kept a pair's page-table loads issued together, the next pair's page loads
+// before the last copies, the next item's q prefetched late, Q by cp.async per tile and stmatrix-staged output rows.
+// Lost: Q's copies issued only once the first pair was resolved, and consumer 1's PV on buffer 0's half 1 one
+// 64-dim tile at a time: ptxas serialises every wgmma of a kernel that mixes m64n64 blocks of one accumulator with
+// m64n256 on all of it.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -92,22 +79,6 @@ __device__ __forceinline__ int64_t query_slot_count(const SparseAttentionParams&
   int compressed = p.compressed_slots;
   if (p.compressed_counts != nullptr) compressed = min(max(p.compressed_counts[t], 0), p.compressed_slots);
   return int64_t(p.window_slots) + compressed;
-}
-
-// The page-table word of logical row `row` of slot s's array (sequence slot `sequence_slot`), or nullptr for an unused
-// slot or a row outside its array's pages.
-__device__ __forceinline__ const int32_t* slot_page(const SparseAttentionParams& p, int sequence_slot, int64_t s,
-                                                    int32_t row) {
-  const KvCacheView& cache = p.cache;
-  if (row < 0 || (row >> cache.page_shift) >= cache.max_pages_per_array) return nullptr;
-  const bool window = s < p.window_slots;
-  return cache.pages_of(sequence_slot, p.layer, window ? KvArray::Window : KvArray::Compressed) +
-         (row >> cache.page_shift);
-}
-
-// Physical entry of logical row `row` on page `page` (−1: an unallocated page or no page).
-__device__ __forceinline__ int32_t page_entry(const KvCacheView& cache, int32_t page, int32_t row) {
-  return page >= 0 ? (page << cache.page_shift) + (row & ((1 << cache.page_shift) - 1)) : -1;
 }
 
 // Index entry of slot s of query t: its logical row (−1 = unused).
@@ -269,7 +240,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
       return physical_entries[(buffer * 4 + k) * kWarpgroup];
   };
   // Slot → logical row → page → physical entry for both blocks of a pair: load_rows(pair) issues the index loads
-  // into `rows` (all before any use), resolve_pages(pair) the page-table loads that turn them into physical entries.
+  // into `rows` (all before any use), load_pages(pair) and resolve_entries(pair) turn them into physical entries.
   // A pair's rows are loaded once the pair before it is resolved, a pair ahead, so that each later pair waits for its
   // page-table loads only (H200, 4096 × 640 Flash prefill, fp32 q: 1220 → 1182 µs; Pro decode batch 64 39.4 → 38.4).
   // prefetch_resolved: each entry is then asked of L2 (this thread's line of it: chunk c takes line c of a bf16 entry,
@@ -287,12 +258,9 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
         rows[b][k] = s < slots ? slot_row(p, t, s) : -1;
       }
   };
-  // Every page-table load of the pair is issued before any is used: one round trip, not eight in a row (each entry
-  // waited for its page before the next load was issued: ≈ 4000 cycles a pair in round s23-2's trace).
+  // Every page-table load of the pair is issued before any is used: one round trip, not eight in a row.
   // load_pages(pair) issues them into `pages`, resolve_entries(pair) forms the entries; a later pair's page-table
-  // loads go out before the last half's copies of the pair before it, not behind them in the memory pipeline (round
-  // s24-1's trace: ≈ 3500 cycles from those copies to the resolved entries; round s24-2, same process, Flash 8K /
-  // 64K: 853.0 → 840.6 µs, 880.3 → 872.9).
+  // loads go out before the last half's copies of the pair before it, not behind them in the memory pipeline.
   int32_t pages[2][4];
   const auto load_pages = [&](int pair) {
 #pragma unroll
@@ -300,7 +268,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int64_t s = int64_t(2 * pair + b) * kBlock + row0 + 16 * k;
-        const int32_t* page = slot_page(p, sequence_slot, s, rows[b][k]);
+        const int32_t* page = slot_page_word(p, sequence_slot, s, rows[b][k]);
         pages[b][k] = page != nullptr ? *page : -1;
       }
   };
@@ -309,7 +277,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     for (int b = 0; b < 2; ++b)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const int32_t entry = page_entry(p.cache, pages[b][k], rows[b][k]);
+        const int32_t entry = slot_physical(p.cache, pages[b][k], rows[b][k]);
         if constexpr (kEntryRegisters)
           entries[b][k] = entry;
         else
@@ -466,9 +434,8 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     sm90::mbarrier_arrive(barriers.rope_ready());
   }
   // The item about one wave later (ahead_t ≥ 0): its q rows and index lines into L2 (64 heads of fp32 q are 128 KB,
-  // loaded before its first scores), once this CTA's copies and rope factors are issued: ≈ 6 µs before that item
-  // starts rather than ≈ 27 from the start, and off this CTA's own start (round s24-2, same process:
-  // 853.0 → 837.3 µs, 880.3 → 857.6; round s24-1: 822.0 → 816.6, 836.8 → 826.3, Pro 8K 1613.3 → 1606.9).
+  // loaded before its first scores), once this CTA's copies and rope factors are issued: shortly before that item
+  // starts rather than from its CTA's start, and off this CTA's own start.
   if (ahead_t >= 0) {
     const int64_t element_bytes = p.q_dtype == AttentionDtype::F32 ? 4 : 2;
     const int64_t bytes = int64_t(min(kHeads, p.heads - ahead_head_base)) * kHeadDim * element_bytes;
@@ -664,9 +631,8 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
 
   // Q (64 heads × 512 dims as bf16, swizzled; heads past H zero), by both consumers. bf16 q with bf16 entries
   // (q_tiles): by cp.async, tile by tile (two 16-byte chunks per thread and tile), each tile on its own mbarrier, so
-  // that the first scores start on Q's first tiles while the rest lands (round s24-2: 853.0 → 837.3 µs, 880.3 →
-  // 862.3; round s24-1: 822.0 → 815.0, 836.8 → 831.3, Pro 8K 1613.3 → 1600.2); fp32 q (converted) and fp8 entries
-  // through registers behind a named barrier.
+  // that the first scores start on Q's first tiles while the rest lands; fp32 q (converted) and fp8 entries through
+  // registers behind a named barrier.
   const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + kRope);
   const bool q_tiles = !kFp8 && p.q_dtype == AttentionDtype::Bf16;
   if (q_tiles) {
@@ -930,7 +896,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   };
   {
     // Blocks n and n + 1 of every warp's 16 rows by one stmatrix.x4 (matrix m: rows 8 (m % 2).., block n + m / 2):
-    // a quarter of the 4-byte stores (round s24-2: 853.0 → 827.8 µs, 880.3 → 853.7).
+    // a quarter of the 4-byte stores.
     const int matrix = lane / 8, row = 16 * warp + lane % 8 + 8 * (matrix % 2);
     const uint32_t row_address = shared_address(staging) + uint32_t(row * staged_row_bytes);
 #pragma unroll

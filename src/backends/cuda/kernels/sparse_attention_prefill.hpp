@@ -62,7 +62,9 @@ inline constexpr int kC1Issued = 0, kC1LateTile = 1, kC1Scores = 2, kC1MaxReceiv
 // the next pair's entries resolved.
 inline constexpr int kEmpty00 = 0, kEmpty01 = 1, kEmpty11 = 2, kEmpty10 = 3, kLastIssued = 4, kNextResolved = 5;
 inline constexpr int kStart = 0;  // every warpgroup: its first instruction after the barrier initialisation
-// consumers: Q staged in shared memory; consumer 0: its first data (buffer 0, half 0) arrived, its first scores done
+// consumers: Q ready: staged in shared memory (fp32 q or fp8 entries) or, bf16 q with bf16 entries, its per-tile
+// copies issued (the scores wait on each tile); consumer 0: its first data (buffer 0, half 0) arrived, its first
+// scores done
 inline constexpr int kQStaged = 1, kFirstData = 2, kFirstScores = 3;
 // producer: the first pair's entries resolved, its first half's copies issued
 inline constexpr int kResolved = 1, kFirstIssued = 2;
