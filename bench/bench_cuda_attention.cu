@@ -40,10 +40,10 @@
 //   prints its CTAs' phases per wave with the floors of its tile pace and tail (run_trace_case); no prefill.
 //   --flush read|memset: how L2 is flushed before each timed decode call (read, the default: a read sweep of a 256 MB
 //   buffer, which leaves L2 full of clean lines, as the model's weight-reading kernels do; memset: a memset of it, the
-//   sessions' flush up to 23, which leaves dirty lines that the timed call's misses write back: H200, round s24-1,
-//   Flash CSA 64K b64 29.0 us read against 31.6 memset, HCA 4K b64 18.0 against 18.9; the tile pace 1.38 against
-//   1.49 us). The prefill cases and the cuBLAS rate keep the memset. --out f32|bf16: the output type of --trace's
-//   calls (f32 by default; the model's decode writes bf16: level with f32 at b64 in round s24-1).
+//   sessions' flush up to 23, which leaves dirty lines that the timed call's misses write back, slowing it; numbers in
+//   bench/NOTES.md). The prefill cases and the cuBLAS rate keep the memset; the JSON records the decode calls' flush
+//   as decode_flush (none under --warm). --out f32|bf16: the output type of --trace's calls (f32 by default; the
+//   model's decode writes bf16, level with f32 at b64). --mma-rates and --prefill-only take no --only.
 //   Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -143,58 +143,6 @@ __global__ void __launch_bounds__(kBaselineThreads) baseline_attention(const __g
 
 // Nothing: timed with the head-split call's grid, block and cluster shape, the floor of a call's launch and completion.
 __global__ void empty_kernel(int) {}
-
-// --flush read: every thread reads 16-byte vectors of the flush buffer, grid-stride; the never-true store keeps the
-// loads.
-__global__ void l2_read_sweep(const uint4* data, size_t vectors, uint32_t* sink) {
-  uint32_t x = 0;
-  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < vectors; i += size_t(gridDim.x) * blockDim.x) {
-    const uint4 v = data[i];
-    x ^= v.x ^ v.y ^ v.z ^ v.w;
-  }
-  if (x == 0x9E3779B9u) *sink = x;
-}
-
-// What each timed decode call finds in L2: the flush buffer's 256 MB read by l2_read_sweep (L2 full of clean lines, as
-// behind the model's weight-reading kernels; the default), written by a memset (the bench up to session 23: L2 is left
-// full of dirty lines, which the call's own misses then write back to DRAM beside its reads and stores), or nothing
-// (--warm).
-enum class FlushMode { Memset, Read };
-
-struct L2Flush {
-  void* data = nullptr;
-  size_t bytes = 0;  // 0: no flush (--warm)
-  FlushMode mode = FlushMode::Memset;
-  uint32_t* sink = nullptr;
-  int sms = 0;
-
-  void run(int i) const {
-    if (bytes == 0) return;
-    if (mode == FlushMode::Memset) {
-      DSV4_CUDA_CHECK(cudaMemsetAsync(data, i & 0xFF, bytes));
-    } else {
-      l2_read_sweep<<<unsigned(8 * sms), 256>>>(static_cast<const uint4*>(data), bytes / 16, sink);
-      DSV4_CUDA_CHECK_LAUNCH("L2 read sweep");
-    }
-  }
-};
-
-const char* to_string(FlushMode mode) { return mode == FlushMode::Memset ? "memset" : "read"; }
-
-// median_ms (support/l2_flushed_timing.hpp) with the flush of `flush`: the median of `iterations` calls of `body`,
-// each after a flush, one untimed call first.
-template <class Body>
-double cold_ms(int iterations, const L2Flush& flush, Body&& body) {
-  StreamTimer timer;
-  body();  // warm-up
-  std::vector<float> times;
-  for (int i = 0; i < iterations; ++i) {
-    flush.run(i);
-    times.push_back(timer.elapsed_ms(nullptr, body));
-  }
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
 
 // --mma-rates: the tensor-core work of one 32-entry tile of the head_dim 512 kernel's consumers, alone: a CTA per SM,
 // two warpgroups (the consumers, dims [256c, 256c + 256) each) issuing from shared memory laid out as the kernel's Q
@@ -418,7 +366,7 @@ double mma_sync_kernel_ms(const SparseAttentionParams& p, const KvCacheConfig& c
   SparseAttentionParams q = p;
   q.cache = cache.view();
   q.out = out.data();
-  const double ms = cold_ms(10, flush, [&] { run_sparse_attention(q); });
+  const double ms = median_ms(10, flush, [&] { run_sparse_attention(q); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   return ms;
 }
@@ -468,14 +416,14 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   SparseAttentionParams cluster = p;
   cluster.cluster_merge = true;
   cluster.splits = cluster_splits;
-  const double cluster_ms = cold_ms(20, flush, [&] { run_sparse_attention(cluster); });
+  const double cluster_ms = median_ms(20, flush, [&] { run_sparse_attention(cluster); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   const double cluster_cpu_error = cpu_check(cluster, window_index, compressed_index, q, sink, positions, out, sample);
   // The same call with q in bf16 (cpu_check rounds q to bf16 as the kernel does, so the expected output is the same).
   SparseAttentionParams bf16_partials = cluster;
   bf16_partials.cluster_merge_bf16_partials = true;
   out.fill_bytes(0xFF);
-  const double bf16_partials_ms = cold_ms(20, flush, [&] { run_sparse_attention(bf16_partials); });
+  const double bf16_partials_ms = median_ms(20, flush, [&] { run_sparse_attention(bf16_partials); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   const double bf16_partials_cpu_error =
       cpu_check(bf16_partials, window_index, compressed_index, q, sink, positions, out, sample);
@@ -483,7 +431,7 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   bf16_q.q = step->d_q_bf16.data();
   bf16_q.q_dtype = AttentionDtype::Bf16;
   out.fill_bytes(0xFF);
-  const double bf16_q_ms = cold_ms(20, flush, [&] { run_sparse_attention(bf16_q); });
+  const double bf16_q_ms = median_ms(20, flush, [&] { run_sparse_attention(bf16_q); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   const double bf16_q_cpu_error = cpu_check(bf16_q, window_index, compressed_index, q, sink, positions, out, sample);
   SparseAttentionParams head_split = bf16_q;
@@ -506,7 +454,7 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
                                             dim3(groups)};
     const dim3 clusters[kLaunchFloorShapes] = {dim3(splits_per_group, 1, 1), dim3(1, 1, 1), dim3(1, 1, 1)};
     for (int shape = 0; shape < kLaunchFloorShapes; ++shape) {
-      launch_floor_ms[shape] = cold_ms(20, flush, [&] {
+      launch_floor_ms[shape] = median_ms(20, flush, [&] {
         launch_chained(empty_kernel, grids[shape], dim3(256), 0, nullptr, clusters[shape], "empty kernel", 0);
       });
       launch_floor_graph_us[shape] = graph_replay_us(graph_stream, capture_calls(graph_stream, kGraphCalls, [&](
@@ -515,14 +463,14 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
       }), kGraphCalls);
     }
     out.fill_bytes(0xFF);
-    head_split_ms = cold_ms(20, flush, [&] { run_sparse_attention(head_split); });
+    head_split_ms = median_ms(20, flush, [&] { run_sparse_attention(head_split); });
     DSV4_CUDA_CHECK(cudaDeviceSynchronize());
     head_split_cpu_error = cpu_check(head_split, window_index, compressed_index, q, sink, positions, out, sample);
     for (int tiles = 1; tiles <= kSparseAttentionHeadSplitMaxTiles; ++tiles) {
       SparseAttentionParams h = head_split;
       h.head_split_tiles = tiles;
       if (sparse_attention_head_split_splits(h) > 0) {
-        head_split_tiles_us[tiles] = 1e3 * cold_ms(20, flush, [&] { run_sparse_attention(h); });
+        head_split_tiles_us[tiles] = 1e3 * median_ms(20, flush, [&] { run_sparse_attention(h); });
         head_split_graph_us[tiles] = graph_replay_us(graph_stream, capture_calls(graph_stream, kGraphCalls, [&](
             cudaStream_t stream) {
           SparseAttentionParams call = h;
@@ -545,14 +493,14 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
       SparseAttentionParams a = cluster, c = p;
       a.splits = c.splits = s;
       const double a_us =
-          s <= largest ? 1e3 * cold_ms(10, flush, [&] { run_sparse_attention(a); }) : 0.0;
-      const double c_us = 1e3 * cold_ms(10, flush, [&] { run_sparse_attention(c); });
+          s <= largest ? 1e3 * median_ms(10, flush, [&] { run_sparse_attention(a); }) : 0.0;
+      const double c_us = 1e3 * median_ms(10, flush, [&] { run_sparse_attention(c); });
       std::printf("  %6d %10.1f %10.1f\n", s, a_us, c_us);
     }
     DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   }
   out.fill_bytes(0xFF);
-  const double ms = cold_ms(20, flush, [&] { run_sparse_attention(p); });
+  const double ms = median_ms(20, flush, [&] { run_sparse_attention(p); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   const double cpu_error = cpu_check(p, window_index, compressed_index, q, sink, positions, out, sample);
 
@@ -579,7 +527,7 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
     bounded.splits = bounded_splits;
     bounded.workspace = bounded_workspace.data();
     bounded.workspace_bytes = bounded_workspace.bytes();
-    bounded_ms = cold_ms(20, flush, [&] { run_sparse_attention(bounded); });
+    bounded_ms = median_ms(20, flush, [&] { run_sparse_attention(bounded); });
     DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   }
   const double cache_bytes = double(cache.config().pages) * kPageRows * view.layout.entry_bytes;
@@ -589,7 +537,7 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
                                  : 0.0;
   SparseAttentionParams b = p;
   b.out = baseline_out.data();
-  const double baseline_ms = cold_ms(batch >= 64 ? 3 : 5, flush, [&] {
+  const double baseline_ms = median_ms(batch >= 64 ? 3 : 5, flush, [&] {
     baseline_attention<<<unsigned(batch * heads), kBaselineThreads>>>(b);
     DSV4_CUDA_CHECK_LAUNCH("baseline attention");
   });
@@ -688,7 +636,7 @@ RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEn
   r.head_split = sparse_attention_head_split_splits(decode) > 0;
   r.splits = r.head_split ? sparse_attention_head_split_splits(decode) : decode.splits;
   out.fill_bytes(0xFF);
-  r.decode_us = 1e3 * cold_ms(20, flush, [&] { run_sparse_attention(decode); });
+  r.decode_us = 1e3 * median_ms(20, flush, [&] { run_sparse_attention(decode); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   r.decode_cpu_error = check(decode);
   SparseAttentionParams prefill = decode;
@@ -696,7 +644,7 @@ RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEn
   prefill.workspace = nullptr;
   prefill.workspace_bytes = 0;
   out.fill_bytes(0xFF);
-  r.prefill_us = 1e3 * cold_ms(20, flush, [&] { run_sparse_attention_prefill(prefill); });
+  r.prefill_us = 1e3 * median_ms(20, flush, [&] { run_sparse_attention_prefill(prefill); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   r.prefill_cpu_error = check(prefill);
   SparseAttentionParams routed = decode;
@@ -793,7 +741,8 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
   std::printf("%s %s batch %d context %lld: %d slots, %d splits, %d tiles per CTA, %d CTAs; flush %s, %s output; "
               "floor %.1f us (KV bytes and output at the copy rate)\n",
               model, to_string(kind), batch, static_cast<long long>(context), step->slots_per_query(), call.splits,
-              tiles, ctas, to_string(flush.mode), out_dtype == AttentionDtype::F32 ? "fp32" : "bf16", floor_us);
+              tiles, ctas, flush.bytes == 0 ? "none" : to_string(flush.kind),
+              out_dtype == AttentionDtype::F32 ? "fp32" : "bf16", floor_us);
   const double tile_bytes = double(kSparseAttentionTileEntries) * call.cache.layout.entry_bytes;
   run_sparse_attention(call);  // warm-up, untraced
   call.d512_trace = d_trace.as<uint64_t>();
@@ -878,7 +827,7 @@ int run(int argc, char** argv) {
   OnlySelection only;  // --only's comma-separated prefixes
   bool prefill_only = false, warm = false, sweep = false, route = false, mma_rates = false, trace = false;
   KvEntryFormat decode_format = KvEntryFormat::Fp8Reference;
-  FlushMode flush_mode = FlushMode::Read;
+  L2FlushKind flush_mode = L2FlushKind::Read;
   AttentionDtype out_dtype = AttentionDtype::F32;
   bool out_given = false;
   for (int i = 1; i < argc; ++i) {
@@ -900,12 +849,16 @@ int run(int argc, char** argv) {
       mma_rates = true;
     else if (std::strcmp(argv[i], "--trace") == 0)
       trace = true;
-    else if (std::strcmp(argv[i], "--flush") == 0 && i + 1 < argc &&
-               (std::strcmp(argv[i + 1], "memset") == 0 || std::strcmp(argv[i + 1], "read") == 0))
-      flush_mode = std::strcmp(argv[++i], "read") == 0 ? FlushMode::Read : FlushMode::Memset;
-    else if (std::strcmp(argv[i], "--out") == 0 && i + 1 < argc &&
-             (std::strcmp(argv[i + 1], "f32") == 0 || std::strcmp(argv[i + 1], "bf16") == 0)) {
-      out_dtype = std::strcmp(argv[++i], "bf16") == 0 ? AttentionDtype::Bf16 : AttentionDtype::F32;
+    else if (std::strcmp(argv[i], "--flush") == 0 && i + 1 < argc) {
+      const std::string value = argv[++i];
+      check(value == "read" || value == "memset", "bench_cuda_attention: bad value for --flush: '", value,
+            "' (read or memset)");
+      flush_mode = value == "read" ? L2FlushKind::Read : L2FlushKind::Memset;
+    } else if (std::strcmp(argv[i], "--out") == 0 && i + 1 < argc) {
+      const std::string value = argv[++i];
+      check(value == "f32" || value == "bf16", "bench_cuda_attention: bad value for --out: '", value,
+            "' (f32 or bf16)");
+      out_dtype = value == "bf16" ? AttentionDtype::Bf16 : AttentionDtype::F32;
       out_given = true;
     } else
       fail("unknown argument ", argv[i],
@@ -914,6 +867,9 @@ int run(int argc, char** argv) {
            "[--out f32|bf16])");
   }
   check(!out_given || trace, "bench_cuda_attention: --out serves --trace only");
+  check(!mma_rates || only.all(), "bench_cuda_attention: --mma-rates times no case; it takes no --only");
+  check(!prefill_only || only.all(),
+        "bench_cuda_attention: --only selects decode cases, which --prefill-only skips; the prefill part runs whole");
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
     std::fprintf(stderr, "no CUDA device\n");
@@ -928,11 +884,11 @@ int run(int argc, char** argv) {
   const size_t flush_bytes = warm ? 0 : flush_buffer_bytes;  // a memset of 0 bytes flushes nothing
   if (warm) std::printf("--warm: no L2 flush before the timed calls\n");
   DeviceBuffer flush_sink(16, "L2 flush sink");
-  const L2Flush l2_flush{.data = flush.data(), .bytes = flush_bytes, .mode = flush_mode,
-                         .sink = flush_sink.as<uint32_t>(), .sms = device.multiprocessors};
+  const L2Flush l2_flush{.data = flush.data(), .bytes = flush_bytes, .kind = flush_mode,
+                         .sink = flush_sink.as<uint4>(), .sms = device.multiprocessors};
   if (!warm)
     std::printf("--flush %s: the decode calls are timed after %s the 256 MB flush buffer\n", to_string(flush_mode),
-                flush_mode == FlushMode::Memset ? "a memset of (L2 left full of dirty lines)"
+                flush_mode == L2FlushKind::Memset ? "a memset of (L2 left full of dirty lines)"
                                                 : "a read sweep of (L2 left full of clean lines)");
   std::mt19937 rng(7);
   int clock_khz = 0;
@@ -1088,8 +1044,9 @@ int run(int argc, char** argv) {
     }
     std::fprintf(f, "{\n  \"benchmark\": \"bench_cuda_attention\",\n  \"card\": \"%s\",\n  \"sms\": %d,\n",
                  device.name.c_str(), device.multiprocessors);
-    std::fprintf(f, "  \"copy_gbps\": %.1f,\n  \"kv_entry_bytes\": %d,\n  \"cases\": [\n", copy_gbps,
-                 KvEntryLayout::make(decode_format, kHeadDim, kRopeDim).entry_bytes);
+    std::fprintf(f, "  \"copy_gbps\": %.1f,\n  \"kv_entry_bytes\": %d,\n  \"decode_flush\": \"%s\",\n  \"cases\": [\n",
+                 copy_gbps, KvEntryLayout::make(decode_format, kHeadDim, kRopeDim).entry_bytes,
+                 warm ? "none" : to_string(flush_mode));
     for (size_t i = 0; i < results.size(); ++i) {
       const Result& r = results[i];
       std::fprintf(f,

@@ -20,10 +20,11 @@
 // Entries are fill_random_entries' (finite, no NaN codes); prefill q is a hash of its positions.
 // --quick: the prefill cases without today's path and the comparison with it (the kernel's variants only).
 // --trace: each prefill case's bf16-q call once more as a traced launch (SparseAttentionPrefillOptions::trace, after an
-// L2 flush): medians over the CTAs of each phase of a CTA's timeline (start to Q staged, entries resolved, first data,
-// first scores, each pair, the epilogue's staging and stores), of the gap between consecutive CTAs on one SM, and per
-// pair of the late half's release, its first tile's arrival and consumer 1's wait for the max (%globaltimer ticks
-// 0.256 µs on the H200); then the same marks and every pair's hand-offs in SM clock cycles within each CTA.
+// L2 flush): medians over the CTAs of each phase of a CTA's timeline (start to Q staged, or Q's copies issued for bf16
+// q with bf16 entries; entries resolved, first data, first scores, each pair, the epilogue's staging and stores), of
+// the gap between consecutive CTAs on one SM, and per pair of the late half's release, its first tile's arrival and
+// consumer 1's wait for the max (%globaltimer ticks 0.256 µs on the H200); then the same marks and every pair's
+// hand-offs in SM clock cycles within each CTA.
 // Usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE[,CASE...]] [--trace]
 // [--quick] [--no-kv]. --part runs one part; --only runs the cases named (prefill MODEL:FORMAT:CONTEXT, e.g.
 // flash:bf16:8192, pro:fp8-reference:65536; decode MODEL:LAYOUT:BATCH:FORMAT, e.g. flash:csa:256:bf16; for a
@@ -137,9 +138,9 @@ void print_clock_trace(int64_t ctas, int pairs, const Record& record) {
   const auto mark = [&](int warp, int slot) {
     return median_of([&](int64_t c) { return clock(c, warp, pt::kClocks + slot) - start(c); });
   };
-  std::printf("  clocks from the CTA's start: c0 Q staged %.0f, first data %.0f, first scores %.0f, epilogue %.0f, "
-              "staged %.0f, end %.0f; c1 Q staged %.0f, epilogue %.0f, end %.0f; producer resolved %.0f, first issued "
-              "%.0f, end %.0f\n",
+  std::printf("  clocks from the CTA's start: c0 Q staged/issued %.0f, first data %.0f, first scores %.0f, epilogue "
+              "%.0f, staged %.0f, end %.0f; c1 Q staged/issued %.0f, epilogue %.0f, end %.0f; producer resolved %.0f, "
+              "first issued %.0f, end %.0f\n",
               mark(0, pt::kQStaged), mark(0, pt::kFirstData), mark(0, pt::kFirstScores), mark(0, pt::kEpilogue),
               mark(0, pt::kStaged), mark(0, pt::kEnd), mark(4, pt::kQStaged), mark(4, pt::kEpilogue),
               mark(4, pt::kEnd), mark(8, pt::kResolved), mark(8, pt::kFirstIssued), mark(8, pt::kEnd));
@@ -212,8 +213,8 @@ void print_trace(const SparseAttentionParams& call, int64_t ctas, int pairs, voi
     std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.start < b.start; });
     for (size_t i = 1; i < spans.size(); ++i) gap.push_back(us(spans[i - 1].end, spans[i].start));
   }
-  std::printf("  trace (median µs from the CTA's start): Q staged %.2f, resolved %.2f, first copies issued %.2f, "
-              "first data %.2f, first scores %.2f\n  pairs:",
+  std::printf("  trace (median µs from the CTA's start): Q staged/issued %.2f, resolved %.2f, first copies issued "
+              "%.2f, first data %.2f, first scores %.2f\n  pairs:",
               median(q), median(resolved), median(issued), median(first_data), median(first_scores));
   for (const auto& p : pair) std::printf(" %.2f", median(p));
   std::printf("; last pair to epilogue %.2f, epilogue %.2f; CTA %.2f, gap to the SM's next CTA %.2f; span %.1f us\n",

@@ -46,6 +46,7 @@
 #include "core/bf16.hpp"
 #include "core/error.hpp"
 #include "core/quantized_matrix.hpp"
+#include "support/l2_flushed_timing.hpp"
 
 #include "cuda_bench_support.hpp"
 
@@ -90,19 +91,8 @@ double time_graph_ms(int iterations, cudaStream_t stream, Body&& body) {
   return double(ms) / (kReplays * iterations);
 }
 
-// Reads `count` 16-byte words (twice the L2) so that no weight byte stays in L2; the sum goes to `sink` only in the
-// impossible case that it equals a sentinel, so the loads cannot be dropped and nothing is written.
-__global__ void read_through_l2_kernel(const uint4* buffer, size_t count, uint4* sink) {
-  uint32_t sum = 0;
-  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += size_t(gridDim.x) * blockDim.x) {
-    const uint4 v = __ldcg(buffer + i);
-    sum += v.x ^ v.y ^ v.z ^ v.w;
-  }
-  if (sum == 0x9E3779B9u) *sink = make_uint4(sum, 0, 0, 0);
-}
-
 // The read floor of a matrix: `words` 16-byte words read once, four independent loads in flight per thread before
-// the first use, the same eviction and sink rule as read_through_l2_kernel. Timed cold like the linears, it is what
+// the first use, the same eviction and sink rule as l2_read_sweep_kernel. Timed cold like the linears, it is what
 // streaming the same bytes costs without any arithmetic, launch and ramp included.
 __global__ void read_floor_kernel(const uint4* data, size_t words, uint4* sink) {
   constexpr int kLoads = 4;
@@ -171,8 +161,8 @@ class ColdTimer {
   // One call of body(stream) after the same eviction and refresh, outside a graph (traced launches).
   template <class Body>
   void once(Body&& body) {
-    read_through_l2_kernel<<<blocks_, 256, 0, stream_>>>(flush_.as<uint4>(), flush_.bytes() / 16, sink_.as<uint4>());
-    DSV4_CUDA_CHECK_LAUNCH("read_through_l2_kernel");
+    l2_read_sweep_kernel<<<blocks_, 256, 0, stream_>>>(flush_.as<uint4>(), flush_.bytes() / 16, sink_.as<uint4>());
+    DSV4_CUDA_CHECK_LAUNCH("l2_read_sweep_kernel");
     refresh_kernel<<<blocks_, 256, 0, stream_>>>(a_, b_);
     DSV4_CUDA_CHECK_LAUNCH("refresh_kernel");
     body(stream_);
@@ -197,9 +187,8 @@ class ColdTimer {
     cudaGraphExec_t exec;
     DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
     for (int i = 0; i < kColdIterations; ++i) {
-      read_through_l2_kernel<<<blocks_, 256, 0, stream_>>>(flush_.as<uint4>(), flush_.bytes() / 16,
-                                                           sink_.as<uint4>());
-      DSV4_CUDA_CHECK_LAUNCH("read_through_l2_kernel");
+      l2_read_sweep_kernel<<<blocks_, 256, 0, stream_>>>(flush_.as<uint4>(), flush_.bytes() / 16, sink_.as<uint4>());
+      DSV4_CUDA_CHECK_LAUNCH("l2_read_sweep_kernel");
       refresh_kernel<<<blocks_, 256, 0, stream_>>>(a_, b_);
       DSV4_CUDA_CHECK_LAUNCH("refresh_kernel");
       call(i);
