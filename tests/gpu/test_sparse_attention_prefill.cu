@@ -170,34 +170,40 @@ TEST(SparseAttentionPrefill, DecodeBatchesMatchCpu) {
 }
 
 // A traced launch (bench_cuda_attention_prefill --trace) computes the same, every planned CTA traced: each of its three
-// warpgroups records a start and an end no earlier, on an SM of the device; consumer 0's marks in order.
+// warpgroups records a start and an end no earlier, on an SM of the device; consumer 0's marks in order. fp32 q (Q
+// staged through registers) and bf16 q and out (Q by tiles: kQStaged marks its copies issued).
 TEST(SparseAttentionPrefill, TracedLaunchMatchesCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  const AttentionCase c{"flash csa chunk traced", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100}, 12};
-  // One CTA per (query, 64-head block).
-  const int64_t kCtas = int64_t(c.lengths.size()) * c.queries_per_sequence * ((c.heads + 63) / 64);
-  const size_t kWords = size_t(kCtas) * kPrefillTraceWarps * kPrefillTraceSlots;
-  DeviceBuffer trace(kWords * 8, "trace");
-  trace.fill_bytes(0);
-  check_attention(c, 500, {.prefetch_resolved = PrefetchResolved::Off, .trace = trace.as<uint64_t>()});
-  std::vector<uint64_t> words(kWords);
-  trace.download(words.data(), kWords * 8);
-  const int sms = current_multiprocessors();
-  for (int64_t cta = 0; cta < kCtas; ++cta) {
-    const uint64_t* c0 = &words[size_t(cta) * kPrefillTraceWarps * kPrefillTraceSlots];
-    for (const int warp : {0, 4, 8}) {  // the first warp of consumer 0, consumer 1, the producer
-      const uint64_t* record = c0 + warp * kPrefillTraceSlots;
-      EXPECT_GT(record[prefill_trace::kStart], 0u) << "CTA " << cta << " warp " << warp << " did not start";
-      EXPECT_GE(record[prefill_trace::kEnd], record[prefill_trace::kStart]) << "CTA " << cta << " warp " << warp;
-      EXPECT_LT(record[prefill_trace::kSm], uint64_t(sms)) << "CTA " << cta << " warp " << warp;
+  uint32_t seed = 500;
+  for (const AttentionDtype dtype : {AttentionDtype::F32, AttentionDtype::Bf16}) {
+    const AttentionCase c{dtype == AttentionDtype::F32 ? "flash csa chunk traced" : "flash csa chunk traced bf16",
+                          KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100}, 12, dtype, dtype};
+    SCOPED_TRACE(c.name);
+    // One CTA per (query, 64-head block).
+    const int64_t kCtas = int64_t(c.lengths.size()) * c.queries_per_sequence * ((c.heads + 63) / 64);
+    const size_t kWords = size_t(kCtas) * kPrefillTraceWarps * kPrefillTraceSlots;
+    DeviceBuffer trace(kWords * 8, "trace");
+    trace.fill_bytes(0);
+    check_attention(c, seed++, {.prefetch_resolved = PrefetchResolved::Off, .trace = trace.as<uint64_t>()});
+    std::vector<uint64_t> words(kWords);
+    trace.download(words.data(), kWords * 8);
+    const int sms = current_multiprocessors();
+    for (int64_t cta = 0; cta < kCtas; ++cta) {
+      const uint64_t* c0 = &words[size_t(cta) * kPrefillTraceWarps * kPrefillTraceSlots];
+      for (const int warp : {0, 4, 8}) {  // the first warp of consumer 0, consumer 1, the producer
+        const uint64_t* record = c0 + warp * kPrefillTraceSlots;
+        EXPECT_GT(record[prefill_trace::kStart], 0u) << "CTA " << cta << " warp " << warp << " did not start";
+        EXPECT_GE(record[prefill_trace::kEnd], record[prefill_trace::kStart]) << "CTA " << cta << " warp " << warp;
+        EXPECT_LT(record[prefill_trace::kSm], uint64_t(sms)) << "CTA " << cta << " warp " << warp;
+      }
+      const int marks[] = {prefill_trace::kStart,       prefill_trace::kQStaged,     prefill_trace::kFirstData,
+                           prefill_trace::kFirstScores, prefill_trace::kPairEnd + 0, prefill_trace::kPairEnd + 1,
+                           prefill_trace::kPairEnd + 2, prefill_trace::kPairEnd + 3, prefill_trace::kPairEnd + 4,
+                           prefill_trace::kEpilogue,    prefill_trace::kEnd};
+      EXPECT_GT(c0[prefill_trace::kStart], 0u) << "CTA " << cta;
+      for (size_t i = 1; i < std::size(marks); ++i)
+        EXPECT_LE(c0[marks[i - 1]], c0[marks[i]]) << "CTA " << cta << " mark " << marks[i];
     }
-    const int marks[] = {prefill_trace::kStart,       prefill_trace::kQStaged,     prefill_trace::kFirstData,
-                         prefill_trace::kFirstScores, prefill_trace::kPairEnd + 0, prefill_trace::kPairEnd + 1,
-                         prefill_trace::kPairEnd + 2, prefill_trace::kPairEnd + 3, prefill_trace::kPairEnd + 4,
-                         prefill_trace::kEpilogue,    prefill_trace::kEnd};
-    EXPECT_GT(c0[prefill_trace::kStart], 0u) << "CTA " << cta;
-    for (size_t i = 1; i < std::size(marks); ++i)
-      EXPECT_LE(c0[marks[i - 1]], c0[marks[i]]) << "CTA " << cta << " mark " << marks[i];
   }
 }
 
