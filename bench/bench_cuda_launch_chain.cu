@@ -3,12 +3,14 @@
 // launch of the model's step, chained as the model chains them (programmatic dependent launches captured in one CUDA
 // graph), against the measured copy bandwidth. No real kernel can beat its chain here, so the rows bound what the
 // model's launch structure allows and separate it from what the kernels themselves lose.
-// Per-kernel bytes come from the config (V4-Flash, `bench e2e --format nvfp4`): fp8 linears (1 byte per weight),
-// e2m1 routed experts with e4m3 block scales (0.5625 byte per weight), the fp8 shared expert, the bf16 router and the
-// fp32 mHC projections; the small kernels between them (norms, kv_insert, attention at a short context) read ≈ 0 and
-// are kept as launches of 0 bytes. Each launch is 132 × k CTAs of 1024 / k threads, 16-byte loads, 4 in flight per
-// thread (up to 64 KB in flight per SM: ptxas keeps no more than 4 of a thread's loads outstanding here). Each row is
-// the median of 5 timings of 5 graph replays.
+// Per-kernel bytes are the stored bytes (QuantizedMatrix::stored_bytes, data + scales) of the config's matrices in
+// the formats of `bench e2e --format nvfp4`: FP8 block-128 linears and shared expert, NVFP4 routed experts, the bf16
+// router and the fp32 mHC projections; the small kernels between them (norms, kv_insert, attention at a short context)
+// read ≈ 0 and are kept as launches of 0 bytes. Each launch is SMs × k CTAs of 1024 / k threads, 16-byte loads, 4 in
+// flight per thread (up to 64 KB in flight per SM: ptxas keeps no more than 4 of a thread's loads outstanding here).
+// Each row is the median of 5 timings of 5 graph replays. The same-run baseline of each chain row is the one-launch row
+// of its shape (its time over the chain's: × one launch); the floor is the layer's bytes at the measured copy
+// bandwidth. No CPU op exists to check: the kernels only read.
 // Rows:
 //   - one launch: a layer's bytes in one kernel (no launch boundary);
 //   - chain, strict: each kernel waits for its predecessor (griddepcontrol.wait) before its first load;
@@ -33,6 +35,7 @@
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "cuda_bench_support.hpp"
 #include "core/error.hpp"
+#include "core/quantized_matrix.hpp"
 #include "io/builtin_configs.hpp"
 #include "io/model_config.hpp"
 
@@ -46,14 +49,15 @@ constexpr int kTimings = 5;
 // XOR of `words` 16-byte words of `data` (this CTA's share) into sink[blockIdx.x], so the loads are not dropped.
 // kStrict: wait for the previous grid before any load; else prefetch the share's first `early_bytes` to L2 first.
 template <bool kStrict>
-__global__ void __launch_bounds__(kThreadsPerSm) read_share_kernel(const uint4* data, int64_t words, int64_t early_bytes,
-                                                               uint32_t* sink) {
+__global__ void __launch_bounds__(kThreadsPerSm)
+    read_share_kernel(const uint4* data, int64_t words, int64_t early_bytes, uint32_t* sink) {
   const int64_t share = (words + gridDim.x - 1) / gridDim.x;
   const int64_t begin = min(words, share * blockIdx.x), end = min(words, begin + share);
   if constexpr (!kStrict) {
     const int64_t early_end = min(end, begin + early_bytes / 16);
     constexpr int64_t kChunkWords = 4096 / 16;  // 4 KB per prefetch, one per thread
-    for (int64_t w = begin + int64_t(threadIdx.x) * kChunkWords; w < early_end; w += int64_t(blockDim.x) * kChunkWords) {
+    for (int64_t w = begin + int64_t(threadIdx.x) * kChunkWords; w < early_end;
+         w += int64_t(blockDim.x) * kChunkWords) {
       const uint32_t bytes = uint32_t(min(kChunkWords, early_end - w) * 16);
       asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(data + w), "r"(bytes) : "memory");
     }
@@ -80,24 +84,37 @@ struct Launch {
   int64_t bytes;  // a multiple of 16
 };
 
-int64_t round16(double bytes) { return (int64_t(bytes) + 15) / 16 * 16; }
+// The stored bytes (data + scales) of a [rows, cols] matrix in `format`, rounded up to whole 16-byte words.
+int64_t stored_bytes(WeightFormat format, int64_t rows, int64_t cols) {
+  QuantizedMatrix m;
+  m.format = format, m.rows = rows, m.cols = cols;
+  m.scale_type = format == WeightFormat::NVFP4          ? ScaleType::E4M3
+                 : format == WeightFormat::FP8_BLOCK128 ? ScaleType::E8M0
+                 : format == WeightFormat::MXFP4        ? ScaleType::E8M0
+                                                        : ScaleType::NONE;
+  return (int64_t(m.stored_bytes()) + 15) / 16 * 16;
+}
 
 // The weight-reading launches of a V4-Flash sliding-window layer's batch-1 decode step, in graph order.
 std::vector<Launch> flash_swa_layer(const ModelConfig& c) {
-  const double d = c.hidden_size, inter = c.moe.intermediate_size;
-  const double hc = double(c.mhc.hc_mult) * d, hc_rows = 2.0 * c.mhc.hc_mult + double(c.mhc.hc_mult) * c.mhc.hc_mult;
-  const double expert_fp4 = 3.0 * inter * d * 0.5625, shared_fp8 = 3.0 * inter * d * c.moe.num_shared_experts;
-  return {{"hc_pre", round16(hc_rows * hc * 4)},
-          {"wq_a + wkv", round16((c.q_lora_rank + c.head_dim) * d)},
-          {"wq_b", round16(double(c.q_lora_rank) * double(c.q_dim()))},
+  constexpr WeightFormat kFp8 = WeightFormat::FP8_BLOCK128, kFp4 = WeightFormat::NVFP4;
+  const int64_t d = c.hidden_size, inter = c.moe.intermediate_size, n = c.mhc.hc_mult;
+  const int64_t mhc_fn = stored_bytes(WeightFormat::F32, 2 * n + n * n, n * d);
+  const int64_t routed = c.moe.experts_per_token, shared = c.moe.num_shared_experts;
+  // Per expert: gate and up [inter, d], down [d, inter].
+  const int64_t gate_up = 2 * (routed * stored_bytes(kFp4, inter, d) + shared * stored_bytes(kFp8, inter, d));
+  const int64_t down = routed * stored_bytes(kFp4, d, inter) + shared * stored_bytes(kFp8, d, inter);
+  return {{"hc_pre", mhc_fn},
+          {"wq_a + wkv", stored_bytes(kFp8, c.q_lora_rank + c.head_dim, d)},
+          {"wq_b", stored_bytes(kFp8, c.q_dim(), c.q_lora_rank)},
           {"kv_insert + q norm", 0},
           {"attention", 0},
-          {"wo_a", round16(double(c.o_proj_dim()) * double(c.o_group_input_dim()))},
-          {"wo_b", round16(double(c.o_proj_dim()) * d)},
-          {"hc_post_pre", round16(hc_rows * hc * 4)},
-          {"router", round16(double(c.moe.num_routed_experts) * d * 2)},
-          {"experts gate/up", round16((expert_fp4 * c.moe.experts_per_token + shared_fp8) * 2.0 / 3.0)},
-          {"experts down", round16((expert_fp4 * c.moe.experts_per_token + shared_fp8) / 3.0)}};
+          {"wo_a", stored_bytes(kFp8, c.o_proj_dim(), c.o_group_input_dim())},
+          {"wo_b", stored_bytes(kFp8, d, c.o_proj_dim())},
+          {"hc_post_pre", mhc_fn},
+          {"router", stored_bytes(WeightFormat::BF16, c.moe.num_routed_experts, d)},
+          {"experts gate/up", gate_up},
+          {"experts down", down}};
 }
 
 struct ChainShape {
@@ -148,7 +165,9 @@ int run(int argc, char** argv) {
   for (const Launch& l : layer) std::printf(" %s %.2f,", l.name.c_str(), double(l.bytes) / 1e6);
   const double floor_us = double(layer_bytes) / (copy_gbps * 1e3);
   std::printf("\nfloor (bytes / copy bandwidth): %.2f us per layer\n\n", floor_us);
-  std::printf("| rows | CTAs per SM | threads | smem | us per layer | of copy bandwidth |\n|---|---:|---:|---:|---:|---:|\n");
+  std::printf("baseline: each shape's one launch per layer, same run (x one launch = its time over the row's)\n\n");
+  std::printf("| rows | CTAs per SM | threads | smem | us per layer | of copy bandwidth | x one launch |\n"
+              "|---|---:|---:|---:|---:|---:|---:|\n");
 
   // A graph of `layers` layers, each either one launch over its bytes or its launches in order.
   auto time_layers = [&](bool one_launch, bool strict, const ChainShape& shape) {
@@ -197,11 +216,14 @@ int run(int argc, char** argv) {
       const char* name;
       bool one_launch, strict;
     };
+    double one_launch_us = 0;
     for (const Row row : {Row{"one launch per layer", true, true}, Row{"chain, strict", false, true},
                           Row{"chain, early L2 prefetch", false, false}}) {
       const double us = median_us(row.one_launch, row.strict, shape);
-      std::printf("| %s | %d | %d | %d KB | %.2f | %.1f %% |\n", row.name, shape.ctas_per_sm,
-                  kThreadsPerSm / shape.ctas_per_sm, shape.smem_bytes / 1024, us, 100.0 * floor_us / us);
+      if (row.one_launch) one_launch_us = us;
+      std::printf("| %s | %d | %d | %d KB | %.2f | %.1f %% | %.3f |\n", row.name, shape.ctas_per_sm,
+                  kThreadsPerSm / shape.ctas_per_sm, shape.smem_bytes / 1024, us, 100.0 * floor_us / us,
+                  one_launch_us / us);
     }
   }
   std::printf("\nearly L2 prefetch: the first %lld KB of each CTA's share\n", static_cast<long long>(early_kb));
