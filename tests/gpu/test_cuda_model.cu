@@ -325,7 +325,7 @@ TEST(CudaModel, GreedyDecodeOfTheTinyModelEqualsTheCpu) {
 
 // What the model stores (CudaModel::storage, which bench e2e reports) follows the numerics mode and fp8_indexer_keys,
 // and its decode kernels read that format: the tiny model's attention (head_dim 64) is sparse_attention_kernel<64,
-// tiles, fp8 entries> and its indexer scores (index head_dim 32) indexer_scores_kernel<32, fp8 keys, top-k>. Without
+// tiles, fp8 entries> and its indexer scores indexer_scores_kernel<index head_dim, fp8 keys, top-k>. Without
 // a CSA layer (the first layer alone) there are no indexer keys.
 TEST(CudaModel, StorageFollowsTheNumericsModeAndTheKeyOption) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
@@ -371,8 +371,7 @@ TEST(CudaModel, StorageFollowsTheNumericsModeAndTheKeyOption) {
       EXPECT_TRUE(attention.ends_with(fp8_entries ? ", true>" : ", false>")) << "layer " << i << ":" << joined;
       if (!config.has_indexer(i)) continue;
       ++indexed;
-      EXPECT_NE(scores.find("<" + std::to_string(dim) + (fp8_keys ? ", true," : ", false,")),
-                std::string::npos)
+      EXPECT_NE(scores.find("<" + std::to_string(dim) + (fp8_keys ? ", true," : ", false,")), std::string::npos)
           << "layer " << i << ":" << joined;
     }
     EXPECT_GT(indexed, 0);
