@@ -28,7 +28,8 @@
 // the compressor is a programmatic dependent launch, so one call's start overlaps the previous one's end.
 // Usage: bench_cuda_compressor [--json PATH] [--only TEXT[|TEXT...]] [--trace] [--trace-prefill]: --only times just
 // the rows whose "op, case" contains one of the '|'-separated TEXTs (every compressor's state is still filled
-// first: 64 launches each, CSA main, CSA indexer, then HCA); a part that selects no row fails the run.
+// first: 64 launches each, CSA main, CSA indexer, then HCA; a derived row's step is timed too, as its baseline, and
+// not reported); a part that selects no row fails the run.
 // --trace: instead of timing, the timeline of one batch-1 decode launch (a CSA layer's pair with the indexer's query
 // preparation, and HCA; a step that stores its token and one that completes a window) from CompressorParams::trace,
 // behind a 5 µs kernel that lets it launch at once and reads the step's inputs (as the kernels that wrote them leave
@@ -348,12 +349,37 @@ bool selected(OnlySelection& only, const std::string& op, const std::string& var
   return only.selects(op + ", " + variant);
 }
 
+// Whether any of the rows "op, variant" is timed (every matching --only item marked used).
+bool any_selected(OnlySelection& only, const std::string& op, const std::vector<std::string>& variants) {
+  bool any = false;
+  for (const std::string& variant : variants) any = selected(only, op, variant) || any;
+  return any;
+}
+
+// The variants of the rows timed against a step's own row (their baseline column).
+std::string cold_variant(const Step& s) { return std::string(s.variant) + ", code cold"; }
+std::string runs_ready_variant(const Step& s) { return std::string(s.variant) + ", runs ready at launch"; }
+std::string slot_loads_variant(const Step& s, CompressorSlotLoads other) {
+  return std::string(s.variant) + (other == CompressorSlotLoads::Staged ? ", staged slot loads"
+                                   : other == CompressorSlotLoads::Lean ? ", lean slot loads"
+                                                                        : ", register slot loads");
+}
+// The step's derived rows: add_cold_row's, add_runs_ready_row's and add_slot_loads_row's, and `extra` (the caller's).
+std::vector<std::string> derived_variants(const Step& s, CompressorSlotLoads other, std::vector<std::string> extra) {
+  extra.push_back(slot_loads_variant(s, other));
+  if (s.start_in_window != -1) {  // the decode steps only
+    extra.push_back(cold_variant(s));
+    extra.push_back(runs_ready_variant(s));
+  }
+  return extra;
+}
+
 // The decode steps again with the runs loaded before the kernel's wait (runs_ready_at_launch, as the model's step
 // inputs allow): against the same step without (baseline column).
 void add_runs_ready_row(const Step& s, const std::string& op, double default_us, double bytes, double copy_gbps,
                         OnlySelection& only, cudaStream_t stream, std::vector<Row>& rows,
                         const std::function<void(cudaStream_t)>& body) {
-  const std::string variant = std::string(s.variant) + ", runs ready at launch";
+  const std::string variant = runs_ready_variant(s);
   if (s.start_in_window == -1 || !selected(only, op, variant)) return;
   rows.push_back({op, variant, graph_us(stream, 20, body), bytes / (copy_gbps * 1e3), default_us, bytes,
                   "runs loaded before the wait; baseline: the same step with the runs after it"});
@@ -366,7 +392,7 @@ void add_runs_ready_row(const Step& s, const std::string& op, double default_us,
 void add_cold_row(const Step& s, const std::string& op, double warm_us, double bytes, double copy_gbps,
                   OnlySelection& only, const ColdCode& cold, cudaStream_t stream, std::vector<Row>& rows,
                   const std::function<void(cudaStream_t)>& body) {
-  const std::string variant = std::string(s.variant) + ", code cold";
+  const std::string variant = cold_variant(s);
   if (s.start_in_window == -1 || !selected(only, op, variant)) return;
   rows.push_back({op, variant, cold_graph_us(stream, cold, body), bytes / (copy_gbps * 1e3), warm_us, bytes,
                   "instruction caches flushed before each call (its time taken off; no overlap with the previous "
@@ -386,9 +412,7 @@ void add_slot_loads_row(const Step& s, CompressorSlotLoads other, const std::str
                         double bytes, double copy_gbps, OnlySelection& only, cudaStream_t stream,
                         std::vector<Row>& rows, const std::function<void(cudaStream_t)>& body) {
   const bool prefill = s.start_in_window == -1;
-  const std::string variant = std::string(s.variant) + (other == CompressorSlotLoads::Staged ? ", staged slot loads"
-                                                        : other == CompressorSlotLoads::Lean ? ", lean slot loads"
-                                                                                             : ", register slot loads");
+  const std::string variant = slot_loads_variant(s, other);
   if (!selected(only, op, variant)) return;
   const char* note = other == CompressorSlotLoads::Lean ? "lean loads, 128-thread CTAs; baseline: the default (staged)"
                      : other == CompressorSlotLoads::Registers ? "loads into registers; baseline: the default (staged)"
@@ -400,17 +424,26 @@ void add_slot_loads_row(const Step& s, CompressorSlotLoads other, const std::str
 void bench_compressor(Compressor& k, double copy_gbps, OnlySelection& only, const ColdCode& cold,
                       cudaStream_t stream, std::vector<Row>& rows) {
   for (const Step& s : kSteps) {
-    if (!selected(only, std::string("compressor ") + k.name, s.variant)) continue;
+    // The step's own row is timed when it or a row derived from it is selected (their baseline).
+    const std::string table_variant = std::string(s.variant) + ", RoPE table";
     const DeviceBuffer runs = runs_of(start_of(s, k), s.tokens, s.sequences);
+    const CompressorParams alone = k.params(0, runs, s.sequences, s.tokens, stream);
+    const CompressorSlotLoads other = other_slot_loads(s, k.overlapping, compressor_slot_loads({&alone, 1}));
+    const bool own = selected(only, std::string("compressor ") + k.name, s.variant);
+    if (!any_selected(only, std::string("compressor ") + k.name, derived_variants(s, other, {table_variant})) && !own)
+      continue;
     const double us = graph_us(stream, 20, [&](cudaStream_t on) {
       run_compressor(k.params(k.next_copy(), runs, s.sequences, s.tokens, on));
     });
-    const int64_t entries = entries_of(s, k);
-    const double baseline_us =
-        entries == 0 ? 0.0 : graph_us(stream, 20, [&](cudaStream_t on) { k.baseline(k.next_copy(), entries, on); });
     const double bytes = bytes_of(s, k);
-    rows.push_back({std::string("compressor ") + k.name, s.variant, us, bytes / (copy_gbps * 1e3), baseline_us, bytes,
-                    entries == 0 ? "" : "baseline: straightforward kernel, the entries from the rows alone"});
+    if (own) {
+      const int64_t entries = entries_of(s, k);
+      const double baseline_us =
+          entries == 0 ? 0.0
+                       : graph_us(stream, 20, [&](cudaStream_t on) { k.baseline(k.next_copy(), entries, on); });
+      rows.push_back({std::string("compressor ") + k.name, s.variant, us, bytes / (copy_gbps * 1e3), baseline_us,
+                      bytes, entries == 0 ? "" : "baseline: straightforward kernel, the entries from the rows alone"});
+    }
     add_cold_row(s, std::string("compressor ") + k.name, us, bytes, copy_gbps, only, cold, stream, rows,
                  [&](cudaStream_t on) { run_compressor(k.params(k.next_copy(), runs, s.sequences, s.tokens, on)); });
     add_runs_ready_row(s, std::string("compressor ") + k.name, us, bytes, copy_gbps, only, stream, rows,
@@ -419,7 +452,6 @@ void bench_compressor(Compressor& k, double copy_gbps, OnlySelection& only, cons
                          p.runs_ready_at_launch = true;
                          run_compressor(p);
                        });
-    const std::string table_variant = std::string(s.variant) + ", RoPE table";
     if (selected(only, std::string("compressor ") + k.name, table_variant))
       rows.push_back({std::string("compressor ") + k.name, table_variant, graph_us(stream, 20, [&](cudaStream_t on) {
                         CompressorParams p = k.params(k.next_copy(), runs, s.sequences, s.tokens, on);
@@ -428,8 +460,6 @@ void bench_compressor(Compressor& k, double copy_gbps, OnlySelection& only, cons
                       }),
                       bytes / (copy_gbps * 1e3), us, bytes,
                       "factors loaded from a per-position table; baseline: the default (double sincos)"});
-    const CompressorParams alone = k.params(0, runs, s.sequences, s.tokens, stream);
-    const CompressorSlotLoads other = other_slot_loads(s, k.overlapping, compressor_slot_loads({&alone, 1}));
     add_slot_loads_row(s, other, std::string("compressor ") + k.name, us, bytes, copy_gbps, only, stream, rows,
                        [&](cudaStream_t on) {
                          CompressorParams p = k.params(k.next_copy(), runs, s.sequences, s.tokens, on);
@@ -462,12 +492,14 @@ void bench_splits(Compressor& k, double copy_gbps, OnlySelection& only, cudaStre
     }
 }
 
+std::string prepare_variant(const Step& s) { return std::string(s.variant) + ", + indexer prepare"; }
+
 // A decode step's CSA pair with the indexer's query preparation (64 heads × 128 per token, RoPE, reference rounding,
 // bf16 out) in the same launch, against the pair's launch then run_indexer_prepare's (baseline).
 void bench_with_prepare(Compressor& main, Compressor& index, const Step& s, const DeviceBuffer& runs, double pair_us,
                         OnlySelection& only, cudaStream_t stream, std::vector<Row>& rows) {
   const std::string op = "compressor CSA layer main + indexer";
-  const std::string variant = std::string(s.variant) + ", + indexer prepare";
+  const std::string variant = prepare_variant(s);
   if (!selected(only, op, variant)) return;
   constexpr int64_t kHeads = 64, kHeadDim = 128;
   std::mt19937 rng(7);
@@ -508,20 +540,30 @@ void bench_with_prepare(Compressor& main, Compressor& index, const Step& s, cons
 void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, OnlySelection& only,
                      const ColdCode& cold, cudaStream_t stream, std::vector<Row>& rows) {
   for (const Step& s : kSteps) {
-    if (!selected(only, "compressor CSA layer main + indexer", s.variant)) continue;
+    // The step's own row is timed when it or a row derived from it is selected (their baseline).
     const DeviceBuffer runs = runs_of(start_of(s, main), s.tokens, s.sequences);
+    const CompressorParams pair[2] = {main.params(0, runs, s.sequences, s.tokens, stream),
+                                      index.params(0, runs, s.sequences, s.tokens, stream)};
+    const CompressorSlotLoads other = other_slot_loads(s, true, compressor_slot_loads(pair));
+    const bool own = selected(only, "compressor CSA layer main + indexer", s.variant);
+    const std::vector<std::string> derived =
+        derived_variants(s, other, s.start_in_window != -1 ? std::vector<std::string>{prepare_variant(s)}
+                                                           : std::vector<std::string>{});
+    if (!any_selected(only, "compressor CSA layer main + indexer", derived) && !own) continue;
     const double fused_us = graph_us(stream, 20, [&](cudaStream_t on) {
       const CompressorParams both[2] = {main.params(main.next_copy(), runs, s.sequences, s.tokens, on),
                                         index.params(index.next_copy(), runs, s.sequences, s.tokens, on)};
       run_compressors(both);
     });
-    const double separate_us = graph_us(stream, 20, [&](cudaStream_t on) {
-      run_compressor(main.params(main.next_copy(), runs, s.sequences, s.tokens, on));
-      run_compressor(index.params(index.next_copy(), runs, s.sequences, s.tokens, on));
-    });
     const double bytes = bytes_of(s, main) + bytes_of(s, index);
-    rows.push_back({"compressor CSA layer main + indexer", s.variant, fused_us, bytes / (copy_gbps * 1e3),
-                    separate_us, bytes, "one run_compressors launch; baseline: two run_compressor launches"});
+    if (own) {
+      const double separate_us = graph_us(stream, 20, [&](cudaStream_t on) {
+        run_compressor(main.params(main.next_copy(), runs, s.sequences, s.tokens, on));
+        run_compressor(index.params(index.next_copy(), runs, s.sequences, s.tokens, on));
+      });
+      rows.push_back({"compressor CSA layer main + indexer", s.variant, fused_us, bytes / (copy_gbps * 1e3),
+                      separate_us, bytes, "one run_compressors launch; baseline: two run_compressor launches"});
+    }
     add_cold_row(s, "compressor CSA layer main + indexer", fused_us, bytes, copy_gbps, only, cold, stream, rows,
                  [&](cudaStream_t on) {
                    const CompressorParams both[2] = {main.params(main.next_copy(), runs, s.sequences, s.tokens, on),
@@ -535,9 +577,6 @@ void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, Only
                          both[0].runs_ready_at_launch = both[1].runs_ready_at_launch = true;
                          run_compressors(both);
                        });
-    const CompressorParams pair[2] = {main.params(0, runs, s.sequences, s.tokens, stream),
-                                      index.params(0, runs, s.sequences, s.tokens, stream)};
-    const CompressorSlotLoads other = other_slot_loads(s, true, compressor_slot_loads(pair));
     add_slot_loads_row(s, other, "compressor CSA layer main + indexer", fused_us, bytes, copy_gbps, only, stream, rows,
                        [&](cudaStream_t on) {
                          CompressorParams both[2] = {main.params(main.next_copy(), runs, s.sequences, s.tokens, on),
