@@ -345,7 +345,7 @@ void run_projection_trace(cudaStream_t stream, int runs, int64_t tokens, std::mt
           first_start = std::min(first_start, start);
           last_end = std::max(last_end, end);
           cta_start.push_back(double(int64_t(timer[at(c, 0, 0)] - start)));
-          cta_tail.push_back(double(int64_t(end - timer[at(c, last - 1, 7)])));
+          cta_tail.push_back(double(int64_t(end - timer[at(c, last - 1, int(mhc::ProjectionPhase::kSummed))])));
           for (int j = collapse_lag; j + 1 < count; ++j) {
             static constexpr int kOrder[] = {0, 1, 2, 3, 5, 6, 7};  // thread 0's marks in program order
             for (int q = 1; q < 7; ++q)

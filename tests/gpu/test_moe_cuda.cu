@@ -837,7 +837,7 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
 // workspace; with the defaults and the other down wait. Every other call finds the per-item counts poisoned (past any
 // item's gate/up CTAs): a routing that no longer zeroes them lets the down CTAs read h before it is written.
 TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
-  constexpr size_t kItemCountWords = kMoeItemCountersOffset / sizeof(uint32_t);
+  constexpr size_t kFirstItemCountWord = kMoeItemCountersOffset / sizeof(uint32_t);
   for (const Kernels kernels : {kStreamedKernels, kStreamedOtherWait}) {
     SCOPED_TRACE(kernels.name());
     constexpr int graph_tokens = 8;
@@ -873,7 +873,8 @@ TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
       // words 128-191 the per-item counts) are back to zero, or the next call would start from stale counts.
       const std::vector<uint32_t> counters = download(workspace.as<uint32_t>(), 256);
       for (size_t word = 0; word < counters.size(); ++word)
-        if (word != 1 && word != 2 && (word < kItemCountWords || word >= kItemCountWords + kMoeCountedItemsMax))
+        if (word != 1 && word != 2 &&
+            (word < kFirstItemCountWord || word >= kFirstItemCountWord + kMoeCountedItemsMax))
           EXPECT_EQ(counters[word], 0u) << "T = " << T << ", counter word " << word;
     };
     for (int i = 0; i < 3; ++i) check_call(graph_tokens, [&] { run_moe(weights, params_for(graph_tokens)); });

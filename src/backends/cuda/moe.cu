@@ -102,7 +102,8 @@ MoeRoutingBuffers routing_buffers(const WorkspaceLayout& l, void* ws) {
   };
 }
 
-// The expert GEMMs' parameters of a call (workspace buffers at layout l, the routing's outputs in `routing`).
+// The expert GEMMs' parameters of a call (workspace buffers at layout l, the routing's outputs and item counters in
+// `routing`).
 MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const MoeRunParams& p,
                                        const WorkspaceLayout& l, const MoeRoutingBuffers& routing) {
   const MoeConfig& c = weights.config();
@@ -130,7 +131,7 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .down_head_start = p.down_head_start && streamed,
       .column_stages = p.column_stages && streamed,
       .tokens = p.tokens,
-      .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
+      .item_counters = routing.item_counters,
       .down_waits_per_item = p.down_waits_per_item,
       .stream = p.stream,
   };
