@@ -36,8 +36,10 @@
 //   and says whether run_sparse_attention's defaults route it there (no prefill part; HCA also at 256K context, and
 //   batch 128). --mma-rates times the head_dim 512 kernel's tensor-core work per tile
 //   alone (mma_rate_kernel) against a tile's flops at the same-run cuBLAS rate and at the nominal peak, nothing else.
-//   --trace times one cold traced call of each selected decode case on the head_dim 512 kernel (bf16 entries) and
-//   prints its CTAs' phases per wave with the floors of its tile pace and tail (run_trace_case); no prefill.
+//   --trace times one cold traced call of each selected decode case on the head_dim 512 kernel (bf16 entries),
+//   prints its CTAs' phases per wave with the floors of its tile pace and tail (run_trace_case; no prefill) and checks
+//   its output against the CPU. Its times are diagnostics (phases inside one call), not results held to the
+//   floor / baseline rule: the untraced cases are.
 //   --flush read|memset: how L2 is flushed before each timed decode call (read, the default: a read sweep of a 256 MB
 //   buffer, which leaves L2 full of clean lines, as the model's weight-reading kernels do; memset: a memset of it, the
 //   sessions' flush up to 23, which leaves dirty lines that the timed call's misses write back, slowing it; numbers in
@@ -719,7 +721,8 @@ void print_trace(const char* label, const std::vector<uint64_t>& trace, int ctas
   }
 }
 
-void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, int64_t context, int sms,
+// Returns false when the traced call's output (f32 or bf16, as --out chose) fails its CPU check.
+bool run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, int64_t context, int sms,
                     double copy_gbps, const L2Flush& flush, AttentionDtype out_dtype, std::mt19937& rng) {
   const std::unique_ptr<SparseAttentionDecodeStep> step =
       make_decode_step(KvEntryFormat::Bf16, heads, kind, batch, context, rng);
@@ -747,6 +750,7 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
   run_sparse_attention(call);  // warm-up, untraced
   call.d512_trace = d_trace.as<uint64_t>();
   d_trace.fill_bytes(0);
+  out.fill_bytes(0xFF);  // the traced call's output is the one checked
   flush.run(0);
   StreamTimer timer;
   const double ms = timer.elapsed_ms(nullptr, [&] { run_sparse_attention(call); });
@@ -754,7 +758,14 @@ void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, 
   d_trace.download(trace.data(), trace.size() * 8);
   std::printf("  %.1f us (events), %.1f %% of the floor\n", ms * 1e3, 100.0 * floor_us / (ms * 1e3));
   print_trace("traced", trace, ctas, tiles, tile_bytes, output_bytes / ctas, copy_gbps);
+  std::vector<int64_t> sample{0, batch - 1};
+  sample.erase(std::unique(sample.begin(), sample.end()), sample.end());
+  const double cpu_error =
+      cpu_check(call, step->window_index, step->compressed_index, step->q, step->sink, step->positions, out, sample);
+  const bool passed = cpu_error <= kCpuCheckLimit;
+  std::printf("  traced call's output: cpu err %.1e%s\n", cpu_error, passed ? "" : "  CPU CHECK FAILED");
   std::fflush(stdout);
+  return passed;
 }
 
 struct PrefillResult {
@@ -979,8 +990,9 @@ int run(int argc, char** argv) {
             continue;
           }
           if (trace) {
-            run_trace_case(model, heads, kind, batch, context, device.multiprocessors, copy_gbps, l2_flush, out_dtype,
-                           rng);
+            check_failed = !run_trace_case(model, heads, kind, batch, context, device.multiprocessors, copy_gbps,
+                                           l2_flush, out_dtype, rng) ||
+                           check_failed;
             continue;
           }
           if (route) {

@@ -24,7 +24,9 @@
 // q with bf16 entries; entries resolved, first data, first scores, each pair, the epilogue's staging and stores), of
 // the gap between consecutive CTAs on one SM, and per pair of the late half's release, its first tile's arrival and
 // consumer 1's wait for the max (%globaltimer ticks 0.256 µs on the H200); then the same marks and every pair's
-// hand-offs in SM clock cycles within each CTA.
+// hand-offs in SM clock cycles within each CTA. Its times are diagnostics (phases inside one call, headed by the
+// per-CTA floor: a CTA's mean flops at one SM's share of the cuBLAS rate), not results held to the floor / baseline
+// rule: the untraced calls are.
 // Usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE[,CASE...]] [--trace]
 // [--quick] [--no-kv]. --part runs one part; --only runs the cases named (prefill MODEL:FORMAT:CONTEXT, e.g.
 // flash:bf16:8192, pro:fp8-reference:65536; decode MODEL:LAYOUT:BATCH:FORMAT, e.g. flash:csa:256:bf16; for a
@@ -169,8 +171,10 @@ void print_clock_trace(int64_t ctas, int pairs, const Record& record) {
   }
 }
 
-// One traced launch of `call` (L2 flushed first): medians of its CTAs' phases in µs.
-void print_trace(const SparseAttentionParams& call, int64_t ctas, int pairs, void* flush, size_t flush_bytes) {
+// One traced launch of `call` (L2 flushed first): medians of its CTAs' phases in µs, headed by the per-CTA floor
+// `cta_floor_us`.
+void print_trace(const SparseAttentionParams& call, int64_t ctas, int pairs, double cta_floor_us, void* flush,
+                 size_t flush_bytes) {
     const size_t words = size_t(ctas) * kPrefillTraceWarps * kPrefillTraceSlots;
   DeviceBuffer trace(words * 8, "trace");
   trace.fill_bytes(0);
@@ -213,6 +217,8 @@ void print_trace(const SparseAttentionParams& call, int64_t ctas, int pairs, voi
     std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.start < b.start; });
     for (size_t i = 1; i < spans.size(); ++i) gap.push_back(us(spans[i - 1].end, spans[i].start));
   }
+  std::printf("  trace (a diagnostic; per-CTA floor %.2f µs: a CTA's mean flops at one SM's share of the cuBLAS "
+              "rate)\n", cta_floor_us);
   std::printf("  trace (median µs from the CTA's start): Q staged/issued %.2f, resolved %.2f, first copies issued "
               "%.2f, first data %.2f, first scores %.2f\n  pairs:",
               median(q), median(resolved), median(issued), median(first_data), median(first_scores));
@@ -330,8 +336,12 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
     DSV4_CUDA_CHECK(cudaDeviceSynchronize());  // before the buffers go
   }
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  if (trace) print_trace(prefill_bf16_q, sparse_attention_prefill_ctas(prefill_bf16_q), (kWindow + kTopK + 127) / 128, flush, flush_bytes);
-
+  const double flops = 4.0 * heads * kHeadDim * double(chunk.used_slots);
+  if (trace) {
+    const int64_t ctas = sparse_attention_prefill_ctas(prefill_bf16_q);
+    const double cta_floor_us = flops / double(ctas) * sms / (cublas_tflops * 1e6);
+    print_trace(prefill_bf16_q, ctas, (kWindow + kTopK + 127) / 128, cta_floor_us, flush, flush_bytes);
+  }
 
   Case r;
   r.model = model;
@@ -341,7 +351,6 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   r.old_splits = splits;
   r.old_us = old_ms * 1e3;
   r.new_us = new_ms * 1e3;
-  const double flops = 4.0 * heads * kHeadDim * double(chunk.used_slots);
   r.old_tflops = flops / (old_ms * 1e9);
   r.new_tflops = flops / (new_ms * 1e9);
   r.bf16_q_us = bf16_q_ms * 1e3;
@@ -448,8 +457,8 @@ int run(int argc, char** argv) {
     else if (std::strcmp(argv[i], "--no-kv") == 0)
       no_kv = true;
     else
-      fail("usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE[,CASE...]] [--trace] "
-           "[--quick] [--no-kv]");
+      fail("usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE[,CASE...]] "
+           "[--trace] [--quick] [--no-kv]");
   }
   check(part.empty() || part == "prefill" || part == "decode", "--part ", part, ": expected prefill or decode");
   const std::vector<DeviceInfo> devices = list_devices();

@@ -143,7 +143,7 @@ class ColdTimer {
  public:
   ColdTimer(size_t l2_bytes, int multiprocessors, cudaStream_t stream)
       : flush_(2 * l2_bytes, "L2 eviction buffer"), sink_(16, "eviction sink"), blocks_(4 * multiprocessors),
-        stream_(stream) {
+        multiprocessors_(multiprocessors), stream_(stream) {
     flush_.fill_bytes(0x5A);
   }
 
@@ -161,8 +161,7 @@ class ColdTimer {
   // One call of body(stream) after the same eviction and refresh, outside a graph (traced launches).
   template <class Body>
   void once(Body&& body) {
-    l2_read_sweep_kernel<<<blocks_, 256, 0, stream_>>>(flush_.as<uint4>(), flush_.bytes() / 16, sink_.as<uint4>());
-    DSV4_CUDA_CHECK_LAUNCH("l2_read_sweep_kernel");
+    launch_l2_read_sweep(flush_.data(), flush_.bytes(), sink_.as<uint4>(), multiprocessors_, stream_);
     refresh_kernel<<<blocks_, 256, 0, stream_>>>(a_, b_);
     DSV4_CUDA_CHECK_LAUNCH("refresh_kernel");
     body(stream_);
@@ -187,8 +186,7 @@ class ColdTimer {
     cudaGraphExec_t exec;
     DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
     for (int i = 0; i < kColdIterations; ++i) {
-      l2_read_sweep_kernel<<<blocks_, 256, 0, stream_>>>(flush_.as<uint4>(), flush_.bytes() / 16, sink_.as<uint4>());
-      DSV4_CUDA_CHECK_LAUNCH("l2_read_sweep_kernel");
+      launch_l2_read_sweep(flush_.data(), flush_.bytes(), sink_.as<uint4>(), multiprocessors_, stream_);
       refresh_kernel<<<blocks_, 256, 0, stream_>>>(a_, b_);
       DSV4_CUDA_CHECK_LAUNCH("refresh_kernel");
       call(i);
@@ -205,7 +203,8 @@ class ColdTimer {
   }
 
   DeviceBuffer flush_, sink_;
-  int blocks_;
+  int blocks_;           // refresh_kernel's grid
+  int multiprocessors_;  // launch_l2_read_sweep's
   cudaStream_t stream_;
   Refresh a_ = {}, b_ = {};
   int refreshes_ = 0;

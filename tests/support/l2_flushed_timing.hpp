@@ -30,6 +30,13 @@ inline __global__ void l2_read_sweep_kernel(const uint4* buffer, size_t count, u
   if (sum == 0x9E3779B9u) *sink = make_uint4(sum, 0, 0, 0);
 }
 
+// A read sweep of `bytes` (a multiple of 16) of `data` on `stream`: 8 CTAs of 256 threads per SM (`sms`), for every
+// bench that sweeps (L2Flush, bench_cuda_linear's ColdTimer); `sink` is 16 bytes.
+inline void launch_l2_read_sweep(const void* data, size_t bytes, uint4* sink, int sms, cudaStream_t stream) {
+  l2_read_sweep_kernel<<<unsigned(8 * sms), 256, 0, stream>>>(static_cast<const uint4*>(data), bytes / 16, sink);
+  DSV4_CUDA_CHECK_LAUNCH("l2_read_sweep_kernel");
+}
+
 // How L2 is flushed before each timed call: a memset of the flush buffer (L2 left full of dirty lines, which the
 // call's own misses then write back beside its traffic) or a read sweep of it (l2_read_sweep_kernel: clean lines, as
 // behind the model's weight-reading kernels).
@@ -37,8 +44,8 @@ enum class L2FlushKind { Memset, Read };
 
 inline const char* to_string(L2FlushKind kind) { return kind == L2FlushKind::Memset ? "memset" : "read"; }
 
-// An L2 flush on the default stream: `bytes` of `data` (0: none) by `kind`; a read sweep needs `sink` (16 bytes) and
-// launches 8 CTAs of 256 threads per SM (`sms`).
+// An L2 flush on the default stream: `bytes` of `data` (0: none) by `kind`; a read sweep (launch_l2_read_sweep)
+// needs `sink` (16 bytes) and the SM count `sms`.
 struct L2Flush {
   void* data = nullptr;
   size_t bytes = 0;
@@ -52,8 +59,7 @@ struct L2Flush {
     if (kind == L2FlushKind::Memset) {
       DSV4_CUDA_CHECK(cudaMemsetAsync(data, i & 0xFF, bytes));
     } else {
-      l2_read_sweep_kernel<<<unsigned(8 * sms), 256>>>(static_cast<const uint4*>(data), bytes / 16, sink);
-      DSV4_CUDA_CHECK_LAUNCH("l2_read_sweep_kernel");
+      launch_l2_read_sweep(data, bytes, sink, sms, nullptr);
     }
   }
 };

@@ -485,9 +485,9 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   entries dequantised exactly: e4m3 · 2^k needs ≤ 4 significant bits), zeros for unused slots so that their
 //   weight 0 never meets a NaN;
 // - warpgroups 1 and 2, the consumers: consumer c owns dims [256c, 256c + 256) of Q and of the output. Per tile:
-//   S_c = Q_c K_cᵀ (wgmma m64n32k16, both operands in shared memory), each consumer adds the other's partial scores (read
-//   from shared memory) to its own (fp32 addition commutes: both consumers hold identical S), online softmax in registers, then
-//   O_c += P V_c with wgmma m64n256k16 (P from registers, V = the same KV stage read N-major).
+//   S_c = Q_c K_cᵀ (wgmma m64n32k16, both operands in shared memory), each consumer adds the other's partial scores
+//   (read from shared memory) to its own (fp32 addition commutes: both consumers hold identical S), online softmax in
+//   registers, then O_c += P V_c with wgmma m64n256k16 (P from registers, V = the same KV stage read N-major).
 // So every entry crosses the SM once, is dequantised once, and feeds all 64 heads per wgmma; the old kernel's
 // per-head-tile re-reads of K and V through ldmatrix are gone.
 // bf16 entries (session 19) skip the raw stages and the expansion pass: each producer thread copies its 16-byte chunks
@@ -599,7 +599,8 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   b64 18.8 / 18.7 → 18.4 / 18.9, 18.8 / 18.9 → 18.3 / 18.4, SWA b64 17.0 / 17.1 → 17.2 / 17.2; its trace: the rows
 //   land 2.0 µs after the barrier (the loads' factors 2.7-2.9), then the stores take 6.0-7.4 µs (the loads' 5.0-5.1):
 //   the merge's time is its output stores. The output rows staged in shared memory and stored in whole 16-byte row
-//   segments (single split and push): slower (CSA b64 29.7 / 29.4 → 30.4 / 30.8, b256 77.4 / 78.0 → 80.5 / 80.7).
+//   segments (single split and push; unrolled: the rolled loop of session 24 is kept): slower (CSA b64 29.7 / 29.4 →
+//   30.4 / 30.8, b256 77.4 / 78.0 → 80.5 / 80.7).
 //   The query's page-table lines asked of L2 before the grid wait (sequence slot and position loaded at the start):
 //   CSA b64 30.9 / 30.7 → 30.0 / 29.9 and b256 79.2 / 79.1 → 78.7 / 77.8 in round 1, level in round 2 (30.2 / 30.0 →
 //   29.8 / 30.1, 79.0 / 78.8 → 79.3 / 78.6, HCA 18.3 / 18.4 → 18.2 / 18.3). The first two tiles' entries asked of L2
@@ -916,7 +917,7 @@ __device__ __forceinline__ void d512_produce_bf16(const SparseAttentionParams& p
     current = next;
     next = slot_physical(p.cache, ahead_page, ahead_row);
   }
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  ptx::cp_async_wait_all();
 }
 
 // Merge factors of entry `index` of each cluster CTA's stats (max, sum) array (merge_factors; splits past `splits`

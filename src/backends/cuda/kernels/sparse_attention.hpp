@@ -53,12 +53,12 @@ inline constexpr int64_t kSparseAttentionPrefillDecodeSlotsOneBlock = 2048;
 
 // The marks of a traced head_dim 512 launch (SparseAttentionParams::d512_trace), per CTA: its start (thread 0), the
 // producer's and consumer 0's grid-dependency waits returned, the producer's first two chunks' index rows and then
-// their page-table entries loaded (bf16 entries: only the bf16 kernel is traced), the producer's first and last tile's copies issued,
-// consumer 0's Q stored, its tiles 0, 1 and last arrived, its middle tile (tiles / 2) arrived, scored (QKᵀ done),
-// exchanged (partial scores summed), weighted (softmax done) and multiplied (PV issued), its loop's last MMAs done,
-// with a cluster merge its partial written, its partial published (first cluster barrier passed), the merge factors
-// ready (first peer loads issued, factors barrier passed), the merged output stored (before the last cluster
-// barrier), its end (output stored or merged);
+// their page-table entries loaded (bf16 entries: only the bf16 kernel is traced), the producer's first and last
+// tile's copies issued, consumer 0's Q stored, its tiles 0, 1 and last arrived, its middle tile (tiles / 2) arrived,
+// scored (QKᵀ done), exchanged (partial scores summed), weighted (softmax done) and multiplied (PV issued), its loop's
+// last MMAs done, with a cluster merge its partial written, its partial published (first cluster barrier passed), the
+// merge factors ready (first peer loads issued, factors barrier passed), the merged output stored (before the last
+// cluster barrier), its end (output stored or merged);
 // kD512TraceSm holds the SM id.
 enum SparseAttentionTraceMark : int {
   kD512TraceStart,

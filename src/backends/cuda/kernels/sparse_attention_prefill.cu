@@ -12,6 +12,9 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
+// 64-head blocks per query: the grid is tokens × head_blocks CTAs.
+int64_t head_blocks_of(const SparseAttentionParams& p) { return (p.heads + kHeads - 1) / kHeads; }
+
 template <bool kFp8, bool kTrace>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
   const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace>;
@@ -50,7 +53,7 @@ void check_sparse_attention_prefill_params(const SparseAttentionParams& p) {
   check(p.window_slots >= 0 && p.compressed_slots >= 0, "sparse_attention_prefill: negative slot count (window ",
         p.window_slots, ", compressed ", p.compressed_slots, ")");
   check(p.splits == 1, "sparse_attention_prefill: splits ", p.splits, " (the prefill kernel does not split)");
-  const int64_t head_blocks = (p.heads + kHeads - 1) / kHeads;
+  const int64_t head_blocks = head_blocks_of(p);
   check(p.tokens * head_blocks < (int64_t(1) << 31), "sparse_attention_prefill: too many CTAs for one launch (tokens ",
         p.tokens, ", heads ", p.heads, ")");
   if (p.tokens == 0) return;
@@ -58,13 +61,13 @@ void check_sparse_attention_prefill_params(const SparseAttentionParams& p) {
 }
 
 int64_t sparse_attention_prefill_ctas(const SparseAttentionParams& p) {
-  return p.tokens * ((p.heads + kHeads - 1) / kHeads);
+  return p.tokens * head_blocks_of(p);
 }
 
 void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAttentionPrefillOptions& options) {
   check_sparse_attention_prefill_params(p);
   if (p.tokens == 0) return;
-  const int head_blocks = (p.heads + kHeads - 1) / kHeads;
+  const int head_blocks = int(head_blocks_of(p));
   const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
   if (options.trace != nullptr)
     fp8 ? launch<true, true>(p, head_blocks, options) : launch<false, true>(p, head_blocks, options);

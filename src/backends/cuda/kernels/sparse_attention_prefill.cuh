@@ -63,6 +63,7 @@
 #include "backends/cuda/kernels/sparse_attention_prefill.hpp"
 #include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
+#include "backends/cuda/ptx/ldmatrix.cuh"
 #include "backends/cuda/ptx/mbarrier.cuh"
 #include "backends/cuda/ptx/mma.cuh"
 #include "backends/cuda/ptx/warp_trace.cuh"
@@ -445,7 +446,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
       ptx::prefetch_l2(q + offset);
     prefetch_index_lines(ahead_t, query_slot_count(p, ahead_t));
   }
-  if constexpr (!kFp8) asm volatile("cp.async.wait_all;\n" ::: "memory");
+  if constexpr (!kFp8) ptx::cp_async_wait_all();
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
 
@@ -475,6 +476,7 @@ __device__ __forceinline__ void qk_half(float (&s)[32], const uint8_t* smem, int
   const uint64_t k = sm90::make_sw128_k_major_descriptor(smem + kKv + buffer * kBufferBytes);
 #pragma unroll
   for (int i = 0; i < kHalfTiles; ++i) {
+    // No proxy fence of its own: Q by tiles only with bf16 entries, whose wait_full<false> just below fences both.
     if (wait_q) sm90::mbarrier_wait(barriers.q_full(half * kHalfTiles + i), 0);
     if (!kFp8 || i == 0) wait_full<kFp8>(barriers.arrival<kFp8>(buffer, half, i), parity);
 #pragma unroll
@@ -597,14 +599,6 @@ __device__ __forceinline__ void store_weights(uint8_t* tile, const uint32_t (&pf
 #pragma unroll
     for (int r = 0; r < 2; ++r)
       *reinterpret_cast<uint32_t*>(tile + swizzled(16 * warp + g + 8 * r, n) + 4 * c) = pf[n / 2][(n % 2) * 2 + r];
-}
-
-// Four 8×8 b16 matrices from mma fragments to shared memory (stmatrix.x4): lane l gives the address of row l % 8 of
-// matrix l / 8; register i of every lane holds its two elements of matrix i (row lane / 4, columns 2 (lane % 4), +1).
-__device__ __forceinline__ void stmatrix_x4(uint32_t address, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(address), "r"(r0), "r"(r1),
-               "r"(r2), "r"(r3)
-               : "memory");
 }
 
 // Byte `byte` of output row `row` in the staging rows: 16-byte chunks swizzled by the row's low bits, so that the eight
@@ -840,7 +834,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   }
 
   // q_tiles: this thread's Q copies are complete before the CTA can end (a query without pairs never waited on them).
-  if (q_tiles) asm volatile("cp.async.wait_all;\n" ::: "memory");
+  if (q_tiles) ptx::cp_async_wait_all();
   // Both consumers end on the last pair's max; their row sums add up.
   if (pairs == 0) publish_final_row_sums();
   consumer_named_barrier<2 * kWarpgroup, kBarrierSum0, false>(consumer ^ 1);
@@ -904,7 +898,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       uint32_t low[2], high[2];
       output_pair(n, low);
       output_pair(n + 1, high);
-      stmatrix_x4(row_address + uint32_t(((n + matrix / 2) ^ (row & 7)) << 4), low[0], low[1], high[0], high[1]);
+      ptx::stmatrix_x4(row_address + uint32_t(((n + matrix / 2) ^ (row & 7)) << 4), low[0], low[1], high[0], high[1]);
     }
   }
   consumer_named_barrier<kWarpgroup, kBarrierStaged0, false>(consumer);

@@ -27,6 +27,9 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
 }
 
+// Waits until every cp.async this thread issued has landed (no commit group needed).
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
 // One arrival on the mbarrier at shared address `barrier` once every cp.async this thread issued so far has landed
 // (PTX ISA "cp.async.mbarrier.arrive.noinc": the arrival is counted in the barrier's initial count).
 __device__ __forceinline__ void cp_async_mbarrier_arrive_noinc(uint32_t barrier) {
