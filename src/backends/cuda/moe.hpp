@@ -110,14 +110,8 @@ struct MoeRunParams {
   // (Session 21: the expert weight copies with an L2 evict-first policy and the gate/up CTAs' L2 prefetch of the
   // experts' tables were faster alone (T = 1 44.7 vs 48.3 µs) but slower in a model step (8 layers b1 761.8 / 767.1 /
   // 759.0 t/s against 767.8 / 767.9 / 768.4): removed in session 22, the copies without a cache hint.)
-  // (Session 23, H200, bench_cuda_moe V4-Flash NVFP4 against the session start, same bits, all removed: the head-start
-  // down CTAs' item read with the count before the wait, T = 1 47.5 vs 47.1-47.3 us, T = 8 199.0-199.4 vs
-  // 199.2-200.9, e2e b8 +0.3-1.1 %, b64 8419 vs 8470 t/s; with item 0 taken from T and top_k and the gate/up x rows
-  // of the shared expert and of T = 1 without a row_tokens load, T = 64 831-835 vs 824-826, e2e b64 8331; two or
-  // four bands per routed CTA at T = 2-8 (the ring streaming on from band to band, x staged once), T = 2 75.1 / 116.3
-  // vs 69.8, T = 8 201.4 / 219.6 vs 199.3: CTAs alone on an SM leave its fp4 decode issue-bound.)
-  // (Session 24: the down CTAs hold their SMs only for their own work, the band's last item's CTA summing the
-  // fused combine; measurements and removed variants in bench/NOTES.md.)
+  // (Session 23's removed variants, level or slower, in bench/NOTES.md: CTAs alone on an SM are fp4-issue-bound.)
+  // (The down CTAs hold their SMs only for their own work: the band's last item's CTA sums the fused combine.)
   // Optional (benchmarks): traced expert launches (MoeExpertGemmParams::trace; the streamed one-tile kernels with the
   // lean decode, T <= 8), each buffer moe_expert_trace_words(...) entries.
   uint64_t* trace_gate_up = nullptr;

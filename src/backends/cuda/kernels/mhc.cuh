@@ -59,17 +59,8 @@
 //   stall samples at the one barrier, long scoreboard 9.7 %: the pre words wanted right after the projection wait for
 //   their L2 round trip or a stale re-read); X tiles asked of L2 two or four iterations before their TMA load (a
 //   cp.async.bulk.prefetch.tensor by the loading thread): hc_pre +1.6 / +3 %, hc_head +2 %.
-// - Session 23 (H200, V4-Flash 4096 tokens; bench_cuda_mhc --trace-persistent, SM cycles per iteration at CTA thread
-//   0, steady state, median): hc_pre's iteration 4841 (p90 6890): read-early code and tile wait 660 (no X tile was ever
-//   late), projection 1049, publication 759, collapse barrier 506 (p90 2870), collapse 483, slice sums 809; hc_head's
-//   3243 (barrier 72). The 64 CTAs of a tile group publish a tile spread over 3.6 µs (hc_head 2.1): the partials' hop
-//   keeps 768 ns of slack (median; 1.5 % of the slice sums re-read a word), the sums' hop to the pre readers does not
-//   (the first reader reads 384 ns before the last sum is stored, 85 % of the tiles; 2.3 stale pre words per CTA and
-//   tile, hc_head 54 %, 0.3). Tried and removed (same bits; V4-Pro, same process: hc_pre 371.0 / 372.8 µs, hc_head
-//   231.9 / 233.4): a stale pre word read once more past the projection's barrier, 400.1 / 239.0 (stale words halved,
-//   but the pre readers' tag check waits for the early loads there and delays their publication: spread 3.6 -> 4.7 µs,
-//   the partials' hop 57 % stale, the iteration 4891 -> 5294 cycles); the slice sums before the collapse again, 394.1 /
-//   239.1; both 388.8 / 242.4. (V4-Flash rows of that run overlapped another process on the card.)
+// - Session 23's trace (bench_cuda_mhc --trace-persistent; numbers and removed variants in bench/NOTES.md): the
+//   sums' hop to the pre readers has no slack left, so stale pre words, not X tiles, bind hc_pre's iteration.
 // - The fused hc_post + hc_pre (kPost) also stages the tile's `out` rows and its 16 tokens' post/comb in a ring of
 //   kPostSlots (they die at the update, the X stage lives on until the collapse), applies the residual update to the
 //   staged X in place, writes it to X_out, and projects and collapses the updated X: X is read once.

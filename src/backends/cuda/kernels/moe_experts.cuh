@@ -340,6 +340,10 @@ static __device__ __noinline__ void wait_for_count_slowly(const uint32_t* counte
     }
   }
 }
+// The timeout's macros serve the message above only: they do not leak to the header's includers.
+#undef DSV4_MOE_STRINGIFY
+#undef DSV4_MOE_STRINGIFY_
+#undef DSV4_MOE_COUNT_TIMEOUT_S
 
 // One thread waits with acquire loads until *counter >= target (what, index: the trap's message).
 __device__ __forceinline__ void wait_for_count(const uint32_t* counter, uint32_t target, const char* what,
